@@ -1,0 +1,128 @@
+"""Which implementation of the recurrence runs: the registry, `auto`, and `available_backends()`.
+
+A backend is a module with two functions (the contract every kernel implements):
+
+    recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse) -> (y, h_n, c_n)
+        cell     "lstm" | "gru" | "rnn_tanh" | "rnn_relu"  (G = 4 | 3 | 1 | 1 gates)
+        gx       [T, B, G*H]  x @ w_ih.T + b_ih for every step (the caller's one big GEMM)
+        h0       [B, Hout]    Hout = proj_size for a projected LSTM, else H
+        c0       [B, H] (LSTM) or None
+        w_hh     [G*H, Hout];  b_hh [G*H] or None;  w_hr [Hout, H] or None (LSTM projection)
+        lengths  int64 [B] on gx's device, 1 <= lengths[b] <= T, or None: past its length a
+                 sequence's state stays frozen and its outputs are zero
+        reverse  process t = T-1 ... 0
+        returns  y [T, B, Hout] in gx's dtype, h_n [B, Hout], c_n [B, H] or None;
+                 differentiable in gx, h0, c0, w_hh, b_hh, w_hr.
+    unavailable_reason(device, dtype, cell, has_proj) -> None if it can run that, else why not.
+
+Layers, directions, dropout, PackedSequence, batch_first and unbatched input are handled above,
+in fused_rnn/functional.py and fused_rnn/modules.py; a backend never sees them.
+"""
+import importlib
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+# name -> module implementing the contract; imported lazily so a missing build or a missing
+# triton never breaks `import fused_rnn`.
+BACKEND_MODULES = {
+    "reference": "fused_rnn.reference",
+    "torch": "fused_rnn.ops.torch_bptt",
+    "cpu": "fused_rnn.ops.cpp.cpu_backend",
+    "cuda": "fused_rnn.ops.cpp.cuda_backend",
+    "triton": "fused_rnn.ops.triton_rnn",
+}
+BACKENDS = tuple(BACKEND_MODULES)
+
+# What `auto` tries, fastest first, by device type. `reference` is never chosen automatically.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+DEFAULT_AUTO_ORDER = ("torch",)
+
+ENV_VAR = "FUSED_RNN_BACKEND"
+
+_modules = {}        # name -> (module or None, import error)
+_resolved = {}       # (requested, device type, dtype, cell, has_proj) -> backend name
+_warned = set()
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str      # why not, or what it is when available
+
+
+def _module(name):
+    if name not in _modules:
+        try:
+            module = importlib.import_module(BACKEND_MODULES[name])
+            missing = [f for f in ("recurrence", "unavailable_reason") if not hasattr(module, f)]
+            _modules[name] = (None, f"{BACKEND_MODULES[name]} lacks {', '.join(missing)}") if missing \
+                else (module, None)
+        except Exception as e:  # noqa: BLE001 - any import failure makes the backend unavailable, with the reason kept
+            _modules[name] = (None, f"{BACKEND_MODULES[name]} could not be imported: {type(e).__name__}: {e}")
+    return _modules[name]
+
+
+def unavailable_reason(name, device, dtype, cell="lstm", has_proj=False):
+    """None when backend `name` can run this configuration, else a sentence saying why not."""
+    module, error = _module(name)
+    if module is None:
+        return error
+    return module.unavailable_reason(torch.device(device), dtype, cell, has_proj)
+
+
+def available_backends(device="cpu", dtype=torch.float32):
+    """Every backend with whether it can run an LSTM on `device` in `dtype`, and why not."""
+    out = {}
+    for name in BACKENDS:
+        reason = unavailable_reason(name, device, dtype)
+        out[name] = BackendStatus(reason is None, reason or "available")
+    return out
+
+
+def _check_name(name):
+    if name != "auto" and name not in BACKEND_MODULES:
+        raise ValueError(f"unknown fused_rnn backend {name!r}; choose one of 'auto', "
+                         + ", ".join(repr(b) for b in BACKENDS))
+
+
+def resolve(backend, device, dtype, cell, has_proj):
+    """The backend name that will run: `backend`, else $FUSED_RNN_BACKEND, else `auto`'s choice.
+
+    An explicitly requested backend that cannot run raises and says why; `auto` falls back to the
+    next in AUTO_ORDER and says once which it took.
+    """
+    requested = os.environ.get(ENV_VAR, "auto") if backend == "auto" else backend
+    key = (requested, device.type, dtype, cell, has_proj)
+    if key in _resolved:
+        return _resolved[key]
+    _check_name(requested)
+    if requested != "auto":
+        reason = unavailable_reason(requested, device, dtype, cell, has_proj)
+        if reason is not None:
+            raise RuntimeError(f"fused_rnn backend {requested!r} cannot run {cell} on {device.type} "
+                               f"in {dtype}: {reason}")
+        chosen = requested
+    else:
+        order = AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER)
+        skipped = []
+        for name in order:
+            reason = unavailable_reason(name, device, dtype, cell, has_proj)
+            if reason is None:
+                chosen = name
+                break
+            skipped.append(f"{name!r} ({reason})")
+        else:  # pragma: no cover - the torch backend runs everywhere
+            raise RuntimeError("no fused_rnn backend can run here: " + "; ".join(skipped))
+        if skipped and (device.type, chosen) not in _warned:
+            _warned.add((device.type, chosen))
+            warnings.warn(f"fused_rnn: auto uses backend {chosen!r} on {device.type}; skipped "
+                          + "; ".join(skipped), stacklevel=3)
+    _resolved[key] = chosen
+    return chosen
+
+
+def get(name):
+    """The module implementing backend `name` (already resolved, so it imports)."""
+    return _module(name)[0]

@@ -1,0 +1,143 @@
+"""The functional API: whole recurrent stacks on explicit weights, and the per-layer recurrence.
+
+Every layer and direction is split in two (DESIGN.md): the input projection for all time steps as
+one GEMM with ordinary autograd, then the sequential recurrence, which a backend implements.
+Layers, directions and dropout between layers are handled here; modules.py adds PackedSequence,
+batch_first and unbatched input on top.
+
+Weights come as torch.nn's flat list, per layer and direction (forward first):
+w_ih, w_hh, [b_ih, b_hh], [w_hr] — exactly `torch.nn.LSTM(...)._flat_weights`.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .cell_math import GATES
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, backend="auto"):
+    """One layer, one direction: y [T,B,Hout], h_n [B,Hout], c_n [B,H] or None (see backends.py)."""
+    name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None)
+    return backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+
+
+def _check_same_device(input, hx, weights):
+    for h in hx:
+        if h is not None and h.device != input.device:
+            raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor "
+                               f"at {input.device} and hidden tensor at {h.device}")
+    for w in weights:
+        if w.device != input.device:
+            raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor "
+                               f"at {input.device} and parameter tensor at {w.device}")
+
+
+def _check_hidden_dtype(input, hx):
+    for h in hx:
+        if h is not None and h.dtype != input.dtype:
+            raise RuntimeError(f"hidden tensor dtype ({h.dtype}) does not match input dtype ({input.dtype})")
+
+
+def _check_lengths(lengths, T, B):
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"lengths must be a 1-D tensor of batch size {B}, got shape {list(lengths.shape)}")
+    if B and int(lengths.min()) <= 0:
+        raise RuntimeError("Length of all samples has to be greater than 0, but found an element "
+                           "in 'lengths' that is <= 0")
+    if B and int(lengths.max()) > T:
+        raise ValueError(f"lengths must not exceed the sequence length {T}, got {int(lengths.max())}")
+
+
+def _autocast(input, hx, weights):
+    """Under autocast, run in the autocast dtype as torch.nn's recurrent layers do."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, hx, weights
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+    return cast(input), [cast(h) for h in hx], [cast(w) for w in weights]
+
+
+def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
+        bidirectional=False, batch_first=False, lengths=None, backend="auto"):
+    """A stack of recurrent layers, like `torch._VF.lstm/gru/rnn_tanh/rnn_relu`.
+
+    input [T,B,I] ([B,T,I] if batch_first); hx [L*D,B,Hout]; cx [L*D,B,H] (LSTM) or None;
+    lengths: optional int64 [B] (see backends.py). Returns output [T,B,D*Hout], h_n, c_n (or None).
+    """
+    if input.dim() != 3:
+        raise RuntimeError(f"input must have 3 dimensions, got {input.dim()}")
+    x = input.transpose(0, 1) if batch_first else input          # [T,B,I]
+    T, B = x.shape[0], x.shape[1]
+    if T == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    _check_same_device(input, (hx, cx), weights)
+    _check_hidden_dtype(input, (hx, cx))
+    if lengths is not None:
+        _check_lengths(lengths, T, B)
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+    x, (hx, cx), weights = _autocast(x, (hx, cx), weights)
+
+    num_directions = 2 if bidirectional else 1
+    per_direction = len(weights) // (num_layers * num_directions)
+    has_proj = per_direction == 2 + 2 * has_biases + 1
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            w = weights[k * per_direction:(k + 1) * per_direction]
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            w_hr = w[-1] if has_proj else None
+            gx = F.linear(x, w_ih, b_ih)                            # [T,B,G*H]: one GEMM for all steps
+            y, h, c = recurrence(cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr,
+                                 lengths, direction == 1, backend)
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, dropout, True)
+    output = x.transpose(0, 1) if batch_first else x
+    return output, torch.stack(h_n), (torch.stack(c_n) if cell == "lstm" else None)
+
+
+def lstm(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
+         bidirectional=False, batch_first=False, lengths=None, backend="auto"):
+    """torch._VF.lstm's signature (+ lengths, backend): returns output, (h_n, c_n)."""
+    out, h, c = rnn("lstm", input, hx[0], hx[1], weights, has_biases, num_layers, dropout, training,
+                    bidirectional, batch_first, lengths, backend)
+    return out, (h, c)
+
+
+def gru(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
+        bidirectional=False, batch_first=False, lengths=None, backend="auto"):
+    """torch._VF.gru's signature (+ lengths, backend): returns output, h_n."""
+    out, h, _ = rnn("gru", input, hx, None, weights, has_biases, num_layers, dropout, training,
+                    bidirectional, batch_first, lengths, backend)
+    return out, h
+
+
+def rnn_tanh(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
+             bidirectional=False, batch_first=False, lengths=None, backend="auto"):
+    out, h, _ = rnn("rnn_tanh", input, hx, None, weights, has_biases, num_layers, dropout, training,
+                    bidirectional, batch_first, lengths, backend)
+    return out, h
+
+
+def rnn_relu(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
+             bidirectional=False, batch_first=False, lengths=None, backend="auto"):
+    out, h, _ = rnn("rnn_relu", input, hx, None, weights, has_biases, num_layers, dropout, training,
+                    bidirectional, batch_first, lengths, backend)
+    return out, h
+
+
+def cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto"):
+    """One step of a cell (LSTMCell, GRUCell, RNNCell): input [B,I], hx [B,H] -> h' (and c')."""
+    gx = F.linear(input, w_ih, b_ih).unsqueeze(0)                  # [1,B,G*H]
+    _, h, c = recurrence(cell, gx, hx, cx, w_hh, b_hh, None, None, False, backend)
+    return h, c
+
+
+__all__ = ["recurrence", "rnn", "lstm", "gru", "rnn_tanh", "rnn_relu", "cell_step", "GATES"]

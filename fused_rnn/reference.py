@@ -1,0 +1,95 @@
+"""The oracle: recurrent cells and layers written the way a textbook derives them.
+
+Every gate is computed explicitly from its own rows of the weights, the time loop keeps each
+step's state in a Python list, and autograd does the backward. Nothing here is meant to be fast;
+it is meant to be obviously right, and every other backend is tested against it.
+
+This module is also the ``reference`` backend: ``recurrence`` implements the recurrence
+contract (see fused_rnn/backends.py), so the whole layer stack can run on it.
+"""
+import torch
+
+
+def _rows(w, k, n):
+    """The k-th block of n rows of a stacked gate weight (or bias)."""
+    return None if w is None else w[k * n:(k + 1) * n]
+
+
+def _affine(x, w, b):
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def lstm_cell(x_gates, h, c, w_hh, b_hh=None, w_hr=None):
+    """One LSTM step. x_gates [B,4H]: the input's contribution x @ w_ih.T + b_ih.
+
+    i = σ(x_i + W_hi h + b_hi)      input gate
+    f = σ(x_f + W_hf h + b_hf)      forget gate
+    g = tanh(x_g + W_hg h + b_hg)   candidate cell
+    o = σ(x_o + W_ho h + b_ho)      output gate
+    c' = f c + i g,   h' = o tanh(c'),   h' = W_hr h' with a projection.
+    """
+    H = c.shape[1]
+    x_i, x_f, x_g, x_o = (x_gates[:, k * H:(k + 1) * H] for k in range(4))
+    i = torch.sigmoid(x_i + _affine(h, _rows(w_hh, 0, H), _rows(b_hh, 0, H)))
+    f = torch.sigmoid(x_f + _affine(h, _rows(w_hh, 1, H), _rows(b_hh, 1, H)))
+    g = torch.tanh(x_g + _affine(h, _rows(w_hh, 2, H), _rows(b_hh, 2, H)))
+    o = torch.sigmoid(x_o + _affine(h, _rows(w_hh, 3, H), _rows(b_hh, 3, H)))
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    if w_hr is not None:
+        h_new = h_new @ w_hr.t()
+    return h_new, c_new
+
+
+def gru_cell(x_gates, h, w_hh, b_hh=None):
+    """One GRU step. x_gates [B,3H]: x @ w_ih.T + b_ih.
+
+    r = σ(x_r + W_hr h + b_hr)               reset gate
+    z = σ(x_z + W_hz h + b_hz)               update gate
+    n = tanh(x_n + r (W_hn h + b_hn))        candidate
+    h' = (1 - z) n + z h
+    """
+    H = h.shape[1]
+    x_r, x_z, x_n = (x_gates[:, k * H:(k + 1) * H] for k in range(3))
+    r = torch.sigmoid(x_r + _affine(h, _rows(w_hh, 0, H), _rows(b_hh, 0, H)))
+    z = torch.sigmoid(x_z + _affine(h, _rows(w_hh, 1, H), _rows(b_hh, 1, H)))
+    n = torch.tanh(x_n + r * _affine(h, _rows(w_hh, 2, H), _rows(b_hh, 2, H)))
+    return (1 - z) * n + z * h
+
+
+def rnn_cell(x_gates, h, w_hh, b_hh=None, nonlinearity="tanh"):
+    """One Elman RNN step: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh) (or relu)."""
+    pre = x_gates + _affine(h, w_hh, b_hh)
+    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+    """The recurrence contract, step by step: y [T,B,Hout], h_n [B,Hout], c_n [B,H] or None.
+
+    A sequence whose length is over stops changing state and outputs zeros; running in reverse it
+    therefore starts from h0 at its own last element.
+    """
+    T = gx.shape[0]
+    h, c = h0, c0
+    ys = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if cell == "lstm":
+            h_new, c_new = lstm_cell(gx[t], h, c, w_hh, b_hh, w_hr)
+        elif cell == "gru":
+            h_new, c_new = gru_cell(gx[t], h, w_hh, b_hh), None
+        else:
+            h_new, c_new = rnn_cell(gx[t], h, w_hh, b_hh, "relu" if cell == "rnn_relu" else "tanh"), None
+        if lengths is None:
+            h, c = h_new, c_new
+            ys[t] = h_new
+        else:
+            alive = (t < lengths).unsqueeze(1)  # [B,1]
+            h = torch.where(alive, h_new, h)
+            c = None if c is None else torch.where(alive, c_new, c)
+            ys[t] = torch.where(alive, h_new, torch.zeros_like(h_new))
+    return torch.stack(ys), h, c
+
+
+def unavailable_reason(device, dtype, cell, has_proj):
+    return None

@@ -1,0 +1,32 @@
+"""Shared test helpers: tolerances from the dtype, random inputs, gradients of every input."""
+import torch
+
+import fused_rnn
+from fused_rnn.backends import unavailable_reason
+
+# Tolerance per dtype, relative to the size of the expected values (see assert_close).
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """|actual - expected| <= tol * max(1, max|expected|), elementwise, and no NaN anywhere."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    actual, expected = actual.double(), expected.double()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g} ({dtype})"
+
+
+def usable_backends(device="cpu", dtype=torch.float32, cell="lstm", has_proj=False):
+    return [b for b in fused_rnn.BACKENDS if unavailable_reason(b, device, dtype, cell, has_proj) is None]
+
+
+def grads_of(outputs, inputs, seed=0):
+    """Gradients of a random weighted sum of `outputs` w.r.t. `inputs` (None where unused)."""
+    g = torch.Generator().manual_seed(seed)
+    loss = 0
+    for o in outputs:
+        if o is not None:
+            loss = loss + (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)).sum()
+    return torch.autograd.grad(loss, list(inputs), allow_unused=True, retain_graph=True)
