@@ -88,36 +88,44 @@ def _check_name(name):
 
 
 def resolve(backend, device, dtype, cell, has_proj):
+    """See _resolve; the device is passed on as its type string, a constant for torch.compile."""
+    return _resolve(backend, device.type, dtype, cell, has_proj)
+
+
+# torch.compile evaluates the choice once at trace time and bakes the answer into the graph, so
+# importing and probing backends never appears inside a compiled model (and never breaks its graph).
+@torch.compiler.assume_constant_result
+def _resolve(backend, device_type, dtype, cell, has_proj):
     """The backend name that will run: `backend`, else $FUSED_RNN_BACKEND, else `auto`'s choice.
 
     An explicitly requested backend that cannot run raises and says why; `auto` falls back to the
     next in AUTO_ORDER and says once which it took.
     """
     requested = os.environ.get(ENV_VAR, "auto") if backend == "auto" else backend
-    key = (requested, device.type, dtype, cell, has_proj)
+    key = (requested, device_type, dtype, cell, has_proj)
     if key in _resolved:
         return _resolved[key]
     _check_name(requested)
     if requested != "auto":
-        reason = unavailable_reason(requested, device, dtype, cell, has_proj)
+        reason = unavailable_reason(requested, device_type, dtype, cell, has_proj)
         if reason is not None:
-            raise RuntimeError(f"fused_rnn backend {requested!r} cannot run {cell} on {device.type} "
+            raise RuntimeError(f"fused_rnn backend {requested!r} cannot run {cell} on {device_type} "
                                f"in {dtype}: {reason}")
         chosen = requested
     else:
-        order = AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER)
+        order = AUTO_ORDER.get(device_type, DEFAULT_AUTO_ORDER)
         skipped = []
         for name in order:
-            reason = unavailable_reason(name, device, dtype, cell, has_proj)
+            reason = unavailable_reason(name, device_type, dtype, cell, has_proj)
             if reason is None:
                 chosen = name
                 break
             skipped.append(f"{name!r} ({reason})")
         else:  # pragma: no cover - the torch backend runs everywhere
             raise RuntimeError("no fused_rnn backend can run here: " + "; ".join(skipped))
-        if skipped and (device.type, chosen) not in _warned:
-            _warned.add((device.type, chosen))
-            warnings.warn(f"fused_rnn: auto uses backend {chosen!r} on {device.type}; skipped "
+        if skipped and (device_type, chosen) not in _warned:
+            _warned.add((device_type, chosen))
+            warnings.warn(f"fused_rnn: auto uses backend {chosen!r} on {device_type}; skipped "
                           + "; ".join(skipped), stacklevel=3)
     _resolved[key] = chosen
     return chosen

@@ -48,14 +48,26 @@ def _check_lengths(lengths, T, B):
         raise ValueError(f"lengths must not exceed the sequence length {T}, got {int(lengths.max())}")
 
 
-def _autocast(input, hx, weights):
-    """Under autocast, run in the autocast dtype as torch.nn's recurrent layers do."""
-    device_type = input.device.type
+# Which recurrent ops torch's autocast runs in its lower precision. On CPU (checked against torch.nn):
+# LSTM and RNN layers and RNNCell do; GRU, LSTMCell and GRUCell stay in float32. On CUDA every
+# recurrent layer runs through cuDNN, which autocast lowers.
+_AUTOCAST_CPU = {"layer": ("lstm", "rnn_tanh", "rnn_relu"), "cell": ("rnn_tanh", "rnn_relu")}
+
+
+def autocast_dtype(device_type, kind, cell):
+    """The dtype autocast runs `cell` in (kind 'layer' or 'cell'), or None when autocast is off.
+
+    The caller casts its floating inputs to it and runs with autocast disabled, so the whole
+    recurrence is in one dtype as torch.nn's is."""
     if not torch.is_autocast_enabled(device_type):
-        return input, hx, weights
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
-    return cast(input), [cast(h) for h in hx], [cast(w) for w in weights]
+        return None
+    if device_type == "cpu" and cell not in _AUTOCAST_CPU[kind]:
+        return torch.float32
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(t, dtype):
+    return t if t is None or not t.is_floating_point() else t.to(dtype)
 
 
 def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
@@ -76,7 +88,12 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
     if lengths is not None:
         _check_lengths(lengths, T, B)
         lengths = lengths.to(device=x.device, dtype=torch.int64)
-    x, (hx, cx), weights = _autocast(x, (hx, cx), weights)
+    dtype = autocast_dtype(x.device.type, "layer", cell)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return rnn(cell, _cast(input, dtype), _cast(hx, dtype), _cast(cx, dtype),
+                       [_cast(w, dtype) for w in weights], has_biases, num_layers, dropout, training,
+                       bidirectional, batch_first, lengths, backend)
 
     num_directions = 2 if bidirectional else 1
     per_direction = len(weights) // (num_layers * num_directions)
@@ -135,6 +152,11 @@ def rnn_relu(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, tra
 
 def cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto"):
     """One step of a cell (LSTMCell, GRUCell, RNNCell): input [B,I], hx [B,H] -> h' (and c')."""
+    dtype = autocast_dtype(input.device.type, "cell", cell)
+    if dtype is not None:
+        with torch.autocast(input.device.type, enabled=False):
+            return cell_step(cell, *(_cast(t, dtype) for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)),
+                             backend=backend)
     gx = F.linear(input, w_ih, b_ih).unsqueeze(0)                  # [1,B,G*H]
     _, h, c = recurrence(cell, gx, hx, cx, w_hh, b_hh, None, None, False, backend)
     return h, c

@@ -254,3 +254,31 @@ def test_zero_batch_like_torch_nn():
     x = torch.randn(5, 0, 3)
     a, b = flat(ours(x)), flat(theirs(x))
     assert [t.shape for t in a] == [t.shape for t in b]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (nn.LSTM(4, 5), fused_rnn.LSTM(4, 5)), lambda: (nn.GRU(4, 5), fused_rnn.GRU(4, 5)),
+    lambda: (nn.RNN(4, 5), fused_rnn.RNN(4, 5)), lambda: (nn.LSTMCell(4, 5), fused_rnn.LSTMCell(4, 5)),
+    lambda: (nn.GRUCell(4, 5), fused_rnn.GRUCell(4, 5)), lambda: (nn.RNNCell(4, 5), fused_rnn.RNNCell(4, 5)),
+], ids=["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_cpu_autocast_runs_in_the_dtype_torch_nn_uses(make):
+    theirs, ours = make()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 2, 4) if isinstance(theirs, nn.RNNBase) else torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = theirs(x), ours(x)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    assert b.dtype == a.dtype
+    assert_close(b, a, a.dtype if a.dtype != torch.float32 else torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", list(PAIRS))
+def test_dropout_draws_the_same_masks_as_torch_nn(mode):
+    theirs, ours = build(mode, 3, 6, num_layers=3, dropout=0.4)
+    x = torch.randn(5, 2, 3)
+    torch.manual_seed(11)
+    a = flat(theirs(x))
+    torch.manual_seed(11)
+    b = flat(ours(x))
+    for u, v in zip(b, a):
+        assert_close(u, v, torch.float32)
