@@ -74,7 +74,7 @@ def main(argv=None):
             layer = timing.make_layer(mode, name, H, H, device=device)
             row = []
             for what in ("forward", "forward+backward"):
-                t = timing.time_layer(layer, what, T, B, H, device, repeats=args.repeats)
+                t = timing.time_layer(layer, what, T, B, H, device, min_repeats=args.repeats, max_repeats=args.repeats)
                 base.setdefault(what, t)
                 row.append(f"{t * 1e3:11.2f} {base[what] / t:6.2f}")
             print(f"  {mode:5s} {('torch.nn' if name == 'nn' else name):10s} " + " ".join(row))
