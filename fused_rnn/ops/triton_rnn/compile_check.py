@@ -1,0 +1,102 @@
+"""Compile the kernels for a GPU target without a GPU, and report registers and spills.
+
+    TRITON_INTERPRET=0 python -m fused_rnn.ops.triton_rnn.compile_check [--arch 90] [--quick]
+
+The interpreter never runs Triton's compiler, so this is what catches an error that only the
+compiled path sees (types, layouts, the barrier's atomics) on a machine without a GPU; on any
+machine it prints ptxas's resource use (registers, stack = spills) per variant, as PERF.md asks.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import kernels as K
+
+_TL = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
+
+
+def _compile(fn, pointers, consts, arch, num_warps):
+    signature = {name: "*" + ty for name, ty in pointers.items()}
+    signature.update({name: "i32" for name in ("T", "B", "H", "step_begin", "step_end")})
+    signature.update({name: "constexpr" for name in consts})
+    names = list(signature)
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=8, arch=90):
+    cdt = "fp64" if dtype == "fp64" else "fp32"
+    pointers = {"gx_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "len_ptr": "i64", "y_ptr": dtype, "hbuf_ptr": cdt,
+                "cstate_ptr": cdt, "saved_ptr": cdt, "call_ptr": cdt, "cnt_ptr": "i32", "gh0_ptr": dtype}
+    consts = {"CELL": K.CELL_IDS[cell], "G": K.NUM_GATES[cell], "NSAVE": K.NUM_SAVED[cell], "HAS_BIAS": True,
+              "HAS_LENGTHS": True, "REVERSE": False, "HAS_GH0": cell == "lstm", "SAVE": True, "SYNC": sync,
+              "CDT": _TL[cdt],
+              "DOT_DT": _TL[dtype], "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
+    return _compile(K.rnn_forward_kernel, pointers, consts, arch, num_warps)
+
+
+def compile_backward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=8, arch=90):
+    cdt = "fp64" if dtype == "fp64" else "fp32"
+    pointers = {"dy_ptr": dtype, "w_ptr": dtype, "len_ptr": "i64", "h0_ptr": dtype, "y_ptr": dtype, "c0_ptr": dtype,
+                "saved_ptr": cdt, "call_ptr": cdt, "dgx_ptr": dtype, "dgh_ptr": dtype, "dgbuf_ptr": cdt,
+                "dhstate_ptr": cdt, "dcstate_ptr": cdt, "cnt_ptr": "i32"}
+    consts = {"CELL": K.CELL_IDS[cell], "G": K.NUM_GATES[cell], "NSAVE": K.NUM_SAVED[cell], "HAS_LENGTHS": True,
+              "REVERSE": True, "SYNC": sync, "CDT": _TL[cdt], "DOT_DT": _TL[dtype],
+              "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
+    return _compile(K.rnn_backward_kernel, pointers, consts, arch, num_warps)
+
+
+def resource_usage(compiled) -> str:
+    """'REG:n STACK:n SHARED:n' from cuobjdump (bundled with triton), or '' when unavailable."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([tool, "-res-usage", f.name], check=False, capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+", out)
+    return m.group(0) if m else ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
+    parser.add_argument("--quick", action="store_true", help="bf16 and fp32 only, with the barrier")
+    args = parser.parse_args(argv)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(K.rnn_forward_kernel, InterpretedFunction):
+        print("run with TRITON_INTERPRET=0: the kernels were decorated for the interpreter", file=sys.stderr)
+        return 2
+    dtypes = ["bf16", "fp32"] if args.quick else ["fp16", "bf16", "fp32", "fp64"]
+    syncs = [True] if args.quick else [False, True]
+    failed = 0
+    for cell, dtype, sync in itertools.product(K.CELL_IDS, dtypes, syncs):
+        num_warps = 8 if K.NUM_GATES[cell] > 1 else 4
+        for name, fn in (("forward", compile_forward), ("backward", compile_backward)):
+            try:
+                usage = resource_usage(fn(cell, dtype, sync, num_warps=num_warps, arch=args.arch))
+                print(f"sm_{args.arch} {name:8s} {cell:8s} {dtype} sync={sync!s:5s} ok   {usage}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report every variant, fail at the end
+                failed += 1
+                print(f"sm_{args.arch} {name:8s} {cell:8s} {dtype} sync={sync!s:5s} FAIL {type(e).__name__}: {e}",
+                      flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Triton kernels for one layer, one direction of an LSTM / GRU / RNN (see README.md for the design).
+
+Grid: (batch blocks, hidden tiles). Program (pid_b, pid_h) owns BLOCK_B sequences and hidden units
+[pid_h*BLOCK_H, (pid_h+1)*BLOCK_H) with all G gate rows of w_hh for them, so the cell pointwise and
+the carried state (h, c forward; dh, dc backward) stay in its registers for the whole time loop.
+What every program needs from all the others - h_{t-1} forward, the h-side gate grads dG backward -
+goes through a small double-buffered fp32 (fp64) global array and one barrier per step:
+  SYNC=True:  a spin barrier on a per-batch-block counter (all programs resident: launcher caps the grid);
+  SYNC=False: only one hidden tile (a CTA-wide barrier is enough), or the launcher runs one step per launch.
+A launch processes steps [step_begin, step_end) and reads/writes its carried state from/to global
+buffers at entry/exit, so one launch of all steps and one launch per step compute the same thing.
+"""
+import triton
+import triton.language as tl
+
+from .cell_math import (
+    gru_cell_backward,
+    gru_cell_forward,
+    lstm_cell_backward,
+    lstm_cell_forward,
+    rnn_cell_backward,
+    rnn_cell_forward,
+)
+
+CELL_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# Values saved per hidden unit and step for the backward: LSTM i,f,g,o; GRU r,z,n,gh_n; RNN h.
+NUM_SAVED = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@triton.jit
+def _grid_barrier(cnt_ptr, target):
+    """All hidden-tile programs of one batch block wait here until `target` arrivals are counted."""
+    tl.debug_barrier()  # this program's stores are done before it announces them
+    tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    while tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _load_tile(ptr, row_stride, offs_b, offs_n, mask_b, mask_n):
+    """[BLOCK_B, BLOCK_N] block of a row-major [*, row_stride] array; zero outside the masks."""
+    return tl.load(ptr + offs_b[:, None] * row_stride + offs_n[None, :],
+                   mask=mask_b[:, None] & mask_n[None, :], other=0)
+
+
+@triton.jit
+def _store_tile(ptr, row_stride, offs_b, offs_n, mask_b, mask_n, value):
+    tl.store(ptr + offs_b[:, None] * row_stride + offs_n[None, :],
+             value.to(ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _load_bias(b_ptr, gate, H, offs_h, mask_h, HAS_BIAS: tl.constexpr, CDT: tl.constexpr):
+    if HAS_BIAS:
+        b = tl.load(b_ptr + gate * H + offs_h, mask=mask_h, other=0).to(CDT)
+    else:
+        b = tl.zeros([offs_h.shape[0]], dtype=CDT)
+    return b[None, :]
+
+
+@triton.jit
+def rnn_forward_kernel(
+    gx_ptr,      # [T, B, G*H]  x @ w_ih.T + b_ih, input dtype
+    w_ptr,       # [G*H, H]     w_hh, input dtype
+    b_ptr,       # [G*H]        b_hh (dummy when not HAS_BIAS)
+    len_ptr,     # [B] int64    sequence lengths (dummy when not HAS_LENGTHS)
+    y_ptr,       # [T, B, H]    output, input dtype
+    hbuf_ptr,    # [2, B, H]    compute dtype; hbuf[s % 2] = h before processing step s
+    cstate_ptr,  # [B, H]       compute dtype (LSTM): c at launch entry, overwritten with c at exit
+    saved_ptr,   # [T, B, NSAVE*H] compute dtype: post-activation gates for the backward (SAVE)
+    call_ptr,    # [T, B, H]    compute dtype (LSTM, SAVE): c_t after each step
+    cnt_ptr,     # [num batch blocks] int32 barrier counters, zero at launch
+    gh0_ptr,     # [B, G*H]     (HAS_GH0) replaces h_{t-1} @ w_hh.T at each sequence's first step
+    T, B, H, step_begin, step_end,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_GH0: tl.constexpr,
+    SAVE: tl.constexpr, SYNC: tl.constexpr, CDT: tl.constexpr, DOT_DT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    num_h = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    GH = G * H
+    if HAS_LENGTHS:
+        seq_len = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    else:
+        seq_len = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    if REVERSE:
+        first_t = seq_len - 1  # each sequence's first step: where its recurrence starts from h0
+    else:
+        first_t = tl.zeros([BLOCK_B], dtype=tl.int64)
+
+    b0 = _load_bias(b_ptr, 0, H, offs_h, mask_h, HAS_BIAS, CDT)
+    b1 = b0
+    b2 = b0
+    b3 = b0
+    if G > 1:
+        b1 = _load_bias(b_ptr, 1, H, offs_h, mask_h, HAS_BIAS, CDT)
+        b2 = _load_bias(b_ptr, 2, H, offs_h, mask_h, HAS_BIAS, CDT)
+    if G > 3:
+        b3 = _load_bias(b_ptr, 3, H, offs_h, mask_h, HAS_BIAS, CDT)
+
+    # carried state of this program's tile, fp32 (fp64) registers for the whole loop
+    h = _load_tile(hbuf_ptr + (step_begin % 2) * B * H, H, offs_b, offs_h, mask_b, mask_h)
+    if CELL == 0:
+        c = _load_tile(cstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
+    else:
+        c = h
+
+    for s in range(step_begin, step_end):
+        if REVERSE:
+            t = tl.cast(T - 1 - s, tl.int64)
+        else:
+            t = tl.cast(s, tl.int64)
+        # recurrent product h_{t-1} @ w_hh[gate rows of this tile].T, K-chunked over all of h
+        acc0 = tl.zeros([BLOCK_B, BLOCK_H], dtype=CDT)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        p_h = hbuf_ptr + (s % 2) * B * H
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < H
+            b_h = tl.load(p_h + offs_b[:, None] * H + offs_k[None, :],
+                          mask=mask_b[:, None] & mask_k[None, :], other=0, cache_modifier=".cg")
+            b_h = b_h.to(w_ptr.dtype.element_ty).to(DOT_DT)  # tensor-core operand in the weights' dtype
+            p_w = w_ptr + offs_h[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_H] view of w_hh.T
+            mask_w = mask_k[:, None] & mask_h[None, :]
+            acc0 = tl.dot(b_h, tl.load(p_w, mask=mask_w, other=0).to(DOT_DT), acc0, input_precision="ieee")
+            if G > 1:
+                acc1 = tl.dot(b_h, tl.load(p_w + H * H, mask=mask_w, other=0).to(DOT_DT), acc1,
+                              input_precision="ieee")
+                acc2 = tl.dot(b_h, tl.load(p_w + 2 * H * H, mask=mask_w, other=0).to(DOT_DT), acc2,
+                              input_precision="ieee")
+            if G > 3:
+                acc3 = tl.dot(b_h, tl.load(p_w + 3 * H * H, mask=mask_w, other=0).to(DOT_DT), acc3,
+                              input_precision="ieee")
+
+        if HAS_GH0:  # the projected LSTM (see op.py): the first step's product comes precomputed
+            is_first = (t == first_t)[:, None]
+            acc0 = tl.where(is_first, _load_tile(gh0_ptr, GH, offs_b, offs_h, mask_b, mask_h).to(CDT), acc0)
+            if G > 1:
+                acc1 = tl.where(is_first, _load_tile(gh0_ptr + H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT), acc1)
+                acc2 = tl.where(is_first, _load_tile(gh0_ptr + 2 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT),
+                                acc2)
+            if G > 3:
+                acc3 = tl.where(is_first, _load_tile(gh0_ptr + 3 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT),
+                                acc3)
+
+        p_gx = gx_ptr + t * B * GH
+        x0 = _load_tile(p_gx, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+        valid = (t < seq_len)[:, None]
+        p_save = saved_ptr + t * B * NSAVE * H
+        if CELL == 0:
+            x1 = _load_tile(p_gx + H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+            x2 = _load_tile(p_gx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+            x3 = _load_tile(p_gx + 3 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+            i, f, g, o, c_new, h_new = lstm_cell_forward(x0 + acc0 + b0, x1 + acc1 + b1,
+                                                         x2 + acc2 + b2, x3 + acc3 + b3, c)
+            c = tl.where(valid, c_new, c)
+            if SAVE:
+                _store_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h, i)
+                _store_tile(p_save + H, NSAVE * H, offs_b, offs_h, mask_b, mask_h, f)
+                _store_tile(p_save + 2 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h, g)
+                _store_tile(p_save + 3 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h, o)
+                _store_tile(call_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h, c)
+        elif CELL == 1:
+            x1 = _load_tile(p_gx + H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+            x2 = _load_tile(p_gx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+            gh_n = acc2 + b2
+            r, z, n, h_new = gru_cell_forward(x0, x1, x2, acc0 + b0, acc1 + b1, gh_n, h)
+            if SAVE:
+                _store_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h, r)
+                _store_tile(p_save + H, NSAVE * H, offs_b, offs_h, mask_b, mask_h, z)
+                _store_tile(p_save + 2 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h, n)
+                _store_tile(p_save + 3 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h, gh_n)
+        else:
+            h_new = rnn_cell_forward(x0 + acc0 + b0, CELL == 3)
+            if SAVE:
+                _store_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h, h_new)
+        # past its length a sequence's state stays frozen and its output is zero
+        h = tl.where(valid, h_new, h)
+        _store_tile(y_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h, tl.where(valid, h_new, 0))
+        _store_tile(hbuf_ptr + ((s + 1) % 2) * B * H, H, offs_b, offs_h, mask_b, mask_h, h)
+        if SYNC:
+            _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h)
+        else:
+            tl.debug_barrier()
+
+    if CELL == 0:
+        _store_tile(cstate_ptr, H, offs_b, offs_h, mask_b, mask_h, c)
+
+
+@triton.jit
+def rnn_backward_kernel(
+    dy_ptr,       # [T, B, H]      grad of y, input dtype
+    w_ptr,        # [G*H, H]       w_hh
+    len_ptr,      # [B] int64      (dummy when not HAS_LENGTHS)
+    h0_ptr,       # [B, H]         GRU: h_{t-1} of each sequence's first step
+    y_ptr,        # [T, B, H]      GRU: h_{t-1} of the other steps
+    c0_ptr,       # [B, H]         LSTM: c_{t-1} of each sequence's first step
+    saved_ptr,    # [T, B, NSAVE*H] saved post-activation gates
+    call_ptr,     # [T, B, H]      LSTM: saved c_t
+    dgx_ptr,      # [T, B, G*H]    out: grad of gx (pre-activation gate grads), input dtype
+    dgh_ptr,      # [T, B, G*H]    out (GRU only): grad of gh = h @ w_hh.T + b_hh
+    dgbuf_ptr,    # [2, B, G*H]    compute dtype: h-side gate grads of step s in dgbuf[s % 2]
+    dhstate_ptr,  # [B, H]         compute dtype: carried dh at entry / exit (dh_n in, dh0 out)
+    dcstate_ptr,  # [B, H]         compute dtype (LSTM): carried dc at entry / exit
+    cnt_ptr,      # [num batch blocks] int32 barrier counters, zero at launch
+    T, B, H, step_begin, step_end,
+    CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SYNC: tl.constexpr,
+    CDT: tl.constexpr, DOT_DT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Processing step s in [0, T] walks t backwards through the forward's order. Step s first adds
+    dG_{s-1} @ w_hh (all programs' gate grads, s > 0) to the carried dh, then (s < T) turns dh and dc
+    into this step's gate grads. Step T only finishes dh0, so a full backward is steps [0, T + 1)."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    num_h = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    GH = G * H
+    if HAS_LENGTHS:
+        seq_len = tl.load(len_ptr + offs_b, mask=mask_b, other=1)
+    else:
+        seq_len = tl.zeros([BLOCK_B], dtype=tl.int64) + T
+    if REVERSE:
+        first_t = seq_len - 1  # where each sequence's forward recurrence started from h0/c0
+    else:
+        first_t = tl.zeros([BLOCK_B], dtype=tl.int64)
+
+    dh = _load_tile(dhstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
+    if CELL == 0:
+        dc = _load_tile(dcstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
+    else:
+        dc = dh
+
+    for s in range(step_begin, step_end):
+        if s > 0:
+            # dh_{t} += dG_{t+1} @ w_hh[:, this tile], K-chunked over all G*H gate rows
+            acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=CDT)
+            p_dg = dgbuf_ptr + ((s - 1) % 2) * B * GH
+            for k0 in range(0, GH, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < GH
+                b_dg = tl.load(p_dg + offs_b[:, None] * GH + offs_k[None, :],
+                               mask=mask_b[:, None] & mask_k[None, :], other=0, cache_modifier=".cg")
+                b_dg = b_dg.to(w_ptr.dtype.element_ty).to(DOT_DT)
+                b_w = tl.load(w_ptr + offs_k[:, None] * H + offs_h[None, :],
+                              mask=mask_k[:, None] & mask_h[None, :], other=0).to(DOT_DT)
+                acc = tl.dot(b_dg, b_w, acc, input_precision="ieee")
+            dh = dh + acc
+        if s < T:
+            if REVERSE:
+                t = tl.cast(s, tl.int64)
+                t_prev = t + 1
+            else:
+                t = tl.cast(T - 1 - s, tl.int64)
+                t_prev = t - 1
+            valid = (t < seq_len)[:, None]
+            is_first = (t == first_t)[:, None]
+            dh = dh + tl.where(valid, _load_tile(dy_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h).to(CDT), 0)
+            p_save = saved_ptr + t * B * NSAVE * H
+            p_dgx = dgx_ptr + t * B * GH
+            p_dgbuf = dgbuf_ptr + (s % 2) * B * GH
+            # t_prev is in [0, T) only at valid steps after each sequence's first: read nothing elsewhere
+            mask_prev = mask_b & (t < seq_len) & (t != first_t)
+            if CELL == 0:
+                i = _load_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                f = _load_tile(p_save + H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                g = _load_tile(p_save + 2 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                o = _load_tile(p_save + 3 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                c_t = _load_tile(call_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h)
+                c_prev = tl.where(
+                    is_first,
+                    _load_tile(c0_ptr, H, offs_b, offs_h, mask_b, mask_h).to(CDT),
+                    _load_tile(call_ptr + t_prev * B * H, H, offs_b, offs_h, mask_prev, mask_h))
+                d0, d1, d2, d3, dc_prev = lstm_cell_backward(i, f, g, o, c_prev, c_t, dh, dc)
+                d0 = tl.where(valid, d0, 0)
+                d1 = tl.where(valid, d1, 0)
+                d2 = tl.where(valid, d2, 0)
+                d3 = tl.where(valid, d3, 0)
+                dc = tl.where(valid, dc_prev, dc)
+                dh = tl.where(valid, 0, dh)
+                for_h2 = d2
+            elif CELL == 1:
+                r = _load_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                z = _load_tile(p_save + H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                n = _load_tile(p_save + 2 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                gh_n = _load_tile(p_save + 3 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                h_prev = tl.where(
+                    is_first,
+                    _load_tile(h0_ptr, H, offs_b, offs_h, mask_b, mask_h).to(CDT),
+                    _load_tile(y_ptr + t_prev * B * H, H, offs_b, offs_h, mask_prev, mask_h).to(CDT))
+                d0, d1, d2, for_h2, dh_direct = gru_cell_backward(r, z, n, gh_n, h_prev, dh)
+                d0 = tl.where(valid, d0, 0)
+                d1 = tl.where(valid, d1, 0)
+                d2 = tl.where(valid, d2, 0)
+                for_h2 = tl.where(valid, for_h2, 0)
+                d3 = d2
+                dh = tl.where(valid, dh_direct, dh)
+                p_dgh = dgh_ptr + t * B * GH
+                _store_tile(p_dgh, GH, offs_b, offs_h, mask_b, mask_h, d0)
+                _store_tile(p_dgh + H, GH, offs_b, offs_h, mask_b, mask_h, d1)
+                _store_tile(p_dgh + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, for_h2)
+            else:
+                h_t = _load_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
+                d0 = tl.where(valid, rnn_cell_backward(h_t, dh, CELL == 3), 0)
+                d1 = d0
+                d2 = d0
+                d3 = d0
+                for_h2 = d0
+                dh = tl.where(valid, 0, dh)
+            _store_tile(p_dgx, GH, offs_b, offs_h, mask_b, mask_h, d0)
+            _store_tile(p_dgbuf, GH, offs_b, offs_h, mask_b, mask_h, d0)
+            if G > 1:
+                _store_tile(p_dgx + H, GH, offs_b, offs_h, mask_b, mask_h, d1)
+                _store_tile(p_dgx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, d2)
+                _store_tile(p_dgbuf + H, GH, offs_b, offs_h, mask_b, mask_h, d1)
+                _store_tile(p_dgbuf + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, for_h2)
+            if G > 3:
+                _store_tile(p_dgx + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, d3)
+                _store_tile(p_dgbuf + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, d3)
+            if SYNC:
+                _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h)
+            else:
+                tl.debug_barrier()
+
+    _store_tile(dhstate_ptr, H, offs_b, offs_h, mask_b, mask_h, dh)
+    if CELL == 0:
+        _store_tile(dcstate_ptr, H, offs_b, offs_h, mask_b, mask_h, dc)

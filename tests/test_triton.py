@@ -1,0 +1,271 @@
+"""Triton-specific tests. The generic ones (every backend vs the reference and torch.nn, float64
+gradcheck) are in test_backends.py; here: the hidden-split and barrier paths, low precision, large
+pre-activations, the registered ops (opcheck, torch.compile) and availability.
+
+Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest sets
+TRITON_INTERPRET=1), on small shapes; with a GPU the same tests run on CUDA with larger ones.
+"""
+import os
+
+import pytest
+import torch
+
+from fused_rnn import reference
+from fused_rnn.backends import unavailable_reason
+from fused_rnn.cell_math import GATES
+
+from helpers import assert_close, grads_of
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+HAS_CUDA = torch.cuda.is_available()
+REASON = unavailable_reason("triton", "cuda" if HAS_CUDA else "cpu", torch.float32)
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable: {REASON}")
+
+if REASON is None:
+    from fused_rnn.ops import triton_rnn
+    from fused_rnn.ops.triton_rnn import launcher, op
+    from fused_rnn.ops.triton_rnn.launcher import LaunchConfig
+
+# One device per run: CUDA with compiled kernels on a GPU, else CPU tensors in the interpreter
+# (kernels decorated for one cannot run the other's tensors).
+ON_GPU = HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (CPU runs use the Triton interpreter)")
+
+
+@pytest.fixture(autouse=True)
+def interpreter_float_errors_raise():
+    """In the interpreter (numpy underneath) any overflow or inf-inf inside a kernel raises: the
+    activations must never overflow, and a lane that reads memory it must not (garbage) often shows."""
+    if ON_GPU:
+        yield
+        return
+    import numpy as np
+
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        yield
+
+
+def make_inputs(cell, T, B, H, dtype, device, lengths=None, bias=True, proj=0):
+    """Random (never zero) inputs of the recurrence contract, requiring grad:
+    gx, h0, c0, w_hh, b_hh, w_hr, lengths. Cell "lstm-proj" is an LSTM with proj_size `proj` (H // 2)."""
+    if cell == "lstm-proj":
+        cell, proj = "lstm", proj or max(1, H // 2)
+    G, Hout = GATES[cell], proj or H
+
+    def rnd(*shape, k=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * k).to(device, dtype).requires_grad_()
+
+    gx, h0 = rnd(T, B, G * H), rnd(B, Hout)
+    c0 = rnd(B, H) if cell == "lstm" else None
+    w_hh = rnd(G * H, Hout, k=Hout ** -0.5)
+    b_hh = rnd(G * H, k=Hout ** -0.5) if bias else None
+    w_hr = rnd(Hout, H, k=H ** -0.5) if proj else None
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=device)
+    return gx, h0, c0, w_hh, b_hh, w_hr, lens
+
+
+def as_reference(args):
+    """The same values in float64 (the oracle's precision), as fresh leaves."""
+    return [a.detach().double().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
+            for a in args]
+
+
+def run_both(cell, args, reverse):
+    """(outputs, gradients) of the triton backend and of the float64 reference on the same inputs."""
+    cell = cell.replace("-proj", "")
+    ref_args = as_reference(args)
+    out = triton_rnn.recurrence(cell, *args, reverse)
+    ref = reference.recurrence(cell, *ref_args, reverse)
+    diff = [a for a in args[:6] if a is not None]
+    ref_diff = [a for a in ref_args[:6] if a is not None]
+    return (out, grads_of(out, diff)), (ref, grads_of(ref, ref_diff))
+
+
+def check_against_reference(cell, args, reverse, dtype, check_grads=True):
+    (out, grads), (ref, ref_grads) = run_both(cell, args, reverse)
+    for o, r, name in zip(out, ref, ["y", "h_n", "c_n"]):
+        assert (o is None) == (r is None), name
+        if r is not None:
+            assert o.dtype == dtype, name
+            assert_close(o, r, dtype, name)
+    if not check_grads:
+        return
+    names = [n for n, a in zip(["gx", "h0", "c0", "w_hh", "b_hh", "w_hr"], args[:6]) if a is not None]
+    for g, r, name in zip(grads, ref_grads, names):
+        assert g is not None, f"no gradient for {name}"
+        assert g.dtype == dtype, name
+        assert_close(g, r, dtype, f"d{name}")
+
+
+def small_or_large(small, large):
+    """Interpreter shapes stay tiny (it runs every op in numpy); GPU shapes exercise many tiles."""
+    return large if ON_GPU else small
+
+
+# -- the hidden-size split and the barrier -----------------------------------------------------
+
+# Launch configurations that the default heuristic would not pick for these shapes:
+#   stepwise-2tiles: H=20 over two 16-unit tiles (and two 16-sequence batch blocks for B=17), one
+#                    launch per step; exercises the per-tile offsets, masks and the h / dG exchange.
+#   persistent-sync: one program running the inter-program barrier code (what a multi-program
+#                    persistent launch runs on a GPU; the interpreter cannot run programs concurrently).
+#   persistent-kchunk: one tile with K chunks smaller than H (h and dG read back in pieces).
+CONFIGS = {
+    "stepwise-2tiles": {"block_b": 16, "block_h": 16, "block_k": 16, "mode": "stepwise"},
+    "persistent-sync": {"block_b": 16, "block_h": 32, "block_k": 16, "mode": "persistent", "force_sync": True},
+    "persistent-kchunk": {"block_b": 16, "block_h": 32, "block_k": 16, "mode": "persistent"},
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("cell", [*CELLS, "lstm-proj"])
+def test_launch_configurations_match_reference(cell, config, monkeypatch):
+    cfg = LaunchConfig(**CONFIGS[config])
+    monkeypatch.setattr(launcher, "choose_config", lambda *a, **k: cfg)
+    T, B, H = 4, 17, 20
+    lengths = [4, 1, 3] + [4, 2] * 7
+    args = make_inputs(cell, T, B, H, torch.float64, DEVICE, lengths=lengths)
+    check_against_reference(cell, args, reverse=config != "persistent-kchunk", dtype=torch.float64)
+
+
+@needs_gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_multi_program_persistent_matches_stepwise(cell, monkeypatch):
+    """Many hidden tiles synchronised by the grid barrier vs the same tiles launched step by step."""
+    T, B, H = 50, 24, 300
+    args = make_inputs(cell, T, B, H, torch.float32, "cuda", lengths=[50, 7] * 12)
+    results = []
+    for mode in ("persistent", "stepwise"):
+        cfg = LaunchConfig(block_b=16, block_h=16, block_k=64, mode=mode)
+        monkeypatch.setattr(launcher, "choose_config", lambda *a, cfg=cfg, **k: cfg)
+        out = triton_rnn.recurrence(cell, *args, True)
+        results.append([o for o in out if o is not None] + list(grads_of(out, [a for a in args[:5] if a is not None])))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(32, 8, 1024), (8, 256, 1024)], ids=["T32-B8-H1024", "T8-B256-H1024"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm-proj"])
+def test_gpu_large_hidden_default_config(cell, dtype, shape):
+    """The heuristic's own choice on wide layers: 64 tiles behind the grid barrier (B=8), and the
+    one-launch-per-step fallback when the tiles outnumber the SMs (B=256)."""
+    T, B, H = shape
+    args = make_inputs(cell, T, B, H, dtype, DEVICE, lengths=[T, max(1, T // 3)] * (B // 2))
+    check_against_reference(cell, args, reverse=False, dtype=dtype)
+
+
+# -- precisions ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("cell", [*CELLS, "lstm-proj"])
+def test_precisions_match_float64_reference(cell, dtype):
+    """fp16/bf16 compute in fp32 with fp32 state; fp32 is IEEE (no TF32): dtype tolerances vs float64."""
+    T, B, H = small_or_large((6, 3, 16), (64, 33, 256))
+    lengths = small_or_large([6, 2, 5], [64, 17, 1] * 11)
+    args = make_inputs(cell, T, B, H, dtype, DEVICE, lengths=lengths)
+    # relu's derivative jumps at 0: in fp16/bf16 the rounded h moves some pre-activations across it,
+    # and the gradient there legitimately differs from float64's by a whole dh (fp32 checks it)
+    check_grads = not (cell == "rnn_relu" and dtype != torch.float32)
+    check_against_reference(cell, args, reverse=cell in ("gru", "rnn_relu"), dtype=dtype, check_grads=check_grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f64", "f32", "f16", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_large_preactivations_saturate(cell, dtype):
+    """Pre-activations of +-1e4 saturate the gates (no inf/inf NaN) and match the reference."""
+    args = make_inputs(cell, 4, 3, 16, dtype, DEVICE)
+    with torch.no_grad():
+        args[0].copy_(torch.sign(torch.randn_like(args[0])) * 1e4)
+    check_against_reference(cell, args, reverse=False, dtype=dtype)
+
+
+def test_no_grad_forward_skips_saving_and_matches(monkeypatch):
+    """Inference (no saved activations: another kernel specialisation) gives the training outputs."""
+    seen = []
+    real = launcher.forward
+    monkeypatch.setattr(launcher, "forward", lambda *a, **k: seen.append(a[8]) or real(*a, **k))
+    args = make_inputs("lstm", 5, 3, 8, torch.float32, DEVICE, lengths=[5, 1, 3])
+    train = triton_rnn.recurrence("lstm", *args, False)
+    with torch.no_grad():
+        infer = triton_rnn.recurrence("lstm", *args, False)
+    assert seen == [True, False]
+    for a, b in zip(train, infer):
+        assert torch.equal(a.detach(), b)
+
+
+def test_empty_batch():
+    args = make_inputs("gru", 3, 0, 5, torch.float32, DEVICE)
+    y, h_n, c_n = triton_rnn.recurrence("gru", *args, False)
+    assert y.shape == (3, 0, 5) and h_n.shape == (0, 5) and c_n is None
+    grads = grads_of((y, h_n), [a for a in args[:5] if a is not None])
+    assert grads[0].shape == args[0].shape and torch.equal(grads[2], torch.zeros_like(args[3]))
+
+
+# -- registration ----------------------------------------------------------------------------------
+
+def _op_args(cell, lengths, reverse, device):
+    gx, h0, c0, w_hh, b_hh, _, lens = make_inputs(cell, 3, 2, 4, torch.float64, device, lengths=lengths)
+    gh0 = (h0 @ w_hh.t()).detach().requires_grad_() if cell == "lstm" else None  # the projected LSTM's input
+    return (cell, gx, h0, c0, w_hh, b_hh, lens, reverse, True, gh0)
+
+
+@pytest.mark.parametrize("cell,lengths,reverse", [("lstm", [3, 1], True), ("gru", None, False),
+                                                  ("rnn_relu", [2, 3], False)])
+def test_opcheck(cell, lengths, reverse):
+    args = _op_args(cell, lengths, reverse, DEVICE)
+    torch.library.opcheck(op.forward_op, args)
+    _, _, h0, c0, w_hh, _, lens, _, _, _ = args
+    with torch.no_grad():
+        y, h_n, c_n, saved, c_all = op.forward_op(*args)
+    dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    torch.library.opcheck(op.backward_op, (cell, reverse, torch.randn_like(y), torch.randn_like(h_n), dc_n,
+                                           h0.detach(), None if c0 is None else c0.detach(), w_hh.detach(),
+                                           lens, y, saved, c_all))
+
+
+def test_compile_fullgraph_matches_eager():
+    args = make_inputs("lstm-proj", 4, 2, 8, torch.float32, DEVICE, lengths=[4, 2])
+
+    def f(gx, h0, c0, w_hh, b_hh, w_hr, lens):
+        y, h_n, c_n = triton_rnn.recurrence("lstm", gx, h0, c0, w_hh, b_hh, w_hr, lens, True)
+        return y.sum() + (h_n * h_n).sum() + (c_n * c_n).sum()
+
+    eager = f(*args)
+    g_eager = torch.autograd.grad(eager, args[:6])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    g_compiled = torch.autograd.grad(compiled, args[:6])
+    assert_close(compiled, eager, torch.float32, "loss")
+    for a, b in zip(g_compiled, g_eager):
+        assert_close(a, b, torch.float32, "grad")
+
+
+# -- availability ----------------------------------------------------------------------------------
+
+def test_unavailable_reason(monkeypatch):
+    assert triton_rnn.unavailable_reason(torch.device("cpu"), torch.float32, "lstm", True) is None
+    assert triton_rnn.unavailable_reason(torch.device("cpu"), torch.float32, "gru", True) is not None
+    assert triton_rnn.unavailable_reason(torch.device("cpu"), torch.int32, "lstm", False) is not None
+    assert triton_rnn.unavailable_reason(torch.device("meta"), torch.float32, "lstm", False) is not None
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    assert triton_rnn.unavailable_reason(torch.device("cpu"), torch.float32, "gru", False) == \
+        "triton needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)"
+
+
+# -- the compiled path, without a GPU ------------------------------------------------------------
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles and runs the kernels")
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: compile every cell (bf16, fp32, with the grid
+    barrier) for sm_90 in a subprocess with the interpreter off, so compiled-only errors show here."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-m", "fused_rnn.ops.triton_rnn.compile_check", "--arch", "90", "--quick"],
+                         check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(" ok ") == 16, run.stdout
