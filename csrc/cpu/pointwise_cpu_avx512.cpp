@@ -1,0 +1,21 @@
+// CPU pointwise kernels built for AVX512 (chosen at run time by pointwise_cpu.cpp).
+// Every header with code shared beyond this file is included BEFORE the target pragma, so only
+// this file's own functions (in namespace isa_avx512) use the wider instructions.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../recurrence_params.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx512f,avx2,fma")
+#define FR_ISA_NS isa_avx512
+#include "pointwise_cpu_kernels.h"
+#endif

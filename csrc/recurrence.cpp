@@ -1,0 +1,372 @@
+// The recurrence ops: schemas (TORCH_LIBRARY), the one time loop shared by the CPU and CUDA
+// implementations, and the Python module fused_rnn._C that loads them.
+//
+// Per step: one GEMM (at::mm_out into a preallocated buffer: MKL/oneDNN on the CPU, cuBLAS on the
+// current CUDA stream) and one fused pointwise pass (csrc/cpu/pointwise_cpu.cpp or
+// csrc/cuda/pointwise_cuda.cu) that reads the plain structs of recurrence_params.h. The weight
+// gradients are single GEMMs after the loop. No host synchronisation anywhere, so the CUDA
+// version can be captured in a CUDA graph. The algorithm is fused_rnn/ops/torch_bptt's.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <string>
+
+#include "recurrence_params.h"
+
+// Hash of csrc/ at build time, written by setup.py; fused_rnn/ops/cpp/ops.py compares it with the
+// sources beside it to report a stale build.
+#if __has_include("fused_rnn_source_hash.h")
+#include "fused_rnn_source_hash.h"
+#else
+#define FUSED_RNN_SOURCE_HASH ""
+#endif
+
+// Bump when a schema or the meaning of an output changes: the Python side refuses a stale build.
+#define FUSED_RNN_ABI_VERSION 1
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+Cell parse_cell(c10::string_view name) {
+  if (name == "lstm") return Cell::LSTM;
+  if (name == "gru") return Cell::GRU;
+  if (name == "rnn_tanh") return Cell::RNN_TANH;
+  if (name == "rnn_relu") return Cell::RNN_RELU;
+  TORCH_CHECK(false, "fused_rnn: unknown cell '", std::string(name), "' (lstm, gru, rnn_tanh, rnn_relu)");
+}
+
+DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default: TORCH_CHECK(false, "fused_rnn: unsupported dtype ", s, " (float32, float64, float16, bfloat16)");
+  }
+}
+
+// fp16/bf16 keep the cell state and accumulate in fp32.
+at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Address of x[t] for a contiguous x of shape [T, ...]; 64-bit byte offsets.
+void* step_ptr(const Tensor& x, int64_t t) {
+  return static_cast<char*>(x.data_ptr()) + t * x.stride(0) * static_cast<int64_t>(x.element_size());
+}
+
+// Runs the pointwise passes on the tensors' device: the CPU kernels, or the CUDA kernels on the
+// current stream of that device.
+struct Pointwise {
+  bool on_cuda = false;
+  void* stream = nullptr;
+
+  explicit Pointwise(const Tensor& like) {
+    if (like.is_cuda()) {
+#ifdef WITH_CUDA
+      on_cuda = true;
+      stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
+#else
+      TORCH_CHECK(false, "fused_rnn._C was built without CUDA");
+#endif
+    }
+  }
+#ifdef WITH_CUDA
+#define FR_POINTWISE(fn, P) \
+  void fn(const P& p) const { on_cuda ? cuda::fn(p, stream) : cpu::fn(p); }
+#else
+#define FR_POINTWISE(fn, P) \
+  void fn(const P& p) const { cpu::fn(p); }
+#endif
+  FR_POINTWISE(forward_step, ForwardStepParams)
+  FR_POINTWISE(proj_commit, ProjCommitParams)
+  FR_POINTWISE(backward_step, BackwardStepParams)
+  FR_POINTWISE(proj_backward_prep, ProjBackwardPrepParams)
+#undef FR_POINTWISE
+};
+
+struct Shapes {
+  Cell cell;
+  int64_t T, B, G, H, Hout;
+  bool proj;
+};
+
+// Checks the contract's shapes, dtypes and devices (fused_rnn/backends.py documents them).
+Shapes check_inputs(c10::string_view cell_name, const Tensor& gx, const Tensor& h0, const optional<Tensor>& c0,
+                    const Tensor& w_hh, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                    const optional<Tensor>& lengths) {
+  Shapes s;
+  s.cell = parse_cell(cell_name);
+  s.G = num_gates(s.cell);
+  TORCH_CHECK(gx.dim() == 3, "fused_rnn: gx must be [T, B, G*H], got ", gx.sizes());
+  s.T = gx.size(0);
+  s.B = gx.size(1);
+  TORCH_CHECK(s.T >= 1, "fused_rnn: need at least one time step");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % s.G == 0, "fused_rnn: w_hh must be [G*H, Hout], got ", w_hh.sizes());
+  s.H = w_hh.size(0) / s.G;
+  s.Hout = w_hh.size(1);
+  TORCH_CHECK(gx.size(2) == s.G * s.H, "fused_rnn: gx is ", gx.sizes(), " but w_hh is ", w_hh.sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == s.B && h0.size(1) == s.Hout, "fused_rnn: h0 must be [B, Hout] = [",
+              s.B, ", ", s.Hout, "], got ", h0.sizes());
+  to_dtype(gx.scalar_type());
+  const auto check_like = [&](const Tensor& x, const char* name) {
+    TORCH_CHECK(x.scalar_type() == gx.scalar_type(), "fused_rnn: ", name, " is ", x.scalar_type(), " but gx is ",
+                gx.scalar_type());
+    TORCH_CHECK(x.device() == gx.device(), "fused_rnn: ", name, " is on ", x.device(), " but gx is on ", gx.device());
+  };
+  check_like(h0, "h0");
+  check_like(w_hh, "w_hh");
+  if (s.cell == Cell::LSTM) {
+    TORCH_CHECK(c0.has_value(), "fused_rnn: lstm needs c0");
+    TORCH_CHECK(c0->dim() == 2 && c0->size(0) == s.B && c0->size(1) == s.H, "fused_rnn: c0 must be [B, H], got ",
+                c0->sizes());
+    check_like(*c0, "c0");
+  } else {
+    TORCH_CHECK(!c0.has_value(), "fused_rnn: c0 is only for lstm");
+  }
+  if (b_hh.has_value()) {
+    TORCH_CHECK(b_hh->dim() == 1 && b_hh->size(0) == s.G * s.H, "fused_rnn: b_hh must be [G*H], got ", b_hh->sizes());
+    check_like(*b_hh, "b_hh");
+  }
+  s.proj = w_hr.has_value();
+  if (s.proj) {
+    TORCH_CHECK(s.cell == Cell::LSTM, "fused_rnn: w_hr (projection) is only for lstm");
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == s.Hout && w_hr->size(1) == s.H,
+                "fused_rnn: w_hr must be [Hout, H], got ", w_hr->sizes());
+    check_like(*w_hr, "w_hr");
+  } else {
+    TORCH_CHECK(s.Hout == s.H, "fused_rnn: w_hh is ", w_hh.sizes(), ": Hout != H needs w_hr");
+  }
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == s.B,
+                "fused_rnn: lengths must be int64 [B]");
+    TORCH_CHECK(lengths->device() == gx.device(), "fused_rnn: lengths must be on gx's device");
+  }
+  return s;
+}
+
+const int64_t* lengths_ptr(const optional<Tensor>& l) { return l.has_value() ? l->data_ptr<int64_t>() : nullptr; }
+
+// Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
+// (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
+// RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    c10::string_view cell_name, const Tensor& gx_in, const Tensor& h0_in, const optional<Tensor>& c0_in,
+    const Tensor& w_hh_in, const optional<Tensor>& b_hh_in, const optional<Tensor>& w_hr_in,
+    const optional<Tensor>& lengths_in, bool reverse, bool save) {
+  const Shapes s = check_inputs(cell_name, gx_in, h0_in, c0_in, w_hh_in, b_hh_in, w_hr_in, lengths_in);
+  const c10::DeviceGuard guard(gx_in.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMMs in our dtype
+  const Pointwise pw(gx_in);
+  const auto T = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
+  const bool lstm = s.cell == Cell::LSTM, has_gates = s.cell == Cell::LSTM || s.cell == Cell::GRU;
+  const auto opts = gx_in.options();
+  const auto acc_opts = opts.dtype(acc_type(gx_in.scalar_type()));
+
+  const Tensor gx = gx_in.contiguous();
+  const Tensor w_hh_t = w_hh_in.t();  // mm handles the transpose without a copy
+  const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : at::zeros({GH}, opts);
+  const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
+
+  Tensor y = at::empty({T, B, Hout}, opts);
+  Tensor h = h0_in.contiguous().clone();                                       // [B, Hout] state
+  Tensor c = lstm ? c0_in->to(acc_opts.dtype()).contiguous().clone() : at::empty({0}, acc_opts);  // [B, H]
+  Tensor gh = at::empty({B, GH}, opts);                                         // h @ w_hh.T
+  // Saved per step when save, else one step of scratch reused.
+  const int64_t TS = save ? T : 1;
+  Tensor gates = has_gates ? at::empty({TS, B, 4 * H}, opts) : at::empty({0}, opts);
+  Tensor cells = lstm ? at::empty({TS, B, H}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor proj_in = s.proj ? at::empty({TS, B, H}, opts) : at::empty({0}, opts);
+  Tensor tmp = s.proj ? at::empty({B, Hout}, opts) : Tensor();
+  const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
+
+  ForwardStepParams p{};
+  p.cell = s.cell;
+  p.dtype = to_dtype(gx.scalar_type());
+  p.B = B;
+  p.H = H;
+  p.Hout = Hout;
+  p.lengths = lengths_ptr(lengths);
+  p.gh = gh.data_ptr();
+  p.b_hh = b_hh.data_ptr();
+  p.h = h.data_ptr();
+  p.c = lstm ? c.data_ptr() : nullptr;
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    const int64_t ts = save ? t : 0;
+    at::mm_out(gh, h, w_hh_t);
+    p.t = t;
+    p.gx = step_ptr(gx, t);
+    p.y = step_ptr(y, t);
+    p.gates = has_gates ? step_ptr(gates, ts) : nullptr;
+    p.cells = lstm ? step_ptr(cells, ts) : nullptr;
+    p.proj_in = s.proj ? step_ptr(proj_in, ts) : nullptr;
+    pw.forward_step(p);
+    if (s.proj) {
+      at::mm_out(tmp, proj_in.select(0, ts), w_hr_t);
+      ProjCommitParams q{p.dtype, B, Hout, t, p.lengths, tmp.data_ptr(), h.data_ptr(), p.y};
+      pw.proj_commit(q);
+    }
+  }
+  Tensor c_n = lstm ? c.to(gx.scalar_type()) : at::empty({0}, opts);
+  if (!save) {
+    gates = at::empty({0}, opts);
+    cells = at::empty({0}, acc_opts);
+    proj_in = at::empty({0}, opts);
+  }
+  return {y, h, c_n, gates, cells, proj_in};
+}
+
+// Analytic BPTT. Returns d_gx [T,B,G*H], d_h0 [B,Hout], d_c0 [B,H] (lstm; else [0]),
+// d_w_hh [G*H,Hout], d_b_hh [G*H], d_w_hr [Hout,H] (projection; else [0]).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    c10::string_view cell_name, const Tensor& dy_in, const Tensor& dh_n, const optional<Tensor>& dc_n,
+    const Tensor& y_in, const Tensor& gates_in, const Tensor& cells_in, const Tensor& proj_in_in,
+    const Tensor& h0_in, const optional<Tensor>& c0_in, const Tensor& w_hh, const optional<Tensor>& w_hr,
+    const optional<Tensor>& lengths_in, bool reverse) {
+  const Cell cell = parse_cell(cell_name);
+  TORCH_CHECK(y_in.dim() == 3, "fused_rnn: y must be [T, B, Hout]");
+  const int64_t T = y_in.size(0), B = y_in.size(1), Hout = y_in.size(2);
+  const int64_t G = num_gates(cell), H = w_hh.size(0) / G, GH = G * H;
+  const bool lstm = cell == Cell::LSTM, has_gates = lstm || cell == Cell::GRU, proj = w_hr.has_value();
+  TORCH_CHECK(dy_in.sizes() == y_in.sizes(), "fused_rnn: dy must be ", y_in.sizes(), ", got ", dy_in.sizes());
+  TORCH_CHECK(dh_n.sizes() == h0_in.sizes(), "fused_rnn: dh_n must be ", h0_in.sizes());
+  TORCH_CHECK(!has_gates || (gates_in.dim() == 3 && gates_in.size(0) == T && gates_in.size(2) == 4 * H),
+              "fused_rnn: the saved gates are missing (was the forward run with save=False?)");
+  TORCH_CHECK(!lstm || (cells_in.dim() == 3 && cells_in.size(0) == T && c0_in.has_value()),
+              "fused_rnn: the saved cell states or c0 are missing");
+  TORCH_CHECK(!proj || (proj_in_in.dim() == 3 && proj_in_in.size(0) == T), "fused_rnn: the saved proj_in is missing");
+  const c10::DeviceGuard guard(y_in.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Pointwise pw(y_in);
+  const auto opts = y_in.options();
+  const auto acc = acc_type(y_in.scalar_type());
+
+  const Tensor dy = dy_in.to(y_in.scalar_type()).contiguous();  // often an expanded zero
+  const Tensor y = y_in.contiguous();
+  const Tensor gates = gates_in.contiguous();
+  const Tensor cells = cells_in.contiguous();
+  const Tensor proj_in = proj_in_in.contiguous();
+  const Tensor h0 = h0_in.contiguous();
+  const Tensor c0 = lstm ? c0_in->to(acc).contiguous() : Tensor();
+  const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
+
+  Tensor dh = dh_n.to(y_in.scalar_type()).contiguous().clone();  // [B, Hout] grad of the state
+  Tensor dc = lstm ? (dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, opts.dtype(acc)))
+                   : at::empty({0}, opts);
+  Tensor dgx = at::empty({T, B, GH}, opts);
+  Tensor dgh = cell == Cell::GRU ? at::empty({T, B, GH}, opts) : dgx;  // grads of gx / of h @ w_hh.T + b_hh
+  Tensor dh_all = proj ? at::empty({T, B, Hout}, opts) : Tensor();  // grads of the projected h
+  Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
+  const Tensor w_hh_c = w_hh.contiguous();
+
+  BackwardStepParams p{};
+  p.cell = cell;
+  p.dtype = to_dtype(y.scalar_type());
+  p.B = B;
+  p.H = H;
+  p.Hout = Hout;
+  p.T = T;
+  p.reverse = reverse;
+  p.lengths = lengths_ptr(lengths);
+  p.dh = dh.data_ptr();
+  p.dc = lstm ? dc.data_ptr() : nullptr;
+  p.c0 = lstm ? c0.data_ptr() : nullptr;
+  p.h0 = h0.data_ptr();
+  p.dr = proj ? dr.data_ptr() : nullptr;
+  for (int64_t k = T - 1; k >= 0; --k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    const bool has_prev = prev >= 0 && prev < T;
+    if (proj) {
+      ProjBackwardPrepParams q{p.dtype, B, Hout, t, p.lengths, step_ptr(dy, t), dh.data_ptr(), step_ptr(dh_all, t)};
+      pw.proj_backward_prep(q);
+      at::mm_out(dr, dh_all.select(0, t), *w_hr);
+    }
+    p.t = t;
+    p.dy = step_ptr(dy, t);
+    p.gates = has_gates ? step_ptr(gates, t) : nullptr;
+    p.cells = lstm ? step_ptr(cells, t) : nullptr;
+    p.cells_prev = lstm && has_prev ? step_ptr(cells, prev) : nullptr;
+    p.y = step_ptr(y, t);
+    p.y_prev = has_prev ? step_ptr(y, prev) : nullptr;
+    p.dgx = step_ptr(dgx, t);
+    p.dgh = step_ptr(dgh, t);
+    pw.backward_step(p);
+    dh.addmm_(dgh.select(0, t), w_hh_c);  // dh_prev = direct part + dG_h @ w_hh
+  }
+
+  // d w_hh = sum_t dG_h[t]^T @ h_prev[t]. h_prev is y at the previous step except at each row's
+  // first step (h0); at a reverse row's first step t = len-1 the "previous" y[t+1] is 0.
+  Tensor d0;  // [B, GH]: dG_h at each row's first step
+  if (!reverse) {
+    d0 = dgh.select(0, 0);
+  } else if (!lengths.has_value()) {
+    d0 = dgh.select(0, T - 1);
+  } else {
+    const Tensor rows = (*lengths - 1) * B + at::arange(B, lengths->options());
+    d0 = dgh.view({T * B, GH}).index_select(0, rows);
+  }
+  Tensor d_w_hh = at::mm(d0.t(), h0);
+  if (T > 1) {
+    const Tensor dg_rest = reverse ? dgh.narrow(0, 0, T - 1) : dgh.narrow(0, 1, T - 1);
+    const Tensor y_rest = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+    d_w_hh.addmm_(dg_rest.reshape({(T - 1) * B, GH}).t(), y_rest.reshape({(T - 1) * B, Hout}));
+  }
+  Tensor d_b_hh = dgh.sum(at::IntArrayRef{0, 1});
+  Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), proj_in.view({T * B, H})) : at::empty({0}, opts);
+  Tensor d_c0 = lstm ? dc.to(y.scalar_type()) : at::empty({0}, opts);
+  return {dgx, dh, d_c0, d_w_hh, d_b_hh, d_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_rnn, m) {
+  m.def(
+      "recurrence_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
+      "Tensor? lengths, bool reverse, bool save) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, "
+      "Tensor cells, Tensor proj_in)");
+  m.def(
+      "recurrence_backward(str cell, Tensor dy, Tensor dh_n, Tensor? dc_n, Tensor y, Tensor gates, Tensor cells, "
+      "Tensor proj_in, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse) -> "
+      "(Tensor d_gx, Tensor d_h0, Tensor d_c0, Tensor d_w_hh, Tensor d_b_hh, Tensor d_w_hr)");
+}
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("recurrence_forward", &recurrence_forward);
+  m.impl("recurrence_backward", &recurrence_backward);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
+  m.impl("recurrence_forward", &recurrence_forward);
+  m.impl("recurrence_backward", &recurrence_backward);
+}
+#endif
+
+}  // namespace fused_rnn
+
+// `import fused_rnn._C` loads this library, whose static initialisers register the ops above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "fused_rnn kernels; the ops are torch.ops.fused_rnn.*", -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddIntConstant(m, "ABI_VERSION", FUSED_RNN_ABI_VERSION);
+  PyModule_AddStringConstant(m, "SOURCE_HASH", FUSED_RNN_SOURCE_HASH);
+#ifdef WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}

@@ -1,0 +1,102 @@
+// Plain parameter structs between the tensor-facing launcher (csrc/recurrence.cpp) and the
+// pointwise kernels (csrc/cpu/pointwise_cpu.cpp, csrc/cuda/pointwise_cuda.cu).
+// No torch types here: the .cu file must compile with CUDA headers only (DESIGN.md, build time).
+//
+// Names: B batch, H hidden, Hout = proj_size or H, G gates (LSTM 4, GRU 3, RNN 1).
+// "S" = the storage dtype of the tensors (`dtype`); "A" = accumulation dtype (double for
+// Float64, float otherwise). Every [B, X] block is row-major and contiguous (row stride X).
+#pragma once
+
+#include <cstdint>
+
+namespace fused_rnn {
+
+enum class Cell : int32_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+inline int64_t num_gates(Cell c) { return c == Cell::LSTM ? 4 : c == Cell::GRU ? 3 : 1; }
+// Columns saved per row per step in `gates`: LSTM i,f,g,o; GRU r,z,n,gh_n; RNN nothing (y is h).
+inline int64_t num_saved(Cell c) { return c == Cell::LSTM ? 4 : c == Cell::GRU ? 4 : 0; }
+
+// One forward step at time t. Row b is "valid" when lengths == nullptr or t < lengths[b];
+// invalid rows keep their state and get y = 0.
+struct ForwardStepParams {
+  Cell cell;
+  DType dtype;
+  int64_t B, H, Hout, t;
+  const int64_t* lengths;  // [B] or nullptr
+  const void* gx;          // S [B, G*H]   gx[t]
+  const void* gh;          // S [B, G*H]   h_prev @ w_hh.T (no bias)
+  const void* b_hh;        // S [G*H]      (zeros when the layer has no bias)
+  void* h;                 // S [B, Hout]  state: read by GRU, overwritten on valid rows (not with proj)
+  void* c;                 // A [B, H]     LSTM cell state, overwritten on valid rows
+  void* y;                 // S [B, Hout]  y[t] (not with proj: commit writes it)
+  void* gates;             // S [B, 4*H]   saved gates at t (LSTM, GRU); valid rows written
+  void* cells;             // A [B, H]     saved c[t] (LSTM); valid rows written
+  void* proj_in;           // S [B, H]     with proj: o*tanh(c) (0 on invalid rows); else nullptr
+};
+
+// With proj: after tmp = proj_in @ w_hr.T, valid rows take tmp as h and y; others keep h, y = 0.
+struct ProjCommitParams {
+  DType dtype;
+  int64_t B, Hout, t;
+  const int64_t* lengths;
+  const void* tmp;  // S [B, Hout]
+  void* h;          // S [B, Hout]
+  void* y;          // S [B, Hout]  y[t]
+};
+
+// One backward step at time t (steps are visited in the reverse of the forward order).
+// first(t, b): t is row b's first processed step (reverse ? t == len_b - 1 : t == 0), where its
+// previous state is h0/c0 rather than y/c at the previous step.
+struct BackwardStepParams {
+  Cell cell;
+  DType dtype;
+  int64_t B, H, Hout, t, T;
+  bool reverse;
+  const int64_t* lengths;  // [B] or nullptr
+  const void* dy;          // S [B, Hout]  dy[t]; unused with proj (dr carries it)
+  const void* dr;          // S [B, H]     with proj: (dy[t]+dh) @ w_hr; else nullptr
+  void* dh;                // S [B, Hout]  in: grad of h after the step from later steps;
+                           //              out: the part of dh_prev that does not go through
+                           //              w_hh (GRU dh*z on valid rows, 0 otherwise; invalid
+                           //              rows keep it). The caller then adds dG_h @ w_hh.
+  void* dc;                // A [B, H]     LSTM: grad of c, updated in place (invalid rows keep it)
+  const void* gates;       // S [B, 4*H]   saved at t
+  const void* cells;       // A [B, H]     saved c[t]
+  const void* cells_prev;  // A [B, H]     saved c[prev(t)]; nullptr when t is first for every row
+  const void* c0;          // A [B, H]
+  const void* y;           // S [B, Hout]  y[t] (RNN derivative)
+  const void* y_prev;      // S [B, Hout]  y[prev(t)] (GRU h_prev); nullptr as for cells_prev
+  const void* h0;          // S [B, Hout]
+  void* dgx;               // S [B, G*H]   grad of gx[t] (0 on invalid rows)
+  void* dgh;               // S [B, G*H]   grad of (h_prev @ w_hh.T + b_hh) at t; == dgx except GRU
+};
+
+// With proj, before the cell backward: valid rows: dh_all[t] = dy[t] + dh, dh = 0;
+// invalid rows: dh_all[t] = 0, dh kept (carried to the previous step).
+struct ProjBackwardPrepParams {
+  DType dtype;
+  int64_t B, Hout, t;
+  const int64_t* lengths;
+  const void* dy;  // S [B, Hout]
+  void* dh;        // S [B, Hout]
+  void* dh_all;    // S [B, Hout]  dh_all[t], input of dr = dh_all[t] @ w_hr and of d w_hr
+};
+
+namespace cpu {
+void forward_step(const ForwardStepParams& p);
+void proj_commit(const ProjCommitParams& p);
+void backward_step(const BackwardStepParams& p);
+void proj_backward_prep(const ProjBackwardPrepParams& p);
+}  // namespace cpu
+
+namespace cuda {
+// `stream` is a cudaStream_t (the caller's current stream); launches are asynchronous.
+void forward_step(const ForwardStepParams& p, void* stream);
+void proj_commit(const ProjCommitParams& p, void* stream);
+void backward_step(const BackwardStepParams& p, void* stream);
+void proj_backward_prep(const ProjBackwardPrepParams& p, void* stream);
+}  // namespace cuda
+
+}  // namespace fused_rnn

@@ -1,0 +1,28 @@
+"""The `cuda` backend: per-step cuBLAS GEMM + one fused CUDA kernel (csrc/cuda/), float32/float64/
+float16/bfloat16 (16-bit inputs compute in fp32 and keep the cell state in fp32)."""
+import torch
+
+from . import ops
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+    """The recurrence contract (fused_rnn/backends.py)."""
+    return ops.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+
+
+def unavailable_reason(device, dtype, cell, has_proj):
+    if torch.device(device).type != "cuda":
+        return "the cuda backend needs CUDA tensors"
+    err = ops.load_error()
+    if err is not None:
+        return err
+    if not ops.built_with_cuda():
+        return ("fused_rnn._C was built without CUDA kernels (no nvcc or a CPU build of torch at build time); "
+                "rebuild with CUDA_HOME set to the CUDA toolkit")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if dtype not in DTYPES:
+        return f"the cuda backend does not support {dtype}"
+    return None

@@ -1,0 +1,156 @@
+"""torch.library registration of the C++/CUDA recurrence ops: loading, autograd, fake kernels, autocast.
+
+The schemas and the CPU/CUDA kernels are declared in csrc/recurrence.cpp:
+
+    fused_rnn::recurrence_forward(cell, gx, h0, c0?, w_hh, b_hh?, w_hr?, lengths?, reverse, save)
+        -> (y [T,B,Hout], h_n [B,Hout], c_n [B,H] | [0], gates, cells, proj_in)
+    fused_rnn::recurrence_backward(cell, dy, dh_n, dc_n?, y, gates, cells, proj_in, h0, c0?, w_hh,
+                                   w_hr?, lengths?, reverse)
+        -> (d_gx, d_h0, d_c0 | [0], d_w_hh, d_b_hh, d_w_hr | [0])
+
+`gates`, `cells`, `proj_in` are what the backward needs (saved only when `save`, else [0]):
+gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n), cells [T,B,H] in fp32 (fp64 for float64 input),
+proj_in [T,B,H] = o*tanh(c) with a projection.
+"""
+import hashlib
+from pathlib import Path
+
+import torch
+
+ABI_VERSION = 1  # must equal FUSED_RNN_ABI_VERSION in csrc/recurrence.cpp
+BUILD_HINT = ("build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
+              "(or `python setup.py build_ext --inplace`) in the repository")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+_C = None
+_load_error = None
+_loaded = False
+
+
+def _load():
+    global _C, _load_error, _loaded
+    _loaded = True
+    try:
+        from fused_rnn import _C as ext  # noqa: PLC0415 - registers torch.ops.fused_rnn.*
+    except Exception as e:  # noqa: BLE001 - missing file, or built against another torch (undefined symbol)
+        _load_error = f"the C++ extension fused_rnn._C is not built or does not load ({type(e).__name__}: {e}); {BUILD_HINT}"
+        return
+    if getattr(ext, "ABI_VERSION", None) != ABI_VERSION:
+        _load_error = (f"the C++ extension fused_rnn._C is stale (ABI {getattr(ext, 'ABI_VERSION', None)}, "
+                       f"this source expects {ABI_VERSION}); re{BUILD_HINT}")
+        return
+    _load_error = _stale_sources(ext)
+    if _load_error is not None:
+        return
+    _C = ext
+    _register()
+
+
+def _source_hash(csrc):
+    """setup.py's source_hash(): the same bytes, the same order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(csrc).rglob("*") if p.suffix in (".h", ".cpp", ".cu")):
+        h.update(f.relative_to(csrc).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _stale_sources(ext):
+    """A sentence when csrc/ (present in a source checkout) changed since fused_rnn._C was built."""
+    csrc = Path(__file__).resolve().parents[3] / "csrc"
+    built = getattr(ext, "SOURCE_HASH", "")
+    if not built or not (csrc / "recurrence.cpp").is_file():
+        return None  # an installed wheel, or a build without the hash: nothing to compare
+    now = _source_hash(csrc)
+    if now != built:
+        return (f"the C++ extension fused_rnn._C is stale: csrc/ changed since it was built "
+                f"(source hash {built}, now {now}); re{BUILD_HINT}")
+    return None
+
+
+def load_error():
+    """None when fused_rnn._C is loaded and current, else a sentence saying why not and how to fix it."""
+    if not _loaded:
+        _load()
+    return _load_error
+
+
+def built_with_cuda():
+    return load_error() is None and bool(_C.WITH_CUDA)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
+    T, B = gx.shape[0], gx.shape[1]
+    H, Hout = w_hh.shape[0] // GATES[cell], w_hh.shape[1]
+    acc = _acc_dtype(gx.dtype)
+    y = gx.new_empty(T, B, Hout)
+    h_n = gx.new_empty(B, Hout)
+    c_n = gx.new_empty(B, H) if cell == "lstm" else gx.new_empty(0)
+    gates = gx.new_empty(T, B, 4 * H) if save and cell in ("lstm", "gru") else gx.new_empty(0)
+    cells = gx.new_empty(T, B, H, dtype=acc) if save and cell == "lstm" else gx.new_empty(0, dtype=acc)
+    proj_in = gx.new_empty(T, B, H) if save and w_hr is not None else gx.new_empty(0)
+    return y, h_n, c_n, gates, cells, proj_in
+
+
+def _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse):
+    T, B = y.shape[0], y.shape[1]
+    GH, H = w_hh.shape[0], w_hh.shape[0] // GATES[cell]
+    d_c0 = y.new_empty(B, H) if cell == "lstm" else y.new_empty(0)
+    d_w_hr = y.new_empty(w_hr.shape) if w_hr is not None else y.new_empty(0)
+    return (y.new_empty(T, B, GH), y.new_empty(h0.shape), d_c0, y.new_empty(w_hh.shape), y.new_empty(GH), d_w_hr)
+
+
+def _setup_context(ctx, inputs, output):
+    cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs
+    y, _h_n, _c_n, gates, cells, proj_in = output
+    ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
+    ctx.has_bias, ctx.has_c0, ctx.has_proj = b_hh is not None, c0 is not None, w_hr is not None
+    ctx.save_for_backward(y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths)
+
+
+def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in):
+    if not ctx.save:
+        raise RuntimeError("fused_rnn: recurrence_forward ran with save=False, so it cannot be differentiated")
+    y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths = ctx.saved_tensors
+    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = torch.ops.fused_rnn.recurrence_backward(
+        ctx.cell, dy, dh_n, dc_n if ctx.cell == "lstm" else None, y, gates, cells, proj_in,
+        h0, c0, w_hh, w_hr, lengths, ctx.reverse)
+    return (None, d_gx, d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_bias else None,
+            d_w_hr if ctx.has_proj else None, None, None, None)
+
+
+def _register():
+    torch.library.register_fake("fused_rnn::recurrence_forward")(_fake_forward)
+    torch.library.register_fake("fused_rnn::recurrence_backward")(_fake_backward)
+    torch.library.register_autograd("fused_rnn::recurrence_forward", _backward, setup_context=_setup_context)
+
+
+# torch.nn's recurrent layers under autocast: on CUDA every cell runs in the autocast dtype
+# (cuDNN's RNN is on autocast's lower-precision list); on the CPU LSTM and RNN do, GRU stays fp32.
+_AUTOCAST_CELLS = {"cuda": ("lstm", "gru", "rnn_tanh", "rnn_relu"), "cpu": ("lstm", "rnn_tanh", "rnn_relu")}
+
+
+def _autocast_dtype(device_type, cell):
+    if device_type in _AUTOCAST_CELLS and torch.is_autocast_enabled(device_type) \
+            and cell in _AUTOCAST_CELLS[device_type]:
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+    """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of gx's device."""
+    err = load_error()
+    if err is not None:
+        raise RuntimeError(err)
+    dtype = _autocast_dtype(gx.device.type, cell)
+    if dtype is not None:
+        cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
+        gx, h0, c0, w_hh, b_hh, w_hr = map(cast, (gx, h0, c0, w_hh, b_hh, w_hr))
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr))
+    y, h_n, c_n, _, _, _ = torch.ops.fused_rnn.recurrence_forward(
+        cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, bool(reverse), save)
+    return y, h_n, (c_n if cell == "lstm" else None)
