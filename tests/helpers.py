@@ -12,7 +12,7 @@ def assert_close(actual, expected, dtype, what=""):
     """|actual - expected| <= tol * max(1, max|expected|), elementwise, and no NaN anywhere."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g} ({dtype})"

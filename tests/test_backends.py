@@ -17,7 +17,8 @@ from fused_rnn.functional import recurrence
 
 from helpers import assert_close, grads_of
 
-DEVICE = "cpu"
+# every test runs on the CPU; on a machine with a GPU the CUDA-capable backends run there too
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 # (T, B, H, proj, lengths, reverse, bias): odd sizes, T=1, B=1, every option on its own and together.
@@ -33,16 +34,16 @@ SHAPES = {
 }
 
 
-def make_inputs(cell, T, B, H, proj, lengths, reverse, bias, dtype, requires_grad=True):
+def make_inputs(cell, T, B, H, proj, lengths, reverse, bias, dtype, requires_grad=True, device="cpu"):
     G, Hout = GATES[cell], proj or H
     scale = Hout ** -0.5
-    t = lambda *s, k=1.0: (torch.randn(*s, dtype=torch.float64) * k).to(dtype).requires_grad_(requires_grad)  # noqa: E731
+    t = lambda *s, k=1.0: (torch.randn(*s, dtype=torch.float64) * k).to(device, dtype).requires_grad_(requires_grad)  # noqa: E731
     gx, h0 = t(T, B, G * H), t(B, Hout)
     c0 = t(B, H) if cell == "lstm" else None
     w_hh = t(G * H, Hout, k=scale)
     b_hh = t(G * H, k=scale) if bias else None
     w_hr = t(Hout, H, k=H ** -0.5) if proj else None
-    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=device)
     return gx, h0, c0, w_hh, b_hh, w_hr, lens, reverse
 
 
@@ -51,8 +52,8 @@ def differentiable(args):
     return [a for a in (gx, h0, c0, w_hh, b_hh, w_hr) if a is not None]
 
 
-def skip_unless_usable(backend, dtype, cell, proj):
-    reason = unavailable_reason(backend, DEVICE, dtype, cell, bool(proj))
+def skip_unless_usable(backend, dtype, cell, proj, device="cpu"):
+    reason = unavailable_reason(backend, device, dtype, cell, bool(proj))
     if reason is not None:
         pytest.skip(f"backend {backend!r} unavailable: {reason}")
 
@@ -68,11 +69,12 @@ def cases():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("cell,shape", list(cases()))
 @pytest.mark.parametrize("backend", fused_rnn.BACKENDS)
-def test_outputs_and_gradients_match_reference(backend, cell, shape, dtype):
-    skip_unless_usable(backend, dtype, cell, shape[3])
-    args = make_inputs(cell, *shape, dtype=dtype)
-    ref_args = [a.detach().double().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
-                for a in args]
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_and_gradients_match_reference(device, backend, cell, shape, dtype):
+    skip_unless_usable(backend, dtype, cell, shape[3], device)
+    args = make_inputs(cell, *shape, dtype=dtype, device=device)
+    ref_args = [a.detach().cpu().double().requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
+                else a.cpu() if torch.is_tensor(a) else a for a in args]
     out = recurrence(cell, *args, backend=backend)
     ref = reference.recurrence(cell, *ref_args)
     names = ["y", "h_n", "c_n"]
@@ -97,11 +99,12 @@ def test_outputs_and_gradients_match_reference(backend, cell, shape, dtype):
     ("rnn_relu", SHAPES["T6-B4-H5-rev"], "rnn_relu-rev"),
 ]])
 @pytest.mark.parametrize("backend", [b for b in fused_rnn.BACKENDS if b != "reference"])
-def test_gradcheck_float64(backend, cell, shape):
-    skip_unless_usable(backend, torch.float64, cell, shape[3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device, backend, cell, shape):
+    skip_unless_usable(backend, torch.float64, cell, shape[3], device)
     T, B, H, proj, lengths, reverse, bias = shape
     args = make_inputs(cell, min(T, 5), min(B, 3), min(H, 4), min(proj, 3) if proj else 0,
-                       None if lengths is None else lengths[:3], reverse, bias, torch.float64)
+                       None if lengths is None else lengths[:3], reverse, bias, torch.float64, device=device)
     if args[6] is not None:
         args = args[:6] + (args[6].clamp(max=min(T, 5)),) + args[7:]
     inputs = differentiable(args)
