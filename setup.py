@@ -23,7 +23,7 @@ CSRC = "csrc"
 def source_hash(csrc):
     """Hash of the kernel sources; fused_rnn/ops/cpp/ops.py recomputes it to detect a stale build."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(csrc).rglob("*") if p.suffix in (".h", ".cpp", ".cu")):
+    for f in sorted(p for p in Path(csrc).rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")):
         h.update(f.relative_to(csrc).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
@@ -64,11 +64,11 @@ def _extensions():
     sources = [f"{CSRC}/recurrence.cpp"] + [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time)
     cxx = ["-O3", "-g0", "-fvisibility=hidden", "-fno-trapping-math"]
-    depends = [str(p) for p in (ROOT / CSRC).rglob("*.h")]
+    depends = [str(p) for p in (ROOT / CSRC).rglob("*") if p.suffix in (".h", ".cuh")]
     include_dirs = [_write_source_hash_header()]
     if torch.version.cuda and cuda_home:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources.append(f"{CSRC}/cuda/pointwise_cuda.cu")
+        sources += [f"{CSRC}/cuda/pointwise_cuda.cu", f"{CSRC}/cuda/persistent.cu"]
         ext = cpp_extension.CUDAExtension(
             "fused_rnn._C", sources, depends=depends, include_dirs=include_dirs, define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})

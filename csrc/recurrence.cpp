@@ -17,8 +17,10 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <cstdlib>
 #include <string>
 
+#include "persistent_params.h"
 #include "recurrence_params.h"
 
 // Hash of csrc/ at build time, written by setup.py; fused_rnn/ops/cpp/ops.py compares it with the
@@ -30,7 +32,7 @@
 #endif
 
 // Bump when a schema or the meaning of an output changes: the Python side refuses a stale build.
-#define FUSED_RNN_ABI_VERSION 1
+#define FUSED_RNN_ABI_VERSION 2
 
 namespace fused_rnn {
 namespace {
@@ -156,6 +158,23 @@ Shapes check_inputs(c10::string_view cell_name, const Tensor& gx, const Tensor& 
 
 const int64_t* lengths_ptr(const optional<Tensor>& l) { return l.has_value() ? l->data_ptr<int64_t>() : nullptr; }
 
+// The persistent kernels (csrc/cuda/persistent.cu) run all T steps in one cooperative launch with
+// w_hh kept on chip. They are opt-in (FUSED_RNN_CUDA_PERSISTENT=1) until verified on a GPU
+// (benchmarks/NOTES.md); without a projection, in fp32/fp16/bf16, and where the weights fit on chip,
+// else the per-step kernels below run. Forward and backward save and read the same tensors as the
+// per-step kernels, so either backward can follow either forward.
+bool use_persistent(Cell cell, bool proj, const Tensor& like, int64_t H, PersistentPlan* plan) {
+#ifdef WITH_CUDA
+  const char* flag = std::getenv("FUSED_RNN_CUDA_PERSISTENT");
+  if (!like.is_cuda() || proj || like.scalar_type() == at::kDouble || flag == nullptr || std::string(flag) != "1")
+    return false;
+  return cuda::persistent_plan(cell, to_dtype(like.scalar_type()), H, like.device().index(), plan);
+#else
+  (void)cell, (void)proj, (void)like, (void)H, (void)plan;
+  return false;
+#endif
+}
+
 // Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
 // (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
 // RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection).
@@ -188,6 +207,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor proj_in = s.proj ? at::empty({TS, B, H}, opts) : at::empty({0}, opts);
   Tensor tmp = s.proj ? at::empty({B, Hout}, opts) : Tensor();
   const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
+
+#ifdef WITH_CUDA
+  PersistentPlan plan;
+  if (use_persistent(s.cell, s.proj, gx, H, &plan)) {
+    const Tensor w_hh = w_hh_in.contiguous();
+    const Tensor c0 = lstm ? c0_in->contiguous() : Tensor();
+    Tensor c_n = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
+    Tensor h_buf = at::empty({2, B, H}, opts);                   // h exchanged between blocks
+    Tensor c_state = lstm ? at::empty({B, H}, acc_opts) : Tensor();
+    PersistentForwardParams q{s.cell, to_dtype(gx.scalar_type()), T, B, H, reverse, lengths_ptr(lengths),
+                              gx.data_ptr(), w_hh.data_ptr(), b_hh_in.has_value() ? b_hh.data_ptr() : nullptr, h.data_ptr(),
+                              lstm ? c0.data_ptr() : nullptr, y.data_ptr(), nullptr, lstm ? c_n.data_ptr() : nullptr,
+                              save && has_gates ? gates.data_ptr() : nullptr, save && lstm ? cells.data_ptr() : nullptr,
+                              h_buf.data_ptr(), lstm ? c_state.data_ptr() : nullptr};
+    Tensor h_n = at::empty({B, H}, opts);
+    q.h_n = h_n.data_ptr();
+    cuda::persistent_forward(q, plan, pw.stream);
+    if (!save) {
+      gates = at::empty({0}, opts);
+      cells = at::empty({0}, acc_opts);
+    }
+    return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
+  }
+#endif
 
   ForwardStepParams p{};
   p.cell = s.cell;
@@ -269,6 +312,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
   const Tensor w_hh_c = w_hh.contiguous();
 
+  PersistentPlan plan;
+  const bool persistent = use_persistent(cell, proj, y, H, &plan);
+#ifdef WITH_CUDA
+  if (persistent) {
+    const Tensor dh_n_s = dh_n.to(y.scalar_type()).contiguous();
+    const Tensor dc_n_s = lstm ? (dc_n.has_value() ? dc_n->to(y.scalar_type()).contiguous() : at::zeros({B, H}, opts))
+                               : Tensor();
+    const Tensor c0_s = lstm ? c0_in->to(y.scalar_type()).contiguous() : Tensor();
+    Tensor dh_state = at::empty({B, H}, opts.dtype(at::kFloat));
+    Tensor dc_state = lstm ? at::empty({B, H}, opts.dtype(at::kFloat)) : Tensor();
+    dc = lstm ? at::empty({B, H}, opts) : dc;
+    PersistentBackwardParams q{cell, to_dtype(y.scalar_type()), T, B, H, reverse, lengths_ptr(lengths), w_hh_c.data_ptr(),
+                               dy.data_ptr(), dh_n_s.data_ptr(), lstm ? dc_n_s.data_ptr() : nullptr,
+                               has_gates ? gates.data_ptr() : nullptr, lstm ? cells.data_ptr() : nullptr,
+                               y.data_ptr(), h0.data_ptr(), lstm ? c0_s.data_ptr() : nullptr, dgx.data_ptr(),
+                               dgh.data_ptr(), dh.data_ptr(), lstm ? dc.data_ptr() : nullptr, dh_state.data_ptr(),
+                               lstm ? dc_state.data_ptr() : nullptr};
+    cuda::persistent_backward(q, plan, pw.stream);
+  }
+#endif
+
   BackwardStepParams p{};
   p.cell = cell;
   p.dtype = to_dtype(y.scalar_type());
@@ -283,7 +347,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   p.c0 = lstm ? c0.data_ptr() : nullptr;
   p.h0 = h0.data_ptr();
   p.dr = proj ? dr.data_ptr() : nullptr;
-  for (int64_t k = T - 1; k >= 0; --k) {
+  for (int64_t k = persistent ? -1 : T - 1; k >= 0; --k) {  // the per-step kernels, unless persistent ran
     const int64_t t = reverse ? T - 1 - k : k;
     const int64_t prev = reverse ? t + 1 : t - 1;
     const bool has_prev = prev >= 0 && prev < T;
@@ -328,9 +392,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   return {dgx, dh, d_c0, d_w_hh, d_b_hh, d_w_hr};
 }
 
+// Whether the persistent kernels would run this layer (FUSED_RNN_CUDA_PERSISTENT=1 set, CUDA, no
+// projection, weights fit on chip); `like` gives the device and dtype.
+bool persistent_supported(c10::string_view cell, const Tensor& like, int64_t H, bool proj) {
+  PersistentPlan plan;
+  const c10::DeviceGuard guard(like.device());
+  return use_persistent(parse_cell(cell), proj, like, H, &plan);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fused_rnn, m) {
+  m.def("persistent_supported(str cell, Tensor like, int H, bool proj) -> bool", &persistent_supported);
   m.def(
       "recurrence_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
       "Tensor? lengths, bool reverse, bool save) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, "

@@ -62,6 +62,10 @@ EOF
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "pytest: whole suite" "$OUT_DIR/pytest.log" $PY -m pytest -q -rs tests/ --junitxml="$OUT_DIR/pytest.xml"
   step "pytest: C++/CUDA ops (verbose)" "$OUT_DIR/pytest_cpp_ops.log" $PY -m pytest -q -rA tests/test_cpp_ops.py -k "CUDA"
+  # the persistent kernels (opt-in until verified): their own tests, then the backend tests through them
+  step "pytest: persistent kernels" "$OUT_DIR/pytest_persistent.log" $PY -m pytest -q -rA tests/test_cuda_persistent.py
+  step "pytest: backend tests with persistent kernels" "$OUT_DIR/pytest_backends_persistent.log" \
+    env FUSED_RNN_CUDA_PERSISTENT=1 $PY -m pytest -q tests/test_backends.py -k cuda
 fi
 
 # ------------------------------------------------------------------ compute-sanitizer
@@ -93,6 +97,10 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
     export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # lets memcheck see each allocation's true bounds
     step "compute-sanitizer memcheck" "$OUT_DIR/memcheck.log" \
       "$SAN" --tool memcheck --error-exitcode 1 --leak-check no $PY "$SAN_CASE"
+    for tool in memcheck racecheck synccheck; do
+      step "compute-sanitizer $tool (persistent kernels)" "$OUT_DIR/${tool}_persistent.log" \
+        env FUSED_RNN_CUDA_PERSISTENT=1 "$SAN" --tool $tool --error-exitcode 1 $PY "$SAN_CASE"
+    done
     step "compute-sanitizer racecheck (fused_rnn kernels)" "$OUT_DIR/racecheck.log" \
       "$SAN" --tool racecheck --error-exitcode 1 --kernel-name regex:fused_rnn $PY "$SAN_CASE"
     step "compute-sanitizer initcheck (fused_rnn kernels)" "$OUT_DIR/initcheck.log" \

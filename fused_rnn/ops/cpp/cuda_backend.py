@@ -1,5 +1,11 @@
 """The `cuda` backend: per-step cuBLAS GEMM + one fused CUDA kernel (csrc/cuda/), float32/float64/
-float16/bfloat16 (16-bit inputs compute in fp32 and keep the cell state in fp32)."""
+float16/bfloat16 (16-bit inputs compute in fp32 and keep the cell state in fp32).
+
+With FUSED_RNN_CUDA_PERSISTENT=1 it runs the persistent kernels (csrc/cuda/persistent.cu: one
+launch for all steps, w_hh on chip) wherever they fit; `kernel_for` says which kernels a layer gets.
+They stay opt-in until a GPU run has verified them (benchmarks/NOTES.md)."""
+import os
+
 import torch
 
 from . import ops
@@ -10,6 +16,16 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
     """The recurrence contract (fused_rnn/backends.py)."""
     return ops.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+
+
+def kernel_for(cell, dtype, H, has_proj=False, device="cuda"):
+    """'persistent' or 'per-step' (with the reason) for a layer of hidden size H on `device`."""
+    if os.environ.get("FUSED_RNN_CUDA_PERSISTENT") != "1":
+        return "per-step (persistent kernels are opt-in: FUSED_RNN_CUDA_PERSISTENT=1)"
+    like = torch.empty(0, dtype=dtype, device=device)
+    if torch.ops.fused_rnn.persistent_supported(cell, like, H, has_proj):
+        return "persistent"
+    return "per-step (no projection, float32/16-bit only, and w_hh's slices must fit in shared memory)"
 
 
 def unavailable_reason(device, dtype, cell, has_proj):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 1  # must equal FUSED_RNN_ABI_VERSION in csrc/recurrence.cpp
+ABI_VERSION = 2  # must equal FUSED_RNN_ABI_VERSION in csrc/recurrence.cpp
 BUILD_HINT = ("build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
               "(or `python setup.py build_ext --inplace`) in the repository")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -49,7 +49,7 @@ def _load():
 def _source_hash(csrc):
     """setup.py's source_hash(): the same bytes, the same order."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(csrc).rglob("*") if p.suffix in (".h", ".cpp", ".cu")):
+    for f in sorted(p for p in Path(csrc).rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")):
         h.update(f.relative_to(csrc).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
