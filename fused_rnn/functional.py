@@ -10,6 +10,7 @@ w_ih, w_hh, [b_ih, b_hh], [w_hr] — exactly `torch.nn.LSTM(...)._flat_weights`.
 """
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import backends
 from .cell_math import GATES
@@ -70,6 +71,16 @@ def _cast(t, dtype):
     return t if t is None or not t.is_floating_point() else t.to(dtype)
 
 
+def _dropout(x, p, lengths):
+    """Dropout between layers. With lengths, the mask is drawn over the packed rows only, as
+    torch.nn draws it for a PackedSequence, so a seeded run matches torch.nn's."""
+    if lengths is None:
+        return F.dropout(x, p, True)
+    packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+    dropped = packed._replace(data=F.dropout(packed.data, p, True))
+    return pad_packed_sequence(dropped, total_length=x.shape[0])[0]
+
+
 def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
         bidirectional=False, batch_first=False, lengths=None, backend="auto"):
     """A stack of recurrent layers, like `torch._VF.lstm/gru/rnn_tanh/rnn_relu`.
@@ -115,7 +126,7 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
             c_n.append(c)
         x = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, True)
+            x = _dropout(x, dropout, lengths)
     output = x.transpose(0, 1) if batch_first else x
     return output, torch.stack(h_n), (torch.stack(c_n) if cell == "lstm" else None)
 

@@ -272,10 +272,13 @@ def test_cpu_autocast_runs_in_the_dtype_torch_nn_uses(make):
     assert_close(b, a, a.dtype if a.dtype != torch.float32 else torch.bfloat16)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("mode", list(PAIRS))
-def test_dropout_draws_the_same_masks_as_torch_nn(mode):
-    theirs, ours = build(mode, 3, 6, num_layers=3, dropout=0.4)
+def test_dropout_draws_the_same_masks_as_torch_nn(mode, packed):
+    theirs, ours = build(mode, 3, 6, num_layers=3, dropout=0.4, bidirectional=packed)
     x = torch.randn(5, 2, 3)
+    if packed:
+        x = pack_sequence([torch.randn(n, 3) for n in (2, 5, 4)], enforce_sorted=False)
     torch.manual_seed(11)
     a = flat(theirs(x))
     torch.manual_seed(11)
