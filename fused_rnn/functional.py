@@ -18,6 +18,13 @@ from .cell_math import GATES
 
 def recurrence(cell, gx, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, backend="auto"):
     """One layer, one direction: y [T,B,Hout], h_n [B,Hout], c_n [B,H] or None (see backends.py)."""
+    if lengths is not None:
+        _check_lengths(lengths, gx.shape[0], gx.shape[1])
+    return _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend)
+
+
+def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend):
+    """recurrence() on inputs already validated (rnn() checks the lengths once for every layer)."""
     name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None)
     return backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
 
@@ -119,8 +126,8 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if has_proj else None
             gx = F.linear(x, w_ih, b_ih)                            # [T,B,G*H]: one GEMM for all steps
-            y, h, c = recurrence(cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr,
-                                 lengths, direction == 1, backend)
+            y, h, c = _recurrence(cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr,
+                                  lengths, direction == 1, backend)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -169,7 +176,7 @@ def cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, backend="au
             return cell_step(cell, *(_cast(t, dtype) for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)),
                              backend=backend)
     gx = F.linear(input, w_ih, b_ih).unsqueeze(0)                  # [1,B,G*H]
-    _, h, c = recurrence(cell, gx, hx, cx, w_hh, b_hh, None, None, False, backend)
+    _, h, c = _recurrence(cell, gx, hx, cx, w_hh, b_hh, None, None, False, backend)
     return h, c
 
 

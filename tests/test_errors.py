@@ -95,3 +95,22 @@ def test_weights_on_another_device():
     weights = [w.to("meta") for w in m._flat_weights]
     with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device"):
         functional.gru(torch.randn(3, 2, 4), torch.zeros(1, 2, 5), weights)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_recurrence_validates_lengths_before_any_kernel(backend):
+    gx, h0, w = torch.randn(3, 1, 4 * 5), torch.randn(1, 5), torch.randn(4 * 5, 5)
+    c0 = torch.randn(1, 5)
+    with pytest.raises(ValueError, match="lengths must not exceed the sequence length 3, got 4"):
+        functional.recurrence("lstm", gx, h0, c0, w, lengths=torch.tensor([4]), reverse=True, backend=backend)
+    with pytest.raises(RuntimeError, match="Length of all samples has to be greater than 0"):
+        functional.recurrence("lstm", gx, h0, c0, w, lengths=torch.tensor([0]), reverse=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_double_backward_is_refused_not_silently_wrong(backend):
+    m = fused_rnn.LSTM(3, 4, backend=backend).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError):  # at the first backward (cpu) or the second (torch)
+        (gx,) = torch.autograd.grad(m(x)[0].pow(2).sum(), x, create_graph=True)
+        gx.sum().backward()

@@ -17,6 +17,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "../persistent_params.h"
 #include "../recurrence_step.h"
 #include "conv_cuda.cuh"
@@ -89,9 +92,14 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(Persistent
       }
       if (lane != 0) continue;
       const int64_t bu = b * H + u, tb = t * B + b;
-      if (!valid) {  // frozen state, zero output
+      if (!valid) {  // frozen state, zero output; the saved tensors are outputs too, so written as well
         h_cur[bu] = h_prev[bu];
         y[tb * H + u] = L::store(0.f);
+        if (p.gates) {
+          S* sg = static_cast<S*>(p.gates) + tb * 4 * H;
+          for (int k = 0; k < 4; ++k) sg[k * H + u] = L::store(0.f);
+          if (C == Cell::LSTM) static_cast<float*>(p.cells)[tb * H + u] = c_state[bu];
+        }
         continue;
       }
       const S* gxr = gx + tb * GH;
@@ -266,8 +274,17 @@ template <Cell C, typename S> struct BackwardK { static constexpr auto fn = pers
 void launch(const void* kernel, void* params, const PersistentPlan& plan, void* stream) {
   int units = plan.units;
   void* args[] = {params, &units};
-  cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), args, plan.smem_bytes,
-                              static_cast<cudaStream_t>(stream));
+  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), args,
+                                                      plan.smem_bytes, static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fused_rnn: persistent kernel launch failed: ") + cudaGetErrorString(err));
+}
+
+// A failed attribute or occupancy query leaves a CUDA error pending; clear it so that the per-step
+// kernels that run instead do not report it as theirs.
+bool not_persistent() {
+  cudaGetLastError();
+  return false;
 }
 
 }  // namespace
@@ -275,7 +292,7 @@ void launch(const void* kernel, void* params, const PersistentPlan& plan, void* 
 bool persistent_plan(Cell cell, DType dtype, int64_t H, int device, PersistentPlan* plan) {
   if (dtype == DType::Float64 || H <= 0) return false;
   int sms = 0, coop = 0, smem_optin = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return not_persistent();
   cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (!coop || sms <= 0) return false;
@@ -286,11 +303,11 @@ bool persistent_plan(Cell cell, DType dtype, int64_t H, int device, PersistentPl
   if (smem > size_t(smem_optin)) return false;           // the slice does not fit on chip
   for (const void* k : {pick<ForwardK>(cell, dtype), pick<BackwardK>(cell, dtype)}) {
     if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess)
-      return false;
+      return not_persistent();
     int per_sm = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem) != cudaSuccess ||
         int64_t(per_sm) * sms < blocks)
-      return false;                                       // a cooperative launch needs every block resident
+      return not_persistent();                            // a cooperative launch needs every block resident
   }
   *plan = PersistentPlan{int(blocks), kThreads, int(units), smem};
   return true;

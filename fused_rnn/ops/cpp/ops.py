@@ -112,6 +112,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in):
+    if torch.is_grad_enabled():
+        # create_graph=True: recurrence_backward has no derivative of its own, and autograd would
+        # otherwise drop that path silently and return wrong second-order gradients.
+        raise RuntimeError("fused_rnn: the cpu and cuda backends do not support double backward "
+                           "(create_graph=True); use backend='reference' for higher-order gradients")
     if not ctx.save:
         raise RuntimeError("fused_rnn: recurrence_forward ran with save=False, so it cannot be differentiated")
     y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths = ctx.saved_tensors

@@ -1,6 +1,7 @@
 """Launchers: tensors in, kernels launched, tensors out. No autograd here (see op.py)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,7 @@ def _steps(cfg: LaunchConfig, total: int):
     return [(s, s + 1) for s in range(total)]
 
 
-def forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor,
+def _forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor,
             b_hh: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, save: bool,
             gh0: torch.Tensor | None = None, config: LaunchConfig | None = None):
     """-> y [T,B,H], h_n [B,H], c_n [B,H] (LSTM, else [0]), saved gates [T,B,NSAVE*H] (save, else [0]),
@@ -135,7 +136,7 @@ def forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | No
     return y, h_n, c_n, saved, c_all
 
 
-def backward(cell: str, reverse: bool, dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor | None,
+def _backward(cell: str, reverse: bool, dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor | None,
              h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor, lengths: torch.Tensor | None,
              y: torch.Tensor, saved: torch.Tensor, c_all: torch.Tensor, config: LaunchConfig | None = None):
     """-> d gx [T,B,G*H], d gh [T,B,G*H] (GRU, else [0]), dh0 [B,H], dc0 [B,H] (LSTM, else [0]).
@@ -169,3 +170,20 @@ def backward(cell: str, reverse: bool, dy: torch.Tensor, dh_n: torch.Tensor, dc_
     dh0 = dhstate.to(h0.dtype)
     dc0 = dcstate.to(h0.dtype) if lstm else _new(0, device=dev, dtype=h0.dtype)
     return dgx, dgh, dh0, dc0
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device and its stream: make that the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def forward(cell, gx, *args, **kwargs):
+    """Runs the forward kernel (see _forward) on gx's device."""
+    with _device_of(gx):
+        return _forward(cell, gx, *args, **kwargs)
+
+
+def backward(cell, reverse, dy, *args, **kwargs):
+    """Runs the backward kernel (see _backward) on dy's device."""
+    with _device_of(dy):
+        return _backward(cell, reverse, dy, *args, **kwargs)
