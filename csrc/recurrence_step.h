@@ -31,6 +31,16 @@ template <Cell C> FR_HD constexpr int64_t gates_of() {
   return C == Cell::LSTM ? 4 : C == Cell::GRU ? 3 : 1;
 }
 
+// Calls f with the cell as a compile-time constant: the one dispatch of the CPU and CUDA launchers.
+template <typename F> void dispatch_cell(Cell c, F&& f) {
+  switch (c) {
+    case Cell::LSTM: f(std::integral_constant<Cell, Cell::LSTM>{}); break;
+    case Cell::GRU: f(std::integral_constant<Cell, Cell::GRU>{}); break;
+    case Cell::RNN_TANH: f(std::integral_constant<Cell, Cell::RNN_TANH>{}); break;
+    case Cell::RNN_RELU: f(std::integral_constant<Cell, Cell::RNN_RELU>{}); break;
+  }
+}
+
 FR_HD bool row_valid(const int64_t* lengths, int64_t b, int64_t t) {
   return lengths == nullptr || t < lengths[b];
 }

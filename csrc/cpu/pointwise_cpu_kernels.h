@@ -38,15 +38,6 @@ template <typename F> void dispatch_dtype(DType d, F&& f) {
   }
 }
 
-template <typename F> void dispatch_cell(Cell c, F&& f) {
-  switch (c) {
-    case Cell::LSTM: f(std::integral_constant<Cell, Cell::LSTM>{}); break;
-    case Cell::GRU: f(std::integral_constant<Cell, Cell::GRU>{}); break;
-    case Cell::RNN_TANH: f(std::integral_constant<Cell, Cell::RNN_TANH>{}); break;
-    case Cell::RNN_RELU: f(std::integral_constant<Cell, Cell::RNN_RELU>{}); break;
-  }
-}
-
 }  // namespace
 
 void forward_step(const ForwardStepParams& p) {

@@ -57,15 +57,6 @@ template <typename F> void dispatch_dtype(DType d, F&& f) {
   }
 }
 
-template <typename F> void dispatch_cell(Cell c, F&& f) {
-  switch (c) {
-    case Cell::LSTM: f(std::integral_constant<Cell, Cell::LSTM>{}); break;
-    case Cell::GRU: f(std::integral_constant<Cell, Cell::GRU>{}); break;
-    case Cell::RNN_TANH: f(std::integral_constant<Cell, Cell::RNN_TANH>{}); break;
-    case Cell::RNN_RELU: f(std::integral_constant<Cell, Cell::RNN_RELU>{}); break;
-  }
-}
-
 // Functors (not extended lambdas: no --extended-lambda flag needed) carrying the params by value.
 template <Cell C, typename S> struct ForwardFn {
   ForwardStepParams p;
