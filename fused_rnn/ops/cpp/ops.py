@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ...functional import autocast_dtype
+
 ABI_VERSION = 2  # must equal FUSED_RNN_ABI_VERSION in csrc/recurrence.cpp
 BUILD_HINT = ("build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
               "(or `python setup.py build_ext --inplace`) in the repository")
@@ -133,24 +135,12 @@ def _register():
     torch.library.register_autograd("fused_rnn::recurrence_forward", _backward, setup_context=_setup_context)
 
 
-# torch.nn's recurrent layers under autocast: on CUDA every cell runs in the autocast dtype
-# (cuDNN's RNN is on autocast's lower-precision list); on the CPU LSTM and RNN do, GRU stays fp32.
-_AUTOCAST_CELLS = {"cuda": ("lstm", "gru", "rnn_tanh", "rnn_relu"), "cpu": ("lstm", "rnn_tanh", "rnn_relu")}
-
-
-def _autocast_dtype(device_type, cell):
-    if device_type in _AUTOCAST_CELLS and torch.is_autocast_enabled(device_type) \
-            and cell in _AUTOCAST_CELLS[device_type]:
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
     """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of gx's device."""
     err = load_error()
     if err is not None:
         raise RuntimeError(err)
-    dtype = _autocast_dtype(gx.device.type, cell)
+    dtype = autocast_dtype(gx.device.type, "layer", cell)  # torch.nn's autocast dtypes, one table
     if dtype is not None:
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
         gx, h0, c0, w_hh, b_hh, w_hr = map(cast, (gx, h0, c0, w_hh, b_hh, w_hr))
