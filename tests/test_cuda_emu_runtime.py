@@ -139,3 +139,35 @@ def test_misuse_is_an_error(mode, scenario, message):
     assert proc.returncode == MISUSE_EXIT, (proc.returncode, proc.stderr[-3000:])
     assert "fr_emu: error:" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
     assert emu_build.sanitizer_report(proc.stderr) is None, proc.stderr[-3000:]
+
+
+# ---- the emulator's own half precision (used where the CUDA toolkit's headers are absent) -------------------------
+@pytest.mark.parametrize("own", [True, False], ids=["own_half_h", "toolkit"])
+def test_half_conversions_round_like_torch(own, tmp_path):
+    import torch
+
+    if not own and emu_build._cuda_include() is None:
+        pytest.skip("no CUDA toolkit headers: the emulator uses its own half.h (tested by the other case)")
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-8, 1e-6, 6e-5, 1e-3, 1.0, 300.0, 6e4, 1e30])
+    x = torch.cat([
+        (torch.randn(800, generator=gen) * scales.repeat_interleave(100)),
+        torch.tensor([0.0, -0.0, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 65504.0, 65519.0, 65520.0, 2.0**-24, 2.0**-25,
+                      3 * 2.0**-26, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 3.4e38, float("inf"), float("-inf"), float("nan")]),
+    ]).float()
+    (tmp_path / "in.f32").write_bytes(x.numpy().tobytes())
+    exe = emu_build.build([DRIVER.parent / "runtime_half.cpp"], "asan", "runtime_half_own" if own else "runtime_half",
+                          defines=("FR_EMU_OWN_HALF",) if own else ())
+    emu_build.run(exe, [tmp_path / "in.f32", tmp_path / "out.bin"])
+    out = (tmp_path / "out.bin").read_bytes()
+    n = x.numel()
+    half_bits = torch.frombuffer(bytearray(out[: 2 * n]), dtype=torch.int16)
+    bf16_bits = torch.frombuffer(bytearray(out[2 * n: 4 * n]), dtype=torch.int16)
+    half_back = torch.frombuffer(bytearray(out[4 * n: 8 * n]), dtype=torch.float32)
+    bf16_back = torch.frombuffer(bytearray(out[8 * n: 12 * n]), dtype=torch.float32)
+    num = ~torch.isnan(x)  # NaN must stay NaN; its payload may differ
+    assert torch.equal(half_bits[num], x[num].half().view(torch.int16))
+    assert torch.equal(bf16_bits[num], x[num].bfloat16().view(torch.int16))
+    assert torch.equal(half_back[num], x[num].half().float())
+    assert torch.equal(bf16_back[num], x[num].bfloat16().float())
+    assert torch.isnan(half_back[~num]).all() and torch.isnan(bf16_back[~num]).all()
