@@ -43,6 +43,7 @@ def run_expecting_failure(mode, *args, timeout=60):
 CORRECT = [
     "reduce",                 # __syncthreads + static and dynamic shared memory
     "pingpong",               # blocks exchange through global memory across fr_grid_sync()
+    "barrier_loop",           # __syncwarp (full, half), allgather, __syncthreads, grid sync, 12 rounds
     "warp_ops",               # every shuffle variant with widths, ballot/any/all, half-warp masks, __activemask
     "atomics",                # atomicAdd/Sub/Max/Min/Or/CAS on int, unsigned long long, float, double
     "allgather",              # fr_emu::warp_allgather, full and interleaved masks
@@ -64,7 +65,7 @@ def test_correct_program_passes(mode, scenario):
 
 
 @pytest.mark.parametrize("mode", ["plain", "tsan"])
-@pytest.mark.parametrize("scenario", ["reduce", "pingpong", "atomics"])
+@pytest.mark.parametrize("scenario", ["reduce", "pingpong", "barrier_loop", "atomics"])
 def test_repeated_runs_are_bitwise_identical(mode, scenario):
     outputs = {run_ok(mode, scenario).stdout for _ in range(3)}
     assert len(outputs) == 1, outputs
@@ -89,6 +90,12 @@ def test_missing_syncthreads_before_shared_reuse_is_caught(mode):
 
 def test_missing_grid_sync_is_reported_by_tsan():
     assert_race_reported(run_expecting_failure("tsan", "pingpong", "bug"))
+
+
+@pytest.mark.parametrize("skip", [1, 2, 3, 4], ids=["syncwarp", "syncwarp_half_mask", "syncthreads", "grid_sync"])
+def test_each_barrier_removed_from_a_loop_is_reported_by_tsan(skip):
+    # The same loop passes with every barrier in place (test_correct_program_passes[barrier_loop-tsan]).
+    assert_race_reported(run_expecting_failure("tsan", "barrier_loop", f"skip={skip}"))
 
 
 @pytest.mark.parametrize("mode", MODES)
