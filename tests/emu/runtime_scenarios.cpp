@@ -1,6 +1,6 @@
 // Small kernels that exercise the emulator (csrc/cuda/emu/), run by tests/test_cuda_emu_runtime.py.
 //
-//   runtime_scenarios <scenario> [bug | skip=N] [stall_seconds]
+//   runtime_scenarios <scenario> [bug | big | bigbug | skip=N] [stall_seconds]
 //
 // Correct scenarios check their own result against a host computation and print their outputs in hex (the
 // test compares repeated runs bitwise); exit 0 when right, 1 when wrong. With "bug", a scenario plants the
@@ -18,6 +18,7 @@
 namespace {
 
 bool g_bug = false;
+bool g_big = false;  // a launch of more threads than ThreadSanitizer tracks one by one (kTsanIdentities)
 int g_skip = 0;  // barrier_loop: which barrier the planted bug removes (1-4), 0: none
 double g_stall = 20;
 
@@ -91,7 +92,7 @@ FR_KERNEL void pingpong_kernel(float* buf, float* out, int rounds) {
 }
 
 int pingpong() {
-  const unsigned blocks = 4, threads = 64;
+  const unsigned blocks = g_big ? 8 : 4, threads = g_big ? 128 : 64;
   const int rounds = 6;
   std::vector<float> buf(2 * blocks * threads, NAN), out(blocks * threads, NAN), expect(blocks * threads);
   for (unsigned i = 0; i < expect.size(); ++i) expect[i] = static_cast<float>(i);
@@ -332,17 +333,18 @@ int smem_reuse() {
 
 // ---- planted: lanes exchange through shared memory without __syncwarp -------------------------------------------
 FR_KERNEL void syncwarp_kernel(float* out) {
-  FR_SHARED_ARRAY(float, s, 32);
-  const unsigned lane = threadIdx.x % 32;
-  s[lane] = static_cast<float>(lane) * 3.0f;
+  FR_SHARED_ARRAY(float, s, 256);
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  s[threadIdx.x] = static_cast<float>(lane) * 3.0f;
   if (!g_bug) __syncwarp();
-  out[lane] = s[31 - lane];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[warp * 32 + 31 - lane];
 }
 
 int syncwarp() {
-  std::vector<float> out(32, 0.0f), expect(32);
-  for (int i = 0; i < 32; ++i) expect[i] = static_cast<float>(31 - i) * 3.0f;
-  fr_emu::launch(config(1, 32), syncwarp_kernel, out.data());
+  const unsigned blocks = g_big ? 4 : 1, threads = g_big ? 256 : 32;
+  std::vector<float> out(blocks * threads, 0.0f), expect(blocks * threads);
+  for (unsigned i = 0; i < expect.size(); ++i) expect[i] = static_cast<float>(31 - i % 32) * 3.0f;
+  fr_emu::launch(config(blocks, threads), syncwarp_kernel, out.data());
   return check(out == expect, "syncwarp");
 }
 
@@ -444,7 +446,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string s = argv[1];
-  g_bug = argc > 2 && std::string(argv[2]) == "bug";
+  const std::string variant = argc > 2 ? argv[2] : "";
+  g_bug = variant.find("bug") != std::string::npos;
+  g_big = variant.find("big") != std::string::npos;
   if (argc > 2 && std::string(argv[2]).rfind("skip=", 0) == 0) g_skip = std::atoi(argv[2] + 5);
   if (argc > 3) g_stall = std::atof(argv[3]);
   if (s == "reduce") return reduce();

@@ -22,8 +22,12 @@
 
 // ---- vector types, half precision: the CUDA toolkit's host-compilable headers when on the include path ------
 #if __has_include(<cuda_fp16.h>) && __has_include(<cuda_bf16.h>) && !defined(FR_EMU_OWN_HALF)
+#ifdef FR_EMU_RUNTIME_SOURCE
+#include <vector_types.h>  // the runtime's own sources need only dim3/uint3: skip the large half headers
+#else
 #include <cuda_bf16.h>  // also brings vector_types.h (dim3, uint3) and host_defines.h (__host__, ...)
 #include <cuda_fp16.h>
+#endif
 #else
 #include "half.h"  // the emulator's own dim3, uint3, __half, __nv_bfloat16
 #endif
@@ -45,14 +49,6 @@
 #endif
 #ifndef __align__
 #define __align__(n) __attribute__((aligned(n)))
-#endif
-
-#if defined(__SANITIZE_THREAD__)
-#define FR_EMU_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define FR_EMU_TSAN 1
-#endif
 #endif
 
 namespace fr_emu {

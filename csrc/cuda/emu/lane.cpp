@@ -26,11 +26,13 @@ Lane& current(const char* what) {
   return *lane;
 }
 
-// Hands the lane to its warp thread until the request is resolved. Called inside a TsanIgnore scope.
+// Hands the lane to its warp thread until the request is resolved. Called inside a TsanIgnore scope, which is
+// paused across the switch (switch_context itself is not instrumented).
 void wait_for_warp(Lane& me, Wait wait, const char* file, int line) {
   me.wait = wait;
   me.file = file;
   me.line = line;
+  TsanIgnorePause pause;
   switch_context(me.ctx, me.warp->scheduler);
 }
 

@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#define FR_EMU_RUNTIME_SOURCE  // cuda_emu.h: the runtime needs no half-precision types
 #include "cuda_emu.h"
 #include "fiber.h"
 
@@ -93,6 +94,7 @@ struct Warp {
   Stacks stacks;
   std::deque<MaskRounds> mask_rounds;  // stable addresses; a few distinct masks per kernel
   TsanSync exited_sync;      // every lane releases here on exit; the warp thread acquires (then join -> host)
+  bool tsan_fiber_per_lane = true;  // else its lanes share one TSan identity (kTsanIdentities, fiber.h)
   std::thread thread;
 
   MaskRounds& rounds_for(unsigned mask);
@@ -146,7 +148,7 @@ struct Launch {
   const std::function<void()>* body = nullptr;
   dim3 grid, block;
   unsigned threads_per_block = 0, nblocks = 0;
-  unsigned max_blocks_resident = 0;   // per the co-residency rules (used for the cooperative check)
+  unsigned threads_per_wave = 0;      // blocks alive at once x threads per block
   std::vector<Block*> running;        // the blocks of the current wave (for the deadlock report)
 
   // The grid barrier: completes when every block of the grid has arrived. A block whose threads all exited
