@@ -253,6 +253,31 @@ int atomics() {
   return check(ok, "atomics");
 }
 
+// ---- a flag between blocks: data, __threadfence, atomic flag ... atomic flag, __threadfence, data ------------------
+FR_KERNEL void flag_kernel(float* data, int* flag, float* out) {
+  if (threadIdx.x != 0) return;
+  if (blockIdx.x == 0) {
+    for (int i = 0; i < 8; ++i) data[i] = 1.5f * i;
+    if (!g_bug) __threadfence();  // the planted bug: no fence between the data and the flag
+    atomicExch(flag, 1);
+  } else {
+    while (atomicCAS(flag, 1, 1) != 1) {
+    }
+    if (!g_bug) __threadfence();
+    float sum = 0;
+    for (int i = 0; i < 8; ++i) sum += data[i];
+    out[0] = sum;
+  }
+}
+
+int flag() {
+  std::vector<float> data(8, NAN);
+  int flag = 0;
+  float out = NAN;
+  fr_emu::launch(config(2, 32), flag_kernel, data.data(), &flag, &out);
+  return check(out == 42.0f, "flag");
+}
+
 // ---- warp_allgather: full and partial masks ------------------------------------------------------------------
 FR_KERNEL void allgather_kernel(long long* out) {
   const int lane = fr_emu::lane_id(), tid = static_cast<int>(threadIdx.x);
@@ -457,6 +482,7 @@ int main(int argc, char** argv) {
   if (s == "warp_ops") return warp_ops();
   if (s == "atomics") return atomics();
   if (s == "allgather") return allgather();
+  if (s == "flag") return flag();
   if (s == "nan_smem") return nan_smem();
   if (s == "smem_reuse") return smem_reuse();
   if (s == "syncwarp") return syncwarp();

@@ -73,7 +73,10 @@ struct Lane {
   void* out = nullptr;
   size_t bytes = 0;
   uint64_t result = 0;       // written by the warp thread when the collective resolves
-  TsanSync* acquire_on_resume = nullptr;  // the barrier's TSan object, acquired when the lane runs again
+  // The TSan model of __threadfence (lane.cpp): the address of the lane's last atomic, and whether a fence
+  // has run since which later atomics release at.
+  const void* last_atomic = nullptr;
+  bool fenced = false;
 };
 
 // The TSan objects of one membermask's __syncwarp/allgather rounds. Round r uses objects[r % 2]: a lane that
