@@ -74,6 +74,10 @@ struct LaunchConfig {
 };
 
 namespace detail {
+// Prints "fr_emu: error: <message>" and exits 87: a use of CUDA that the GPU would refuse or leave undefined
+// (also for emulations built on the runtime, such as ptx.cuh's).
+[[noreturn]] void fail(const char* format, ...) __attribute__((format(printf, 1, 2)));
+
 // Runs body() once per CUDA thread of the launch (csrc/cuda/emu/launch.cpp). Returns when every thread exited.
 void launch_impl(const LaunchConfig& cfg, const std::function<void()>& body);
 
