@@ -57,6 +57,7 @@ CORRECT = [
     "dynamic_smem_overrun",
     "grid_sync_cooperative",
     "cooperative_fits",       # exactly as many blocks as the small fake device holds
+    "cooperative_static_fits",  # the same, counting static shared memory
 ]
 
 
@@ -151,6 +152,7 @@ def test_block_skipping_grid_sync_is_reported_as_deadlock(mode):
 MISUSE = [
     ("grid_sync_not_cooperative", "in a launch that is not cooperative"),
     ("cooperative_too_large", "cooperative launch refused"),
+    ("cooperative_static_too_large", "at most 2 per SM (limited by shared memory per SM) x 2 SMs = 4"),
     ("mask_exited", "the mask names lane 16, which has exited"),
     ("mask_diverged", "the mask names lane 16, which waits at __syncthreads()"),
 ]

@@ -430,15 +430,26 @@ int grid_sync(bool cooperative) {
   return check(true, "grid_sync");
 }
 
+FR_KERNEL void grid_sync_static_smem_kernel(float* buf) {
+  FR_SHARED_ARRAY(float, s, 512);  // 2 KB more per block, known only when the kernel runs
+  s[threadIdx.x] = 1.0f;
+  buf[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+  fr_grid_sync();
+}
+
 // A small device: 2 SMs of 256 threads, 64 KB of shared memory each. Blocks of 64 threads with 20 KB dynamic
-// shared memory: 4 fit per SM by threads, 3 by shared memory ((20 + 1) KB each) -> at most 6 blocks at once.
-int cooperative_limit(unsigned blocks) {
+// shared memory: 4 fit per SM by threads, 3 by shared memory ((20 + 1) KB each) -> at most 6 blocks at once;
+// with 2 KB of static shared memory more, 2 per SM -> 4.
+int cooperative_limit(unsigned blocks, bool static_smem) {
   fr_emu::LaunchConfig cfg = config(blocks, 64, true, 20 * 1024);
   cfg.device.sm_count = 2;
   cfg.device.max_threads_per_sm = 256;
   cfg.device.smem_per_sm = 64 * 1024;
   std::vector<float> buf(blocks * 64);
-  fr_emu::launch(cfg, grid_sync_kernel, buf.data());
+  if (static_smem)
+    fr_emu::launch(cfg, grid_sync_static_smem_kernel, buf.data());
+  else
+    fr_emu::launch(cfg, grid_sync_kernel, buf.data());
   return check(true, "cooperative_limit");
 }
 
@@ -492,8 +503,10 @@ int main(int argc, char** argv) {
   if (s == "skip_grid_sync") return skip_grid_sync();
   if (s == "grid_sync_cooperative") return grid_sync(true);
   if (s == "grid_sync_not_cooperative") return grid_sync(false);
-  if (s == "cooperative_fits") return cooperative_limit(6);
-  if (s == "cooperative_too_large") return cooperative_limit(7);
+  if (s == "cooperative_fits") return cooperative_limit(6, false);
+  if (s == "cooperative_too_large") return cooperative_limit(7, false);
+  if (s == "cooperative_static_fits") return cooperative_limit(4, true);
+  if (s == "cooperative_static_too_large") return cooperative_limit(5, true);
   if (s == "mask_exited") return mask_error(true);
   if (s == "mask_diverged") return mask_error(false);
   std::fprintf(stderr, "unknown scenario %s\n", s.c_str());
