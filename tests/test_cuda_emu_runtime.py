@@ -7,10 +7,10 @@ with no sanitizer report, and give bitwise-identical output when repeated. Plant
 result, a sanitizer report, a deadlock report (exit 86) or a misuse error (exit 87), whichever the GPU analogue
 calls for.
 
-Time, measured on the 2-core development machine under load average 13-19 from other work (clang++-16; the
-suite passes with FR_EMU_CXX=g++ too): from a fresh checkout 93 s, of which ~65 s are the three builds of the
-driver and the runtime (about 28 s of CPU in all, so on an idle 2-core runner roughly 30-40 s); with the builds
-cached under build/emu/ 17 s, three of which are the deadlock tests waiting out their 1 s stall limit.
+Time, measured on the 2-core development machine under load average 15-28 from other work (clang++-16; the
+suite also passes with FR_EMU_CXX=g++): 72-93 s from a fresh checkout, of which ~50-65 s are the three builds
+of the driver and the runtime (about 28 s of CPU in all, so roughly 30-40 s on an idle 2-core runner); 17-26 s
+with the builds cached under build/emu/, three of which are the deadlock tests waiting out their 1 s limit.
 """
 import functools
 import time
