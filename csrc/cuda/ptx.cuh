@@ -162,14 +162,15 @@ FR_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 // ------------------------------------------------------------------------------------------------
 // cvt.rna.tf32.f32: round an fp32 value to tf32 (10 mantissa bits), to nearest with ties away from
 // zero; the result is a .b32 with the low 13 bits zero, ready as an mma .tf32 operand.
-// Emulated bit-exactly for finite values and infinities; a NaN stays a NaN.
+// Emulated bit-exactly as ptxas (CUDA 13, sm_80/sm_90) compiles it: a finite value gets 0x1000
+// added to its bits (half a tf32 ulp; may carry into the exponent, up to inf), then every value
+// has its low 13 bits cleared — so a NaN whose payload lies only in those bits becomes an inf.
 // ------------------------------------------------------------------------------------------------
 FR_DEVICE uint32_t cvt_tf32(float x) {
 #if defined(FR_PTX_EMULATE)
   const uint32_t u = emu::bits_of(x);
-  if ((u & 0x7F800000u) == 0x7F800000u)                        // inf stays inf, NaN stays NaN
-    return (u & 0x007FFFFFu) ? ((u | 0x00400000u) & 0xFFFFE000u) : u;
-  return (u + 0x1000u) & 0xFFFFE000u;  // add half a tf32 ulp to the magnitude, drop 13 bits; may carry to inf
+  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  return (finite ? u + 0x1000u : u) & 0xFFFFE000u;
 #elif FR_PTX_SM80
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
@@ -220,16 +221,22 @@ template <int N, bool Trans = false>
 FR_DEVICE void ldmatrix(uint32_t (&r)[N], const void* smem_row) {
   static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
 #if defined(FR_PTX_EMULATE)
-  const void* rows[32];
-  fr_emu::warp_allgather(0xFFFFFFFFu, &smem_row, sizeof smem_row, rows);
-  for (int q = 0; q < 8 * N; ++q)
-    if (!emu::aligned(rows[q], 16)) emu::fail("ldmatrix: a row address is not 16-byte aligned");
+  // Each addressing lane reads its row inside the instruction (before the collective completes,
+  // so a write after the ldmatrix cannot race with it), then every lane picks its elements.
+  struct Row {
+    unsigned char bytes[16];
+  } mine{}, rows[32];
   const int l = fr_emu::lane_id();
+  if (l < 8 * N) {
+    if (!emu::aligned(smem_row, 16)) emu::fail("ldmatrix: a row address is not 16-byte aligned");
+    std::memcpy(mine.bytes, smem_row, 16);
+  }
+  fr_emu::warp_allgather(0xFFFFFFFFu, &mine, sizeof mine, rows);
   for (int j = 0; j < N; ++j) {
     uint16_t e[2];
     for (int h = 0; h < 2; ++h) {
       const int row = Trans ? 2 * (l % 4) + h : l / 4, col = Trans ? l / 4 : 2 * (l % 4) + h;
-      std::memcpy(&e[h], static_cast<const unsigned char*>(rows[8 * j + row]) + 2 * col, 2);
+      std::memcpy(&e[h], rows[8 * j + row].bytes + 2 * col, 2);
     }
     r[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
   }
