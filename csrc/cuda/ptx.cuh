@@ -32,8 +32,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
-#include <unordered_map>
-#include <vector>
 #else
 #error "ptx.cuh: compile with nvcc, or with a host compiler and -DFUSED_RNN_EMULATE (after compat.cuh)"
 #endif
@@ -283,39 +281,48 @@ struct PendingCopy {
   const void* src;
   unsigned bytes, src_bytes;
 };
-// This CUDA thread's copies: issued but not committed, and committed groups, oldest first.
+// This CUDA thread's copies in issue order; group_end[i]: one past the last copy of committed group i
+// (oldest first); copies from group_end[n_groups - 1] on are not committed yet. Fixed capacity and
+// trivially constructible, so that the thread_local below needs no initialisation guard (lanes are
+// fibers of one OS thread: ThreadSanitizer would see a guard shared by them as a race).
+constexpr unsigned kMaxCopiesInFlight = 128, kMaxGroupsInFlight = 16;
 struct AsyncCopies {
-  std::vector<PendingCopy> open;
-  std::vector<std::vector<PendingCopy>> groups;
+  PendingCopy copy[kMaxCopiesInFlight];
+  unsigned group_end[kMaxGroupsInFlight];
+  unsigned n_copies, n_groups;
 };
-// Per CUDA thread, kept by the OS thread that runs its warp, keyed by (block, thread).
+// This lane's copies. Every warp of a launch runs on an OS thread of its own that ends with the warp
+// (csrc/cuda/emu/launch.cpp), so copies a thread never waited for die with it, as on the GPU.
 inline AsyncCopies& async_copies_of_this_thread() {
-  thread_local std::unordered_map<uint64_t, AsyncCopies> slots;
-  const uint64_t block = (uint64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  const uint64_t thread = (uint64_t(threadIdx.z) * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
-  return slots[(block << 32) | thread];
-}
-inline void perform(const std::vector<PendingCopy>& group) {
-  for (const PendingCopy& c : group) {
-    std::memcpy(c.dst, c.src, c.src_bytes);
-    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
-  }
+  thread_local AsyncCopies lanes[32];
+  return lanes[fr_emu::lane_id()];
 }
 inline void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
   if (!aligned(dst, bytes) || !aligned(src, bytes)) fail("cp.async: address not aligned to the copy size");
   if (src_bytes > bytes) fail("cp.async: src_bytes larger than the copy size");
-  async_copies_of_this_thread().open.push_back({dst, src, bytes, src_bytes});
-}
-inline void commit() {
   AsyncCopies& a = async_copies_of_this_thread();
-  a.groups.push_back(std::move(a.open));  // an empty group counts, as on the GPU
-  a.open.clear();
+  if (a.n_copies == kMaxCopiesInFlight) fail("cp.async: more copies in flight in one thread than ptx.cuh keeps");
+  a.copy[a.n_copies++] = PendingCopy{dst, src, bytes, src_bytes};
 }
+inline void commit() {  // an empty group counts, as on the GPU
+  AsyncCopies& a = async_copies_of_this_thread();
+  if (a.n_groups == kMaxGroupsInFlight) fail("cp.async: more groups in flight in one thread than ptx.cuh keeps");
+  a.group_end[a.n_groups++] = a.n_copies;
+}
+// Performs the oldest committed groups until at most n remain in flight.
 inline void wait_group(unsigned n) {
   AsyncCopies& a = async_copies_of_this_thread();
-  size_t done = 0;
-  while (a.groups.size() - done > n) perform(a.groups[done++]);
-  a.groups.erase(a.groups.begin(), a.groups.begin() + long(done));
+  if (a.n_groups <= n) return;
+  const unsigned groups_done = a.n_groups - n, copies_done = a.group_end[groups_done - 1];
+  for (unsigned i = 0; i < copies_done; ++i) {
+    const PendingCopy& c = a.copy[i];
+    std::memcpy(c.dst, c.src, c.src_bytes);
+    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+  }
+  for (unsigned i = copies_done; i < a.n_copies; ++i) a.copy[i - copies_done] = a.copy[i];
+  for (unsigned g = groups_done; g < a.n_groups; ++g) a.group_end[g - groups_done] = a.group_end[g] - copies_done;
+  a.n_copies -= copies_done;
+  a.n_groups = n;
 }
 }  // namespace emu
 #endif
