@@ -17,6 +17,7 @@ products are exact in fp32). A wait that is too weak shows in the emulator (the 
 the wait) but may pass on a GPU, so those cases are emulator-only.
 """
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -69,7 +70,9 @@ def _emu_skip_reason(mode):
 
 @functools.lru_cache(maxsize=None)
 def _emu_exe(mode):
-    return emu_build.build([DRIVER], mode, "ptx_ops")
+    # emu_build keys its cache on the driver and csrc/ headers; the test kernels' header is keyed through a define
+    kernels = hashlib.sha256((EMU / "ptx_test_kernels.cuh").read_bytes()).hexdigest()[:16]
+    return emu_build.build([DRIVER], mode, "ptx_ops", defines=(f"FR_PTX_TEST_KERNELS_SHA={kernels}",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,6 +246,18 @@ def test_ldmatrix_x4_is_the_mma_a_fragment():
         np.testing.assert_array_equal(frag[:, i], A[r, c] | (A[r, c + 1] << 16))
 
 
+def test_ldmatrix_feeds_mma(where, tmp_path):
+    """ldmatrix.x4 (A) and .x2.trans (B) from row-major tiles in shared memory, then mma: A B + C."""
+    tiles = 3
+    g = torch.Generator().manual_seed(21)
+    A = torch.randn(tiles, 16, 16, generator=g).to(torch.bfloat16)
+    B = torch.randn(tiles, 16, 8, generator=g).to(torch.bfloat16)
+    C = torch.randn(tiles, 16, 8, generator=g)
+    out = _run(where, tmp_path, "ldmatrix_mma", [tiles], _bits16(A), _bits16(B), C.numpy())
+    D = np.frombuffer(out, dtype=np.float32).reshape(tiles, 16, 8).copy()
+    _check_mma(D, A.double(), B.double(), C.double(), where, 1, 16)
+
+
 # ---------------------------------------------------------------------------------------------------
 # cp.async
 # ---------------------------------------------------------------------------------------------------
@@ -284,6 +299,18 @@ def test_cp_async_missing_wait_leaves_stale_data(emulated, tmp_path, mode):
     out, exp = _run_cp(emulated, tmp_path, mode)
     assert (exp == STALE).any()
     np.testing.assert_array_equal(out, exp)
+
+
+@pytest.mark.parametrize("what,message", [(0, "ldmatrix: a row address is not 16-byte aligned"),
+                                          (1, "cp.async: address not aligned to the copy size")],
+                         ids=["ldmatrix", "cp_async"])
+def test_misaligned_address_is_refused(emulated, tmp_path, what, message):
+    """A misaligned address is an emulator error (exit 87) naming the kernel's line, not a wrong result."""
+    inp = tmp_path / "none.in"
+    inp.write_bytes(b"")
+    r = emu_build.run(_emu_exe(emulated), ["misaligned", inp, tmp_path / "none.out", what], expect_ok=False)
+    assert r.returncode == 87, r.stderr
+    assert f"fr_emu: error: {message} (" in r.stderr and "ptx_test_kernels.cuh:" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
