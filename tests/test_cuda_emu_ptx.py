@@ -118,13 +118,13 @@ def where(request):
     return request.param
 
 
-@pytest.fixture
+@pytest.fixture(params=emu_build.MODES)
 def emulated(request):
     """The emulator only (cases whose expected result holds there and not necessarily on a GPU)."""
-    reason = _emu_skip_reason("plain")
+    reason = _emu_skip_reason(request.param)
     if reason:
         pytest.skip(reason)
-    return "plain"
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------------

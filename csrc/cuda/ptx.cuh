@@ -28,8 +28,6 @@
 #elif defined(FUSED_RNN_EMULATE)
 #define FR_PTX_EMULATE 1
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <thread>
 #else
@@ -47,9 +45,19 @@
 // In the emulator the warp-wide wrappers take the caller's file and line as hidden default arguments,
 // as the runtime's own intrinsics do, so that a membermask or deadlock report names the kernel's line.
 #if defined(FR_PTX_EMULATE)
-#define FR_PTX_CALL_SITE , const char *file = __builtin_FILE(), int line = __builtin_LINE()
+#define FR_PTX_CALL_SITE_ONLY const char *file = __builtin_FILE(), int line = __builtin_LINE()
+#define FR_PTX_CALL_SITE , FR_PTX_CALL_SITE_ONLY
 #else
+#define FR_PTX_CALL_SITE_ONLY
 #define FR_PTX_CALL_SITE
+#endif
+
+#if defined(FR_PTX_EMULATE)
+namespace fr_emu {
+namespace detail {
+[[noreturn]] void fail(const char* format, ...);  // csrc/cuda/emu/runtime.h: report a misuse, exit 87
+}  // namespace detail
+}  // namespace fr_emu
 #endif
 
 namespace fr_ptx {
@@ -57,10 +65,9 @@ namespace fr_ptx {
 #if defined(FR_PTX_EMULATE)
 namespace emu {
 
-[[noreturn]] inline void fail(const char* what, const char* file = "", int line = 0) {
-  std::fprintf(stderr, "fr_emu: error: %s (%s:%d)\n", what, file, line);
-  std::fflush(stderr);
-  std::_Exit(87);
+// A misuse the GPU would leave undefined: "fr_emu: error: ..." and exit 87, through the runtime.
+[[noreturn]] inline void fail(const char* what, const char* file, int line) {
+  ::fr_emu::detail::fail("%s (%s:%d)", what, file, line);
 }
 
 inline uint32_t bits_of(float x) {
@@ -314,9 +321,10 @@ inline void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_by
     fail("cp.async: more copies in flight in one thread than ptx.cuh keeps", file, line);
   a.copy[a.n_copies++] = PendingCopy{dst, src, bytes, src_bytes};
 }
-inline void commit() {  // an empty group counts, as on the GPU
+inline void commit(const char* file, int line) {  // an empty group counts, as on the GPU
   AsyncCopies& a = async_copies_of_this_thread();
-  if (a.n_groups == kMaxGroupsInFlight) fail("cp.async: more groups in flight in one thread than ptx.cuh keeps");
+  if (a.n_groups == kMaxGroupsInFlight)
+    fail("cp.async: more groups in flight in one thread than ptx.cuh keeps", file, line);
   a.group_end[a.n_groups++] = a.n_copies;
 }
 // Performs the oldest committed groups until at most n remain in flight.
@@ -364,9 +372,9 @@ FR_DEVICE void cp_async_ca(void* smem_dst, const void* gmem_src FR_PTX_CALL_SITE
 #endif
 }
 
-FR_DEVICE void cp_async_commit() {
+FR_DEVICE void cp_async_commit(FR_PTX_CALL_SITE_ONLY) {
 #if defined(FR_PTX_EMULATE)
-  emu::commit();
+  emu::commit(file, line);
 #elif FR_PTX_SM80
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #else
@@ -388,9 +396,9 @@ FR_DEVICE void cp_async_wait() {
 }
 
 // Commit the open copies and wait for all of them (cp.async.wait_all = commit_group + wait_group 0).
-FR_DEVICE void cp_async_wait_all() {
+FR_DEVICE void cp_async_wait_all(FR_PTX_CALL_SITE_ONLY) {
 #if defined(FR_PTX_EMULATE)
-  emu::commit();
+  emu::commit(file, line);
   emu::wait_group(0);
 #elif FR_PTX_SM80
   asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -461,3 +469,4 @@ FR_DEVICE unsigned wait_flag_geq_sys(const unsigned* flag, unsigned target) { re
 
 #undef FR_PTX_MMA_4x2x4
 #undef FR_PTX_CALL_SITE
+#undef FR_PTX_CALL_SITE_ONLY
