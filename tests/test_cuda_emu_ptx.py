@@ -316,20 +316,41 @@ def test_misaligned_address_is_refused(emulated, tmp_path, what, message):
 # ---------------------------------------------------------------------------------------------------
 # release/acquire flags
 # ---------------------------------------------------------------------------------------------------
-def test_flags_release_acquire(where, tmp_path):
-    nb, steps = 5, 6
-    seed = torch.randint(0, 1 << 31, (nb, FLAG_THREADS), generator=torch.Generator().manual_seed(7)).numpy()
-    seed = seed.astype(np.uint32)
-    out = np.frombuffer(_run(where, tmp_path, "flags", [nb, steps], seed), dtype=np.uint32)
-    data, total = out[:-FLAG_THREADS].reshape(steps, nb, FLAG_THREADS), out[-FLAG_THREADS:]
-    exp = np.zeros((steps, nb, FLAG_THREADS), dtype=np.uint64)
+def _flags_expected(seed, steps):
+    """data[s][b][i] = 3 data[s-1][b-1][(i+1) % 64] + data[s-1][b][i] + s (uint32), total = sum over b of the last."""
+    exp = np.zeros((steps,) + seed.shape, dtype=np.uint64)
     exp[0] = seed
     mask = (1 << 32) - 1
     for s in range(1, steps):
         left = np.roll(exp[s - 1], 1, axis=0)  # block b reads block b-1
         exp[s] = (3 * np.roll(left, -1, axis=1) + exp[s - 1] + s) & mask
-    np.testing.assert_array_equal(data, exp.astype(np.uint32))
-    np.testing.assert_array_equal(total, (exp[-1].sum(axis=0) & mask).astype(np.uint32))
+    return exp.astype(np.uint32), (exp[-1].sum(axis=0) & mask).astype(np.uint32)
+
+
+def _flags_input(nb):
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 1 << 31, (nb, FLAG_THREADS), generator=g).numpy().astype(np.uint32)
+
+
+def test_flags_release_acquire(where, tmp_path):
+    nb, steps = 5, 6
+    seed = _flags_input(nb)
+    out = np.frombuffer(_run(where, tmp_path, "flags", [nb, steps, 0], seed), dtype=np.uint32)
+    exp_data, exp_total = _flags_expected(seed, steps)
+    np.testing.assert_array_equal(out[:-FLAG_THREADS].reshape(exp_data.shape), exp_data)
+    np.testing.assert_array_equal(out[-FLAG_THREADS:], exp_total)
+
+
+def test_flags_without_release_acquire_is_a_race(tmp_path):
+    """Planted bug: the step flags published and read relaxed. ThreadSanitizer must report the data race the
+    release/acquire pair prevents (the result may still be right on x86)."""
+    reason = _emu_skip_reason("tsan")
+    if reason:
+        pytest.skip(reason)
+    inp, out = tmp_path / "flags.in", tmp_path / "flags.out"
+    inp.write_bytes(_flags_input(5).tobytes())
+    r = emu_build.run(_emu_exe("tsan"), ["flags", inp, out, 5, 6, 1], expect_ok=False)
+    assert r.returncode == emu_build.SANITIZER_EXIT and "data race" in r.stderr, (r.returncode, r.stderr[-3000:])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,12 @@
 // Inline PTX, only behind these small wrappers: tensor-core MMA, ldmatrix, cp.async and the
 // release/acquire flag operations of the persistent kernels.
 //
+//   fr_ptx::mma_m16n8k16<S>(d, a, b, c)        S = __nv_bfloat16 or __half, fp32 accumulate
+//   fr_ptx::mma_m16n8k8_tf32(d, a, b, c)       with fr_ptx::cvt_tf32(x) for the operands
+//   fr_ptx::ldmatrix<N, Trans>(regs, smem_row) N = 1, 2, 4 matrices of 8x8 16-bit
+//   fr_ptx::cp_async_cg16 / cp_async_ca<4|8|16>, cp_async_commit, cp_async_wait<N>, cp_async_wait_all
+//   fr_ptx::ld_acquire_gpu / st_release_gpu / red_release_add_gpu / wait_flag_geq_gpu (and _sys)
+//
 // Under nvcc each wrapper is one PTX instruction (sm_80 and newer; the build targets 8.0 and 9.0).
 // Under a host compiler with FUSED_RNN_EMULATE each wrapper is emulated on the CPU emulator
 // (csrc/cuda/emu/): a warp-wide instruction is one fr_emu::warp_allgather round in which every
@@ -415,6 +421,8 @@ FR_DEVICE void cp_async_wait_all(FR_PTX_CALL_SITE_ONLY) {
 // saw through earlier acquires or barriers); the acquire that reads the value sees them. For a
 // block-wide handoff: __syncthreads(), then one thread releases; one thread acquires, then
 // __syncthreads().
+// Cost (SASS of sm_90, CUDA 13): a release is MEMBAR.ALL.GPU + ST.STRONG.GPU, an acquire is
+// LD.STRONG.GPU + CCTL.IVALL (the SM's L1 invalidated): one thread per block, once per step.
 // Emulation: C++ atomics with the same orders (ThreadSanitizer sees the happens-before edge).
 // ------------------------------------------------------------------------------------------------
 #if defined(FR_PTX_EMULATE)

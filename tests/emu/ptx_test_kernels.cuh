@@ -195,9 +195,27 @@ FR_KERNEL void cp_async_kernel(const float* src, float* out, int mode) {
 // with ld.acquire.gpu). At the end every block adds 1 to `counter` (red.release.sys) and block 0,
 // once it reads all of them (ld.acquire.sys), writes total[i] = sum over blocks of the last step.
 // Needs every block resident at once: launched cooperatively.
+// relaxed (emulator only): the step flags are published and read with relaxed atomics instead, the
+// planted bug ThreadSanitizer must report (the data reads are then unordered with their writes).
 constexpr int kFlagThreads = 64;
+FR_DEVICE void publish_step(unsigned* flag, unsigned v, int relaxed) {
+#if defined(FUSED_RNN_EMULATE)
+  if (relaxed) return __atomic_store_n(flag, v, __ATOMIC_RELAXED);
+#endif
+  (void)relaxed;
+  fr_ptx::st_release_gpu(flag, v);
+}
+FR_DEVICE void wait_step(const unsigned* flag, unsigned v, int relaxed) {
+#if defined(FUSED_RNN_EMULATE)
+  if (relaxed) {
+    while (__atomic_load_n(flag, __ATOMIC_RELAXED) < v) std::this_thread::yield();
+    return;
+  }
+#endif
+  fr_ptx::wait_flag_geq_gpu(flag, v);
+}
 FR_KERNEL void flags_kernel(const unsigned* seed, unsigned* data, unsigned* flags, unsigned* counter,
-                            unsigned* total, int steps) {
+                            unsigned* total, int steps, int relaxed) {
   const int nb = int(gridDim.x), b = int(blockIdx.x), i = int(threadIdx.x), left = (b + nb - 1) % nb;
   auto at = [&](int s, int blk, int k) { return data + (size_t(s) * nb + blk) * kFlagThreads + k; };
   for (int s = 0; s < steps; ++s) {
@@ -205,13 +223,13 @@ FR_KERNEL void flags_kernel(const unsigned* seed, unsigned* data, unsigned* flag
     if (s == 0) {
       v = seed[b * kFlagThreads + i];
     } else {
-      if (i == 0) fr_ptx::wait_flag_geq_gpu(&flags[left], unsigned(s));
+      if (i == 0) wait_step(&flags[left], unsigned(s), relaxed);
       __syncthreads();
       v = 3u * *at(s - 1, left, (i + 1) % kFlagThreads) + *at(s - 1, b, i) + unsigned(s);
     }
     *at(s, b, i) = v;
     __syncthreads();
-    if (i == 0) fr_ptx::st_release_gpu(&flags[b], unsigned(s + 1));
+    if (i == 0) publish_step(&flags[b], unsigned(s + 1), relaxed);
   }
   if (i == 0) fr_ptx::red_release_add_sys(counter, 1u);
   if (b != 0) return;
@@ -247,7 +265,7 @@ FR_KERNEL void misaligned_kernel(const float* src, int what) {
 //   ldmatrix_mma TILES                in: A u16, B u16, C f32 (bf16 tiles)   out: D f32
 //   cp_async MODE                     in: src f32 [3][64][chunk]          out: f32, same shape
 //   misaligned WHAT                   in: nothing; must end with an emulator error
-//   flags BLOCKS STEPS                in: seed u32 [BLOCKS][64]           out: data u32, total u32 [64]
+//   flags BLOCKS STEPS RELAXED        in: seed u32 [BLOCKS][64]           out: data u32, total u32 [64]
 // Dev provides alloc<T>(n) (filled with 0xFF bytes), upload(vector), download(ptr, n), and
 // launch(grid, block, cooperative, kernel, args...).
 class Input {
@@ -369,7 +387,8 @@ int run_case(Dev& dev, int argc, char** argv) {
     unsigned* counter = dev.upload(std::vector<unsigned>(1, 0u));
     unsigned* total = dev.template alloc<unsigned>(kFlagThreads);
     dev.launch(dim3(unsigned(nb)), dim3(kFlagThreads), true, flags_kernel,
-               dev.upload(in.take<unsigned>(size_t(nb) * kFlagThreads)), data, flags, counter, total, steps);
+               dev.upload(in.take<unsigned>(size_t(nb) * kFlagThreads)), data, flags, counter, total, steps,
+               param(2));
     append(out, dev.download(data, n));
     append(out, dev.download(total, kFlagThreads));
   } else {
