@@ -18,6 +18,7 @@ the wait) but may pass on a GPU, so those cases are emulator-only.
 """
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -55,15 +56,13 @@ def _cuobjdump():
     for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if home:
             candidates.append(str(Path(home) / "bin" / "cuobjdump"))
-    try:
-        import triton
-        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    except ImportError:
-        pass
+    triton = importlib.util.find_spec("triton")  # its wheel ships a cuobjdump
+    if triton is not None and triton.origin:
+        candidates.append(str(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
     return next((c for c in candidates if c and Path(c).exists()), None)
 
 
-def _emu_skip_reason(mode):
+def _emu_skip_reason():
     path, why = emu_build.compiler()
     return None if path else why
 
@@ -112,7 +111,7 @@ WHERE = [pytest.param(m, id=m) for m in emu_build.MODES] + [pytest.param("gpu", 
 
 @pytest.fixture(params=WHERE)
 def where(request):
-    reason = _gpu_skip_reason() if request.param == "gpu" else _emu_skip_reason(request.param)
+    reason = _gpu_skip_reason() if request.param == "gpu" else _emu_skip_reason()
     if reason:
         pytest.skip(reason)
     return request.param
@@ -121,7 +120,7 @@ def where(request):
 @pytest.fixture(params=emu_build.MODES)
 def emulated(request):
     """The emulator only (cases whose expected result holds there and not necessarily on a GPU)."""
-    reason = _emu_skip_reason(request.param)
+    reason = _emu_skip_reason()
     if reason:
         pytest.skip(reason)
     return request.param
@@ -344,7 +343,7 @@ def test_flags_release_acquire(where, tmp_path):
 def test_flags_without_release_acquire_is_a_race(tmp_path):
     """Planted bug: the step flags published and read relaxed. ThreadSanitizer must report the data race the
     release/acquire pair prevents (the result may still be right on x86)."""
-    reason = _emu_skip_reason("tsan")
+    reason = _emu_skip_reason()
     if reason:
         pytest.skip(reason)
     inp, out = tmp_path / "flags.in", tmp_path / "flags.out"

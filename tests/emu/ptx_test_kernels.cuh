@@ -17,6 +17,9 @@
 #include <cstring>
 #include <string>
 #include <vector>
+#if defined(FUSED_RNN_EMULATE)
+#include <thread>
+#endif
 
 namespace ptx_test {
 
