@@ -149,7 +149,10 @@ def build(sources, mode, name, defines=(), include_dirs=()):
     out_dir = BUILD_DIR / mode / name
     out_dir.mkdir(parents=True, exist_ok=True)
     exe = out_dir / name
-    key = _digest([base, *(s.read_bytes() for s in sources)])
+    # the drivers' own headers (beside them or in include_dirs) count too, or an edit there would reuse a stale build
+    local = sorted({h for d in {s.parent for s in sources} | {Path(d).resolve() for d in include_dirs}
+                    for h in d.glob("*") if h.suffix in (".h", ".cuh", ".hpp")})
+    key = _digest([base, *(s.read_bytes() for s in sources), *(h.read_bytes() for h in local)])
     stamp = out_dir / "key"
     if exe.exists() and stamp.exists() and stamp.read_text() == key:
         return exe

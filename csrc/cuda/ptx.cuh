@@ -58,14 +58,6 @@
 #define FR_PTX_CALL_SITE
 #endif
 
-#if defined(FR_PTX_EMULATE)
-namespace fr_emu {
-namespace detail {
-[[noreturn]] void fail(const char* format, ...);  // csrc/cuda/emu/runtime.h: report a misuse, exit 87
-}  // namespace detail
-}  // namespace fr_emu
-#endif
-
 namespace fr_ptx {
 
 #if defined(FR_PTX_EMULATE)
