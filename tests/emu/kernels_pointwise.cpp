@@ -3,7 +3,7 @@
 // cuBLAS: forward (with the projection's commit pass) and backward (with the projection's prep
 // pass). Driven by tests/test_cuda_emulated.py:
 //
-//   kernels_pointwise <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
+//   kernels pointwise <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
 #include "cuda/pointwise_kernels.cuh"
 
 #include <string>
@@ -39,11 +39,25 @@ template <typename To, typename From> Array& convert(File& f, const std::string&
   return out;
 }
 
+// The (cell, storage) instance a row functor belongs to (the projection's passes: LSTM).
+template <typename F> struct InstanceOf;
+template <Cell C, typename S> struct InstanceOf<cuda::ForwardFn<C, S>> { static constexpr Cell cell = C; using type = S; };
+template <Cell C, typename S> struct InstanceOf<cuda::BackwardFn<C, S>> { static constexpr Cell cell = C; using type = S; };
+template <typename S> struct InstanceOf<cuda::CommitFn<S>> { static constexpr Cell cell = Cell::LSTM; using type = S; };
+template <typename S> struct InstanceOf<cuda::PrepFn<S>> { static constexpr Cell cell = Cell::LSTM; using type = S; };
+
 struct Launcher {
   int64_t B, grid_cap;
   // One launch of elementwise_kernel over B rows of width W, grid as pointwise_cuda.cu sizes it
   // (capped at grid_cap blocks when > 0, to make the grid-stride loop take more than one turn).
   template <typename RowFn> void operator()(RowFn row_fn, int64_t W) const {
+    if constexpr (kernels_io::built<InstanceOf<RowFn>::cell, typename InstanceOf<RowFn>::type>()) {
+      launch(row_fn, W);
+    } else {
+      fail("this build leaves these kernels out (FR_INSTANCES)");
+    }
+  }
+  template <typename RowFn> void launch(RowFn row_fn, int64_t W) const {
     const int64_t n = B * W;
     if (n == 0) return;
     int64_t blocks = cuda::pointwise_blocks(n);
@@ -173,9 +187,9 @@ template <typename S> File run(File& in) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (argc != 3) fail("usage: kernels_pointwise <in> <out>");
-  File in = kernels_io::read(argv[1]);
+int pointwise_main(int argc, char** argv) {
+  if (argc != 4) fail("usage: kernels pointwise <in> <out>");
+  File in = kernels_io::read(argv[2]);
   const int64_t repeats = in.param("repeats");
   File first;
   cuda::dispatch_dtype(DType(in.param("dtype")), [&](auto s) {
@@ -186,6 +200,6 @@ int main(int argc, char** argv) {
       kernels_io::require_same(first, again, r);
     }
   });
-  kernels_io::write(argv[2], first);
+  kernels_io::write(argv[3], first);
   return 0;
 }
