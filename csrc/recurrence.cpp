@@ -225,6 +225,15 @@ bool use_persistent(Cell cell, bool proj, const Tensor& like, int64_t H, Persist
 #endif
 }
 
+// Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
+// without a projection (a projection runs the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
+// forces the per-step kernels (tests compare the two).
+bool use_cpu_fused(const Tensor& like, bool proj) {
+  if (like.is_cuda() || proj) return false;
+  const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
+  return kernel == nullptr || std::string(kernel) != "per-step";
+}
+
 // Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
 // (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
 // RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection).
@@ -269,12 +278,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   }
 #endif
 
+  const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : at::zeros({GH}, opts);
+  Tensor c = lstm ? c0_in->to(acc_opts.dtype()).contiguous().clone() : at::empty({0}, acc_opts);  // [B, H]
+  ForwardStepParams p{};
+  p.cell = s.cell;
+  p.dtype = to_dtype(gx.scalar_type());
+  p.B = B;
+  p.H = H;
+  p.Hout = Hout;
+  p.lengths = lengths_ptr(lengths);
+  p.b_hh = b_hh.data_ptr();
+  p.c = lstm ? c.data_ptr() : nullptr;
+
+  if (use_cpu_fused(gx, s.proj)) {
+    const Tensor w_hh = w_hh_in.contiguous();
+    const Tensor h0 = h0_in.contiguous();
+    Tensor h_n = at::empty({B, H}, opts);
+    Tensor gates = save && has_gates ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
+    Tensor cells = save && lstm ? at::empty({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
+    FusedForwardParams q{p, T, reverse, save, gx.data_ptr(), w_hh.data_ptr(), h0.data_ptr(), y.data_ptr(),
+                         h_n.data_ptr(), save && has_gates ? gates.data_ptr() : nullptr,
+                         save && lstm ? cells.data_ptr() : nullptr};
+    cpu::fused_forward(q);
+    Tensor c_n = lstm ? c.to(gx.scalar_type()) : at::empty({0}, opts);
+    return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
+  }
+
   // One copy of w_hh.T per call: MKL runs the small per-step GEMM ~20% faster on a row-major
   // operand (fp32 on the CPU for fp16/bf16, see AccGemm).
   AccGemm gemm_hh(w_hh_in.t().contiguous(), B);
-  const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : at::zeros({GH}, opts);
   Tensor h = h0_in.contiguous().clone();                                       // [B, Hout] state
-  Tensor c = lstm ? c0_in->to(acc_opts.dtype()).contiguous().clone() : at::empty({0}, acc_opts);  // [B, H]
   Tensor gh = at::empty({B, GH}, acc_opts);                                     // h @ w_hh.T in A
   // Saved per step when save, else one step of scratch reused.
   const int64_t TS = save ? T : 1;
@@ -284,17 +317,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor tmp = s.proj ? at::empty({B, Hout}, opts) : Tensor();
   const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
 
-  ForwardStepParams p{};
-  p.cell = s.cell;
-  p.dtype = to_dtype(gx.scalar_type());
-  p.B = B;
-  p.H = H;
-  p.Hout = Hout;
-  p.lengths = lengths_ptr(lengths);
   p.gh = gh.data_ptr();
-  p.b_hh = b_hh.data_ptr();
   p.h = h.data_ptr();
-  p.c = lstm ? c.data_ptr() : nullptr;
   for (int64_t k = 0; k < T; ++k) {
     const int64_t t = reverse ? T - 1 - k : k;
     const int64_t ts = save ? t : 0;
@@ -385,8 +409,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   }
 #endif
 
-  c10::optional<AccGemm> gemm_hh;
-  if (!persistent) gemm_hh.emplace(w_hh.contiguous(), B);
   BackwardStepParams p{};
   p.cell = cell;
   p.dtype = to_dtype(y.scalar_type());
@@ -401,7 +423,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   p.c0 = lstm ? c0.data_ptr() : nullptr;
   p.h0 = h0.data_ptr();
   p.dr = proj ? dr.data_ptr() : nullptr;
-  for (int64_t k = persistent ? -1 : T - 1; k >= 0; --k) {  // the per-step kernels, unless persistent ran
+  const bool fused = use_cpu_fused(y, proj);
+  if (fused) {
+    const Tensor w_hh_c = w_hh.contiguous();
+    FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,
+                          lstm ? cells.data_ptr() : nullptr, y.data_ptr(), dgx.data_ptr(), dgh.data_ptr()};
+    cpu::fused_backward(q);
+  }
+  c10::optional<AccGemm> gemm_hh;
+  if (!persistent && !fused) gemm_hh.emplace(w_hh.contiguous(), B);
+  for (int64_t k = persistent || fused ? -1 : T - 1; k >= 0; --k) {  // the per-step kernels, unless one ran
     const int64_t t = reverse ? T - 1 - k : k;
     const int64_t prev = reverse ? t + 1 : t - 1;
     const bool has_prev = prev >= 0 && prev < T;

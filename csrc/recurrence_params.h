@@ -86,7 +86,38 @@ struct ProjBackwardPrepParams {
   void* dh_all;    // S [B, Hout]  dh_all[t], input of dr = dh_all[t] @ w_hr and of d w_hr
 };
 
+// The fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h): all T steps in one parallel region,
+// each thread keeping its packed slice of w_hh for all steps. No projection (Hout == H).
+struct FusedForwardParams {
+  ForwardStepParams step;  // cell, dtype, B, H, Hout, lengths, b_hh, c (A [B, H] state, c0 on entry);
+                           // the per-step pointers are set by the kernel
+  int64_t T;
+  bool reverse, save;
+  const void* gx;    // S [T, B, G*H]
+  const void* w_hh;  // S [G*H, H] contiguous
+  const void* h0;    // S [B, H]
+  void* y;           // S [T, B, H]
+  void* h_n;         // S [B, H]
+  void* gates;       // S [T, B, 4*H] when save (LSTM, GRU), else unused
+  void* cells;       // A [T, B, H] when save (LSTM), else unused
+};
+
+struct FusedBackwardParams {
+  BackwardStepParams step;  // cell, dtype, B, H, Hout, T, reverse, lengths, dh (A, dh_n on entry,
+                            // d h0 on exit), dc (A, likewise), c0 (A), h0 (S); per-step pointers
+                            // are set by the kernel
+  const void* w_hh;   // S [G*H, H] contiguous
+  const void* dy;     // S [T, B, H]
+  const void* gates;  // S [T, B, 4*H] as saved by the forward
+  const void* cells;  // A [T, B, H]
+  const void* y;      // S [T, B, H]
+  void* dgx;          // S [T, B, G*H]
+  void* dgh;          // S [T, B, G*H] (== dgx except GRU)
+};
+
 namespace cpu {
+void fused_forward(const FusedForwardParams& q);
+void fused_backward(const FusedBackwardParams& q);
 void forward_step(const ForwardStepParams& p);
 void proj_commit(const ProjCommitParams& p);
 void backward_step(const BackwardStepParams& p);
