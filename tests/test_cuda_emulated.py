@@ -31,7 +31,7 @@ import torch
 
 from fused_rnn import reference
 
-from helpers import TOL, assert_close
+from helpers import assert_close
 from test_backends import differentiable, make_inputs
 
 emu_build = pytest.importorskip("emu_build", reason="the emulator's build helper (tests/emu_build.py) is missing")
@@ -130,8 +130,8 @@ def layer_inputs(cell, T, B, H, proj, lengths, reverse, bias, dtype):
     """make_inputs' random layer plus the incoming gradients dy, dh_n, dc_n, all in `dtype`."""
     args = make_inputs(cell, T, B, H, proj, lengths, reverse, bias, dtype, requires_grad=False)
     Hout = proj or H
-    grads = (torch.randn(T, B, Hout, dtype=torch.float64).to(dtype), torch.randn(B, Hout, dtype=torch.float64).to(dtype),
-             torch.randn(B, H, dtype=torch.float64).to(dtype) if cell == "lstm" else None)
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64).to(dtype)  # noqa: E731
+    grads = (r(T, B, Hout), r(B, Hout), r(B, H) if cell == "lstm" else None)
     return args, grads
 
 
@@ -175,7 +175,8 @@ def check(cell, args, grads, arrays, dtype, backward=True, acc=torch.float32):
     # the saved tensors are outputs too: every element written (no NaN poison left), incl. frozen rows
     for name, dt in (("gates", dtype), ("cells", acc), ("proj_in", dtype)):
         if name in arrays:
-            assert torch.isfinite(torch.frombuffer(bytearray(arrays[name]), dtype=dt)).all(), f"{name}: NaN (unwritten?)"
+            saved = torch.frombuffer(bytearray(arrays[name]), dtype=dt)
+            assert torch.isfinite(saved).all(), f"{name}: NaN (unwritten?)"
     if backward:
         dgx = tensor(arrays["dgx"], dtype, T, B, GH)
         dgh = tensor(arrays["dgh"], dtype, T, B, GH) if "dgh" in arrays else dgx
@@ -393,3 +394,6 @@ def test_planted_bug_fails(compiler, tmp_path, mutation):
     if proc.returncode == 0:  # no sanitizer or deadlock report: the result must be wrong
         with pytest.raises(AssertionError):
             check_output()
+    else:  # caught by a sanitizer or the emulator's deadlock report, not by some other failure
+        report = emu_build.sanitizer_report(proc.stderr)
+        assert report is not None or proc.returncode == 86, f"exit {proc.returncode}:\n{proc.stderr[-2000:]}"

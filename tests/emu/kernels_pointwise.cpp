@@ -41,10 +41,14 @@ template <typename To, typename From> Array& convert(File& f, const std::string&
 
 // The (cell, storage) instance a row functor belongs to (the projection's passes: LSTM).
 template <typename F> struct InstanceOf;
-template <Cell C, typename S> struct InstanceOf<cuda::ForwardFn<C, S>> { static constexpr Cell cell = C; using type = S; };
-template <Cell C, typename S> struct InstanceOf<cuda::BackwardFn<C, S>> { static constexpr Cell cell = C; using type = S; };
-template <typename S> struct InstanceOf<cuda::CommitFn<S>> { static constexpr Cell cell = Cell::LSTM; using type = S; };
-template <typename S> struct InstanceOf<cuda::PrepFn<S>> { static constexpr Cell cell = Cell::LSTM; using type = S; };
+template <Cell C, typename S> struct Instance {
+  static constexpr Cell cell = C;
+  using type = S;
+};
+template <Cell C, typename S> struct InstanceOf<cuda::ForwardFn<C, S>> : Instance<C, S> {};
+template <Cell C, typename S> struct InstanceOf<cuda::BackwardFn<C, S>> : Instance<C, S> {};
+template <typename S> struct InstanceOf<cuda::CommitFn<S>> : Instance<Cell::LSTM, S> {};
+template <typename S> struct InstanceOf<cuda::PrepFn<S>> : Instance<Cell::LSTM, S> {};
 
 struct Launcher {
   int64_t B, grid_cap;
