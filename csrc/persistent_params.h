@@ -1,4 +1,4 @@
-// Parameters of the persistent CUDA kernels (csrc/cuda/persistent.cu): one cooperative launch runs
+// Parameters of the persistent CUDA kernels (csrc/cuda/persistent_kernels.cuh): one cooperative launch runs
 // every time step of one layer and direction, each block keeping its slice of w_hh in shared memory
 // for the whole sequence and exchanging h through global memory with one grid-wide barrier per step.
 // No torch types (DESIGN.md, build time). Shapes as in recurrence_params.h; no projection (proj
@@ -62,7 +62,9 @@ struct PersistentPlan {
 
 namespace cuda {
 // Whether the persistent kernels can run this layer on `device`; fills `plan` when they can.
-// They cannot when w_hh's slices do not fit in shared memory or the device lacks cooperative launch.
+// They cannot in float64, when w_hh's slices do not fit in shared memory, when the device lacks
+// cooperative launch or cannot hold the grid at once, or when a device query fails
+// (csrc/cuda/persistent_plan.h). Computed once per (device, cell, dtype, H), then cached.
 bool persistent_plan(Cell cell, DType dtype, int64_t H, int device, PersistentPlan* plan);
 // Launch on `stream` (a cudaStream_t); asynchronous. `plan` must come from persistent_plan.
 void persistent_forward(const PersistentForwardParams& p, const PersistentPlan& plan, void* stream);

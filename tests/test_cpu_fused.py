@@ -1,0 +1,182 @@
+"""The fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h): one parallel region for all steps, each
+thread's packed slice of w_hh, one barrier per step.
+
+Against the float64 reference and torch.nn on every output and gradient, float64 gradcheck, odd
+sizes (a partial vector block, fewer blocks than threads), lengths and reverse, thread counts 1, 2
+and 3 (a barrier bug shows with an odd count), bitwise-repeatable runs, 16-bit inputs, and the
+per-step kernels on the same inputs. Memory the op allocates in C++ is NaN-filled (torch's
+fill_uninitialized_memory), as are torch.empty* tensors (tests/conftest.py).
+"""
+import itertools
+
+import pytest
+import torch
+
+import fused_rnn
+from fused_rnn import reference
+from fused_rnn.ops.cpp import cpu_backend, ops
+
+from helpers import assert_close, grads_of
+
+pytestmark = pytest.mark.skipif(ops.load_error() is not None, reason=str(ops.load_error()))
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CELLS = tuple(GATES)
+
+
+@pytest.fixture(autouse=True)
+def nan_fill_cpp_allocations():
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+    torch.utils.deterministic.fill_uninitialized_memory = old[2]
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def fused_kernel(monkeypatch):
+    monkeypatch.delenv("FUSED_RNN_CPU_KERNEL", raising=False)  # the default: fused
+
+
+def make_inputs(cell, T, B, H, dtype=torch.float64, lengths=False, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = GATES[cell]
+
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).requires_grad_()
+
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[B // 2] = T
+    return [r(T, B, G * H), r(B, H), r(B, H) if cell == "lstm" else None, r(G * H, H, s=1.0 / max(H, 1) ** 0.5),
+            r(G * H) if bias else None, None, lens]
+
+
+def outputs_and_grads(fn, cell, args, reverse):
+    outs = fn(cell, *args, reverse)
+    ins = [a for a in args[:-1] if a is not None]
+    return [o for o in outs if o is not None] + list(grads_of(outs, ins))
+
+
+SIZES = [(1, 1), (3, 3), (37, 1), (37, 3), (133, 3)]  # (H, B)
+
+
+@pytest.mark.parametrize("H, B", SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_matches_reference_float64(cell, H, B, threads):
+    for reverse, lengths in itertools.product((False, True), (False, True)):
+        args = make_inputs(cell, T=5, B=B, H=H, lengths=lengths, bias=not (reverse and lengths))
+        got = outputs_and_grads(cpu_backend.recurrence, cell, args, reverse)
+        want = outputs_and_grads(reference.recurrence, cell, args, reverse)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, torch.float64, f"{cell} H={H} B={B} rev={reverse} len={lengths}: output/grad {i}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_gradcheck_float64(cell, threads):
+    args = make_inputs(cell, T=4, B=3, H=19, lengths=True)
+    lens = args[-1]
+    n = sum(a is not None for a in args[:-1])
+
+    def f(*xs):
+        it = iter(xs)
+        full = [next(it) if a is not None else None for a in args[:-1]]
+        return [o for o in cpu_backend.recurrence(cell, *full, lens, True) if o is not None]
+
+    assert torch.autograd.gradcheck(f, [a for a in args[:-1] if a is not None], eps=1e-6, atol=1e-7)
+    assert n >= 3
+
+
+MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_module_matches_torch_nn(cell, dtype, threads):
+    """fused_rnn.<Module>(backend='cpu') against torch.nn on every output and every gradient
+    (input, h0, c0, every weight), a packed batch in both directions."""
+    H, I, T, B = 37, 11, 6, 3
+    kw = {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
+    ref = getattr(torch.nn, MODULES[cell])(I, H, bidirectional=True, dtype=dtype, **kw)
+    ours = getattr(fused_rnn, MODULES[cell])(I, H, bidirectional=True, dtype=dtype, backend="cpu", **kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=dtype)
+    lengths = torch.tensor([T, 2, 5])
+    h0 = torch.randn(2, B, H, dtype=dtype)
+    state = (h0, torch.randn(2, B, H, dtype=dtype)) if cell == "lstm" else h0
+    results = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_()
+        st = tuple(s.clone().requires_grad_() for s in state) if cell == "lstm" else state.clone().requires_grad_()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False)
+        out, hn = m(packed, st)
+        y = torch.nn.utils.rnn.pad_packed_sequence(out)[0]
+        hs = hn if cell == "lstm" else (hn,)
+        sts = st if cell == "lstm" else (st,)
+        results.append([y, *hs] + list(grads_of([y, *hs], [xi, *sts, *m.parameters()])))
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, dtype, f"{cell} {dtype} output/grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_low_precision_against_reference(cell, dtype, threads):
+    """16-bit and fp32 against the float64 reference on the same (rounded) inputs."""
+    args = make_inputs(cell, T=7, B=3, H=40, lengths=True, dtype=dtype)
+    args64 = [a.detach().double().requires_grad_() if a is not None and a.is_floating_point() else a for a in args]
+    got = outputs_and_grads(cpu_backend.recurrence, cell, args, True)
+    want = outputs_and_grads(reference.recurrence, cell, args64, True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, f"output/grad {i}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_agrees_with_per_step_kernels(cell, monkeypatch):
+    args = make_inputs(cell, T=6, B=5, H=33, lengths=True)
+    fused = outputs_and_grads(cpu_backend.recurrence, cell, args, False)
+    monkeypatch.setenv("FUSED_RNN_CPU_KERNEL", "per-step")
+    per_step = outputs_and_grads(cpu_backend.recurrence, cell, args, False)
+    for i, (a, b) in enumerate(zip(fused, per_step)):
+        assert_close(a, b, torch.float64, f"output/grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fused_runs_are_bitwise_repeatable(cell, dtype, threads):
+    args = make_inputs(cell, T=9, B=7, H=70, lengths=True, dtype=dtype)
+    first = outputs_and_grads(cpu_backend.recurrence, cell, args, False)
+    for _ in range(3):
+        again = outputs_and_grads(cpu_backend.recurrence, cell, args, False)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_fused_no_grad_saves_nothing():
+    args = [a.detach() if a is not None and a.is_floating_point() else a for a in make_inputs("lstm", 4, 2, 8)]
+    with torch.no_grad():
+        y, h_n, c_n, gates, cells, proj_in = torch.ops.fused_rnn.recurrence_forward("lstm", *args, False, False)
+    assert gates.numel() == 0 and cells.numel() == 0 and torch.isfinite(y).all() and torch.isfinite(c_n).all()
+
+
+def test_projection_runs_the_per_step_kernels_correctly():
+    """proj_size routes to the per-step kernels; the results still match the reference."""
+    g = torch.Generator().manual_seed(3)
+    T, B, H, P = 5, 3, 9, 4
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    args = [r(T, B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(4 * H), r(P, H), torch.tensor([5, 2, 4])]
+    got = outputs_and_grads(cpu_backend.recurrence, "lstm", args, True)
+    want = outputs_and_grads(reference.recurrence, "lstm", args, True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, torch.float64, f"output/grad {i}")
