@@ -1,9 +1,8 @@
 // Loads and stores of the GPU's 16-bit storage types in fp32: the CUDA specialisations of
-// recurrence_step.h's Conv<S>, shared by every .cu file (CUDA headers only, no torch).
+// recurrence_step.h's Conv<S>, shared by every kernel header (CUDA or emulator headers, no torch).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "compat.cuh"
 
 #include "../recurrence_step.h"
 
