@@ -35,6 +35,7 @@
 #include "ptx.cuh"
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -175,13 +176,7 @@ FR_KERNEL void FR_LAUNCH_BOUNDS(kV2Threads)
         gxv[i][g] = alive[i] ? L::load(gx[(t * B + b0 + q / Uc) * GH + g * H + u0 + q % Uc]) : 0.f;
     }
 
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+    float acc[MT][NT][4] = {};
 
     if (warp_works) {
       // 1. wait for epoch s of exactly the units this warp reads
