@@ -180,6 +180,16 @@ def sanitizer_report(text):
     return None
 
 
+def _symbolizer():
+    """llvm-symbolizer next to the compiler (clang's sanitizers print bare addresses without one)."""
+    cxx, _ = compiler()
+    if cxx:
+        candidate = Path(os.path.realpath(cxx)).parent / "llvm-symbolizer"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("llvm-symbolizer")
+
+
 def run(exe, args=(), timeout=120, env=None, expect_ok=True):
     """Runs an emulated program with sanitizer options that halt with exit code 66 on any report.
 
@@ -188,14 +198,20 @@ def run(exe, args=(), timeout=120, env=None, expect_ok=True):
     gives returncode None)."""
     full_env = dict(os.environ)
     full_env.update(_ENV)
+    symbolizer = _symbolizer()
+    if symbolizer:
+        for var in ("TSAN_OPTIONS", "ASAN_OPTIONS", "UBSAN_OPTIONS"):
+            full_env[var] += f" external_symbolizer_path={symbolizer}"
     full_env.update(env or {})
     cmd = [str(exe), *map(str, args)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
     except subprocess.TimeoutExpired as e:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
         if expect_ok:
-            pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s\n{e.stderr or ''}", pytrace=False)
-        return subprocess.CompletedProcess(cmd, None, e.stdout or "", e.stderr or "")
+            pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s\n{text(e.stderr)[-6000:]}", pytrace=False)
+        return subprocess.CompletedProcess(cmd, None, text(e.stdout), text(e.stderr))
     if expect_ok:
         report = sanitizer_report(proc.stderr)
         if report or proc.returncode != 0:

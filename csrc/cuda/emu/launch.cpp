@@ -1,5 +1,6 @@
 // fr_emu::launch: check the configuration as the CUDA runtime would, run the blocks (all at once for a
 // cooperative launch, in waves otherwise), watch for a launch that stops making progress.
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,7 +23,14 @@ void fail(const char* format, ...) {
   va_end(args);
   std::fputc('\n', stderr);
   std::fflush(stderr);
-  _exit(kMisuseExit);  // other threads may hold locks or wait forever: no destructors, no atexit
+  exit_now(kMisuseExit);
+}
+
+void exit_now(int code) {
+  // Other threads may hold locks or wait forever: no destructors, no atexit. exit_group directly, because
+  // ThreadSanitizer's _exit would replace the code with its own when the calling fiber is in a TsanIgnore scope.
+  syscall(SYS_exit_group, code);
+  _exit(code);
 }
 
 namespace {
@@ -110,7 +118,7 @@ const char* wait_text(const Lane& l, char* buf, size_t n) {
   if (launch.cfg.cooperative)
     std::fprintf(stderr, "  grid sync: %u of %u blocks arrived\n", launch.grid_blocks_arrived, launch.nblocks);
   std::fflush(stderr);
-  _exit(kDeadlockExit);
+  exit_now(kDeadlockExit);
 }
 
 uint3 block_index(const dim3& grid, unsigned linear) {

@@ -33,6 +33,7 @@ namespace detail {
 
 // Prints "fr_emu: error: <message>" and exits 87: a use of CUDA that the GPU would refuse or leave undefined.
 [[noreturn]] void fail(const char* format, ...) __attribute__((format(printf, 1, 2)));
+[[noreturn]] void exit_now(int code);  // ends the process with `code` at once
 constexpr int kDeadlockExit = 86;
 constexpr int kMisuseExit = 87;
 
