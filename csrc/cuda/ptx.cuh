@@ -32,8 +32,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
-#include <unordered_map>
-#include <vector>
 #else
 #error "ptx.cuh: compile with nvcc, or with a host compiler and -DFUSED_RNN_EMULATE (after compat.cuh)"
 #endif
@@ -162,14 +160,15 @@ FR_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 // ------------------------------------------------------------------------------------------------
 // cvt.rna.tf32.f32: round an fp32 value to tf32 (10 mantissa bits), to nearest with ties away from
 // zero; the result is a .b32 with the low 13 bits zero, ready as an mma .tf32 operand.
-// Emulated bit-exactly for finite values and infinities; a NaN stays a NaN.
+// Emulated bit-exactly as ptxas (CUDA 13, sm_80/sm_90) compiles it: a finite value gets 0x1000
+// added to its bits (half a tf32 ulp; may carry into the exponent, up to inf), then every value
+// has its low 13 bits cleared — so a NaN whose payload lies only in those bits becomes an inf.
 // ------------------------------------------------------------------------------------------------
 FR_DEVICE uint32_t cvt_tf32(float x) {
 #if defined(FR_PTX_EMULATE)
   const uint32_t u = emu::bits_of(x);
-  if ((u & 0x7F800000u) == 0x7F800000u)                        // inf stays inf, NaN stays NaN
-    return (u & 0x007FFFFFu) ? ((u | 0x00400000u) & 0xFFFFE000u) : u;
-  return (u + 0x1000u) & 0xFFFFE000u;  // add half a tf32 ulp to the magnitude, drop 13 bits; may carry to inf
+  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  return (finite ? u + 0x1000u : u) & 0xFFFFE000u;
 #elif FR_PTX_SM80
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
@@ -220,16 +219,22 @@ template <int N, bool Trans = false>
 FR_DEVICE void ldmatrix(uint32_t (&r)[N], const void* smem_row) {
   static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
 #if defined(FR_PTX_EMULATE)
-  const void* rows[32];
-  fr_emu::warp_allgather(0xFFFFFFFFu, &smem_row, sizeof smem_row, rows);
-  for (int q = 0; q < 8 * N; ++q)
-    if (!emu::aligned(rows[q], 16)) emu::fail("ldmatrix: a row address is not 16-byte aligned");
+  // Each addressing lane reads its row inside the instruction (before the collective completes,
+  // so a write after the ldmatrix cannot race with it), then every lane picks its elements.
+  struct Row {
+    unsigned char bytes[16];
+  } mine{}, rows[32];
   const int l = fr_emu::lane_id();
+  if (l < 8 * N) {
+    if (!emu::aligned(smem_row, 16)) emu::fail("ldmatrix: a row address is not 16-byte aligned");
+    std::memcpy(mine.bytes, smem_row, 16);
+  }
+  fr_emu::warp_allgather(0xFFFFFFFFu, &mine, sizeof mine, rows);
   for (int j = 0; j < N; ++j) {
     uint16_t e[2];
     for (int h = 0; h < 2; ++h) {
       const int row = Trans ? 2 * (l % 4) + h : l / 4, col = Trans ? l / 4 : 2 * (l % 4) + h;
-      std::memcpy(&e[h], static_cast<const unsigned char*>(rows[8 * j + row]) + 2 * col, 2);
+      std::memcpy(&e[h], rows[8 * j + row].bytes + 2 * col, 2);
     }
     r[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
   }
@@ -276,39 +281,48 @@ struct PendingCopy {
   const void* src;
   unsigned bytes, src_bytes;
 };
-// This CUDA thread's copies: issued but not committed, and committed groups, oldest first.
+// This CUDA thread's copies in issue order; group_end[i]: one past the last copy of committed group i
+// (oldest first); copies from group_end[n_groups - 1] on are not committed yet. Fixed capacity and
+// trivially constructible, so that the thread_local below needs no initialisation guard (lanes are
+// fibers of one OS thread: ThreadSanitizer would see a guard shared by them as a race).
+constexpr unsigned kMaxCopiesInFlight = 128, kMaxGroupsInFlight = 16;
 struct AsyncCopies {
-  std::vector<PendingCopy> open;
-  std::vector<std::vector<PendingCopy>> groups;
+  PendingCopy copy[kMaxCopiesInFlight];
+  unsigned group_end[kMaxGroupsInFlight];
+  unsigned n_copies, n_groups;
 };
-// Per CUDA thread, kept by the OS thread that runs its warp, keyed by (block, thread).
+// This lane's copies. Every warp of a launch runs on an OS thread of its own that ends with the warp
+// (csrc/cuda/emu/launch.cpp), so copies a thread never waited for die with it, as on the GPU.
 inline AsyncCopies& async_copies_of_this_thread() {
-  thread_local std::unordered_map<uint64_t, AsyncCopies> slots;
-  const uint64_t block = (uint64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  const uint64_t thread = (uint64_t(threadIdx.z) * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
-  return slots[(block << 32) | thread];
-}
-inline void perform(const std::vector<PendingCopy>& group) {
-  for (const PendingCopy& c : group) {
-    std::memcpy(c.dst, c.src, c.src_bytes);
-    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
-  }
+  thread_local AsyncCopies lanes[32];
+  return lanes[fr_emu::lane_id()];
 }
 inline void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
   if (!aligned(dst, bytes) || !aligned(src, bytes)) fail("cp.async: address not aligned to the copy size");
   if (src_bytes > bytes) fail("cp.async: src_bytes larger than the copy size");
-  async_copies_of_this_thread().open.push_back({dst, src, bytes, src_bytes});
-}
-inline void commit() {
   AsyncCopies& a = async_copies_of_this_thread();
-  a.groups.push_back(std::move(a.open));  // an empty group counts, as on the GPU
-  a.open.clear();
+  if (a.n_copies == kMaxCopiesInFlight) fail("cp.async: more copies in flight in one thread than ptx.cuh keeps");
+  a.copy[a.n_copies++] = PendingCopy{dst, src, bytes, src_bytes};
 }
+inline void commit() {  // an empty group counts, as on the GPU
+  AsyncCopies& a = async_copies_of_this_thread();
+  if (a.n_groups == kMaxGroupsInFlight) fail("cp.async: more groups in flight in one thread than ptx.cuh keeps");
+  a.group_end[a.n_groups++] = a.n_copies;
+}
+// Performs the oldest committed groups until at most n remain in flight.
 inline void wait_group(unsigned n) {
   AsyncCopies& a = async_copies_of_this_thread();
-  size_t done = 0;
-  while (a.groups.size() - done > n) perform(a.groups[done++]);
-  a.groups.erase(a.groups.begin(), a.groups.begin() + long(done));
+  if (a.n_groups <= n) return;
+  const unsigned groups_done = a.n_groups - n, copies_done = a.group_end[groups_done - 1];
+  for (unsigned i = 0; i < copies_done; ++i) {
+    const PendingCopy& c = a.copy[i];
+    std::memcpy(c.dst, c.src, c.src_bytes);
+    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+  }
+  for (unsigned i = copies_done; i < a.n_copies; ++i) a.copy[i - copies_done] = a.copy[i];
+  for (unsigned g = groups_done; g < a.n_groups; ++g) a.group_end[g - groups_done] = a.group_end[g] - copies_done;
+  a.n_copies -= copies_done;
+  a.n_groups = n;
 }
 }  // namespace emu
 #endif
