@@ -1,0 +1,380 @@
+"""Every CUDA kernel of csrc/cuda, run on CPU threads by the emulator (csrc/cuda/emu, CUDA_EMU.md),
+against the float64 reference (fused_rnn/reference.py, autograd for the gradients).
+
+The drivers tests/emu/kernels_*.cpp compile the kernel headers (csrc/cuda/*_kernels.cuh) with a
+host compiler and launch them as csrc/recurrence.cpp and the .cu launchers would on a GPU:
+- kernels_pointwise: the per-step kernels (forward, backward, the projection's commit and prep)
+  through recurrence.cpp's step loop, with a host GEMM where cuBLAS runs;
+- kernels_persistent: the persistent forward and backward, launched cooperatively with the plan of
+  csrc/cuda/persistent_plan.h computed for a fake device (132 SMs as H100/H200, 108 as A100, 8 to
+  make blocks own several units), and the plan itself for fake devices.
+Inputs are random (never zeros), every output is NaN-poisoned before the kernels run, tolerances come
+from the dtype (helpers.TOL), and each driver repeats some runs and requires identical bits.
+
+Three builds (tests/emu_build.py): plain (the wide matrix), ThreadSanitizer and AddressSanitizer +
+UBSan (a subset that still runs every kernel: every cell, every dtype, lengths, reverse, the
+projection); any sanitizer report fails. The mutation tests plant one bug each in a copy of the
+persistent kernel header and require the emulated run to fail.
+
+Times on 2 cores (g++ 12): see csrc/README.md, "CUDA kernels on the CPU".
+Limits: not a model of the GPU's memory ordering (a __threadfence is a full fence here) nor of its
+speed; host expf/tanhf differ from the device's in the last ulp (hence tolerances); shapes stay tiny.
+"""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_rnn import reference
+
+from helpers import TOL, assert_close
+from test_backends import differentiable, make_inputs
+
+emu_build = pytest.importorskip("emu_build", reason="the emulator's build helper (tests/emu_build.py) is missing")
+
+ROOT = Path(__file__).resolve().parent.parent
+EMU = Path(__file__).resolve().parent / "emu"
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+CELL_ID = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}        # csrc/recurrence_params.h Cell
+DTYPE_ID = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}  # ... DType
+SHORT = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+# Fake devices for the plan: SMs, the per-block shared-memory opt-in limit, shared memory per SM.
+DEVICES = {
+    "H100": {"sms": 132, "smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024},
+    "A100": {"sms": 108, "smem_optin": 163 * 1024, "smem_per_sm": 164 * 1024},
+    "small": {"sms": 8, "smem_optin": 48 * 1024, "smem_per_sm": 64 * 1024},
+}
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    path, why = emu_build.compiler()
+    if path is None:
+        pytest.skip(f"no host compiler for the emulator: {why}")
+    return path
+
+
+_built = {}
+
+
+def driver(name, mode):
+    """The driver tests/emu/<name>.cpp built for `mode` (cached by emu_build)."""
+    if (name, mode) not in _built:
+        _built[name, mode] = emu_build.build([EMU / f"{name}.cpp"], mode, name)
+    return _built[name, mode]
+
+
+# ---------------------------------------------------------------- driver files (tests/emu/kernels_io.h)
+
+def write_input(path, params, arrays):
+    with open(path, "wb") as f:
+        f.write(b"fused_rnn-emu\n")
+        for k, v in params.items():
+            f.write(f"param {k} {int(v)}\n".encode())
+        for k, t in arrays.items():
+            f.write(f"array {k} {t.element_size()} {t.numel()}\n".encode())
+        f.write(b"end\n")
+        for t in arrays.values():
+            f.write(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def read_output(path):
+    """params, {name: raw bytes} of a driver's output file."""
+    data = Path(path).read_bytes()
+    end = data.index(b"\nend\n")
+    lines = data[:end].decode().splitlines()
+    assert lines[0] == "fused_rnn-emu"
+    params, arrays, offset = {}, {}, end + len(b"\nend\n")
+    for line in lines[1:]:
+        kind, name, *vals = line.split()
+        if kind == "param":
+            params[name] = int(vals[0])
+        else:
+            size = int(vals[0]) * int(vals[1])
+            arrays[name] = data[offset:offset + size]
+            offset += size
+    assert offset == len(data)
+    return params, arrays
+
+
+def tensor(raw, dtype, *shape):
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).double()
+
+
+def run_driver(tmp_path, exe, params, arrays, command=(), timeout=300, expect_ok=True):
+    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    write_input(inp, params, arrays)
+    proc = emu_build.run(exe, [*command, inp, out], timeout=timeout, expect_ok=expect_ok)
+    return proc, (read_output(out) if proc.returncode == 0 else None)
+
+
+# ---------------------------------------------------------------- the reference and the comparison
+
+def layer_inputs(cell, T, B, H, proj, lengths, reverse, bias, dtype):
+    """make_inputs' random layer plus the incoming gradients dy, dh_n, dc_n, all in `dtype`."""
+    args = make_inputs(cell, T, B, H, proj, lengths, reverse, bias, dtype, requires_grad=False)
+    Hout = proj or H
+    grads = (torch.randn(T, B, Hout, dtype=torch.float64).to(dtype), torch.randn(B, Hout, dtype=torch.float64).to(dtype),
+             torch.randn(B, H, dtype=torch.float64).to(dtype) if cell == "lstm" else None)
+    return args, grads
+
+
+def expected(cell, args, grads, backward):
+    """Outputs and (when `backward`) gradients of every differentiable input, in float64."""
+    ref_args = [a.double().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    outs = reference.recurrence(cell, *ref_args)
+    exp = dict(zip(("y", "h_n", "c_n"), outs))
+    if backward:
+        loss = sum((o * g.double()).sum() for o, g in zip(outs, grads) if o is not None)
+        names = [n for n, a in zip(("gx", "h0", "c0", "w_hh", "b_hh", "w_hr"), args[:6]) if a is not None]
+        exp.update({"d_" + n: g for n, g in zip(names, torch.autograd.grad(loss, differentiable(ref_args)))})
+    return exp
+
+
+def weight_grads(dgh, y, h0, lengths, reverse):
+    """d w_hh, d b_hh from the kernels' dG_h, exactly as csrc/recurrence.cpp forms them after the loop."""
+    T, B, GH = dgh.shape
+    if not reverse:
+        d0 = dgh[0]
+    elif lengths is None:
+        d0 = dgh[T - 1]
+    else:
+        d0 = dgh.reshape(T * B, GH)[(lengths - 1) * B + torch.arange(B)]
+    d_w_hh = d0.t() @ h0
+    if T > 1:
+        dg_rest, y_rest = (dgh[:T - 1], y[1:]) if reverse else (dgh[1:], y[:T - 1])
+        d_w_hh = d_w_hh + dg_rest.reshape(-1, GH).t() @ y_rest.reshape(-1, y.shape[2])
+    return d_w_hh, dgh.sum((0, 1))
+
+
+def check(cell, args, grads, arrays, dtype, backward=True, acc=torch.float32):
+    """Every output and gradient of a driver run against the reference."""
+    gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse = args
+    T, B, GH = gx.shape
+    H, Hout = GH // {"lstm": 4, "gru": 3}.get(cell, 1), h0.shape[1]
+    exp = expected(cell, args, grads, backward)
+    got = {"y": tensor(arrays["y"], dtype, T, B, Hout), "h_n": tensor(arrays["h_n"], dtype, B, Hout)}
+    if cell == "lstm":
+        got["c_n"] = tensor(arrays["c_n"], dtype, B, H)
+    # the saved tensors are outputs too: every element written (no NaN poison left), incl. frozen rows
+    for name, dt in (("gates", dtype), ("cells", acc), ("proj_in", dtype)):
+        if name in arrays:
+            assert torch.isfinite(torch.frombuffer(bytearray(arrays[name]), dtype=dt)).all(), f"{name}: unwritten"
+    if backward:
+        dgx = tensor(arrays["dgx"], dtype, T, B, GH)
+        dgh = tensor(arrays["dgh"], dtype, T, B, GH) if "dgh" in arrays else dgx
+        got["d_gx"], got["d_h0"] = dgx, tensor(arrays["dh0"], dtype, B, Hout)
+        if cell == "lstm":
+            got["d_c0"] = tensor(arrays["dc0"], dtype, B, H)
+        y = got["y"]
+        got["d_w_hh"], d_b_hh = weight_grads(dgh, y, h0.double(), lengths, reverse)
+        if b_hh is not None:
+            got["d_b_hh"] = d_b_hh
+        if w_hr is not None:
+            dh_all = tensor(arrays["dh_all"], dtype, T, B, Hout)
+            proj_in = tensor(arrays["proj_in"], dtype, T, B, H)
+            got["d_w_hr"] = dh_all.reshape(-1, Hout).t() @ proj_in.reshape(-1, H)
+    assert set(got) == {k for k, v in exp.items() if v is not None}, (sorted(got), sorted(exp))
+    for name, value in got.items():
+        assert_close(value, exp[name], dtype, name)
+
+
+# ---------------------------------------------------------------- per-step kernels
+
+def run_pointwise(tmp_path, mode, cell, dtype, T, B, H, proj=0, lengths=None, reverse=False, bias=True,
+                  grid_cap=0, repeats=1):
+    args, grads = layer_inputs(cell, T, B, H, proj, lengths, reverse, bias, dtype)
+    gx, h0, c0, w_hh, b_hh, w_hr, lens, _ = args
+    dy, dh_n, dc_n = grads
+    arrays = {"gx": gx, "h0": h0, "w_hh": w_hh, "dy": dy, "dh_n": dh_n}
+    arrays.update({k: v for k, v in (("c0", c0), ("dc_n", dc_n), ("b_hh", b_hh), ("w_hr", w_hr), ("lengths", lens))
+                   if v is not None})
+    params = {"cell": CELL_ID[cell], "dtype": DTYPE_ID[dtype], "T": T, "B": B, "H": H, "Hout": proj or H,
+              "reverse": reverse, "save": 1, "grid_cap": grid_cap, "repeats": repeats}
+    _, (_, out) = run_driver(tmp_path, driver("kernels_pointwise", mode), params, arrays)
+    check(cell, args, grads, out, dtype, acc=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def pointwise_cases(mode):
+    """(id, kwargs) of the per-step runs of a build mode."""
+    if mode == "plain":
+        for cell in CELLS:
+            for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+                yield f"{cell}-{SHORT[dtype]}-H37", dict(cell=cell, dtype=dtype, T=5, B=3, H=37)
+                yield f"{cell}-{SHORT[dtype]}-H133-len-rev", dict(cell=cell, dtype=dtype, T=4, B=3, H=133,
+                                                                    lengths=[4, 1, 3], reverse=True)
+            yield f"{cell}-f32-H37-len-nobias", dict(cell=cell, dtype=torch.float32, T=5, B=3, H=37,
+                                                      lengths=[5, 2, 4], bias=False)
+            # one block for B*H = 266 elements: the grid-stride loop takes a second turn; 3 runs, same bits
+            yield f"{cell}-f32-H133-rev-grid1-repeat", dict(cell=cell, dtype=torch.float32, T=4, B=2, H=133,
+                                                             reverse=True, grid_cap=1, repeats=3)
+        for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            yield f"lstm-proj-{SHORT[dtype]}-len-rev", dict(cell="lstm", dtype=dtype, T=5, B=3, H=37, proj=20,
+                                                            lengths=[5, 2, 4], reverse=True)
+        yield "lstm-proj-f32-H133", dict(cell="lstm", dtype=torch.float32, T=4, B=2, H=133, proj=64)
+    else:  # every kernel instance family once: each cell, each dtype, lengths, reverse, the projection
+        yield "lstm-proj-f32-len-rev", dict(cell="lstm", dtype=torch.float32, T=4, B=3, H=37, proj=20,
+                                            lengths=[4, 1, 3], reverse=True, repeats=2)
+        yield "gru-bf16-H133", dict(cell="gru", dtype=torch.bfloat16, T=4, B=2, H=133)
+        yield "rnn_tanh-f16-len", dict(cell="rnn_tanh", dtype=torch.float16, T=4, B=3, H=37, lengths=[4, 1, 3])
+        yield "rnn_relu-f64-rev-grid1", dict(cell="rnn_relu", dtype=torch.float64, T=4, B=3, H=133, reverse=True,
+                                             grid_cap=1)
+
+
+def mode_cases(cases):
+    return [pytest.param(mode, kw, id=f"{mode}-{name}") for mode in emu_build.MODES for name, kw in cases(mode)]
+
+
+@pytest.mark.parametrize("mode,kw", mode_cases(pointwise_cases))
+def test_pointwise_kernels(compiler, tmp_path, mode, kw):
+    run_pointwise(tmp_path, mode, **kw)
+
+
+# ---------------------------------------------------------------- persistent kernels
+
+def persistent_params(cell, dtype, T, B, H, reverse, device, save=True, repeats=1):
+    return {"cell": CELL_ID[cell], "dtype": DTYPE_ID[dtype], "T": T, "B": B, "H": H, "reverse": reverse,
+            "save": save, "repeats": repeats, **DEVICES[device]}
+
+
+def run_persistent(tmp_path, mode, cell, dtype, T, B, H, device, lengths=None, reverse=False, bias=True,
+                   save=True, repeats=1, exe=None, expect_ok=True):
+    """Runs the persistent kernels with `device`'s plan: the driver's CompletedProcess, its output
+    (None when it failed) and a function that compares that output with the reference."""
+    args, grads = layer_inputs(cell, T, B, H, 0, lengths, reverse, bias, dtype)
+    gx, h0, c0, w_hh, b_hh, _, lens, _ = args
+    dy, dh_n, dc_n = grads
+    arrays = {"gx": gx, "h0": h0, "w_hh": w_hh, "dy": dy, "dh_n": dh_n}
+    arrays.update({k: v for k, v in (("c0", c0), ("dc_n", dc_n), ("b_hh", b_hh), ("lengths", lens)) if v is not None})
+    exe = exe or driver("kernels_persistent", mode)
+    proc, out = run_driver(tmp_path, exe, persistent_params(cell, dtype, T, B, H, reverse, device, save, repeats),
+                           arrays, command=("run",), expect_ok=expect_ok)
+    return proc, out, lambda: check(cell, args, grads, out[1], dtype, backward=save)
+
+
+def persistent_cases(mode):
+    if mode == "plain":
+        for cell in CELLS:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                # 132 SMs: 37 blocks of one unit each
+                yield f"{cell}-{SHORT[dtype]}-H100-H37", dict(cell=cell, dtype=dtype, T=5, B=3, H=37, device="H100")
+                # 8 SMs: 8 blocks of 17 units, the last one of 14
+                yield f"{cell}-{SHORT[dtype]}-small-H133-len-rev", dict(
+                    cell=cell, dtype=dtype, T=4, B=3, H=133, device="small", lengths=[4, 1, 3], reverse=True)
+            # 108 SMs: 67 blocks of 2 units, the last one of 1
+            yield f"{cell}-f32-A100-H133-len", dict(cell=cell, dtype=torch.float32, T=4, B=2, H=133, device="A100",
+                                                    lengths=[4, 2])
+            # 8 SMs: 8 blocks of 5 units, the last one of 2; three runs, the same bits
+            yield f"{cell}-f32-small-H37-rev-nobias-repeat", dict(
+                cell=cell, dtype=torch.float32, T=5, B=5, H=37, device="small", reverse=True, bias=False, repeats=3)
+            # inference: nothing saved (gates/cells null), forward only
+            yield f"{cell}-bf16-small-H37-len-nosave", dict(cell=cell, dtype=torch.bfloat16, T=5, B=3, H=37,
+                                                            device="small", lengths=[5, 2, 4], save=False)
+    else:
+        yield "lstm-f32-small-H133-len-rev", dict(cell="lstm", dtype=torch.float32, T=4, B=2, H=133, device="small",
+                                                  lengths=[4, 2], reverse=True, repeats=2)
+        yield "gru-bf16-small-H37", dict(cell="gru", dtype=torch.bfloat16, T=4, B=2, H=37, device="small")
+        yield "rnn_tanh-f16-small-H37-len", dict(cell="rnn_tanh", dtype=torch.float16, T=4, B=3, H=37,
+                                                 device="small", lengths=[4, 1, 3])
+        yield "rnn_relu-f32-small-H37-rev", dict(cell="rnn_relu", dtype=torch.float32, T=4, B=2, H=37,
+                                                 device="small", reverse=True)
+        yield "lstm-bf16-small-H37-nosave", dict(cell="lstm", dtype=torch.bfloat16, T=4, B=2, H=37, device="small",
+                                                 save=False)
+
+
+@pytest.mark.parametrize("mode,kw", mode_cases(persistent_cases))
+def test_persistent_kernels(compiler, tmp_path, mode, kw):
+    _, out, check_output = run_persistent(tmp_path, mode, **kw)
+    check_output()
+    params = out[0]
+    dev, H = DEVICES[kw["device"]], kw["H"]
+    assert params["units"] == -(-H // dev["sms"]) and params["blocks"] == -(-H // params["units"])
+
+
+# ---------------------------------------------------------------- the plan, for fake devices
+
+def plans(tmp_path, lines):
+    """persistent_plan.h's answers for `lines` of (cell, dtype, H, device, cooperative, regs/thread);
+    a device is a name of DEVICES or a dict like its values."""
+    text = ""
+    for c, d, H, dev, coop, regs in lines:
+        dev = DEVICES[dev] if isinstance(dev, str) else dev
+        text += (f"{CELL_ID[c]} {DTYPE_ID[d]} {H} {dev['sms']} {int(coop)} {dev['smem_optin']} "
+                 f"{dev['smem_per_sm']} {regs}\n")
+    path = Path(tmp_path) / "plans.txt"
+    path.write_text(text)
+    proc = emu_build.run(driver("kernels_persistent", "plain"), ["plan", path])
+    out = proc.stdout.split("\n")[:-1]
+    assert len(out) == len(lines)
+    return [(v, int(b), int(t), int(u), int(s)) for v, b, t, u, s in (o.split() for o in out)]
+
+
+def test_plan_for_fake_devices(compiler, tmp_path):
+    f32, bf16 = torch.float32, torch.bfloat16
+    small_sm = {"sms": 8, "smem_optin": 48 * 1024, "smem_per_sm": 32 * 1024}
+    cases = [  # (cell, dtype, H, device, cooperative, regs per thread) -> (verdict, blocks, threads, units, smem)
+        (("lstm", f32, 1024, "H100", 1, 64), ("persistent", 128, 256, 8, 4 * 8 * 1024 * 4)),
+        (("lstm", f32, 37, "H100", 1, 64), ("persistent", 37, 256, 1, 4 * 37 * 4)),
+        (("gru", bf16, 133, "H100", 1, 64), ("persistent", 67, 256, 2, 3 * 2 * 133 * 2)),   # short last block
+        (("lstm", bf16, 2048, "H100", 1, 64), ("slice-too-large", 0, 0, 0, 0)),              # 256 KiB > 227
+        (("lstm", f32, 1024, "A100", 1, 64), ("persistent", 103, 256, 10, 4 * 10 * 1024 * 4)),
+        (("lstm", bf16, 1536, "A100", 1, 64), ("slice-too-large", 0, 0, 0, 0)),              # 180 KiB > 163
+        (("rnn_tanh", f32, 133, "small", 1, 255), ("persistent", 8, 256, 17, 17 * 133 * 4)),
+        (("lstm", f32, 256, "small", 1, 64), ("slice-too-large", 0, 0, 0, 0)),               # 8 SMs: the fallback
+        (("lstm", torch.float64, 37, "H100", 1, 64), ("float64", 0, 0, 0, 0)),
+        (("gru", f32, 37, "H100", 0, 64), ("no-cooperative-launch", 0, 0, 0, 0)),
+        (("lstm", f32, 133, small_sm, 1, 64), ("not-co-resident", 0, 0, 0, 0)),             # 36 KiB per block > SM
+    ]
+    assert plans(tmp_path, [c for c, _ in cases]) == [e for _, e in cases]
+
+
+def test_plan_invariants(compiler, tmp_path):
+    """Over many sizes: a persistent plan covers H exactly once with no empty block, fits the device,
+    and the per-step fallback happens exactly when the slice does not fit."""
+    lines = [(c, d, H, dev, 1, 64) for dev in DEVICES for c in CELLS for d in (torch.float32, torch.bfloat16)
+             for H in list(range(1, 140, 3)) + [255, 256, 511, 512, 768, 1024, 1536, 2048, 4096]]
+    for (c, d, H, dev, _, _), (verdict, blocks, threads, units, smem) in zip(lines, plans(tmp_path, lines)):
+        G, size, D = {"lstm": 4, "gru": 3}.get(c, 1), 4 if d == torch.float32 else 2, DEVICES[dev]
+        want_units = -(-H // D["sms"])
+        fits = G * want_units * H * size <= D["smem_optin"]
+        assert verdict == ("persistent" if fits else "slice-too-large"), (c, d, H, dev, verdict)
+        if fits:
+            assert threads == 256 and units == want_units and blocks <= D["sms"], (c, d, H, dev)
+            assert (blocks - 1) * units < H <= blocks * units and smem == G * units * H * size, (c, d, H, dev)
+
+
+# ---------------------------------------------------------------- the tests bite: planted bugs
+
+HEADER = "cuda/persistent_kernels.cuh"
+MUTATIONS = {  # id -> (build mode, original text, planted bug)
+    # the barrier between the backward's phase 2 (writes dh_state) and the next step's phase 1 (reads it)
+    "syncthreads-removed": ("tsan", "    __syncthreads();  // phase 1 of the next step reads dh_state",
+                            "    // phase 1 of the next step reads dh_state"),
+    "grid-sync-removed": ("tsan", "    fr_grid_sync();  // h_t complete everywhere",
+                          "    // h_t complete everywhere"),
+    "single-buffered-h": ("tsan", "const S* h_prev = s == 0 ? h0 : h_buf + ((s - 1) & 1) * B * H;\n"
+                                  "    S* h_cur = h_buf + (s & 1) * B * H;",
+                          "const S* h_prev = s == 0 ? h0 : h_buf;\n    S* h_cur = h_buf;"),
+    "out-of-bounds": ("asan", "static_cast<S*>(p.h_n)[idx] = h_last[idx];",
+                      "static_cast<S*>(p.h_n)[idx + H] = h_last[idx];"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_planted_bug_fails(compiler, tmp_path, mutation):
+    mode, original, bug = MUTATIONS[mutation]
+    tree = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", tree)
+    header = tree / HEADER
+    text = header.read_text()
+    assert text.count(original) == 1, f"the mutation's target is gone from {HEADER}: update MUTATIONS"
+    header.write_text(text.replace(original, bug))
+    exe = emu_build.build([EMU / "kernels_persistent.cpp"], mode, f"kernels_persistent-{mutation}",
+                          defines=(f'FR_KERNELS_HEADER="{header}"', "FR_ONE_INSTANCE"))
+    proc, out, check_output = run_persistent(tmp_path, mode, "lstm", torch.float32, T=4, B=3, H=37, device="small",
+                                             lengths=[4, 1, 3], exe=exe, expect_ok=False)
+    if proc.returncode == 0:  # no sanitizer or deadlock report: the result must be wrong
+        with pytest.raises(AssertionError):
+            check_output()
