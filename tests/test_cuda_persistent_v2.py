@@ -4,7 +4,7 @@
   ldmatrix, cp.async and release/acquire flags): every cell x bf16/fp16, odd H, lengths and reverse,
   two tilings (several k-tiles per warp with idle warps; two m-tiles with several batch groups), against
   the float64 reference (fused_rnn/reference.py) on y, h_n, c_n and the saved gates and cells; plain
-  and ThreadSanitizer builds.
+  and ThreadSanitizer builds, two cases under AddressSanitizer + UBSan.
 - Mutations that must fail: a warp that reads h without waiting for its producers' flags, a CTA that
   publishes its flag before writing the h it announces.
 - nvcc for sm_90 (tests/emu/v2_forward_sm90.cu, the tilings of benchmarks/PERSISTENT_V2.md): no
@@ -165,6 +165,13 @@ def test_forward_under_thread_sanitizer(tmp_path, cell, dtype):
     T, B, H = 4, 11, 37
     x, lens, _ = _run(tmp_path, _exe("tsan"), cell, dtype, T, B, H, True, True, True, 1, seed=1)
     _check(tmp_path, cell, dtype, T, B, H, x, lens, True)
+
+
+@pytest.mark.parametrize("cell,dtype", [("lstm", torch.bfloat16), ("gru", torch.float16)], ids=["lstm-bf16", "gru-fp16"])
+def test_forward_under_address_sanitizer(tmp_path, cell, dtype):
+    T, B, H = 3, 11, 45
+    x, lens, _ = _run(tmp_path, _exe("asan"), cell, dtype, T, B, H, False, True, True, 0, seed=2)
+    _check(tmp_path, cell, dtype, T, B, H, x, lens, False)
 
 
 # ---------------------------------------------------------------------------------------------------
