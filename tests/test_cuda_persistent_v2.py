@@ -260,3 +260,21 @@ def test_sm90_sass_has_one_hmma_per_mma(sm90_object):
         assert len(re.findall(r"\bHMMA\.16816\.F32", f)) == mt * kt * nt, name
         assert "LDSM" in f and "LDGSTS" in f, f"{name}: no ldmatrix / cp.async in the SASS"
         assert not re.search(r"\b(LDL|STL)\b", f), f"{name}: local memory in the SASS"
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact fp32: 3xTF32 against 1xTF32 and an fp32 FFMA chain (benchmarks/PERSISTENT_V2.md, shape 3)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("K", [64, 512, 2048])
+def test_fp32_3xtf32_is_fp32_accurate(K):
+    exe = emu_build.build([ROOT / "tests" / "emu" / "v2_fp32_accuracy.cpp"], "plain", "v2_fp32_accuracy")
+    err = {}
+    for seed in range(2):
+        for line in emu_build.run(exe, [K, seed]).stdout.split("\n"):
+            if line:
+                name, max_rel, _ = line.split()
+                err[name] = max(err.get(name, 0.0), float(max_rel))
+    # relative to sum|a*b|: fp32 rounding is ~6e-8 per operation; TF32 keeps 11 bits (~5e-4 per product)
+    assert err["ffma"] < 1e-6 and err["tf32x3"] < 1e-6, err
+    assert err["tf32x1"] > 1e-5, err  # the measurement tells TF32 from fp32
+    assert err["tf32x3"] < 2 * err["ffma"], err
