@@ -1,12 +1,15 @@
-"""The persistent v2 forward kernel (csrc/cuda/persistent_v2_kernels.cuh) without a GPU.
+"""The persistent v2 kernels (csrc/cuda/persistent_v2_kernels.cuh) without a GPU.
 
-- In the CPU emulator (tests/emu/v2_forward.cpp; csrc/cuda/emu/, ptx.cuh's emulated mma.sync,
+- In the CPU emulator (tests/emu/v2_recurrence.cpp; csrc/cuda/emu/, ptx.cuh's emulated mma.sync,
   ldmatrix, cp.async and release/acquire flags): every cell x bf16/fp16, odd H, lengths and reverse,
-  two tilings (several k-tiles per warp with idle warps; two m-tiles with several batch groups), against
-  the float64 reference (fused_rnn/reference.py) on y, h_n, c_n and the saved gates and cells; plain
-  and ThreadSanitizer builds, two cases under AddressSanitizer + UBSan.
+  two tilings (several k-tiles per warp with idle warps; two m-tiles with several batch groups), the
+  forward against the float64 reference (fused_rnn/reference.py) on y, h_n, c_n and the saved gates
+  and cells, the backward (run on the forward's saved tensors) against the reference's autograd on
+  d gx, d h0, d c0 and GRU's d gh; plain and ThreadSanitizer builds, two cases under
+  AddressSanitizer + UBSan.
 - Mutations that must fail: a warp that reads h without waiting for its producers' flags, a CTA that
-  publishes its flag before writing the h it announces.
+  publishes its flag before writing the h it announces, a backward that sums other CTAs' partial dh
+  without waiting for their flags.
 - nvcc for sm_90 (tests/emu/v2_forward_sm90.cu, the tilings of benchmarks/PERSISTENT_V2.md): no
   local-memory spills, registers within one CTA per SM, and SASS with exactly MT*KT*NT tensor-core
   MMAs (HMMA) per step.
@@ -32,8 +35,8 @@ from helpers import TOL
 emu_build = pytest.importorskip("emu_build", reason="the emulator runtime (tests/emu_build.py) is not in this tree")
 
 ROOT = Path(__file__).resolve().parent.parent
-DRIVER = ROOT / "tests" / "emu" / "v2_forward.cpp"
-SM90_SOURCE = ROOT / "tests" / "emu" / "v2_forward_sm90.cu"
+DRIVER = ROOT / "tests" / "emu" / "v2_recurrence.cpp"
+SM90_SOURCE = ROOT / "tests" / "emu" / "v2_sm90.cu"
 
 CELLS = {"lstm": (0, 4), "gru": (1, 3), "rnn_tanh": (2, 1), "rnn_relu": (3, 1)}  # Cell id, gates
 DTYPES = {torch.float16: 2, torch.bfloat16: 3}                                     # DType id
@@ -45,20 +48,25 @@ UNITS = {0: {"lstm": 4, "gru": 5, "rnn_tanh": 11, "rnn_relu": 16},
 
 def _exe(mode, mutation=0):
     defines = (f"FR_PERSISTENT_V2_MUTATION={mutation}",) if mutation else ()
-    name = "v2_forward" + (f"_mutation{mutation}" if mutation else "")
+    name = "v2_recurrence" + (f"_mutation{mutation}" if mutation else "")
     return emu_build.build([DRIVER], mode, name, defines=defines)
 
 
 def _inputs(cell, dtype, T, B, H, lengths, bias, seed):
+    """Inputs of the forward and the gradients arriving at its outputs (dy, dh_n, dc_n)."""
     G = CELLS[cell][1]
     g = torch.Generator().manual_seed(seed)
     k = H ** -0.5
+    lstm = cell == "lstm"
     x = {
         "gx": torch.randn(T, B, G * H, generator=g),
         "w_hh": (torch.rand(G * H, H, generator=g) * 2 - 1) * k * 2,
         "b_hh": (torch.rand(G * H, generator=g) * 2 - 1) * k if bias else None,
         "h0": torch.randn(B, H, generator=g) * 0.5,
-        "c0": torch.randn(B, H, generator=g) * 0.5 if cell == "lstm" else None,
+        "c0": torch.randn(B, H, generator=g) * 0.5 if lstm else None,
+        "dy": torch.randn(T, B, H, generator=g),
+        "dh_n": torch.randn(B, H, generator=g),
+        "dc_n": torch.randn(B, H, generator=g) if lstm else None,
     }
     x = {n: (v.to(dtype) if v is not None else None) for n, v in x.items()}
     lens = torch.randint(1, T + 1, (B,), generator=g, dtype=torch.int64) if lengths else None
@@ -82,11 +90,12 @@ def _read(d, name, shape, dtype):
     return (t if dtype == torch.float32 else t.view(dtype)).reshape(shape)
 
 
-def _run(tmp_path, exe, cell, dtype, T, B, H, reverse, lengths, bias, tiling, seed=0, expect_ok=True):
+def _run(tmp_path, exe, cell, dtype, T, B, H, reverse, lengths, bias, tiling, seed=0, expect_ok=True,
+         backward=True):
     x, lens = _inputs(cell, dtype, T, B, H, lengths, bias, seed)
     _write(tmp_path, x, lens)
     args = [tmp_path, CELLS[cell][0], DTYPES[dtype], T, B, H, int(reverse), int(lengths), int(bias),
-            UNITS[tiling][cell], tiling]
+            UNITS[tiling][cell], tiling, int(backward)]
     proc = emu_build.run(exe, args, timeout=600, expect_ok=expect_ok)
     return x, lens, proc
 
@@ -94,7 +103,7 @@ def _run(tmp_path, exe, cell, dtype, T, B, H, reverse, lengths, bias, tiling, se
 def _expected_saved(cell, x, lens, reverse):
     """The gates and cells the per-step path saves, step by step in float64 (LSTM i,f,g,o and c;
     GRU r,z,n,gh_n; zeros on finished rows, whose cells keep c)."""
-    d = {n: (v.double() if v is not None else None) for n, v in x.items()}
+    d = {n: (v.detach().double() if v is not None else None) for n, v in x.items()}
     gx, W, b = d["gx"], d["w_hh"], d["b_hh"]
     T, B, GH = gx.shape
     H = GH // CELLS[cell][1]
@@ -122,17 +131,54 @@ def _expected_saved(cell, x, lens, reverse):
     return gates, cells
 
 
-def _check(tmp_path, cell, dtype, T, B, H, x, lens, reverse):
-    d = {n: (v.double() if v is not None else None) for n, v in x.items()}
+def _relu_backward_given_y(d, y, lens, reverse):
+    """RNN relu's BPTT in float64 with the derivative's on/off pattern taken from the kernel's own
+    output y (what its backward receives). The reference's autograd takes it from its own
+    pre-activations, which differ from the kernel's by the bf16/fp16 rounding of h: where a
+    pre-activation is within that rounding of 0 the two derivatives are 0 and 1, an O(1) difference
+    that says nothing about the backward kernel."""
+    T, B, H = y.shape
+    W = d["w_hh"].detach()
+    dh, dgx = d["dh_n"].detach().clone(), torch.zeros(T, B, H, dtype=torch.float64)
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        alive = torch.ones(B, 1, dtype=torch.bool) if lens is None else (t < lens).unsqueeze(1)
+        dpre = torch.where(alive & (y[t] > 0), d["dy"][t].detach() + dh, 0.0)
+        dgx[t] = dpre
+        dh = torch.where(alive, dpre @ W, dh)
+    return dgx, dh
+
+
+def _check(tmp_path, cell, dtype, T, B, H, x, lens, reverse, backward=True):
+    """Forward outputs and saved tensors, and (backward) the gradients of gx, h0, c0 and of the hidden
+    pre-activations, against the float64 reference and its autograd."""
+    d = {n: (v.double().requires_grad_(n in ("gx", "h0", "c0")) if v is not None else None) for n, v in x.items()}
     y_ref, h_ref, c_ref = reference.recurrence(cell, d["gx"], d["h0"], d["c0"], d["w_hh"], d["b_hh"], None,
                                                lens, reverse)
     got = {"y": _read(tmp_path, "y", (T, B, H), dtype), "h_n": _read(tmp_path, "h_n", (B, H), dtype)}
     want = {"y": y_ref, "h_n": h_ref}
     if cell == "lstm":
         got["c_n"], want["c_n"] = _read(tmp_path, "c_n", (B, H), dtype), c_ref
+    G = CELLS[cell][1]
+    if backward:
+        loss = (y_ref * d["dy"]).sum() + (h_ref * d["dh_n"]).sum()
+        if cell == "lstm":
+            loss = loss + (c_ref * d["dc_n"]).sum()
+        leaves = [d["gx"], d["h0"]] + ([d["c0"]] if cell == "lstm" else [])
+        grads = torch.autograd.grad(loss, leaves)
+        got["dgx"], want["dgx"] = _read(tmp_path, "dgx", (T, B, G * H), dtype), grads[0]
+        got["dh0"], want["dh0"] = _read(tmp_path, "dh0", (B, H), dtype), grads[1]
+        if cell == "lstm":
+            got["dc0"], want["dc0"] = _read(tmp_path, "dc0", (B, H), dtype), grads[2]
+        if cell == "rnn_relu":
+            want["dgx"], want["dh0"] = _relu_backward_given_y(d, got["y"].double(), lens, reverse)
+    want = {n: v.detach() for n, v in want.items()}
     if cell in ("lstm", "gru"):
         gates, cells = _expected_saved(cell, x, lens, reverse)
         got["gates"], want["gates"] = _read(tmp_path, "gates", (T, B, 4 * H), dtype), gates
+        if backward and cell == "gru":  # grad of gh = h @ w_hh.T + b_hh: dgx, but d gh_n = d gx_n * r
+            dgh = want["dgx"].clone()
+            dgh[:, :, 2 * H:] *= gates[:, :, :H]
+            got["dgh"], want["dgh"] = _read(tmp_path, "dgh", (T, B, 3 * H), dtype), dgh
         if cell == "lstm":
             got["cells"], want["cells"] = _read(tmp_path, "cells", (T, B, H), torch.float32), cells
     for name in got:
@@ -153,7 +199,7 @@ def _check(tmp_path, cell, dtype, T, B, H, x, lens, reverse):
     (5, 5, 37, False, False, True, 0),   # 3 k-tiles: warp 0 two, warp 1 one (+ one past the end), 6 idle
     (4, 11, 45, True, True, False, 1),   # two batch groups of 8 rows, reversed, variable lengths, no bias
 ], ids=["H37-fwd", "H45-rev-lengths-2groups"])
-def test_forward_matches_reference(tmp_path, cell, dtype, case):
+def test_forward_backward_match_reference(tmp_path, cell, dtype, case):
     T, B, H, reverse, lengths, bias, tiling = case
     x, lens, _ = _run(tmp_path, _exe("plain"), cell, dtype, T, B, H, reverse, lengths, bias, tiling)
     _check(tmp_path, cell, dtype, T, B, H, x, lens, reverse)
@@ -161,14 +207,14 @@ def test_forward_matches_reference(tmp_path, cell, dtype, case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_forward_under_thread_sanitizer(tmp_path, cell, dtype):
+def test_under_thread_sanitizer(tmp_path, cell, dtype):
     T, B, H = 4, 11, 37
     x, lens, _ = _run(tmp_path, _exe("tsan"), cell, dtype, T, B, H, True, True, True, 1, seed=1)
     _check(tmp_path, cell, dtype, T, B, H, x, lens, True)
 
 
 @pytest.mark.parametrize("cell,dtype", [("lstm", torch.bfloat16), ("gru", torch.float16)], ids=["lstm-bf16", "gru-fp16"])
-def test_forward_under_address_sanitizer(tmp_path, cell, dtype):
+def test_under_address_sanitizer(tmp_path, cell, dtype):
     T, B, H = 3, 11, 45
     x, lens, _ = _run(tmp_path, _exe("asan"), cell, dtype, T, B, H, False, True, True, 0, seed=2)
     _check(tmp_path, cell, dtype, T, B, H, x, lens, False)
@@ -177,7 +223,8 @@ def test_forward_under_address_sanitizer(tmp_path, cell, dtype):
 # ---------------------------------------------------------------------------------------------------
 # planted synchronisation bugs must fail (a wrong or poisoned result, or a TSan report)
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mutation", [1, 2], ids=["flag-wait-removed", "flag-published-before-data"])
+@pytest.mark.parametrize("mutation", [1, 2, 3],
+                         ids=["flag-wait-removed", "flag-published-before-data", "backward-reduction-unwaited"])
 def test_mutations_are_caught(tmp_path, mutation):
     T, B, H, cell, dtype = 5, 11, 45, "lstm", torch.bfloat16
     proc = None
@@ -230,7 +277,7 @@ def sm90_object(tmp_path_factory):
 
 
 def _tiling_of(mangled):
-    """(MT, KT, NT) from a mangled persistent_v2_forward_kernel<C, S, MT, KT, NT> name."""
+    """(MT, KT, NT) from a mangled persistent_v2_{forward,backward}_kernel<C, S, MT, KT, NT> name."""
     return tuple(int(v) for v in re.findall(r"Li(\d+)E", mangled)[-3:])
 
 
@@ -238,7 +285,7 @@ def test_sm90_no_spills_and_registers(sm90_object):
     _, log = sm90_object
     entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads.*?Used (\d+) registers", log, re.S)
-    assert len(entries) == 6, log
+    assert len(entries) == 12, log  # 6 tilings x forward, backward
     for name, stack, st, ld, regs in entries:
         assert (int(stack), int(st), int(ld)) == (0, 0, 0), f"{name}: local memory used\n{log}"
         mt, kt, nt = _tiling_of(name)
@@ -253,12 +300,14 @@ def test_sm90_sass_has_one_hmma_per_mma(sm90_object):
     obj, _ = sm90_object
     sass = subprocess.run([cuobjdump, "--dump-sass", str(obj)], capture_output=True, text=True, check=True).stdout
     functions = re.split(r"\n\s*Function : ", sass)[1:]
-    assert len(functions) == 6
+    assert len(functions) == 12
     for f in functions:
         name = f.split()[0]
         mt, kt, nt = _tiling_of(name)
         assert len(re.findall(r"\bHMMA\.16816\.F32", f)) == mt * kt * nt, name
-        assert "LDSM" in f and "LDGSTS" in f, f"{name}: no ldmatrix / cp.async in the SASS"
+        assert "LDSM" in f, f"{name}: no ldmatrix in the SASS"
+        if "forward" in name:
+            assert "LDGSTS" in f, f"{name}: h not copied with cp.async"
         assert not re.search(r"\b(LDL|STL)\b", f), f"{name}: local memory in the SASS"
 
 
