@@ -43,6 +43,7 @@ def run_expecting_failure(mode, *args, timeout=60):
 CORRECT = [
     "reduce",                 # __syncthreads + static and dynamic shared memory
     "pingpong",               # blocks exchange through global memory across fr_grid_sync()
+    "barrier_loop",           # __syncwarp (full, half), allgather, __syncthreads, grid sync, 12 rounds
     "warp_ops",               # every shuffle variant with widths, ballot/any/all, half-warp masks, __activemask
     "atomics",                # atomicAdd/Sub/Max/Min/Or/CAS on int, unsigned long long, float, double
     "allgather",              # fr_emu::warp_allgather, full and interleaved masks
@@ -64,7 +65,7 @@ def test_correct_program_passes(mode, scenario):
 
 
 @pytest.mark.parametrize("mode", ["plain", "tsan"])
-@pytest.mark.parametrize("scenario", ["reduce", "pingpong", "atomics"])
+@pytest.mark.parametrize("scenario", ["reduce", "pingpong", "barrier_loop", "atomics"])
 def test_repeated_runs_are_bitwise_identical(mode, scenario):
     outputs = {run_ok(mode, scenario).stdout for _ in range(3)}
     assert len(outputs) == 1, outputs
@@ -89,6 +90,12 @@ def test_missing_syncthreads_before_shared_reuse_is_caught(mode):
 
 def test_missing_grid_sync_is_reported_by_tsan():
     assert_race_reported(run_expecting_failure("tsan", "pingpong", "bug"))
+
+
+@pytest.mark.parametrize("skip", [1, 2, 3, 4], ids=["syncwarp", "syncwarp_half_mask", "syncthreads", "grid_sync"])
+def test_each_barrier_removed_from_a_loop_is_reported_by_tsan(skip):
+    # The same loop passes with every barrier in place (test_correct_program_passes[barrier_loop-tsan]).
+    assert_race_reported(run_expecting_failure("tsan", "barrier_loop", f"skip={skip}"))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -139,3 +146,35 @@ def test_misuse_is_an_error(mode, scenario, message):
     assert proc.returncode == MISUSE_EXIT, (proc.returncode, proc.stderr[-3000:])
     assert "fr_emu: error:" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
     assert emu_build.sanitizer_report(proc.stderr) is None, proc.stderr[-3000:]
+
+
+# ---- the emulator's own half precision (used where the CUDA toolkit's headers are absent) -------------------------
+@pytest.mark.parametrize("own", [True, False], ids=["own_half_h", "toolkit"])
+def test_half_conversions_round_like_torch(own, tmp_path):
+    import torch
+
+    if not own and emu_build._cuda_include() is None:
+        pytest.skip("no CUDA toolkit headers: the emulator uses its own half.h (tested by the other case)")
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-8, 1e-6, 6e-5, 1e-3, 1.0, 300.0, 6e4, 1e30])
+    x = torch.cat([
+        (torch.randn(800, generator=gen) * scales.repeat_interleave(100)),
+        torch.tensor([0.0, -0.0, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 65504.0, 65519.0, 65520.0, 2.0**-24, 2.0**-25,
+                      3 * 2.0**-26, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 3.4e38, float("inf"), float("-inf"), float("nan")]),
+    ]).float()
+    (tmp_path / "in.f32").write_bytes(x.numpy().tobytes())
+    exe = emu_build.build([DRIVER.parent / "runtime_half.cpp"], "asan", "runtime_half_own" if own else "runtime_half",
+                          defines=("FR_EMU_OWN_HALF",) if own else ())
+    emu_build.run(exe, [tmp_path / "in.f32", tmp_path / "out.bin"])
+    out = (tmp_path / "out.bin").read_bytes()
+    n = x.numel()
+    half_bits = torch.frombuffer(bytearray(out[: 2 * n]), dtype=torch.int16)
+    bf16_bits = torch.frombuffer(bytearray(out[2 * n: 4 * n]), dtype=torch.int16)
+    half_back = torch.frombuffer(bytearray(out[4 * n: 8 * n]), dtype=torch.float32)
+    bf16_back = torch.frombuffer(bytearray(out[8 * n: 12 * n]), dtype=torch.float32)
+    num = ~torch.isnan(x)  # NaN must stay NaN; its payload may differ
+    assert torch.equal(half_bits[num], x[num].half().view(torch.int16))
+    assert torch.equal(bf16_bits[num], x[num].bfloat16().view(torch.int16))
+    assert torch.equal(half_back[num], x[num].half().float())
+    assert torch.equal(bf16_back[num], x[num].bfloat16().float())
+    assert torch.isnan(half_back[~num]).all() and torch.isnan(bf16_back[~num]).all()

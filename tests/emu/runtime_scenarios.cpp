@@ -1,6 +1,6 @@
 // Small kernels that exercise the emulator (csrc/cuda/emu/), run by tests/test_cuda_emu_runtime.py.
 //
-//   runtime_scenarios <scenario> [bug] [stall_seconds]
+//   runtime_scenarios <scenario> [bug | skip=N] [stall_seconds]
 //
 // Correct scenarios check their own result against a host computation and print their outputs in hex (the
 // test compares repeated runs bitwise); exit 0 when right, 1 when wrong. With "bug", a scenario plants the
@@ -18,6 +18,7 @@
 namespace {
 
 bool g_bug = false;
+int g_skip = 0;  // barrier_loop: which barrier the planted bug removes (1-4), 0: none
 double g_stall = 20;
 
 int check(bool ok, const char* what) {
@@ -104,6 +105,46 @@ int pingpong() {
   fr_emu::launch(config(blocks, threads, true), pingpong_kernel, buf.data(), out.data(), rounds);
   print_hex("out", out);
   return check(out == expect, "pingpong");
+}
+
+// ---- every ordering barrier in a loop: TSan must see no race over many rounds (round-parity objects) ----------
+FR_KERNEL void barrier_loop_kernel(float* g, float* out, int rounds) {
+  FR_SHARED_ARRAY(float, s, 128);
+  const unsigned t = threadIdx.x, lane = t % 32, w = t / 32, n = blockDim.x, b = blockIdx.x, nb = gridDim.x;
+  float acc = 0;
+  for (int r = 0; r < rounds; ++r) {
+    s[t] = static_cast<float>(r) + static_cast<float>(lane);
+    if (g_skip != 1) __syncwarp();
+    acc += s[w * 32 + 31 - lane];
+    __syncwarp();
+    const unsigned half = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+    s[t] = acc;
+    if (g_skip != 2) __syncwarp(half);
+    acc += s[w * 32 + (lane < 16 ? 15 - lane : 47 - lane)] * 0.5f;
+    __syncwarp(half);
+    float all[32];
+    fr_emu::warp_allgather(0xffffffffu, &acc, sizeof acc, all);
+    acc += all[(lane + 3) % 32] * 0.125f;
+    s[t] = acc;
+    if (g_skip != 3) __syncthreads();
+    acc += s[n - 1 - t] * 0.5f;
+    __syncthreads();
+    g[b * n + t] = acc;  // one buffer, two grid syncs per round
+    if (g_skip != 4) fr_grid_sync();
+    acc = 0.25f * acc + g[((b + 1) % nb) * n + (n - 1 - t)];
+    fr_grid_sync();
+  }
+  out[b * n + t] = acc;
+}
+
+int barrier_loop() {
+  const unsigned blocks = 3, threads = 128;
+  std::vector<float> g(blocks * threads, NAN), out(blocks * threads, NAN);
+  fr_emu::launch(config(blocks, threads, true), barrier_loop_kernel, g.data(), out.data(), 12);
+  bool ok = true;
+  for (float x : out) ok &= std::isfinite(x);
+  print_hex("out", out);
+  return check(ok, "barrier_loop");
 }
 
 // ---- shuffles and votes against values computed on the host ----------------------------------------------
@@ -404,9 +445,11 @@ int main(int argc, char** argv) {
   }
   const std::string s = argv[1];
   g_bug = argc > 2 && std::string(argv[2]) == "bug";
+  if (argc > 2 && std::string(argv[2]).rfind("skip=", 0) == 0) g_skip = std::atoi(argv[2] + 5);
   if (argc > 3) g_stall = std::atof(argv[3]);
   if (s == "reduce") return reduce();
   if (s == "pingpong") return pingpong();
+  if (s == "barrier_loop") return barrier_loop();
   if (s == "warp_ops") return warp_ops();
   if (s == "atomics") return atomics();
   if (s == "allgather") return allgather();

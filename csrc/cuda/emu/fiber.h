@@ -52,7 +52,13 @@ class Stacks {
   ~Stacks();
   void allocate(int count, bool guard_pages);
   void* stack(int i) const;
-  static constexpr size_t kStackSize = 256 * 1024;  // virtual; pages are touched only as lanes use them
+  // Kernel frames are small; AddressSanitizer's redzones make them larger. Sanitizers also pay per mapped
+  // byte (shadow memory), so the stacks stay as small as is safe.
+#ifdef FR_EMU_ASAN
+  static constexpr size_t kStackSize = 256 * 1024;
+#else
+  static constexpr size_t kStackSize = 64 * 1024;
+#endif
 
  private:
   char* base_ = nullptr;

@@ -36,8 +36,9 @@ void exit_now(int code) {
 namespace {
 
 // A non-cooperative grid runs in waves of at most this many threads (the GPU guarantees nothing about which
-// blocks run together, so any wave size is faithful); bounds the OS threads and stacks alive at once.
-constexpr unsigned kMaxThreadsPerWave = 8192;
+// blocks run together, so any wave size is faithful); bounds the OS threads and stacks alive at once, and stays
+// below g++'s ThreadSanitizer limit of 8128 threads (every lane is one).
+constexpr unsigned kMaxThreadsPerWave = 4096;
 
 struct Residency {
   unsigned per_sm;
