@@ -17,6 +17,8 @@ products are exact in fp32). A wait that is too weak shows in the emulator (the 
 the wait) but may pass on a GPU, so those cases are emulator-only.
 """
 import functools
+import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -54,22 +56,22 @@ def _cuobjdump():
     for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if home:
             candidates.append(str(Path(home) / "bin" / "cuobjdump"))
-    try:
-        import triton
-        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    except ImportError:
-        pass
+    triton = importlib.util.find_spec("triton")  # its wheel ships a cuobjdump
+    if triton is not None and triton.origin:
+        candidates.append(str(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
     return next((c for c in candidates if c and Path(c).exists()), None)
 
 
-def _emu_skip_reason(mode):
+def _emu_skip_reason():
     path, why = emu_build.compiler()
     return None if path else why
 
 
 @functools.lru_cache(maxsize=None)
 def _emu_exe(mode):
-    return emu_build.build([DRIVER], mode, "ptx_ops")
+    # emu_build keys its cache on the driver and csrc/ headers; the test kernels' header is keyed through a define
+    kernels = hashlib.sha256((EMU / "ptx_test_kernels.cuh").read_bytes()).hexdigest()[:16]
+    return emu_build.build([DRIVER], mode, "ptx_ops", defines=(f"FR_PTX_TEST_KERNELS_SHA={kernels}",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,19 +111,19 @@ WHERE = [pytest.param(m, id=m) for m in emu_build.MODES] + [pytest.param("gpu", 
 
 @pytest.fixture(params=WHERE)
 def where(request):
-    reason = _gpu_skip_reason() if request.param == "gpu" else _emu_skip_reason(request.param)
+    reason = _gpu_skip_reason() if request.param == "gpu" else _emu_skip_reason()
     if reason:
         pytest.skip(reason)
     return request.param
 
 
-@pytest.fixture
+@pytest.fixture(params=emu_build.MODES)
 def emulated(request):
     """The emulator only (cases whose expected result holds there and not necessarily on a GPU)."""
-    reason = _emu_skip_reason("plain")
+    reason = _emu_skip_reason()
     if reason:
         pytest.skip(reason)
-    return "plain"
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,6 +245,18 @@ def test_ldmatrix_x4_is_the_mma_a_fragment():
         np.testing.assert_array_equal(frag[:, i], A[r, c] | (A[r, c + 1] << 16))
 
 
+def test_ldmatrix_feeds_mma(where, tmp_path):
+    """ldmatrix.x4 (A) and .x2.trans (B) from row-major tiles in shared memory, then mma: A B + C."""
+    tiles = 3
+    g = torch.Generator().manual_seed(21)
+    A = torch.randn(tiles, 16, 16, generator=g).to(torch.bfloat16)
+    B = torch.randn(tiles, 16, 8, generator=g).to(torch.bfloat16)
+    C = torch.randn(tiles, 16, 8, generator=g)
+    out = _run(where, tmp_path, "ldmatrix_mma", [tiles], _bits16(A), _bits16(B), C.numpy())
+    D = np.frombuffer(out, dtype=np.float32).reshape(tiles, 16, 8).copy()
+    _check_mma(D, A.double(), B.double(), C.double(), where, 1, 16)
+
+
 # ---------------------------------------------------------------------------------------------------
 # cp.async
 # ---------------------------------------------------------------------------------------------------
@@ -286,23 +300,56 @@ def test_cp_async_missing_wait_leaves_stale_data(emulated, tmp_path, mode):
     np.testing.assert_array_equal(out, exp)
 
 
+@pytest.mark.parametrize("what,message", [(0, "ldmatrix: a row address is not 16-byte aligned"),
+                                          (1, "cp.async: address not aligned to the copy size")],
+                         ids=["ldmatrix", "cp_async"])
+def test_misaligned_address_is_refused(emulated, tmp_path, what, message):
+    """A misaligned address is an emulator error (exit 87) naming the kernel's line, not a wrong result."""
+    inp = tmp_path / "none.in"
+    inp.write_bytes(b"")
+    r = emu_build.run(_emu_exe(emulated), ["misaligned", inp, tmp_path / "none.out", what], expect_ok=False)
+    assert r.returncode == 87, r.stderr
+    assert f"fr_emu: error: {message} (" in r.stderr and "ptx_test_kernels.cuh:" in r.stderr, r.stderr
+
+
 # ---------------------------------------------------------------------------------------------------
 # release/acquire flags
 # ---------------------------------------------------------------------------------------------------
-def test_flags_release_acquire(where, tmp_path):
-    nb, steps = 5, 6
-    seed = torch.randint(0, 1 << 31, (nb, FLAG_THREADS), generator=torch.Generator().manual_seed(7)).numpy()
-    seed = seed.astype(np.uint32)
-    out = np.frombuffer(_run(where, tmp_path, "flags", [nb, steps], seed), dtype=np.uint32)
-    data, total = out[:-FLAG_THREADS].reshape(steps, nb, FLAG_THREADS), out[-FLAG_THREADS:]
-    exp = np.zeros((steps, nb, FLAG_THREADS), dtype=np.uint64)
+def _flags_expected(seed, steps):
+    """data[s][b][i] = 3 data[s-1][b-1][(i+1) % 64] + data[s-1][b][i] + s (uint32), total = sum over b of the last."""
+    exp = np.zeros((steps,) + seed.shape, dtype=np.uint64)
     exp[0] = seed
     mask = (1 << 32) - 1
     for s in range(1, steps):
         left = np.roll(exp[s - 1], 1, axis=0)  # block b reads block b-1
         exp[s] = (3 * np.roll(left, -1, axis=1) + exp[s - 1] + s) & mask
-    np.testing.assert_array_equal(data, exp.astype(np.uint32))
-    np.testing.assert_array_equal(total, (exp[-1].sum(axis=0) & mask).astype(np.uint32))
+    return exp.astype(np.uint32), (exp[-1].sum(axis=0) & mask).astype(np.uint32)
+
+
+def _flags_input(nb):
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 1 << 31, (nb, FLAG_THREADS), generator=g).numpy().astype(np.uint32)
+
+
+def test_flags_release_acquire(where, tmp_path):
+    nb, steps = 5, 6
+    seed = _flags_input(nb)
+    out = np.frombuffer(_run(where, tmp_path, "flags", [nb, steps, 0], seed), dtype=np.uint32)
+    exp_data, exp_total = _flags_expected(seed, steps)
+    np.testing.assert_array_equal(out[:-FLAG_THREADS].reshape(exp_data.shape), exp_data)
+    np.testing.assert_array_equal(out[-FLAG_THREADS:], exp_total)
+
+
+def test_flags_without_release_acquire_is_a_race(tmp_path):
+    """Planted bug: the step flags published and read relaxed. ThreadSanitizer must report the data race the
+    release/acquire pair prevents (the result may still be right on x86)."""
+    reason = _emu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    inp, out = tmp_path / "flags.in", tmp_path / "flags.out"
+    inp.write_bytes(_flags_input(5).tobytes())
+    r = emu_build.run(_emu_exe("tsan"), ["flags", inp, out, 5, 6, 1], expect_ok=False)
+    assert r.returncode == emu_build.SANITIZER_EXIT and "data race" in r.stderr, (r.returncode, r.stderr[-3000:])
 
 
 # ---------------------------------------------------------------------------------------------------

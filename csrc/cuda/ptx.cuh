@@ -1,6 +1,12 @@
 // Inline PTX, only behind these small wrappers: tensor-core MMA, ldmatrix, cp.async and the
 // release/acquire flag operations of the persistent kernels.
 //
+//   fr_ptx::mma_m16n8k16<S>(d, a, b, c)        S = __nv_bfloat16 or __half, fp32 accumulate
+//   fr_ptx::mma_m16n8k8_tf32(d, a, b, c)       with fr_ptx::cvt_tf32(x) for the operands
+//   fr_ptx::ldmatrix<N, Trans>(regs, smem_row) N = 1, 2, 4 matrices of 8x8 16-bit
+//   fr_ptx::cp_async_cg16 / cp_async_ca<4|8|16>, cp_async_commit, cp_async_wait<N>, cp_async_wait_all
+//   fr_ptx::ld_acquire_gpu / st_release_gpu / red_release_add_gpu / wait_flag_geq_gpu (and _sys)
+//
 // Under nvcc each wrapper is one PTX instruction (sm_80 and newer; the build targets 8.0 and 9.0).
 // Under a host compiler with FUSED_RNN_EMULATE each wrapper is emulated on the CPU emulator
 // (csrc/cuda/emu/): a warp-wide instruction is one fr_emu::warp_allgather round in which every
@@ -28,8 +34,6 @@
 #elif defined(FUSED_RNN_EMULATE)
 #define FR_PTX_EMULATE 1
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <thread>
 #else
@@ -44,15 +48,32 @@
 #define FR_PTX_SM80 1
 #endif
 
+// In the emulator the warp-wide wrappers take the caller's file and line as hidden default arguments,
+// as the runtime's own intrinsics do, so that a membermask or deadlock report names the kernel's line.
+#if defined(FR_PTX_EMULATE)
+#define FR_PTX_CALL_SITE_ONLY const char *file = __builtin_FILE(), int line = __builtin_LINE()
+#define FR_PTX_CALL_SITE , FR_PTX_CALL_SITE_ONLY
+#else
+#define FR_PTX_CALL_SITE_ONLY
+#define FR_PTX_CALL_SITE
+#endif
+
+#if defined(FR_PTX_EMULATE)
+namespace fr_emu {
+namespace detail {
+[[noreturn]] void fail(const char* format, ...);  // csrc/cuda/emu/runtime.h: report a misuse, exit 87
+}  // namespace detail
+}  // namespace fr_emu
+#endif
+
 namespace fr_ptx {
 
 #if defined(FR_PTX_EMULATE)
 namespace emu {
 
-[[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "fr_emu: error: %s\n", what);
-  std::fflush(stderr);
-  std::_Exit(87);
+// A misuse the GPU would leave undefined: "fr_emu: error: ..." and exit 87, through the runtime.
+[[noreturn]] inline void fail(const char* what, const char* file, int line) {
+  ::fr_emu::detail::fail("%s (%s:%d)", what, file, line);
 }
 
 inline uint32_t bits_of(float x) {
@@ -110,12 +131,12 @@ struct MmaOperands {
 // fragment table (place(A, B, g, t, operands of lane 4g + t)), and computes this lane's D elements.
 template <int K, class Place>
 inline void mma_m16n8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
-                      Place place) {
+                      Place place, const char* file, int line) {
   MmaOperands mine, all[32];
   std::memcpy(mine.a, a, sizeof mine.a);
   std::memcpy(mine.b, b, sizeof mine.b);
   std::memcpy(mine.c, c, sizeof mine.c);
-  fr_emu::warp_allgather(0xFFFFFFFFu, &mine, sizeof mine, all);
+  fr_emu::warp_allgather(0xFFFFFFFFu, &mine, sizeof mine, all, file, line);
   double A[16][K], B[K][8];
   for (int l = 0; l < 32; ++l) place(A, B, l / 4, l % 4, all[l]);
   const int lane = fr_emu::lane_id(), g = lane / 4, t = lane % 4;
@@ -142,11 +163,12 @@ inline void place_m16n8k16(double (&A)[16][16], double (&B)[16][8], int g, int t
 
 // S is the 16-bit input type: __nv_bfloat16 or __half.
 template <typename S>
-FR_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+FR_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                             const float (&c)[4] FR_PTX_CALL_SITE) {
   constexpr bool bf16 = std::is_same<S, __nv_bfloat16>::value;
   static_assert(bf16 || std::is_same<S, __half>::value, "mma m16n8k16 takes __nv_bfloat16 or __half inputs");
 #if defined(FR_PTX_EMULATE)
-  emu::mma_m16n8<16>(d, a, b, c, emu::place_m16n8k16<bf16>);
+  emu::mma_m16n8<16>(d, a, b, c, emu::place_m16n8k16<bf16>, file, line);
 #elif FR_PTX_SM80
   if constexpr (bf16)
     FR_PTX_MMA_4x2x4("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
@@ -189,12 +211,12 @@ FR_DEVICE uint32_t cvt_tf32(float x) {
 // Operands are tf32 bit patterns (cvt_tf32); d may alias c.
 // ------------------------------------------------------------------------------------------------
 FR_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                const float (&c)[4]) {
+                                const float (&c)[4] FR_PTX_CALL_SITE) {
 #if defined(FR_PTX_EMULATE)
   emu::mma_m16n8<8>(d, a, b, c, [](double (&A)[16][8], double (&B)[8][8], int g, int t, const emu::MmaOperands& o) {
     for (int i = 0; i < 4; ++i) A[g + 8 * (i & 1)][t + 4 * (i >> 1)] = emu::tf32_value(o.a[i]);
     for (int i = 0; i < 2; ++i) B[t + 4 * i][g] = emu::tf32_value(o.b[i]);
-  });
+  }, file, line);
 #elif FR_PTX_SM80
   FR_PTX_MMA_4x2x4("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32");
 #else
@@ -216,7 +238,7 @@ FR_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uin
 // yields B fragments.
 // ------------------------------------------------------------------------------------------------
 template <int N, bool Trans = false>
-FR_DEVICE void ldmatrix(uint32_t (&r)[N], const void* smem_row) {
+FR_DEVICE void ldmatrix(uint32_t (&r)[N], const void* smem_row FR_PTX_CALL_SITE) {
   static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
 #if defined(FR_PTX_EMULATE)
   // Each addressing lane reads its row inside the instruction (before the collective completes,
@@ -226,10 +248,10 @@ FR_DEVICE void ldmatrix(uint32_t (&r)[N], const void* smem_row) {
   } mine{}, rows[32];
   const int l = fr_emu::lane_id();
   if (l < 8 * N) {
-    if (!emu::aligned(smem_row, 16)) emu::fail("ldmatrix: a row address is not 16-byte aligned");
+    if (!emu::aligned(smem_row, 16)) emu::fail("ldmatrix: a row address is not 16-byte aligned", file, line);
     std::memcpy(mine.bytes, smem_row, 16);
   }
-  fr_emu::warp_allgather(0xFFFFFFFFu, &mine, sizeof mine, rows);
+  fr_emu::warp_allgather(0xFFFFFFFFu, &mine, sizeof mine, rows, file, line);
   for (int j = 0; j < N; ++j) {
     uint16_t e[2];
     for (int h = 0; h < 2; ++h) {
@@ -297,16 +319,18 @@ inline AsyncCopies& async_copies_of_this_thread() {
   thread_local AsyncCopies lanes[32];
   return lanes[fr_emu::lane_id()];
 }
-inline void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
-  if (!aligned(dst, bytes) || !aligned(src, bytes)) fail("cp.async: address not aligned to the copy size");
-  if (src_bytes > bytes) fail("cp.async: src_bytes larger than the copy size");
+inline void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes, const char* file, int line) {
+  if (!aligned(dst, bytes) || !aligned(src, bytes)) fail("cp.async: address not aligned to the copy size", file, line);
+  if (src_bytes > bytes) fail("cp.async: src_bytes larger than the copy size", file, line);
   AsyncCopies& a = async_copies_of_this_thread();
-  if (a.n_copies == kMaxCopiesInFlight) fail("cp.async: more copies in flight in one thread than ptx.cuh keeps");
+  if (a.n_copies == kMaxCopiesInFlight)
+    fail("cp.async: more copies in flight in one thread than ptx.cuh keeps", file, line);
   a.copy[a.n_copies++] = PendingCopy{dst, src, bytes, src_bytes};
 }
-inline void commit() {  // an empty group counts, as on the GPU
+inline void commit(const char* file, int line) {  // an empty group counts, as on the GPU
   AsyncCopies& a = async_copies_of_this_thread();
-  if (a.n_groups == kMaxGroupsInFlight) fail("cp.async: more groups in flight in one thread than ptx.cuh keeps");
+  if (a.n_groups == kMaxGroupsInFlight)
+    fail("cp.async: more groups in flight in one thread than ptx.cuh keeps", file, line);
   a.group_end[a.n_groups++] = a.n_copies;
 }
 // Performs the oldest committed groups until at most n remain in flight.
@@ -316,7 +340,7 @@ inline void wait_group(unsigned n) {
   const unsigned groups_done = a.n_groups - n, copies_done = a.group_end[groups_done - 1];
   for (unsigned i = 0; i < copies_done; ++i) {
     const PendingCopy& c = a.copy[i];
-    std::memcpy(c.dst, c.src, c.src_bytes);
+    if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);  // src_bytes 0: src is not read
     std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
   }
   for (unsigned i = copies_done; i < a.n_copies; ++i) a.copy[i - copies_done] = a.copy[i];
@@ -328,9 +352,9 @@ inline void wait_group(unsigned n) {
 #endif
 
 // 16 bytes, L2 only (.cg); src_bytes < 16 reads that many and zero-fills the rest.
-FR_DEVICE void cp_async_cg16(void* smem_dst, const void* gmem_src, unsigned src_bytes = 16) {
+FR_DEVICE void cp_async_cg16(void* smem_dst, const void* gmem_src, unsigned src_bytes = 16 FR_PTX_CALL_SITE) {
 #if defined(FR_PTX_EMULATE)
-  emu::cp_async(smem_dst, gmem_src, 16, src_bytes);
+  emu::cp_async(smem_dst, gmem_src, 16, src_bytes, file, line);
 #elif FR_PTX_SM80
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(s), "l"(gmem_src), "r"(src_bytes)
@@ -342,10 +366,10 @@ FR_DEVICE void cp_async_cg16(void* smem_dst, const void* gmem_src, unsigned src_
 
 // 4, 8 or 16 bytes through L1 (.ca).
 template <int Bytes>
-FR_DEVICE void cp_async_ca(void* smem_dst, const void* gmem_src) {
+FR_DEVICE void cp_async_ca(void* smem_dst, const void* gmem_src FR_PTX_CALL_SITE) {
   static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async.ca copies 4, 8 or 16 bytes");
 #if defined(FR_PTX_EMULATE)
-  emu::cp_async(smem_dst, gmem_src, Bytes, Bytes);
+  emu::cp_async(smem_dst, gmem_src, Bytes, Bytes, file, line);
 #elif FR_PTX_SM80
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" :: "r"(s), "l"(gmem_src), "n"(Bytes) : "memory");
@@ -354,9 +378,9 @@ FR_DEVICE void cp_async_ca(void* smem_dst, const void* gmem_src) {
 #endif
 }
 
-FR_DEVICE void cp_async_commit() {
+FR_DEVICE void cp_async_commit(FR_PTX_CALL_SITE_ONLY) {
 #if defined(FR_PTX_EMULATE)
-  emu::commit();
+  emu::commit(file, line);
 #elif FR_PTX_SM80
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #else
@@ -367,7 +391,7 @@ FR_DEVICE void cp_async_commit() {
 // Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 FR_DEVICE void cp_async_wait() {
-  static_assert(N >= 0 && N <= 7, "cp.async.wait_group takes 0..7");
+  static_assert(N >= 0, "cp.async.wait_group takes a count of groups");
 #if defined(FR_PTX_EMULATE)
   emu::wait_group(N);
 #elif FR_PTX_SM80
@@ -378,9 +402,9 @@ FR_DEVICE void cp_async_wait() {
 }
 
 // Commit the open copies and wait for all of them (cp.async.wait_all = commit_group + wait_group 0).
-FR_DEVICE void cp_async_wait_all() {
+FR_DEVICE void cp_async_wait_all(FR_PTX_CALL_SITE_ONLY) {
 #if defined(FR_PTX_EMULATE)
-  emu::commit();
+  emu::commit(file, line);
   emu::wait_group(0);
 #elif FR_PTX_SM80
   asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -397,6 +421,8 @@ FR_DEVICE void cp_async_wait_all() {
 // saw through earlier acquires or barriers); the acquire that reads the value sees them. For a
 // block-wide handoff: __syncthreads(), then one thread releases; one thread acquires, then
 // __syncthreads().
+// Cost (SASS of sm_90, CUDA 13): a release is MEMBAR.ALL.GPU + ST.STRONG.GPU, an acquire is
+// LD.STRONG.GPU + CCTL.IVALL (the SM's L1 invalidated): one thread per block, once per step.
 // Emulation: C++ atomics with the same orders (ThreadSanitizer sees the happens-before edge).
 // ------------------------------------------------------------------------------------------------
 #if defined(FR_PTX_EMULATE)
@@ -450,3 +476,5 @@ FR_DEVICE unsigned wait_flag_geq_sys(const unsigned* flag, unsigned target) { re
 }  // namespace fr_ptx
 
 #undef FR_PTX_MMA_4x2x4
+#undef FR_PTX_CALL_SITE
+#undef FR_PTX_CALL_SITE_ONLY

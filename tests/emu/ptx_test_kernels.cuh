@@ -17,6 +17,9 @@
 #include <cstring>
 #include <string>
 #include <vector>
+#if defined(FUSED_RNN_EMULATE)
+#include <thread>
+#endif
 
 namespace ptx_test {
 
@@ -106,6 +109,28 @@ FR_KERNEL void ldmatrix_kernel(const uint16_t* src, uint32_t* out, int tiles) {
   for (int j = 0; j < N; ++j) out[(size_t(tile) * 32 + lane) * N + j] = r[j];
 }
 
+// ---- ldmatrix feeding mma, the tensor-core kernels' pattern: D = A B + C for bf16 tiles ---------
+// A [tiles][16][16] and B [tiles][16][8] (row-major) staged in shared memory by the warp; the A
+// fragment by ldmatrix.x4 (lane l addresses row l % 16, columns 8 (l / 16) .. +7), the B fragment by
+// ldmatrix.x2.trans (lane l addresses row l % 16 of B). One warp per tile.
+FR_KERNEL void ldmatrix_mma_kernel(const uint16_t* A, const uint16_t* B, const float* C, float* D) {
+  FR_SHARED_ARRAY(Row16, a_rows, 32);  // row r, columns 8h..8h+7 at a_rows[2r + h]
+  FR_SHARED_ARRAY(Row16, b_rows, 16);
+  const int tile = int(blockIdx.x), lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
+  const int r = lane % 16, h = lane / 16;
+  for (int c = 0; c < 8; ++c) a_rows[2 * r + h].e[c] = A[size_t(tile) * 256 + r * 16 + 8 * h + c];
+  if (lane < 16)
+    for (int c = 0; c < 8; ++c) b_rows[lane].e[c] = B[size_t(tile) * 128 + lane * 8 + c];
+  __syncwarp();
+  uint32_t a[4], b[2];
+  fr_ptx::ldmatrix<4>(a, &a_rows[2 * r + h]);
+  fr_ptx::ldmatrix<2, true>(b, &b_rows[r]);
+  float acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = C[size_t(tile) * 128 + (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+  fr_ptx::mma_m16n8k16<__nv_bfloat16>(acc, a, b, acc);
+  for (int i = 0; i < 4; ++i) D[size_t(tile) * 128 + (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = acc[i];
+}
+
 // ---- cp.async: 64 threads, each copies 3 chunks (one group each) of its own into shared memory --
 // src: [3 groups][64 threads][chunk] floats, out: same shape. After each wait the block syncs and
 // thread i writes out the chunk of thread (i + 1) % 64, so the data crosses threads.
@@ -173,9 +198,27 @@ FR_KERNEL void cp_async_kernel(const float* src, float* out, int mode) {
 // with ld.acquire.gpu). At the end every block adds 1 to `counter` (red.release.sys) and block 0,
 // once it reads all of them (ld.acquire.sys), writes total[i] = sum over blocks of the last step.
 // Needs every block resident at once: launched cooperatively.
+// relaxed (emulator only): the step flags are published and read with relaxed atomics instead, the
+// planted bug ThreadSanitizer must report (the data reads are then unordered with their writes).
 constexpr int kFlagThreads = 64;
+FR_DEVICE void publish_step(unsigned* flag, unsigned v, int relaxed) {
+#if defined(FUSED_RNN_EMULATE)
+  if (relaxed) return __atomic_store_n(flag, v, __ATOMIC_RELAXED);
+#endif
+  (void)relaxed;
+  fr_ptx::st_release_gpu(flag, v);
+}
+FR_DEVICE void wait_step(const unsigned* flag, unsigned v, int relaxed) {
+#if defined(FUSED_RNN_EMULATE)
+  if (relaxed) {
+    while (__atomic_load_n(flag, __ATOMIC_RELAXED) < v) std::this_thread::yield();
+    return;
+  }
+#endif
+  fr_ptx::wait_flag_geq_gpu(flag, v);
+}
 FR_KERNEL void flags_kernel(const unsigned* seed, unsigned* data, unsigned* flags, unsigned* counter,
-                            unsigned* total, int steps) {
+                            unsigned* total, int steps, int relaxed) {
   const int nb = int(gridDim.x), b = int(blockIdx.x), i = int(threadIdx.x), left = (b + nb - 1) % nb;
   auto at = [&](int s, int blk, int k) { return data + (size_t(s) * nb + blk) * kFlagThreads + k; };
   for (int s = 0; s < steps; ++s) {
@@ -183,13 +226,13 @@ FR_KERNEL void flags_kernel(const unsigned* seed, unsigned* data, unsigned* flag
     if (s == 0) {
       v = seed[b * kFlagThreads + i];
     } else {
-      if (i == 0) fr_ptx::wait_flag_geq_gpu(&flags[left], unsigned(s));
+      if (i == 0) wait_step(&flags[left], unsigned(s), relaxed);
       __syncthreads();
       v = 3u * *at(s - 1, left, (i + 1) % kFlagThreads) + *at(s - 1, b, i) + unsigned(s);
     }
     *at(s, b, i) = v;
     __syncthreads();
-    if (i == 0) fr_ptx::st_release_gpu(&flags[b], unsigned(s + 1));
+    if (i == 0) publish_step(&flags[b], unsigned(s + 1), relaxed);
   }
   if (i == 0) fr_ptx::red_release_add_sys(counter, 1u);
   if (b != 0) return;
@@ -200,6 +243,21 @@ FR_KERNEL void flags_kernel(const unsigned* seed, unsigned* data, unsigned* flag
   total[i] = sum;
 }
 
+// ---- misuse the emulator must refuse (emulator only: a GPU's behaviour is undefined) ---------------
+// what 0: ldmatrix with a row address 2 bytes off 16-byte alignment; 1: cp.async.cg 16 bytes to a
+// destination 4 bytes off.
+FR_KERNEL void misaligned_kernel(const float* src, int what) {
+  FR_SHARED_ARRAY(Row16, rows, 32);
+  const int lane = int(threadIdx.x);
+  if (what == 0) {
+    uint32_t r[1];
+    fr_ptx::ldmatrix<1>(r, reinterpret_cast<const char*>(&rows[lane % 8]) + 2);
+  } else {
+    fr_ptx::cp_async_cg16(reinterpret_cast<char*>(&rows[lane]) + 4, src);
+    fr_ptx::cp_async_wait_all();
+  }
+}
+
 // ---- host side: one case per run ----------------------------------------------------------------
 // prog CASE IN_FILE OUT_FILE PARAMS...: reads the inputs (raw arrays, concatenated, in the order
 // below), runs the case through Dev (emulator or GPU), writes the outputs (raw, concatenated).
@@ -207,8 +265,10 @@ FR_KERNEL void flags_kernel(const unsigned* seed, unsigned* data, unsigned* flag
 //   mma_tf32 TILES KSTEPS CONVERT     in: A f32, B f32, C f32             out: D f32
 //   cvt_tf32 N                        in: x f32                           out: u32
 //   ldmatrix NUM TRANS TILES          in: src u16 [TILES][8 NUM][8]       out: u32 [TILES][32][NUM]
+//   ldmatrix_mma TILES                in: A u16, B u16, C f32 (bf16 tiles)   out: D f32
 //   cp_async MODE                     in: src f32 [3][64][chunk]          out: f32, same shape
-//   flags BLOCKS STEPS                in: seed u32 [BLOCKS][64]           out: data u32, total u32 [64]
+//   misaligned WHAT                   in: nothing; must end with an emulator error
+//   flags BLOCKS STEPS RELAXED        in: seed u32 [BLOCKS][64]           out: data u32, total u32 [64]
 // Dev provides alloc<T>(n) (filled with 0xFF bytes), upload(vector), download(ptr, n), and
 // launch(grid, block, cooperative, kernel, args...).
 class Input {
@@ -305,12 +365,23 @@ int run_case(Dev& dev, int argc, char** argv) {
     else
       Input::die("ldmatrix: NUM must be 1, 2 or 4");
     append(out, dev.download(r, size_t(tiles) * 32 * num));
+  } else if (name == "ldmatrix_mma") {
+    const int tiles = param(0);
+    auto A = in.take<uint16_t>(size_t(tiles) * 256);
+    auto B = in.take<uint16_t>(size_t(tiles) * 128);
+    auto C = in.take<float>(size_t(tiles) * 128);
+    float* D = dev.template alloc<float>(size_t(tiles) * 128);
+    dev.launch(dim3(unsigned(tiles)), dim3(32), false, ldmatrix_mma_kernel, dev.upload(A), dev.upload(B),
+               dev.upload(C), D);
+    append(out, dev.download(D, size_t(tiles) * 128));
   } else if (name == "cp_async") {
     const int mode = param(0);
     const size_t n = size_t(kCpGroups) * kCpThreads * size_t(mode == kCpCa4 ? 1 : mode == kCpCa8 ? 2 : 4);
     float* r = dev.template alloc<float>(n);
     dev.launch(dim3(1), dim3(kCpThreads), false, cp_async_kernel, dev.upload(in.take<float>(n)), r, mode);
     append(out, dev.download(r, n));
+  } else if (name == "misaligned") {
+    dev.launch(dim3(1), dim3(32), false, misaligned_kernel, dev.upload(std::vector<float>(4, 1.f)), param(0));
   } else if (name == "flags") {
     const int nb = param(0), steps = param(1);
     const size_t n = size_t(steps) * nb * kFlagThreads;
@@ -319,7 +390,8 @@ int run_case(Dev& dev, int argc, char** argv) {
     unsigned* counter = dev.upload(std::vector<unsigned>(1, 0u));
     unsigned* total = dev.template alloc<unsigned>(kFlagThreads);
     dev.launch(dim3(unsigned(nb)), dim3(kFlagThreads), true, flags_kernel,
-               dev.upload(in.take<unsigned>(size_t(nb) * kFlagThreads)), data, flags, counter, total, steps);
+               dev.upload(in.take<unsigned>(size_t(nb) * kFlagThreads)), data, flags, counter, total, steps,
+               param(2));
     append(out, dev.download(data, n));
     append(out, dev.download(total, kFlagThreads));
   } else {
