@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #ifdef WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -61,6 +62,38 @@ DType to_dtype(at::ScalarType s) {
 // fp16/bf16 keep the cell state and accumulate in fp32.
 at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The per-step GEMM with its product in the accumulation dtype: `out (A) = a (S) @ w (S)`, or
+// `acc (A) += a @ w`, so that gh and the carried dh never round to fp16/bf16 between steps.
+// fp16/bf16 on CUDA: cuBLAS's fp32-output GEMM (aten::mm.dtype_out, torch >= 2.8); on the CPU, where
+// that overload has no kernel, an fp32 copy of w made once per call and `a` converted per step.
+struct AccGemm {
+  Tensor w;                  // [K, N] operand
+  bool mixed_cuda = false;   // 16-bit operands, fp32 result through mm.dtype_out
+  Tensor scratch;            // [M, N] A: the product before it is added (mixed_cuda)
+
+  AccGemm(const Tensor& w_in, int64_t M) {
+    const bool half = w_in.scalar_type() == at::kHalf || w_in.scalar_type() == at::kBFloat16;
+    mixed_cuda = half && w_in.is_cuda();
+    w = half && !mixed_cuda ? w_in.to(at::kFloat) : w_in;
+    if (mixed_cuda) scratch = at::empty({M, w.size(1)}, w_in.options().dtype(at::kFloat));
+  }
+  Tensor operand(const Tensor& a) const { return a.scalar_type() == w.scalar_type() ? a : a.to(w.scalar_type()); }
+  void mm(Tensor& out, const Tensor& a) const {
+    if (mixed_cuda)
+      at::mm_out(out, a, w, at::kFloat);
+    else
+      at::mm_out(out, operand(a), w);
+  }
+  void add_mm(Tensor& acc, const Tensor& a) {
+    if (mixed_cuda) {
+      at::mm_out(scratch, a, w, at::kFloat);
+      acc.add_(scratch);
+    } else {
+      acc.addmm_(operand(a), w);
+    }
+  }
+};
+
 // Address of x[t] for a contiguous x of shape [T, ...]; 64-bit byte offsets.
 void* step_ptr(const Tensor& x, int64_t t) {
   return static_cast<char*>(x.data_ptr()) + t * x.stride(0) * static_cast<int64_t>(x.element_size());
@@ -95,6 +128,22 @@ struct Pointwise {
   FR_POINTWISE(proj_backward_prep, ProjBackwardPrepParams)
 #undef FR_POINTWISE
 };
+
+// Every length in [1, T], as pack_padded_sequence requires: a 0 or a length past T would index
+// outside the saved tensors. On CUDA this reads the lengths back (one sync), except while the
+// stream is being captured into a CUDA graph, where no sync is allowed: the caller's lengths are
+// then trusted (fused_rnn.functional checks them before every call).
+void check_lengths_range(const Tensor& lengths, int64_t T) {
+  if (lengths.numel() == 0) return;
+#ifdef WITH_CUDA
+  if (lengths.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return;
+#endif
+  const auto [lo, hi] = at::aminmax(lengths);
+  const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+  TORCH_CHECK(lo_v >= 1, "fused_rnn: lengths must be >= 1 (pack_padded_sequence refuses empty sequences), got ", lo_v);
+  TORCH_CHECK(hi_v <= T, "fused_rnn: lengths must not exceed the sequence length ", T, ", got ", hi_v);
+}
 
 struct Shapes {
   Cell cell;
@@ -152,6 +201,7 @@ Shapes check_inputs(c10::string_view cell_name, const Tensor& gx, const Tensor& 
     TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == s.B,
                 "fused_rnn: lengths must be int64 [B]");
     TORCH_CHECK(lengths->device() == gx.device(), "fused_rnn: lengths must be on gx's device");
+    check_lengths_range(*lengths, s.T);
   }
   return s;
 }
@@ -175,6 +225,15 @@ bool use_persistent(Cell cell, bool proj, const Tensor& like, int64_t H, Persist
 #endif
 }
 
+// Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
+// without a projection (a projection runs the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
+// forces the per-step kernels (tests compare the two).
+bool use_cpu_fused(const Tensor& like, bool proj) {
+  if (like.is_cuda() || proj) return false;
+  const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
+  return kernel == nullptr || std::string(kernel) != "per-step";
+}
+
 // Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
 // (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
 // RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection).
@@ -192,15 +251,64 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const auto acc_opts = opts.dtype(acc_type(gx_in.scalar_type()));
 
   const Tensor gx = gx_in.contiguous();
-  // one copy of w_hh.T per call: MKL runs the small per-step GEMM ~20% faster on a row-major operand
-  const Tensor w_hh_t = w_hh_in.t().contiguous();
-  const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : at::zeros({GH}, opts);
   const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
-
   Tensor y = at::empty({T, B, Hout}, opts);
-  Tensor h = h0_in.contiguous().clone();                                       // [B, Hout] state
+
+#ifdef WITH_CUDA
+  PersistentPlan plan;
+  if (use_persistent(s.cell, s.proj, gx, H, &plan)) {  // reads w_hh, h0, c0 as given: no copies
+    const Tensor w_hh = w_hh_in.contiguous();
+    const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : Tensor();
+    const Tensor h0 = h0_in.contiguous();
+    const Tensor c0 = lstm ? c0_in->contiguous() : Tensor();
+    Tensor h_n = at::empty({B, H}, opts);
+    Tensor c_n = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
+    Tensor gates = save && has_gates ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
+    Tensor cells = save && lstm ? at::empty({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
+    Tensor h_buf = at::empty({2, B, H}, opts);                    // h exchanged between blocks
+    Tensor c_state = lstm ? at::empty({B, H}, acc_opts) : Tensor();  // the running cell state
+    PersistentForwardParams q{s.cell, to_dtype(gx.scalar_type()), T, B, H, reverse, lengths_ptr(lengths),
+                              gx.data_ptr(), w_hh.data_ptr(), b_hh.defined() ? b_hh.data_ptr() : nullptr,
+                              h0.data_ptr(), lstm ? c0.data_ptr() : nullptr, y.data_ptr(), h_n.data_ptr(),
+                              lstm ? c_n.data_ptr() : nullptr, save && has_gates ? gates.data_ptr() : nullptr,
+                              save && lstm ? cells.data_ptr() : nullptr, h_buf.data_ptr(),
+                              lstm ? c_state.data_ptr() : nullptr};
+    cuda::persistent_forward(q, plan, pw.stream);
+    return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
+  }
+#endif
+
+  const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : at::zeros({GH}, opts);
   Tensor c = lstm ? c0_in->to(acc_opts.dtype()).contiguous().clone() : at::empty({0}, acc_opts);  // [B, H]
-  Tensor gh = at::empty({B, GH}, opts);                                         // h @ w_hh.T
+  ForwardStepParams p{};
+  p.cell = s.cell;
+  p.dtype = to_dtype(gx.scalar_type());
+  p.B = B;
+  p.H = H;
+  p.Hout = Hout;
+  p.lengths = lengths_ptr(lengths);
+  p.b_hh = b_hh.data_ptr();
+  p.c = lstm ? c.data_ptr() : nullptr;
+
+  if (use_cpu_fused(gx, s.proj)) {
+    const Tensor w_hh = w_hh_in.contiguous();
+    const Tensor h0 = h0_in.contiguous();
+    Tensor h_n = at::empty({B, H}, opts);
+    Tensor gates = save && has_gates ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
+    Tensor cells = save && lstm ? at::empty({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
+    FusedForwardParams q{p, T, reverse, save, gx.data_ptr(), w_hh.data_ptr(), h0.data_ptr(), y.data_ptr(),
+                         h_n.data_ptr(), save && has_gates ? gates.data_ptr() : nullptr,
+                         save && lstm ? cells.data_ptr() : nullptr};
+    cpu::fused_forward(q);
+    Tensor c_n = lstm ? c.to(gx.scalar_type()) : at::empty({0}, opts);
+    return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
+  }
+
+  // One copy of w_hh.T per call: MKL runs the small per-step GEMM ~20% faster on a row-major
+  // operand (fp32 on the CPU for fp16/bf16, see AccGemm).
+  AccGemm gemm_hh(w_hh_in.t().contiguous(), B);
+  Tensor h = h0_in.contiguous().clone();                                       // [B, Hout] state
+  Tensor gh = at::empty({B, GH}, acc_opts);                                     // h @ w_hh.T in A
   // Saved per step when save, else one step of scratch reused.
   const int64_t TS = save ? T : 1;
   Tensor gates = has_gates ? at::empty({TS, B, 4 * H}, opts) : at::empty({0}, opts);
@@ -209,45 +317,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor tmp = s.proj ? at::empty({B, Hout}, opts) : Tensor();
   const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
 
-#ifdef WITH_CUDA
-  PersistentPlan plan;
-  if (use_persistent(s.cell, s.proj, gx, H, &plan)) {
-    const Tensor w_hh = w_hh_in.contiguous();
-    const Tensor c0 = lstm ? c0_in->contiguous() : Tensor();
-    Tensor c_n = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
-    Tensor h_buf = at::empty({2, B, H}, opts);                   // h exchanged between blocks
-    Tensor c_state = lstm ? at::empty({B, H}, acc_opts) : Tensor();
-    PersistentForwardParams q{s.cell, to_dtype(gx.scalar_type()), T, B, H, reverse, lengths_ptr(lengths),
-                              gx.data_ptr(), w_hh.data_ptr(), b_hh_in.has_value() ? b_hh.data_ptr() : nullptr, h.data_ptr(),
-                              lstm ? c0.data_ptr() : nullptr, y.data_ptr(), nullptr, lstm ? c_n.data_ptr() : nullptr,
-                              save && has_gates ? gates.data_ptr() : nullptr, save && lstm ? cells.data_ptr() : nullptr,
-                              h_buf.data_ptr(), lstm ? c_state.data_ptr() : nullptr};
-    Tensor h_n = at::empty({B, H}, opts);
-    q.h_n = h_n.data_ptr();
-    cuda::persistent_forward(q, plan, pw.stream);
-    if (!save) {
-      gates = at::empty({0}, opts);
-      cells = at::empty({0}, acc_opts);
-    }
-    return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
-  }
-#endif
-
-  ForwardStepParams p{};
-  p.cell = s.cell;
-  p.dtype = to_dtype(gx.scalar_type());
-  p.B = B;
-  p.H = H;
-  p.Hout = Hout;
-  p.lengths = lengths_ptr(lengths);
   p.gh = gh.data_ptr();
-  p.b_hh = b_hh.data_ptr();
   p.h = h.data_ptr();
-  p.c = lstm ? c.data_ptr() : nullptr;
   for (int64_t k = 0; k < T; ++k) {
     const int64_t t = reverse ? T - 1 - k : k;
     const int64_t ts = save ? t : 0;
-    at::mm_out(gh, h, w_hh_t);
+    gemm_hh.mm(gh, h);
     p.t = t;
     p.gx = step_ptr(gx, t);
     p.y = step_ptr(y, t);
@@ -304,25 +379,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   const Tensor c0 = lstm ? c0_in->to(acc).contiguous() : Tensor();
   const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
 
-  Tensor dh = dh_n.to(y_in.scalar_type()).contiguous().clone();  // [B, Hout] grad of the state
+  Tensor dh = dh_n.to(acc).contiguous().clone();  // [B, Hout] grad of the state, carried in A
   Tensor dc = lstm ? (dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, opts.dtype(acc)))
                    : at::empty({0}, opts);
   Tensor dgx = at::empty({T, B, GH}, opts);
   Tensor dgh = cell == Cell::GRU ? at::empty({T, B, GH}, opts) : dgx;  // grads of gx / of h @ w_hh.T + b_hh
   Tensor dh_all = proj ? at::empty({T, B, Hout}, opts) : Tensor();  // grads of the projected h
   Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
-  const Tensor w_hh_c = w_hh.contiguous();
-
   PersistentPlan plan;
   const bool persistent = use_persistent(cell, proj, y, H, &plan);
 #ifdef WITH_CUDA
   if (persistent) {
+    const Tensor w_hh_c = w_hh.contiguous();
     const Tensor dh_n_s = dh_n.to(y.scalar_type()).contiguous();
     const Tensor dc_n_s = lstm ? (dc_n.has_value() ? dc_n->to(y.scalar_type()).contiguous() : at::zeros({B, H}, opts))
                                : Tensor();
     const Tensor c0_s = lstm ? c0_in->to(y.scalar_type()).contiguous() : Tensor();
     Tensor dh_state = at::empty({B, H}, opts.dtype(at::kFloat));
     Tensor dc_state = lstm ? at::empty({B, H}, opts.dtype(at::kFloat)) : Tensor();
+    dh = at::empty({B, H}, opts);
     dc = lstm ? at::empty({B, H}, opts) : dc;
     PersistentBackwardParams q{cell, to_dtype(y.scalar_type()), T, B, H, reverse, lengths_ptr(lengths), w_hh_c.data_ptr(),
                                dy.data_ptr(), dh_n_s.data_ptr(), lstm ? dc_n_s.data_ptr() : nullptr,
@@ -348,7 +423,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   p.c0 = lstm ? c0.data_ptr() : nullptr;
   p.h0 = h0.data_ptr();
   p.dr = proj ? dr.data_ptr() : nullptr;
-  for (int64_t k = persistent ? -1 : T - 1; k >= 0; --k) {  // the per-step kernels, unless persistent ran
+  const bool fused = use_cpu_fused(y, proj);
+  if (fused) {
+    const Tensor w_hh_c = w_hh.contiguous();
+    FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,
+                          lstm ? cells.data_ptr() : nullptr, y.data_ptr(), dgx.data_ptr(), dgh.data_ptr()};
+    cpu::fused_backward(q);
+  }
+  c10::optional<AccGemm> gemm_hh;
+  if (!persistent && !fused) gemm_hh.emplace(w_hh.contiguous(), B);
+  for (int64_t k = persistent || fused ? -1 : T - 1; k >= 0; --k) {  // the per-step kernels, unless one ran
     const int64_t t = reverse ? T - 1 - k : k;
     const int64_t prev = reverse ? t + 1 : t - 1;
     const bool has_prev = prev >= 0 && prev < T;
@@ -367,7 +451,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     p.dgx = step_ptr(dgx, t);
     p.dgh = step_ptr(dgh, t);
     pw.backward_step(p);
-    dh.addmm_(dgh.select(0, t), w_hh_c);  // dh_prev = direct part + dG_h @ w_hh
+    gemm_hh->add_mm(dh, dgh.select(0, t));  // dh_prev = direct part + dG_h @ w_hh
   }
 
   // d w_hh = sum_t dG_h[t]^T @ h_prev[t]. h_prev is y at the previous step except at each row's
@@ -378,7 +462,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   } else if (!lengths.has_value()) {
     d0 = dgh.select(0, T - 1);
   } else {
-    const Tensor rows = (*lengths - 1) * B + at::arange(B, lengths->options());
+    // clamped: an unchecked 0 (see check_lengths_range) must not index out of range
+    const Tensor rows = (*lengths - 1).clamp_min(0) * B + at::arange(B, lengths->options());
     d0 = dgh.view({T * B, GH}).index_select(0, rows);
   }
   Tensor d_w_hh = at::mm(d0.t(), h0);
@@ -390,7 +475,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor d_b_hh = dgh.sum(at::IntArrayRef{0, 1});
   Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), proj_in.view({T * B, H})) : at::empty({0}, opts);
   Tensor d_c0 = lstm ? dc.to(y.scalar_type()) : at::empty({0}, opts);
-  return {dgx, dh, d_c0, d_w_hh, d_b_hh, d_w_hr};
+  return {dgx, dh.to(y.scalar_type()), d_c0, d_w_hh, d_b_hh, d_w_hr};
 }
 
 // Whether the persistent kernels would run this layer (FUSED_RNN_CUDA_PERSISTENT=1 set, CUDA, no

@@ -4,7 +4,9 @@
 //
 // Names: B batch, H hidden, Hout = proj_size or H, G gates (LSTM 4, GRU 3, RNN 1).
 // "S" = the storage dtype of the tensors (`dtype`); "A" = accumulation dtype (double for
-// Float64, float otherwise). Every [B, X] block is row-major and contiguous (row stride X).
+// Float64, float otherwise). What is carried from step to step in a sum — the GEMM result gh and
+// the gradient dh — is A, so fp16/bf16 rounding does not compound over T (and fp16 gh cannot
+// overflow before gx is added); what is stored per step (y, gates) is S. Every [B, X] block is row-major and contiguous (row stride X).
 #pragma once
 
 #include <cstdint>
@@ -26,7 +28,7 @@ struct ForwardStepParams {
   int64_t B, H, Hout, t;
   const int64_t* lengths;  // [B] or nullptr
   const void* gx;          // S [B, G*H]   gx[t]
-  const void* gh;          // S [B, G*H]   h_prev @ w_hh.T (no bias)
+  const void* gh;          // A [B, G*H]   h_prev @ w_hh.T (no bias), accumulated and kept in A
   const void* b_hh;        // S [G*H]      (zeros when the layer has no bias)
   void* h;                 // S [B, Hout]  state: read by GRU, overwritten on valid rows (not with proj)
   void* c;                 // A [B, H]     LSTM cell state, overwritten on valid rows
@@ -57,7 +59,7 @@ struct BackwardStepParams {
   const int64_t* lengths;  // [B] or nullptr
   const void* dy;          // S [B, Hout]  dy[t]; unused with proj (dr carries it)
   const void* dr;          // S [B, H]     with proj: (dy[t]+dh) @ w_hr; else nullptr
-  void* dh;                // S [B, Hout]  in: grad of h after the step from later steps;
+  void* dh;                // A [B, Hout]  in: grad of h after the step from later steps;
                            //              out: the part of dh_prev that does not go through
                            //              w_hh (GRU dh*z on valid rows, 0 otherwise; invalid
                            //              rows keep it). The caller then adds dG_h @ w_hh.
@@ -80,11 +82,42 @@ struct ProjBackwardPrepParams {
   int64_t B, Hout, t;
   const int64_t* lengths;
   const void* dy;  // S [B, Hout]
-  void* dh;        // S [B, Hout]
+  void* dh;        // A [B, Hout]  the carried grad of h
   void* dh_all;    // S [B, Hout]  dh_all[t], input of dr = dh_all[t] @ w_hr and of d w_hr
 };
 
+// The fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h): all T steps in one parallel region,
+// each thread keeping its packed slice of w_hh for all steps. No projection (Hout == H).
+struct FusedForwardParams {
+  ForwardStepParams step;  // cell, dtype, B, H, Hout, lengths, b_hh, c (A [B, H] state, c0 on entry);
+                           // the per-step pointers are set by the kernel
+  int64_t T;
+  bool reverse, save;
+  const void* gx;    // S [T, B, G*H]
+  const void* w_hh;  // S [G*H, H] contiguous
+  const void* h0;    // S [B, H]
+  void* y;           // S [T, B, H]
+  void* h_n;         // S [B, H]
+  void* gates;       // S [T, B, 4*H] when save (LSTM, GRU), else unused
+  void* cells;       // A [T, B, H] when save (LSTM), else unused
+};
+
+struct FusedBackwardParams {
+  BackwardStepParams step;  // cell, dtype, B, H, Hout, T, reverse, lengths, dh (A, dh_n on entry,
+                            // d h0 on exit), dc (A, likewise), c0 (A), h0 (S); per-step pointers
+                            // are set by the kernel
+  const void* w_hh;   // S [G*H, H] contiguous
+  const void* dy;     // S [T, B, H]
+  const void* gates;  // S [T, B, 4*H] as saved by the forward
+  const void* cells;  // A [T, B, H]
+  const void* y;      // S [T, B, H]
+  void* dgx;          // S [T, B, G*H]
+  void* dgh;          // S [T, B, G*H] (== dgx except GRU)
+};
+
 namespace cpu {
+void fused_forward(const FusedForwardParams& q);
+void fused_backward(const FusedBackwardParams& q);
 void forward_step(const ForwardStepParams& p);
 void proj_commit(const ProjCommitParams& p);
 void backward_step(const BackwardStepParams& p);

@@ -48,15 +48,15 @@ FR_HD bool row_valid(const int64_t* lengths, int64_t b, int64_t t) {
 // The LSTM forward loop over units [j0, j1) of one row; a separate function with plain pointer
 // arguments and no branch inside, so that GCC vectorises it (exp included, see cell_math.h).
 template <bool HAS_OUT2, typename S, typename A = typename AccOf<S>::type>
-FR_HD void lstm_forward_loop(const S* __restrict__ gx, const S* __restrict__ gh, const S* __restrict__ bias,
+FR_HD void lstm_forward_loop(const S* __restrict__ gx, const A* __restrict__ gh, const S* __restrict__ bias,
                              A* __restrict__ c, A* __restrict__ cells, S* __restrict__ gates,
                              S* __restrict__ out1, S* __restrict__ out2, int64_t H, int64_t j0, int64_t j1) {
   using CV = Conv<S>;
   for (int64_t j = j0; j < j1; ++j) {
-    const A pi = CV::load(gx[j]) + CV::load(gh[j]) + CV::load(bias[j]);
-    const A pf = CV::load(gx[H + j]) + CV::load(gh[H + j]) + CV::load(bias[H + j]);
-    const A pg = CV::load(gx[2 * H + j]) + CV::load(gh[2 * H + j]) + CV::load(bias[2 * H + j]);
-    const A po = CV::load(gx[3 * H + j]) + CV::load(gh[3 * H + j]) + CV::load(bias[3 * H + j]);
+    const A pi = CV::load(gx[j]) + gh[j] + CV::load(bias[j]);
+    const A pf = CV::load(gx[H + j]) + gh[H + j] + CV::load(bias[H + j]);
+    const A pg = CV::load(gx[2 * H + j]) + gh[2 * H + j] + CV::load(bias[2 * H + j]);
+    const A po = CV::load(gx[3 * H + j]) + gh[3 * H + j] + CV::load(bias[3 * H + j]);
     A i, f, g, o, cn, hn;
     lstm_step_forward<A>(pi, pf, pg, po, c[j], i, f, g, o, cn, hn);
     gates[j] = CV::store(i);
@@ -72,14 +72,14 @@ FR_HD void lstm_forward_loop(const S* __restrict__ gx, const S* __restrict__ gh,
 
 // GRU forward over units [j0, j1) of one row (h read and overwritten in place).
 template <typename S, typename A = typename AccOf<S>::type>
-FR_HD void gru_forward_loop(const S* __restrict__ gx, const S* __restrict__ gh, const S* __restrict__ bias,
+FR_HD void gru_forward_loop(const S* __restrict__ gx, const A* __restrict__ gh, const S* __restrict__ bias,
                             S* __restrict__ h, S* __restrict__ y, S* __restrict__ gates, int64_t H, int64_t j0,
                             int64_t j1) {
   using CV = Conv<S>;
   for (int64_t j = j0; j < j1; ++j) {
-    const A gh_r = CV::load(gh[j]) + CV::load(bias[j]);
-    const A gh_z = CV::load(gh[H + j]) + CV::load(bias[H + j]);
-    const A gh_n = CV::load(gh[2 * H + j]) + CV::load(bias[2 * H + j]);
+    const A gh_r = gh[j] + CV::load(bias[j]);
+    const A gh_z = gh[H + j] + CV::load(bias[H + j]);
+    const A gh_n = gh[2 * H + j] + CV::load(bias[2 * H + j]);
     A r, z, n, hn;
     gru_step_forward<A>(CV::load(gx[j]), CV::load(gx[H + j]), CV::load(gx[2 * H + j]), gh_r, gh_z, gh_n,
                         CV::load(h[j]), r, z, n, hn);
@@ -95,7 +95,7 @@ FR_HD void gru_forward_loop(const S* __restrict__ gx, const S* __restrict__ gh, 
 // LSTM backward over units [j0, j1) of one row. PROJ: dh is dr (already summed with dy, and
 // the caller's dh buffer is untouched); else dh = dy + dh, and dh is reset to 0 for the GEMM.
 template <bool PROJ, typename S, typename A = typename AccOf<S>::type>
-FR_HD void lstm_backward_loop(const S* __restrict__ dy, const S* __restrict__ dr, S* __restrict__ dh,
+FR_HD void lstm_backward_loop(const S* __restrict__ dy, const S* __restrict__ dr, A* __restrict__ dh,
                               const S* __restrict__ gates, const A* __restrict__ c_prev,
                               const A* __restrict__ cells, A* __restrict__ dc, S* __restrict__ dgx, int64_t H,
                               int64_t j0, int64_t j1) {
@@ -105,8 +105,8 @@ FR_HD void lstm_backward_loop(const S* __restrict__ dy, const S* __restrict__ dr
     if constexpr (PROJ) {
       dh_v = CV::load(dr[j]);
     } else {
-      dh_v = CV::load(dy[j]) + CV::load(dh[j]);
-      dh[j] = CV::store(A(0));
+      dh_v = CV::load(dy[j]) + dh[j];
+      dh[j] = A(0);
     }
     A d_i, d_f, d_g, d_o, dc_prev;
     lstm_step_backward<A>(CV::load(gates[j]), CV::load(gates[H + j]), CV::load(gates[2 * H + j]),
@@ -122,12 +122,12 @@ FR_HD void lstm_backward_loop(const S* __restrict__ dy, const S* __restrict__ dr
 
 // GRU backward over units [j0, j1) of one row; dh becomes the direct part dh*z.
 template <typename S, typename A = typename AccOf<S>::type>
-FR_HD void gru_backward_loop(const S* __restrict__ dy, S* __restrict__ dh, const S* __restrict__ gates,
+FR_HD void gru_backward_loop(const S* __restrict__ dy, A* __restrict__ dh, const S* __restrict__ gates,
                              const S* __restrict__ h_prev, S* __restrict__ dgx, S* __restrict__ dgh, int64_t H,
                              int64_t j0, int64_t j1) {
   using CV = Conv<S>;
   for (int64_t j = j0; j < j1; ++j) {
-    const A dh_v = CV::load(dy[j]) + CV::load(dh[j]);
+    const A dh_v = CV::load(dy[j]) + dh[j];
     A d_r, d_z, d_n, d_gh_n, dh_direct;
     gru_step_backward<A>(CV::load(gates[j]), CV::load(gates[H + j]), CV::load(gates[2 * H + j]),
                          CV::load(gates[3 * H + j]), CV::load(h_prev[j]), dh_v, d_r, d_z, d_n, d_gh_n, dh_direct);
@@ -137,7 +137,7 @@ FR_HD void gru_backward_loop(const S* __restrict__ dy, S* __restrict__ dh, const
     dgh[j] = CV::store(d_r);
     dgh[H + j] = CV::store(d_z);
     dgh[2 * H + j] = CV::store(d_gh_n);
-    dh[j] = CV::store(dh_direct);
+    dh[j] = dh_direct;
   }
 }
 
@@ -164,7 +164,7 @@ FR_HD void forward_row(const ForwardStepParams& p, int64_t b, int64_t j0, int64_
     return;
   }
   const S* __restrict__ gx = static_cast<const S*>(p.gx) + b * GH;
-  const S* __restrict__ gh = static_cast<const S*>(p.gh) + b * GH;
+  const A* __restrict__ gh = static_cast<const A*>(p.gh) + b * GH;
   const S* __restrict__ bias = static_cast<const S*>(p.b_hh);
   S* __restrict__ y = static_cast<S*>(p.y) + b * p.Hout;
   S* __restrict__ h = static_cast<S*>(p.h) + b * p.Hout;
@@ -183,7 +183,7 @@ FR_HD void forward_row(const ForwardStepParams& p, int64_t b, int64_t j0, int64_
     gru_forward_loop<S>(gx, gh, bias, h, y, static_cast<S*>(p.gates) + b * 4 * H, H, j0, j1);
   } else {
     for (int64_t j = j0; j < j1; ++j) {
-      const A pre = CV::load(gx[j]) + CV::load(gh[j]) + CV::load(bias[j]);
+      const A pre = CV::load(gx[j]) + gh[j] + CV::load(bias[j]);
       const A hn = rnn_step_forward<C == Cell::RNN_RELU, A>(pre);
       y[j] = CV::store(hn);
       h[j] = CV::store(hn);
@@ -221,10 +221,10 @@ FR_HD void proj_backward_prep_row(const ProjBackwardPrepParams& p, int64_t b, in
     return;
   }
   const S* dy = static_cast<const S*>(p.dy) + o;
-  S* dh = static_cast<S*>(p.dh) + o;
+  A* dh = static_cast<A*>(p.dh) + o;
   for (int64_t j = j0; j < j1; ++j) {
-    dh_all[j] = CV::store(CV::load(dy[j]) + CV::load(dh[j]));
-    dh[j] = CV::store(A(0));
+    dh_all[j] = CV::store(CV::load(dy[j]) + dh[j]);
+    dh[j] = A(0);
   }
 }
 
@@ -247,7 +247,7 @@ FR_HD void backward_row(const BackwardStepParams& p, int64_t b, int64_t j0, int6
   const int64_t t = p.t;
   const bool first = p.reverse ? (t == (p.lengths ? p.lengths[b] : p.T) - 1) : (t == 0);
   const S* __restrict__ dy = static_cast<const S*>(p.dy) + b * Hout;
-  S* __restrict__ dh = static_cast<S*>(p.dh) + b * Hout;
+  A* __restrict__ dh = static_cast<A*>(p.dh) + b * Hout;
 
   if constexpr (C == Cell::LSTM) {
     const S* __restrict__ gates = static_cast<const S*>(p.gates) + b * 4 * H;
@@ -256,7 +256,7 @@ FR_HD void backward_row(const BackwardStepParams& p, int64_t b, int64_t j0, int6
         (first ? static_cast<const A*>(p.c0) : static_cast<const A*>(p.cells_prev)) + b * H;
     A* __restrict__ dc = static_cast<A*>(p.dc) + b * H;
     if (p.dr)  // with a projection dh arrives as dr = (dy + dh) @ w_hr, prepared before
-      lstm_backward_loop<true, S>(nullptr, static_cast<const S*>(p.dr) + b * H, nullptr, gates, c_prev, cells, dc,
+      lstm_backward_loop<true, S>(nullptr, static_cast<const S*>(p.dr) + b * H, static_cast<A*>(nullptr), gates, c_prev, cells, dc,
                                   dgx, H, j0, j1);
     else
       lstm_backward_loop<false, S>(dy, nullptr, dh, gates, c_prev, cells, dc, dgx, H, j0, j1);
@@ -267,9 +267,9 @@ FR_HD void backward_row(const BackwardStepParams& p, int64_t b, int64_t j0, int6
   } else {
     const S* __restrict__ y = static_cast<const S*>(p.y) + b * Hout;
     for (int64_t j = j0; j < j1; ++j) {
-      const A dh_v = CV::load(dy[j]) + CV::load(dh[j]);
+      const A dh_v = CV::load(dy[j]) + dh[j];
       dgx[j] = CV::store(rnn_step_backward<C == Cell::RNN_RELU, A>(CV::load(y[j]), dh_v));
-      dh[j] = CV::store(A(0));
+      dh[j] = A(0);
     }
   }
 }

@@ -56,14 +56,25 @@ def compiler():
     return path
 
 
+DRIVERS = [EMU / "kernels_main.cpp", EMU / "kernels_pointwise.cpp", EMU / "kernels_persistent.cpp"]
 _built = {}
 
 
-def driver(name, mode):
-    """The driver tests/emu/<name>.cpp built for `mode` (cached by emu_build)."""
-    if (name, mode) not in _built:
-        _built[name, mode] = emu_build.build([EMU / f"{name}.cpp"], mode, name)
-    return _built[name, mode]
+def instance_mask(mode):
+    """The (cell, dtype) kernel instances the `mode` build compiles (tests/emu/kernels_io.h FR_INSTANCES):
+    all in the plain build, only those its cases run in the sanitizer builds (their builds are the slow part)."""
+    mask = 0
+    for _, kw in [*pointwise_cases(mode), *persistent_cases(mode)]:
+        mask |= 1 << (CELL_ID[kw["cell"]] * 4 + DTYPE_ID[kw["dtype"]])
+    return mask
+
+
+def driver(mode):
+    """tests/emu/kernels_*.cpp built for `mode` (cached by emu_build)."""
+    if mode not in _built:
+        defines = () if mode == "plain" else (f"FR_INSTANCES={instance_mask(mode)}",)
+        _built[mode] = emu_build.build(DRIVERS, mode, "kernels", defines=defines)
+    return _built[mode]
 
 
 # ---------------------------------------------------------------- driver files (tests/emu/kernels_io.h)
@@ -193,7 +204,7 @@ def run_pointwise(tmp_path, mode, cell, dtype, T, B, H, proj=0, lengths=None, re
                    if v is not None})
     params = {"cell": CELL_ID[cell], "dtype": DTYPE_ID[dtype], "T": T, "B": B, "H": H, "Hout": proj or H,
               "reverse": reverse, "save": 1, "grid_cap": grid_cap, "repeats": repeats}
-    _, (_, out) = run_driver(tmp_path, driver("kernels_pointwise", mode), params, arrays)
+    _, (_, out) = run_driver(tmp_path, driver(mode), params, arrays, command=("pointwise",))
     check(cell, args, grads, out, dtype, acc=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
@@ -248,9 +259,9 @@ def run_persistent(tmp_path, mode, cell, dtype, T, B, H, device, lengths=None, r
     dy, dh_n, dc_n = grads
     arrays = {"gx": gx, "h0": h0, "w_hh": w_hh, "dy": dy, "dh_n": dh_n}
     arrays.update({k: v for k, v in (("c0", c0), ("dc_n", dc_n), ("b_hh", b_hh), ("lengths", lens)) if v is not None})
-    exe = exe or driver("kernels_persistent", mode)
+    exe = exe or driver(mode)
     proc, out = run_driver(tmp_path, exe, persistent_params(cell, dtype, T, B, H, reverse, device, save, repeats),
-                           arrays, command=("run",), expect_ok=expect_ok)
+                           arrays, command=("persistent", "run"), expect_ok=expect_ok)
     return proc, out, lambda: check(cell, args, grads, out[1], dtype, backward=save)
 
 
@@ -305,7 +316,7 @@ def plans(tmp_path, lines):
                  f"{dev['smem_per_sm']} {regs}\n")
     path = Path(tmp_path) / "plans.txt"
     path.write_text(text)
-    proc = emu_build.run(driver("kernels_persistent", "plain"), ["plan", path])
+    proc = emu_build.run(driver("plain"), ["persistent", "plan", path])
     out = proc.stdout.split("\n")[:-1]
     assert len(out) == len(lines)
     return [(v, int(b), int(t), int(u), int(s)) for v, b, t, u, s in (o.split() for o in out)]
@@ -371,8 +382,9 @@ def test_planted_bug_fails(compiler, tmp_path, mutation):
     text = header.read_text()
     assert text.count(original) == 1, f"the mutation's target is gone from {HEADER}: update MUTATIONS"
     header.write_text(text.replace(original, bug))
-    exe = emu_build.build([EMU / "kernels_persistent.cpp"], mode, f"kernels_persistent-{mutation}",
-                          defines=(f'FR_KERNELS_HEADER="{header}"', "FR_ONE_INSTANCE"))
+    lstm_f32 = 1 << (CELL_ID["lstm"] * 4 + DTYPE_ID[torch.float32])
+    exe = emu_build.build(DRIVERS, mode, f"kernels-{mutation}",
+                          defines=(f'FR_PERSISTENT_KERNELS="{header}"', f"FR_INSTANCES={lstm_f32}"))
     proc, out, check_output = run_persistent(tmp_path, mode, "lstm", torch.float32, T=4, B=3, H=37, device="small",
                                              lengths=[4, 1, 3], exe=exe, expect_ok=False)
     if proc.returncode == 0:  # no sanitizer or deadlock report: the result must be wrong

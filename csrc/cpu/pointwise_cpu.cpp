@@ -1,13 +1,20 @@
-// CPU pointwise kernels, baseline instruction set, and the runtime choice between the baseline,
-// AVX2+FMA and AVX-512 builds of the same code (pointwise_cpu_kernels.h): the transcendentals of
-// the cells dominate the step when they are not vectorised wide.
+// CPU kernels, baseline instruction set, and the runtime choice between the baseline, AVX2+FMA and
+// AVX-512 builds of the same code: the per-step pointwise kernels (pointwise_cpu_kernels.h) and the
+// fused recurrence (fused_cpu_kernels.h), whose FMA microkernel and cell math run at the widest
+// vectors the CPU has.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <thread>
+
 #define FR_ISA_NS isa_default
 #include "pointwise_cpu_kernels.h"
+#include "fused_cpu_kernels.h"
 
 #include <cstdlib>
 #include <string>
@@ -19,12 +26,16 @@ void forward_step(const ForwardStepParams& p);
 void proj_commit(const ProjCommitParams& p);
 void backward_step(const BackwardStepParams& p);
 void proj_backward_prep(const ProjBackwardPrepParams& p);
+void fused_forward(const FusedForwardParams& p);
+void fused_backward(const FusedBackwardParams& p);
 }  // namespace isa_avx2
 namespace isa_avx512 {
 void forward_step(const ForwardStepParams& p);
 void proj_commit(const ProjCommitParams& p);
 void backward_step(const BackwardStepParams& p);
 void proj_backward_prep(const ProjBackwardPrepParams& p);
+void fused_forward(const FusedForwardParams& p);
+void fused_backward(const FusedBackwardParams& p);
 }  // namespace isa_avx512
 
 namespace {
@@ -65,6 +76,8 @@ FR_DISPATCH(forward_step, ForwardStepParams)
 FR_DISPATCH(proj_commit, ProjCommitParams)
 FR_DISPATCH(backward_step, BackwardStepParams)
 FR_DISPATCH(proj_backward_prep, ProjBackwardPrepParams)
+FR_DISPATCH(fused_forward, FusedForwardParams)
+FR_DISPATCH(fused_backward, FusedBackwardParams)
 #undef FR_DISPATCH
 
 }  // namespace cpu

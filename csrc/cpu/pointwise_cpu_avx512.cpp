@@ -1,4 +1,4 @@
-// CPU pointwise kernels built for AVX512 (chosen at run time by pointwise_cpu.cpp).
+// CPU kernels (pointwise and fused recurrence) built for AVX512 (chosen at run time by pointwise_cpu.cpp).
 // Every header with code shared beyond this file is included BEFORE the target pragma, so only
 // this file's own functions (in namespace isa_avx512) use the wider instructions.
 #include <ATen/Parallel.h>
@@ -7,6 +7,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,5 +20,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx2,fma")
 #define FR_ISA_NS isa_avx512
+#define FR_VEC_BYTES 64
 #include "pointwise_cpu_kernels.h"
+#include "fused_cpu_kernels.h"
 #endif

@@ -111,8 +111,8 @@ FR_KERNEL void FR_LAUNCH_BOUNDS(kPersistentThreads) persistent_forward_kernel(Pe
         lstm_step_forward<float>(L::load(gxr[u]) + gh[0], L::load(gxr[H + u]) + gh[1],
                                  L::load(gxr[2 * H + u]) + gh[2], L::load(gxr[3 * H + u]) + gh[3],
                                  c_state[bu], i, f, gg, o, cn, hn);
-        S* sg = static_cast<S*>(p.gates) + tb * 4 * H;
         if (p.gates) {
+          S* sg = static_cast<S*>(p.gates) + tb * 4 * H;
           sg[u] = L::store(i);
           sg[H + u] = L::store(f);
           sg[2 * H + u] = L::store(gg);
@@ -193,8 +193,8 @@ FR_KERNEL void FR_LAUNCH_BOUNDS(kPersistentThreads) persistent_backward_kernel(P
       const int64_t len = p.lengths ? p.lengths[b] : T;
       const bool first = p.reverse ? t == len - 1 : t == 0;
       const float dh = L::load(dy[tb * H + u]) + dh_state[bu];
-      const S* sg = gates + tb * 4 * H;
       if constexpr (C == Cell::LSTM) {
+        const S* sg = gates + tb * 4 * H;
         const float* cells = static_cast<const float*>(p.cells);
         const float c_prev = first ? L::load(static_cast<const S*>(p.c0)[bu]) : cells[t_prev * B * H + bu];
         float di, df, dg, dout, dc_prev;
@@ -208,6 +208,7 @@ FR_KERNEL void FR_LAUNCH_BOUNDS(kPersistentThreads) persistent_backward_kernel(P
         dc_state[bu] = dc_prev;
         dh_state[bu] = 0.f;
       } else if constexpr (C == Cell::GRU) {
+        const S* sg = gates + tb * 4 * H;
         const float h_prev = L::load(first ? static_cast<const S*>(p.h0)[bu] : y[t_prev * B * H + bu]);
         float dr, dz, dn, dghn, direct;
         gru_step_backward<float>(L::load(sg[u]), L::load(sg[H + u]), L::load(sg[2 * H + u]),

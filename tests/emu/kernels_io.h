@@ -8,6 +8,10 @@
 //   <bytes of the first array><bytes of the second array>...
 //
 // Arrays are host buffers of exactly their size (so AddressSanitizer sees one element past the end).
+//
+// FR_INSTANCES (a define, default all): a bit mask of the (cell, dtype) kernel instances a build
+// compiles, bit cell * 4 + dtype in the numbering of recurrence_params.h. The sanitizer builds
+// compile only what their tests run: most of a build's time is spent instantiating kernels.
 #pragma once
 
 #include <cstdint>
@@ -17,11 +21,28 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <deque>
 #include <vector>
 
+#ifndef FR_INSTANCES
+#define FR_INSTANCES 0xFFFF
+#endif
+
 namespace kernels_io {
+
+// Included after a kernel header (which brings fused_rnn's Cell, DType, __half, __nv_bfloat16).
+template <typename S> constexpr fused_rnn::DType dtype_of() {
+  using fused_rnn::DType;
+  return std::is_same<S, double>::value ? DType::Float64
+         : std::is_same<S, __half>::value ? DType::Float16
+         : std::is_same<S, __nv_bfloat16>::value ? DType::BFloat16 : DType::Float32;
+}
+// Whether this build compiles the kernels of (C, S) (FR_INSTANCES).
+template <fused_rnn::Cell C, typename S> constexpr bool built() {
+  return (FR_INSTANCES >> (int(C) * 4 + int(dtype_of<S>()))) & 1;
+}
 
 [[noreturn]] inline void fail(const std::string& what) {
   std::fprintf(stderr, "driver: %s\n", what.c_str());

@@ -3,15 +3,14 @@
 // for a fake device, as csrc/recurrence.cpp + persistent.cu would on a GPU. Driven by
 // tests/test_cuda_emulated.py:
 //
-//   kernels_persistent run <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
-//   kernels_persistent plan <lines>     one plan per line "cell dtype H sms coop optin smem_per_sm
+//   kernels persistent run <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
+//   kernels persistent plan <lines>     one plan per line "cell dtype H sms coop optin smem_per_sm
 //                                       regs_per_thread" of <lines>, printed as "verdict blocks threads
 //                                       units smem"
 //
-// FR_KERNELS_HEADER (a define) replaces the kernel header by a copy, for the mutation tests;
-// FR_ONE_INSTANCE builds only the LSTM float32 kernels (a faster build for them).
-#ifdef FR_KERNELS_HEADER
-#include FR_KERNELS_HEADER
+// FR_PERSISTENT_KERNELS (a define) replaces the kernel header by a copy, for the mutation tests.
+#ifdef FR_PERSISTENT_KERNELS
+#include FR_PERSISTENT_KERNELS
 #else
 #include "cuda/persistent_kernels.cuh"
 #endif
@@ -84,14 +83,6 @@ template <Cell C, typename S> File run(File& in, const fr_emu::Device& dev, cons
   return out;
 }
 
-template <Cell C, typename S> constexpr bool built() {
-#ifdef FR_ONE_INSTANCE
-  return C == Cell::LSTM && std::is_same<S, float>::value;
-#else
-  return true;
-#endif
-}
-
 int run_command(const char* in_path, const char* out_path) {
   File in = kernels_io::read(in_path);
   const Cell cell = Cell(in.param("cell"));
@@ -112,14 +103,14 @@ int run_command(const char* in_path, const char* out_path) {
   cuda::dispatch_persistent(cell, dtype, [&](auto c, auto s) {
     constexpr Cell C = decltype(c)::value;
     using S = decltype(s);
-    if constexpr (built<C, S>()) {
+    if constexpr (kernels_io::built<C, S>()) {
       first = run<C, S>(in, dev, plan);
       for (int64_t r = 1; r < repeats; ++r) {
         File again = run<C, S>(in, dev, plan);
         kernels_io::require_same(first, again, r);
       }
     } else {
-      fail("this build has the LSTM float32 kernels only");
+      fail("this build leaves these kernels out (FR_INSTANCES)");
     }
   });
   first.params["blocks"] = plan.blocks;
@@ -148,9 +139,9 @@ int plan_command(const char* path) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const std::string cmd = argc > 1 ? argv[1] : "";
-  if (cmd == "run" && argc == 4) return run_command(argv[2], argv[3]);
-  if (cmd == "plan" && argc == 3) return plan_command(argv[2]);
-  fail("usage: kernels_persistent run <in> <out> | plan <lines>");
+int persistent_main(int argc, char** argv) {
+  const std::string cmd = argc > 2 ? argv[2] : "";
+  if (cmd == "run" && argc == 5) return run_command(argv[3], argv[4]);
+  if (cmd == "plan" && argc == 4) return plan_command(argv[3]);
+  fail("usage: kernels persistent run <in> <out> | persistent plan <lines>");
 }

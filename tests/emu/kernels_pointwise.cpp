@@ -3,7 +3,7 @@
 // cuBLAS: forward (with the projection's commit pass) and backward (with the projection's prep
 // pass). Driven by tests/test_cuda_emulated.py:
 //
-//   kernels_pointwise <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
+//   kernels pointwise <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
 #include "cuda/pointwise_kernels.cuh"
 
 #include <string>
@@ -21,7 +21,7 @@ void* ptr(Array* a) { return a ? a->bytes.get() : nullptr; }
 template <typename T> T* at(Array& a, int64_t offset) { return a.as<T>() + offset; }
 
 // c[m, n] = (add ? c[m, n] : 0) + sum_k a(m, k) * b(k, n), accumulated in A and rounded once to
-// C's type, as cuBLAS does for 16-bit inputs with fp32 compute.
+// C's type, as cuBLAS does with fp32 compute (gh and the carried dh are A: no rounding at all).
 template <typename A, typename C, typename FA, typename FB>
 void gemm(int64_t M, int64_t N, int64_t K, FA a, FB b, C* c, bool add) {
   for (int64_t m = 0; m < M; ++m)
@@ -39,11 +39,25 @@ template <typename To, typename From> Array& convert(File& f, const std::string&
   return out;
 }
 
+// The (cell, storage) instance a row functor belongs to (the projection's passes: LSTM).
+template <typename F> struct InstanceOf;
+template <Cell C, typename S> struct InstanceOf<cuda::ForwardFn<C, S>> { static constexpr Cell cell = C; using type = S; };
+template <Cell C, typename S> struct InstanceOf<cuda::BackwardFn<C, S>> { static constexpr Cell cell = C; using type = S; };
+template <typename S> struct InstanceOf<cuda::CommitFn<S>> { static constexpr Cell cell = Cell::LSTM; using type = S; };
+template <typename S> struct InstanceOf<cuda::PrepFn<S>> { static constexpr Cell cell = Cell::LSTM; using type = S; };
+
 struct Launcher {
   int64_t B, grid_cap;
   // One launch of elementwise_kernel over B rows of width W, grid as pointwise_cuda.cu sizes it
   // (capped at grid_cap blocks when > 0, to make the grid-stride loop take more than one turn).
   template <typename RowFn> void operator()(RowFn row_fn, int64_t W) const {
+    if constexpr (kernels_io::built<InstanceOf<RowFn>::cell, typename InstanceOf<RowFn>::type>()) {
+      launch(row_fn, W);
+    } else {
+      fail("this build leaves these kernels out (FR_INSTANCES)");
+    }
+  }
+  template <typename RowFn> void launch(RowFn row_fn, int64_t W) const {
     const int64_t n = B * W;
     if (n == 0) return;
     int64_t blocks = cuda::pointwise_blocks(n);
@@ -78,7 +92,7 @@ template <typename S> File run(File& in) {
     for (int64_t i = 0; i < GH; ++i) b_hh.as<S>()[i] = Conv<S>::store(A(0));
   Array& h = convert<S>(out, "h_n", in.get("h0").as<S>(), B * Hout);  // the state, h_n at the end
   Array* c = lstm ? &convert<A>(work, "c", in.get("c0").as<S>(), B * H) : nullptr;
-  Array& gh = work.add("gh", s, B * GH);
+  Array& gh = work.add("gh", a, B * GH);  // h @ w_hh.T, kept in A
   const int64_t TS = save ? T : 1;
   Array& y = out.add("y", s, T * B * Hout);
   Array* gates = has_gates ? &out.add("gates", s, TS * B * 4 * H) : nullptr;
@@ -100,7 +114,7 @@ template <typename S> File run(File& in) {
     const int64_t t = reverse ? T - 1 - k : k, ts = save ? t : 0;
     const S* hs = h.as<S>();
     gemm<A>(B, GH, Hout, [&](int64_t m, int64_t j) { return A(Conv<S>::load(hs[m * Hout + j])); },
-            [&](int64_t j, int64_t r) { return A(Conv<S>::load(w_hh[r * Hout + j])); }, gh.as<S>(), false);
+            [&](int64_t j, int64_t r) { return A(Conv<S>::load(w_hh[r * Hout + j])); }, gh.as<A>(), false);
     p.t = t;
     p.gx = at<S>(in.get("gx"), t * B * GH);
     p.y = at<S>(y, t * B * Hout);
@@ -120,7 +134,7 @@ template <typename S> File run(File& in) {
   if (!save) return out;
 
   // ---- backward, as recurrence_backward
-  Array& dh = convert<S>(out, "dh0", in.get("dh_n").as<S>(), B * Hout);  // the carried dh, dh0 at the end
+  Array& dh = convert<A>(work, "dh", in.get("dh_n").as<S>(), B * Hout);  // the carried dh, in A
   Array* dc = lstm ? &convert<A>(work, "dc", in.get("dc_n").as<S>(), B * H) : nullptr;
   Array* c0 = lstm ? &convert<A>(work, "c0", in.get("c0").as<S>(), B * H) : nullptr;
   Array& dgx = out.add("dgx", s, T * B * GH);
@@ -165,17 +179,18 @@ template <typename S> File run(File& in) {
     cuda::backward_step_kernel(q, launch);
     const S* dg = at<S>(dgh, t * B * GH);
     gemm<A>(B, Hout, GH, [&](int64_t m, int64_t r) { return A(Conv<S>::load(dg[m * GH + r])); },
-            [&](int64_t r, int64_t o) { return A(Conv<S>::load(w_hh[r * Hout + o])); }, dh.as<S>(), true);
+            [&](int64_t r, int64_t o) { return A(Conv<S>::load(w_hh[r * Hout + o])); }, dh.as<A>(), true);
   }
+  convert<S>(out, "dh0", dh.as<A>(), B * Hout);
   if (lstm) convert<S>(out, "dc0", dc->as<A>(), B * H);
   return out;
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (argc != 3) fail("usage: kernels_pointwise <in> <out>");
-  File in = kernels_io::read(argv[1]);
+int pointwise_main(int argc, char** argv) {
+  if (argc != 4) fail("usage: kernels pointwise <in> <out>");
+  File in = kernels_io::read(argv[2]);
   const int64_t repeats = in.param("repeats");
   File first;
   cuda::dispatch_dtype(DType(in.param("dtype")), [&](auto s) {
@@ -186,6 +201,6 @@ int main(int argc, char** argv) {
       kernels_io::require_same(first, again, r);
     }
   });
-  kernels_io::write(argv[2], first);
+  kernels_io::write(argv[3], first);
   return 0;
 }

@@ -1,0 +1,296 @@
+// The fused CPU recurrence: the whole time loop of one layer and direction in ONE parallel region
+// (at::parallel_for, torch's own thread pool), the CPU twin of the persistent GPU kernel.
+//
+// Each part (one per thread) owns a slice of hidden units — blocks of W units, W = one vector of
+// the accumulation type — and packs all gate rows of w_hh for them once per call into the panel
+// its microkernel reads, so the slice stays in that core's L2 for all T steps. Per step:
+//
+//   forward   1. gh[:, own gate columns] = h_prev @ w_hh[own rows].T   (register-blocked FMA)
+//             2. the cell math of recurrence_step.h (forward_row) on the own units: gates never
+//                leave the thread except what the backward saves
+//             3. one barrier: everyone's h is written before anyone's next GEMM reads it
+//   backward  1. backward_row on the own units: dG at t (all gates), the direct part of dh_prev
+//             2. one barrier: every dG at t is written
+//             3. dh_prev[:, own units] += dG_h[t] @ w_hh[:, own units]   (the same microkernel)
+//
+// h is double-buffered ([2, B, H]), so one barrier per step suffices: step k reads buffer k%2 and
+// writes buffer (k+1)%2, which nobody reads before the barrier. d w_hh / d b_hh are single large
+// GEMMs after the loop (csrc/recurrence.cpp). Included once per instruction set (FR_ISA_NS) with
+// FR_VEC_BYTES, the vector width of that set; GCC vector extensions give the FMAs at that width.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#ifndef FR_VEC_BYTES
+#define FR_VEC_BYTES 16
+#endif
+
+namespace fused_rnn {
+namespace cpu {
+inline namespace FR_ISA_NS {
+namespace fused {
+
+constexpr int kVecBytes = FR_VEC_BYTES;
+constexpr int kRegs = FR_VEC_BYTES == 64 ? 32 : 16;  // vector registers of the instruction set
+
+typedef float VecF __attribute__((vector_size(kVecBytes)));
+typedef double VecD __attribute__((vector_size(kVecBytes)));
+template <typename A> struct VecOf;
+template <> struct VecOf<float> { using type = VecF; };
+template <> struct VecOf<double> { using type = VecD; };
+template <typename A> constexpr int lanes() { return kVecBytes / static_cast<int>(sizeof(A)); }
+
+// Rows of the batch per microkernel call: NG accumulators per row plus NG weight vectors must fit
+// in the registers (3/4 of them for accumulators), at most 8.
+template <int NG> constexpr int rows_per_block() {
+  const int r = (kRegs * 3 / 4) / NG;
+  return r > 8 ? 8 : r;
+}
+
+// out[b, g*gstride + lane] (+)= sum_k x[b, k] * panel[k][g][lane] for b < BB, g < NG, lane < nvalid
+// (+= when `accum`). `panel` is one block of W = lanes<A>() output columns per gate, packed
+// [K][NG][W] (zero-padded). BB x NG accumulators stay in registers for the whole k loop.
+template <int NG, int BB, typename A>
+inline void microkernel(const A* __restrict__ x, int64_t ldx, const A* __restrict__ panel, int64_t K,
+                        A* __restrict__ out, int64_t ldo, int64_t gstride, int nvalid, bool accum) {
+  using V = typename VecOf<A>::type;
+  constexpr int W = lanes<A>();
+  V acc[BB][NG];
+  for (int b = 0; b < BB; ++b)
+    for (int g = 0; g < NG; ++g) {
+      acc[b][g] = V{};
+      const A* o = out + b * ldo + g * gstride;
+      if (accum && nvalid == W)
+        std::memcpy(&acc[b][g], o, sizeof(V));
+      else if (accum)
+        for (int l = 0; l < nvalid; ++l) acc[b][g][l] = o[l];
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NG];
+    for (int g = 0; g < NG; ++g) w[g] = *reinterpret_cast<const V*>(panel + (k * NG + g) * W);
+    for (int b = 0; b < BB; ++b) {
+      const A xv = x[b * ldx + k];
+      for (int g = 0; g < NG; ++g) acc[b][g] += w[g] * xv;
+    }
+  }
+  for (int b = 0; b < BB; ++b)
+    for (int g = 0; g < NG; ++g) {
+      A* o = out + b * ldo + g * gstride;
+      if (nvalid == W)
+        std::memcpy(o, &acc[b][g], sizeof(V));
+      else
+        for (int l = 0; l < nvalid; ++l) o[l] = acc[b][g][l];
+    }
+}
+
+// All B rows against one panel block. K is cut into chunks whose slice of the panel stays in L1
+// (~16 KB) while every block of rows_per_block rows (then the remainder) passes over it; without
+// the cut, each row block would stream the whole panel from L2.
+template <int NG, bool ACCUM, typename A>
+void gemm_block(const A* x, int64_t ldx, int64_t B, const A* panel, int64_t K, A* out, int64_t ldo,
+                int64_t gstride, int nvalid) {
+  constexpr int BB = rows_per_block<NG>();
+  constexpr int W = lanes<A>();
+  const int64_t KC = B <= BB ? K : std::max<int64_t>(16, 16384 / (NG * W * static_cast<int64_t>(sizeof(A))));
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    const bool accum = ACCUM || k0 > 0;
+    const A* xk = x + k0;
+    const A* pk = panel + k0 * NG * W;
+    int64_t b = 0;
+    for (; b + BB <= B; b += BB)
+      microkernel<NG, BB, A>(xk + b * ldx, ldx, pk, kc, out + b * ldo, ldo, gstride, nvalid, accum);
+    const int rest = static_cast<int>(B - b);
+    const A* xr = xk + b * ldx;
+    A* outr = out + b * ldo;
+#define FR_REST(n) \
+  case n: if constexpr (n < BB) microkernel<NG, n, A>(xr, ldx, pk, kc, outr, ldo, gstride, nvalid, accum); break;
+    switch (rest) {
+      FR_REST(1) FR_REST(2) FR_REST(3) FR_REST(4) FR_REST(5) FR_REST(6) FR_REST(7)
+      default: break;
+    }
+#undef FR_REST
+  }
+}
+
+// 64-byte aligned scratch owned by one call.
+template <typename T> struct Buffer {
+  std::unique_ptr<T[], void (*)(void*)> p{nullptr, std::free};
+  explicit Buffer(int64_t n) {
+    const size_t bytes = ((static_cast<size_t>(n > 0 ? n : 1) * sizeof(T)) + 63) / 64 * 64;
+    p.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(p != nullptr, "fused_rnn: out of memory for the CPU recurrence's workspace");
+  }
+  T* get() const { return p.get(); }
+};
+
+// The step barrier: a monotonic count of parts that finished a step. A part's wait ends when all
+// `parts` finished step k. It spins briefly, then yields, so that on an oversubscribed machine a
+// waiting thread gives its core to the one it waits for.
+struct StepBarrier {
+  std::atomic<int64_t> done{0};
+  void arrive_and_wait(int64_t my_parts, int64_t target) {
+    done.fetch_add(my_parts, std::memory_order_acq_rel);
+    for (int spin = 0; done.load(std::memory_order_acquire) < target; ++spin) {
+      if (spin < 4000) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+};
+
+// How the hidden units are split: `blocks` blocks of W units; part p owns blocks
+// [block_begin(p), block_begin(p + 1)).
+struct Split {
+  int64_t H, W, blocks, parts;
+  Split(int64_t H_, int64_t W_) : H(H_), W(W_), blocks((H_ + W_ - 1) / W_) {
+    parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  }
+  int64_t block_begin(int64_t p) const { return p * blocks / parts; }
+  int nvalid(int64_t blk) const { return static_cast<int>(std::min(W, H - blk * W)); }
+};
+
+// x (S, [rows, cols] row-major) as the GEMM's A operand: itself when S is A, else converted into
+// `scratch` (bf16/fp16 -> fp32).
+template <typename S, typename A> const A* as_acc(const S* x, int64_t n, A* scratch) {
+  if constexpr (std::is_same<S, A>::value) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) scratch[i] = Conv<S>::load(x[i]);
+    return scratch;
+  }
+}
+
+// Step k of T visits t = k (or T-1-k when reverse); pointers to x[t] of a [T, ...] array.
+template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return base == nullptr ? nullptr : base + t * stride; }
+
+template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
+  using A = typename AccOf<S>::type;
+  constexpr int G = static_cast<int>(gates_of<C>());
+  constexpr int W = lanes<A>();
+  const int64_t T = q.T, B = q.step.B, H = q.step.H, GH = G * H;
+  const Split split(H, W);
+  const S* w_hh = static_cast<const S*>(q.w_hh);
+  const S* gx = static_cast<const S*>(q.gx);
+  S* y = static_cast<S*>(q.y);
+  // Without save, one step of gates/cells is scratch (only each part's own columns are touched).
+  Buffer<S> gates_scratch(q.save || (C != Cell::LSTM && C != Cell::GRU) ? 0 : B * 4 * H);
+  Buffer<A> cells_scratch(q.save || C != Cell::LSTM ? 0 : B * H);
+  S* gates = q.save ? static_cast<S*>(q.gates) : gates_scratch.get();
+  A* cells = q.save ? static_cast<A*>(q.cells) : cells_scratch.get();
+
+  Buffer<A> panel(split.blocks * H * G * W);  // [block][k][g][W], each part packs its own blocks
+  Buffer<S> hbuf(2 * B * H);                   // the state, double-buffered
+  Buffer<A> gh(B * GH);                        // h_prev @ w_hh.T, each part its own columns
+  std::memcpy(hbuf.get(), q.h0, sizeof(S) * B * H);
+  StepBarrier barrier;
+
+  at::parallel_for(0, split.parts, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t blk0 = split.block_begin(p0), blk1 = split.block_begin(p1);
+    const int64_t u0 = blk0 * W, u1 = std::min(H, blk1 * W);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {  // pack: panel[blk][k][g][l] = w_hh[g*H + blk*W + l, k]
+      A* pb = panel.get() + blk * H * G * W;
+      const int nv = split.nvalid(blk);
+      for (int64_t k = 0; k < H; ++k)
+        for (int g = 0; g < G; ++g)
+          for (int l = 0; l < W; ++l)
+            pb[(k * G + g) * W + l] = l < nv ? Conv<S>::load(w_hh[(g * H + blk * W + l) * H + k]) : A(0);
+    }
+    std::unique_ptr<A[]> h_acc(std::is_same<S, A>::value ? nullptr : new A[B * H]);
+    ForwardStepParams p = q.step;
+    p.gh = gh.get();
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = q.reverse ? T - 1 - k : k;
+      const S* h_prev = hbuf.get() + (k & 1) * B * H;
+      S* h_next = hbuf.get() + ((k + 1) & 1) * B * H;
+      const A* x = as_acc<S, A>(h_prev, B * H, h_acc.get());
+      for (int64_t blk = blk0; blk < blk1; ++blk)
+        gemm_block<G, false, A>(x, H, B, panel.get() + blk * H * G * W, H, gh.get() + blk * W, GH, H,
+                                split.nvalid(blk));
+      p.t = t;
+      p.gx = gx + t * B * GH;
+      p.y = y + t * B * H;
+      p.h = h_next;
+      p.gates = at_step(gates, q.save ? t : 0, B * 4 * H);
+      p.cells = at_step(cells, q.save ? t : 0, B * H);
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(h_next + b * H + u0, h_prev + b * H + u0, sizeof(S) * (u1 - u0));  // frozen rows keep it
+        forward_row<C, S>(p, b, u0, u1);
+      }
+      barrier.arrive_and_wait(p1 - p0, split.parts * (k + 1));
+    }
+  });
+  std::memcpy(q.h_n, hbuf.get() + (T & 1) * B * H, sizeof(S) * B * H);
+}
+
+template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
+  using A = typename AccOf<S>::type;
+  constexpr int G = static_cast<int>(gates_of<C>());
+  constexpr int W = lanes<A>();
+  const int64_t T = q.step.T, B = q.step.B, H = q.step.H, GH = G * H;
+  const Split split(H, W);
+  const S* w_hh = static_cast<const S*>(q.w_hh);
+  A* dh = static_cast<A*>(q.step.dh);
+
+  Buffer<A> panel(split.blocks * GH * W);  // [block][r][W] = w_hh[r, block*W + l]
+  StepBarrier barrier;
+  at::parallel_for(0, split.parts, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t blk0 = split.block_begin(p0), blk1 = split.block_begin(p1);
+    const int64_t u0 = blk0 * W, u1 = std::min(H, blk1 * W);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      A* pb = panel.get() + blk * GH * W;
+      const int nv = split.nvalid(blk);
+      for (int64_t r = 0; r < GH; ++r)
+        for (int l = 0; l < W; ++l) pb[r * W + l] = l < nv ? Conv<S>::load(w_hh[r * H + blk * W + l]) : A(0);
+    }
+    std::unique_ptr<A[]> dg_acc(std::is_same<S, A>::value ? nullptr : new A[B * GH]);
+    BackwardStepParams p = q.step;
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t t = q.step.reverse ? T - 1 - k : k;
+      const int64_t prev = q.step.reverse ? t + 1 : t - 1;
+      const bool has_prev = prev >= 0 && prev < T;
+      p.t = t;
+      p.dy = static_cast<const S*>(q.dy) + t * B * H;
+      p.gates = at_step(static_cast<const S*>(q.gates), t, B * 4 * H);
+      p.cells = at_step(static_cast<const A*>(q.cells), t, B * H);
+      p.cells_prev = has_prev ? at_step(static_cast<const A*>(q.cells), prev, B * H) : nullptr;
+      p.y = static_cast<const S*>(q.y) + t * B * H;
+      p.y_prev = has_prev ? static_cast<const S*>(q.y) + prev * B * H : nullptr;
+      p.dgx = static_cast<S*>(q.dgx) + t * B * GH;
+      p.dgh = static_cast<S*>(q.dgh) + t * B * GH;
+      for (int64_t b = 0; b < B; ++b) backward_row<C, S>(p, b, u0, u1);
+      barrier.arrive_and_wait(p1 - p0, split.parts * (T - k));
+      const A* x = as_acc<S, A>(static_cast<const S*>(p.dgh), B * GH, dg_acc.get());
+      for (int64_t blk = blk0; blk < blk1; ++blk)
+        gemm_block<1, true, A>(x, GH, B, panel.get() + blk * GH * W, GH, dh + blk * W, H, 0, split.nvalid(blk));
+    }
+  });
+}
+
+}  // namespace fused
+
+void fused_forward(const FusedForwardParams& q) {
+  dispatch_dtype(q.step.dtype, [&](auto s) {
+    using S = decltype(s);
+    dispatch_cell(q.step.cell, [&](auto c) { fused::forward_impl<decltype(c)::value, S>(q); });
+  });
+}
+
+void fused_backward(const FusedBackwardParams& q) {
+  dispatch_dtype(q.step.dtype, [&](auto s) {
+    using S = decltype(s);
+    dispatch_cell(q.step.cell, [&](auto c) { fused::backward_impl<decltype(c)::value, S>(q); });
+  });
+}
+
+}  // inline namespace FR_ISA_NS
+}  // namespace cpu
+}  // namespace fused_rnn
