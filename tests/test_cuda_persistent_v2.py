@@ -46,10 +46,11 @@ UNITS = {0: {"lstm": 4, "gru": 5, "rnn_tanh": 11, "rnn_relu": 16},
          1: {"lstm": 7, "gru": 10, "rnn_tanh": 32, "rnn_relu": 13}}
 
 
-def _exe(mode, mutation=0):
-    defines = (f"FR_PERSISTENT_V2_MUTATION={mutation}",) if mutation else ()
-    name = "v2_recurrence" + (f"_mutation{mutation}" if mutation else "")
-    return emu_build.build([DRIVER], mode, name, defines=defines)
+def _exe(mode, mutable=False):
+    """The driver; `mutable`: the build whose planted bug $FR_V2_MUTATION selects at run time."""
+    if mutable:
+        return emu_build.build([DRIVER], mode, "v2_recurrence_mutable", defines=("FR_V2_MUTABLE",))
+    return emu_build.build([DRIVER], mode, "v2_recurrence")
 
 
 def _inputs(cell, dtype, T, B, H, lengths, bias, seed):
@@ -91,12 +92,12 @@ def _read(d, name, shape, dtype):
 
 
 def _run(tmp_path, exe, cell, dtype, T, B, H, reverse, lengths, bias, tiling, seed=0, expect_ok=True,
-         backward=True):
+         backward=True, mutation=0):
     x, lens = _inputs(cell, dtype, T, B, H, lengths, bias, seed)
     _write(tmp_path, x, lens)
     args = [tmp_path, CELLS[cell][0], DTYPES[dtype], T, B, H, int(reverse), int(lengths), int(bias),
             UNITS[tiling][cell], tiling, int(backward)]
-    proc = emu_build.run(exe, args, timeout=600, expect_ok=expect_ok)
+    proc = emu_build.run(exe, args, timeout=600, expect_ok=expect_ok, env={"FR_V2_MUTATION": str(mutation)})
     return x, lens, proc
 
 
@@ -223,14 +224,21 @@ def test_under_address_sanitizer(tmp_path, cell, dtype):
 # ---------------------------------------------------------------------------------------------------
 # planted synchronisation bugs must fail (a wrong or poisoned result, or a TSan report)
 # ---------------------------------------------------------------------------------------------------
+def test_mutation_build_passes_unmutated(tmp_path):
+    """The control of the mutation tests: the same build with no bug selected passes."""
+    T, B, H, cell, dtype = 5, 11, 45, "lstm", torch.bfloat16
+    x, lens, _ = _run(tmp_path, _exe("tsan", mutable=True), cell, dtype, T, B, H, False, False, True, 1)
+    _check(tmp_path, cell, dtype, T, B, H, x, lens, False)
+
+
 @pytest.mark.parametrize("mutation", [1, 2, 3],
                          ids=["flag-wait-removed", "flag-published-before-data", "backward-reduction-unwaited"])
 def test_mutations_are_caught(tmp_path, mutation):
     T, B, H, cell, dtype = 5, 11, 45, "lstm", torch.bfloat16
     proc = None
     for seed in range(3):  # a race need not show on every run; one failure of three is enough
-        x, lens, proc = _run(tmp_path, _exe("tsan", mutation), cell, dtype, T, B, H, False, False, True, 1,
-                             seed=seed, expect_ok=False)
+        x, lens, proc = _run(tmp_path, _exe("tsan", mutable=True), cell, dtype, T, B, H, False, False, True, 1,
+                             seed=seed, expect_ok=False, mutation=mutation)
         if proc.returncode != 0 or emu_build.sanitizer_report(proc.stderr):
             return
         try:

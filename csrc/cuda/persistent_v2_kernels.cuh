@@ -43,7 +43,8 @@
 #include "../recurrence_step.h"
 #include "conv_cuda.cuh"
 
-// Planted bugs for the mutation tests (tests/test_cuda_persistent_v2.py); 0 in every real build.
+// Planted bugs for the mutation tests (tests/test_cuda_persistent_v2.py): the literal 0 in every real
+// build (the branches below fold away); the emulated mutation driver defines it as a variable.
 //   1: a warp reads h without waiting for its producers' flags
 //   2: a CTA publishes its flag before writing the h it announces
 //   3: the backward sums the partial dh of other CTAs without waiting for their flags
@@ -248,9 +249,7 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
 
     if (warp_works) {
       // 1. wait for epoch s of exactly the units this warp reads
-#if FR_PERSISTENT_V2_MUTATION != 1
-      wait_flags(producer_flags, n_producers, unsigned(s + 1), lane, 32);
-#endif
+      if (FR_PERSISTENT_V2_MUTATION != 1) wait_flags(producer_flags, n_producers, unsigned(s + 1), lane, 32);
       __syncwarp();
       // 2. its K slice of the batch tile, h_{t-1}, into shared memory: 16-byte chunks of 8 values
       const S* h_prev = h_buf + (s & 1) * B * Hs;
@@ -288,9 +287,7 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
         for (int i = 0; i < 4; ++i)
           part[(warp * MR + mt * 16 + gq + 8 * (i >> 1)) * NB + nt * 8 + 2 * tq + (i & 1)] = acc[mt][nt][i];
     __syncthreads();
-#if FR_PERSISTENT_V2_MUTATION == 2
-    if (threadIdx.x == 0) fr_ptx::st_release_gpu(my_flag, unsigned(s + 2));
-#endif
+    if (FR_PERSISTENT_V2_MUTATION == 2 && threadIdx.x == 0) fr_ptx::st_release_gpu(my_flag, unsigned(s + 2));
 
     // ---- pointwise on every thread: sum the partials, the cell, the stores
     S* h_next = h_buf + ((s + 1) & 1) * B * Hs;
@@ -347,9 +344,7 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
       h_next[b * Hs + u] = L::store(h_reg[i]);
     }
     __syncthreads();  // every h of the epoch written (and every partial read) before the release
-#if FR_PERSISTENT_V2_MUTATION != 2
-    if (threadIdx.x == 0) fr_ptx::st_release_gpu(my_flag, unsigned(s + 2));
-#endif
+    if (FR_PERSISTENT_V2_MUTATION != 2 && threadIdx.x == 0) fr_ptx::st_release_gpu(my_flag, unsigned(s + 2));
   }
 
 #pragma unroll
@@ -510,9 +505,7 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
     if (threadIdx.x == 0) fr_ptx::st_release_gpu(group_flags + blockIdx.x, unsigned(s + 1));
 
     // ---- 3. reduce: dh_prev of own units = sum of every CTA's partial, in CTA order
-#if FR_PERSISTENT_V2_MUTATION != 3
-    wait_flags(group_flags, n_cta, unsigned(s + 1), int(threadIdx.x), kV2Threads);
-#endif
+    if (FR_PERSISTENT_V2_MUTATION != 3) wait_flags(group_flags, n_cta, unsigned(s + 1), int(threadIdx.x), kV2Threads);
     __syncthreads();
     const float* slots = lay.partials + (size_t(s & 1) * gridDim.y + blockIdx.y) * gridDim.x * NB * Hs;
 #pragma unroll

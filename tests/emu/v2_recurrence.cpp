@@ -7,6 +7,12 @@
 // DIR/{y,h_n,c_n,gates}.bin (16-bit) and DIR/cells.bin (fp32). BACKWARD=1 then runs the backward on
 // the forward's saved tensors: reads DIR/{dy,dh_n,dc_n}.bin, writes DIR/{dgx,dgh,dh0,dc0}.bin.
 // Every output and workspace starts as 0xFF bytes (NaN), so an element never written shows as NaN.
+// Built with -DFR_V2_MUTABLE, the planted bug of the kernels' FR_PERSISTENT_V2_MUTATION comes from
+// $FR_V2_MUTATION (one build for every mutation test).
+#ifdef FR_V2_MUTABLE
+int fr_v2_mutation = 0;
+#define FR_PERSISTENT_V2_MUTATION fr_v2_mutation
+#endif
 #include "cuda/persistent_v2_kernels.cuh"
 
 #include <cstdio>
@@ -171,6 +177,9 @@ int main(int argc, char** argv) {
   const bool rev = std::atoi(argv[7]) != 0, len = std::atoi(argv[8]) != 0, bias = std::atoi(argv[9]) != 0;
   const int units = std::atoi(argv[10]), tiling = std::atoi(argv[11]);
   const bool backward = std::atoi(argv[12]) != 0;
+#ifdef FR_V2_MUTABLE
+  if (const char* m = std::getenv("FR_V2_MUTATION")) fr_v2_mutation = std::atoi(m);
+#endif
   if (dtype == int(DType::Float16))
     run_cell<__half>(cell, tiling, dir, T, B, H, rev, len, bias, units, backward);
   else
