@@ -10,14 +10,15 @@
 - Mutations that must fail: a warp that reads h without waiting for its producers' flags, a CTA that
   publishes its flag before writing the h it announces, a backward that sums other CTAs' partial dh
   without waiting for their flags.
+- On a CUDA GPU (tests/emu/v2_gpu.cu, the same cases and files; skipped without one): the same
+  comparisons, and bitwise repeatability over repeated launches.
 - nvcc for sm_90 (tests/emu/v2_forward_sm90.cu, the tilings of benchmarks/PERSISTENT_V2.md): no
   local-memory spills, registers within one CTA per SM, and SASS with exactly MT*KT*NT tensor-core
   MMAs (HMMA) per step.
 
 Limits (see ../shared/CUDA_EMU.md): the emulator is no model of the GPU's weaker memory model (a
 missing fence can pass here) nor of speed; the emulated MMA adds in double. The fragment layouts are
-checked on a GPU by ptx.cuh's golden tests; the GPU tests of this kernel need its launcher (not yet
-written) and a GPU.
+checked on a GPU by ptx.cuh's golden tests and by the GPU tests here.
 """
 import os
 import re
@@ -36,6 +37,7 @@ emu_build = pytest.importorskip("emu_build", reason="the emulator runtime (tests
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "emu" / "v2_recurrence.cpp"
+GPU_PROGRAM = ROOT / "tests" / "emu" / "v2_gpu.cu"
 SM90_SOURCE = ROOT / "tests" / "emu" / "v2_sm90.cu"
 
 CELLS = {"lstm": (0, 4), "gru": (1, 3), "rnn_tanh": (2, 1), "rnn_relu": (3, 1)}  # Cell id, gates
@@ -246,6 +248,56 @@ def test_mutations_are_caught(tmp_path, mutation):
         except AssertionError:
             return
     pytest.fail(f"mutation {mutation} was not caught in 3 runs (last exit {proc.returncode})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# on a GPU: the same program with cudaLaunchCooperativeKernel instead of the emulator
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpu_program(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: the v2 kernels' GPU tests run in a GPU session")
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME or /usr/local/cuda): the GPU program is compiled at test time")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        pytest.skip(f"sm_{major}{minor}: the v2 kernels need mma.sync bf16 (sm_80 or newer)")
+    exe = tmp_path_factory.mktemp("v2gpu") / "v2_gpu"
+    arch = f"{major}{minor}"
+    r = subprocess.run([nvcc, "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{ROOT / 'csrc'}",
+                        str(GPU_PROGRAM), "-o", str(exe)], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return exe
+
+
+def _run_gpu(exe, tmp_path, cell, dtype, case, repeat=1):
+    T, B, H, reverse, lengths, bias, tiling = case
+    x, lens = _inputs(cell, dtype, T, B, H, lengths, bias, 0)
+    _write(tmp_path, x, lens)
+    args = [tmp_path, CELLS[cell][0], DTYPES[dtype], T, B, H, int(reverse), int(lengths), int(bias),
+            UNITS[tiling][cell], tiling, 1]
+    r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "FR_V2_REPEAT": str(repeat)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return x, lens, r.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("case", [(5, 5, 37, False, False, True, 0), (4, 11, 45, True, True, False, 1),
+                                  (9, 19, 133, True, True, True, 0)], ids=["H37", "H45-rev-lengths", "H133"])
+def test_gpu_matches_reference(gpu_program, tmp_path, cell, dtype, case):
+    x, lens, _ = _run_gpu(gpu_program, tmp_path, cell, dtype, case)
+    T, B, H, reverse = case[:4]
+    _check(tmp_path, cell, dtype, T, B, H, x, lens, reverse)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gpu_bitwise_repeatable(gpu_program, tmp_path, cell):
+    _, _, out = _run_gpu(gpu_program, tmp_path, cell, torch.bfloat16, (16, 19, 133, False, True, True, 0), repeat=5)
+    lines = [l for l in out.split("\n") if "_us_per_step" in l]
+    assert len(lines) == 2 and all(l.endswith("repeatable 1") for l in lines), out
 
 
 # ---------------------------------------------------------------------------------------------------
