@@ -201,7 +201,8 @@ def _check(tmp_path, cell, dtype, T, B, H, x, lens, reverse, backward=True):
     # (T, B, H, reverse, lengths, bias, tiling)
     (5, 5, 37, False, False, True, 0),   # 3 k-tiles: warp 0 two, warp 1 one (+ one past the end), 6 idle
     (4, 11, 45, True, True, False, 1),   # two batch groups of 8 rows, reversed, variable lengths, no bias
-], ids=["H37-fwd", "H45-rev-lengths-2groups"])
+    (3, 19, 133, True, True, True, 0),   # 9 k-tiles: every warp busy, the last with one; 2 groups of 16
+], ids=["H37-fwd", "H45-rev-lengths-2groups", "H133-all-warps"])
 def test_forward_backward_match_reference(tmp_path, cell, dtype, case):
     T, B, H, reverse, lengths, bias, tiling = case
     x, lens, _ = _run(tmp_path, _exe("plain"), cell, dtype, T, B, H, reverse, lengths, bias, tiling)
