@@ -1,6 +1,6 @@
 // Small kernels that exercise the emulator (csrc/cuda/emu/), run by tests/test_cuda_emu_runtime.py.
 //
-//   runtime_scenarios <scenario> [bug | skip=N] [stall_seconds]
+//   runtime_scenarios <scenario> [bug | big | bigbug | skip=N] [stall_seconds]
 //
 // Correct scenarios check their own result against a host computation and print their outputs in hex (the
 // test compares repeated runs bitwise); exit 0 when right, 1 when wrong. With "bug", a scenario plants the
@@ -18,6 +18,7 @@
 namespace {
 
 bool g_bug = false;
+bool g_big = false;  // a launch of more threads than ThreadSanitizer tracks one by one (kTsanIdentities)
 int g_skip = 0;  // barrier_loop: which barrier the planted bug removes (1-4), 0: none
 double g_stall = 20;
 
@@ -91,7 +92,7 @@ FR_KERNEL void pingpong_kernel(float* buf, float* out, int rounds) {
 }
 
 int pingpong() {
-  const unsigned blocks = 4, threads = 64;
+  const unsigned blocks = g_big ? 8 : 4, threads = g_big ? 128 : 64;
   const int rounds = 6;
   std::vector<float> buf(2 * blocks * threads, NAN), out(blocks * threads, NAN), expect(blocks * threads);
   for (unsigned i = 0; i < expect.size(); ++i) expect[i] = static_cast<float>(i);
@@ -252,6 +253,31 @@ int atomics() {
   return check(ok, "atomics");
 }
 
+// ---- a flag between blocks: data, __threadfence, atomic flag ... atomic flag, __threadfence, data ------------------
+FR_KERNEL void flag_kernel(float* data, int* flag, float* out) {
+  if (threadIdx.x != 0) return;
+  if (blockIdx.x == 0) {
+    for (int i = 0; i < 8; ++i) data[i] = 1.5f * i;
+    if (!g_bug) __threadfence();  // the planted bug: no fence between the data and the flag
+    atomicExch(flag, 1);
+  } else {
+    while (atomicCAS(flag, 1, 1) != 1) {
+    }
+    if (!g_bug) __threadfence();
+    float sum = 0;
+    for (int i = 0; i < 8; ++i) sum += data[i];
+    out[0] = sum;
+  }
+}
+
+int flag() {
+  std::vector<float> data(8, NAN);
+  int flag = 0;
+  float out = NAN;
+  fr_emu::launch(config(2, 32), flag_kernel, data.data(), &flag, &out);
+  return check(out == 42.0f, "flag");
+}
+
 // ---- warp_allgather: full and partial masks ------------------------------------------------------------------
 FR_KERNEL void allgather_kernel(long long* out) {
   const int lane = fr_emu::lane_id(), tid = static_cast<int>(threadIdx.x);
@@ -332,17 +358,18 @@ int smem_reuse() {
 
 // ---- planted: lanes exchange through shared memory without __syncwarp -------------------------------------------
 FR_KERNEL void syncwarp_kernel(float* out) {
-  FR_SHARED_ARRAY(float, s, 32);
-  const unsigned lane = threadIdx.x % 32;
-  s[lane] = static_cast<float>(lane) * 3.0f;
+  FR_SHARED_ARRAY(float, s, 256);
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  s[threadIdx.x] = static_cast<float>(lane) * 3.0f;
   if (!g_bug) __syncwarp();
-  out[lane] = s[31 - lane];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[warp * 32 + 31 - lane];
 }
 
 int syncwarp() {
-  std::vector<float> out(32, 0.0f), expect(32);
-  for (int i = 0; i < 32; ++i) expect[i] = static_cast<float>(31 - i) * 3.0f;
-  fr_emu::launch(config(1, 32), syncwarp_kernel, out.data());
+  const unsigned blocks = g_big ? 4 : 1, threads = g_big ? 256 : 32;
+  std::vector<float> out(blocks * threads, 0.0f), expect(blocks * threads);
+  for (unsigned i = 0; i < expect.size(); ++i) expect[i] = static_cast<float>(31 - i % 32) * 3.0f;
+  fr_emu::launch(config(blocks, threads), syncwarp_kernel, out.data());
   return check(out == expect, "syncwarp");
 }
 
@@ -403,15 +430,26 @@ int grid_sync(bool cooperative) {
   return check(true, "grid_sync");
 }
 
+FR_KERNEL void grid_sync_static_smem_kernel(float* buf) {
+  FR_SHARED_ARRAY(float, s, 512);  // 2 KB more per block, known only when the kernel runs
+  s[threadIdx.x] = 1.0f;
+  buf[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+  fr_grid_sync();
+}
+
 // A small device: 2 SMs of 256 threads, 64 KB of shared memory each. Blocks of 64 threads with 20 KB dynamic
-// shared memory: 4 fit per SM by threads, 3 by shared memory ((20 + 1) KB each) -> at most 6 blocks at once.
-int cooperative_limit(unsigned blocks) {
+// shared memory: 4 fit per SM by threads, 3 by shared memory ((20 + 1) KB each) -> at most 6 blocks at once;
+// with 2 KB of static shared memory more, 2 per SM -> 4.
+int cooperative_limit(unsigned blocks, bool static_smem) {
   fr_emu::LaunchConfig cfg = config(blocks, 64, true, 20 * 1024);
   cfg.device.sm_count = 2;
   cfg.device.max_threads_per_sm = 256;
   cfg.device.smem_per_sm = 64 * 1024;
   std::vector<float> buf(blocks * 64);
-  fr_emu::launch(cfg, grid_sync_kernel, buf.data());
+  if (static_smem)
+    fr_emu::launch(cfg, grid_sync_static_smem_kernel, buf.data());
+  else
+    fr_emu::launch(cfg, grid_sync_kernel, buf.data());
   return check(true, "cooperative_limit");
 }
 
@@ -444,7 +482,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string s = argv[1];
-  g_bug = argc > 2 && std::string(argv[2]) == "bug";
+  const std::string variant = argc > 2 ? argv[2] : "";
+  g_bug = variant.find("bug") != std::string::npos;
+  g_big = variant.find("big") != std::string::npos;
   if (argc > 2 && std::string(argv[2]).rfind("skip=", 0) == 0) g_skip = std::atoi(argv[2] + 5);
   if (argc > 3) g_stall = std::atof(argv[3]);
   if (s == "reduce") return reduce();
@@ -453,6 +493,7 @@ int main(int argc, char** argv) {
   if (s == "warp_ops") return warp_ops();
   if (s == "atomics") return atomics();
   if (s == "allgather") return allgather();
+  if (s == "flag") return flag();
   if (s == "nan_smem") return nan_smem();
   if (s == "smem_reuse") return smem_reuse();
   if (s == "syncwarp") return syncwarp();
@@ -462,8 +503,10 @@ int main(int argc, char** argv) {
   if (s == "skip_grid_sync") return skip_grid_sync();
   if (s == "grid_sync_cooperative") return grid_sync(true);
   if (s == "grid_sync_not_cooperative") return grid_sync(false);
-  if (s == "cooperative_fits") return cooperative_limit(6);
-  if (s == "cooperative_too_large") return cooperative_limit(7);
+  if (s == "cooperative_fits") return cooperative_limit(6, false);
+  if (s == "cooperative_too_large") return cooperative_limit(7, false);
+  if (s == "cooperative_static_fits") return cooperative_limit(4, true);
+  if (s == "cooperative_static_too_large") return cooperative_limit(5, true);
   if (s == "mask_exited") return mask_error(true);
   if (s == "mask_diverged") return mask_error(false);
   std::fprintf(stderr, "unknown scenario %s\n", s.c_str());

@@ -22,8 +22,12 @@
 
 // ---- vector types, half precision: the CUDA toolkit's host-compilable headers when on the include path ------
 #if __has_include(<cuda_fp16.h>) && __has_include(<cuda_bf16.h>) && !defined(FR_EMU_OWN_HALF)
+#ifdef FR_EMU_RUNTIME_SOURCE
+#include <vector_types.h>  // the runtime's own sources need only dim3/uint3: skip the large half headers
+#else
 #include <cuda_bf16.h>  // also brings vector_types.h (dim3, uint3) and host_defines.h (__host__, ...)
 #include <cuda_fp16.h>
+#endif
 #else
 #include "half.h"  // the emulator's own dim3, uint3, __half, __nv_bfloat16
 #endif
@@ -45,14 +49,6 @@
 #endif
 #ifndef __align__
 #define __align__(n) __attribute__((aligned(n)))
-#endif
-
-#if defined(__SANITIZE_THREAD__)
-#define FR_EMU_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define FR_EMU_TSAN 1
-#endif
 #endif
 
 namespace fr_emu {
@@ -78,6 +74,10 @@ struct LaunchConfig {
 };
 
 namespace detail {
+// Prints "fr_emu: error: <message>" and exits 87: a use of CUDA that the GPU would refuse or leave undefined
+// (also for emulations built on the runtime, such as ptx.cuh's).
+[[noreturn]] void fail(const char* format, ...) __attribute__((format(printf, 1, 2)));
+
 // Runs body() once per CUDA thread of the launch (csrc/cuda/emu/launch.cpp). Returns when every thread exited.
 void launch_impl(const LaunchConfig& cfg, const std::function<void()>& body);
 
@@ -100,6 +100,7 @@ unsigned active_mask();
 void* shared_static(size_t bytes, const void* site);  // the block's buffer for `site`, 0xFF-filled at first use
 void* shared_dynamic();
 void fence();  // __threadfence*: a sequentially consistent fence (and, under TSan, its happens-before)
+void atomic_touched(const void* address);  // under TSan: the other half of the fence model (lane.cpp)
 }  // namespace detail
 
 // The block's static shared array for a source site (FR_SHARED_ARRAY): the same memory for every thread of the
@@ -210,11 +211,30 @@ inline int __all_sync(unsigned mask, int predicate, const char* file = __builtin
 inline unsigned __activemask() { return ::fr_emu::detail::active_mask(); }
 
 // ---- atomics: relaxed read-modify-writes, as CUDA documents for atomicAdd & co. (device scope) ---------------
+#if defined(__SANITIZE_THREAD__)
+#define FR_EMU_TSAN_FENCES 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define FR_EMU_TSAN_FENCES 1
+#endif
+#endif
+
 namespace fr_emu {
 namespace detail {
+// Every atomic tells the runtime its address under ThreadSanitizer, which ignores fences: a fence then releases
+// the lane's history at its next atomics and acquires what was released at its last atomic (lane.cpp).
+inline void atomic_hook(const void* address) {
+#ifdef FR_EMU_TSAN_FENCES
+  atomic_touched(address);
+#else
+  (void)address;
+#endif
+}
+
 // Read-modify-write through a compare-and-swap loop, for the operations GCC has no builtin for.
 template <typename T, typename F>
 T atomic_update(T* address, F f) {
+  atomic_hook(address);
   T old;
   __atomic_load(address, &old, __ATOMIC_RELAXED);
   T desired = f(old);
@@ -225,28 +245,36 @@ T atomic_update(T* address, F f) {
 }  // namespace detail
 }  // namespace fr_emu
 
-#define FR_EMU_INTEGER_ATOMICS(T)                                                                              \
-  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }                        \
-  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_RELAXED); }                        \
-  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }                     \
-  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_RELAXED); }                          \
-  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_RELAXED); }                        \
-  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_RELAXED); }                        \
-  inline T atomicMax(T* a, T v) {                                                                              \
-    return ::fr_emu::detail::atomic_update(a, [v](T old) { return old > v ? old : v; });                      \
-  }                                                                                                            \
-  inline T atomicMin(T* a, T v) {                                                                              \
-    return ::fr_emu::detail::atomic_update(a, [v](T old) { return old < v ? old : v; });                      \
-  }                                                                                                            \
-  inline T atomicCAS(T* a, T compare, T v) {                                                                   \
-    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);                   \
-    return compare;                                                                                            \
+// A relaxed read-modify-write through a GCC/clang builtin.
+#define FR_EMU_RMW(T, name, builtin)       \
+  inline T name(T* a, T v) {               \
+    ::fr_emu::detail::atomic_hook(a);      \
+    return builtin(a, v, __ATOMIC_RELAXED); \
+  }
+#define FR_EMU_INTEGER_ATOMICS(T)                                                          \
+  FR_EMU_RMW(T, atomicAdd, __atomic_fetch_add)                                             \
+  FR_EMU_RMW(T, atomicSub, __atomic_fetch_sub)                                             \
+  FR_EMU_RMW(T, atomicExch, __atomic_exchange_n)                                           \
+  FR_EMU_RMW(T, atomicOr, __atomic_fetch_or)                                               \
+  FR_EMU_RMW(T, atomicAnd, __atomic_fetch_and)                                             \
+  FR_EMU_RMW(T, atomicXor, __atomic_fetch_xor)                                             \
+  inline T atomicMax(T* a, T v) {                                                          \
+    return ::fr_emu::detail::atomic_update(a, [v](T old) { return old > v ? old : v; });  \
+  }                                                                                        \
+  inline T atomicMin(T* a, T v) {                                                          \
+    return ::fr_emu::detail::atomic_update(a, [v](T old) { return old < v ? old : v; });  \
+  }                                                                                        \
+  inline T atomicCAS(T* a, T compare, T v) {                                               \
+    ::fr_emu::detail::atomic_hook(a);                                                      \
+    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED); \
+    return compare;                                                                        \
   }
 FR_EMU_INTEGER_ATOMICS(int)
 FR_EMU_INTEGER_ATOMICS(unsigned)
 FR_EMU_INTEGER_ATOMICS(unsigned long long)
 FR_EMU_INTEGER_ATOMICS(long long)
 #undef FR_EMU_INTEGER_ATOMICS
+#undef FR_EMU_RMW
 
 inline float atomicAdd(float* a, float v) {
   return ::fr_emu::detail::atomic_update(a, [v](float old) { return old + v; });
@@ -255,6 +283,7 @@ inline double atomicAdd(double* a, double v) {
   return ::fr_emu::detail::atomic_update(a, [v](double old) { return old + v; });
 }
 inline float atomicExch(float* a, float v) {
+  ::fr_emu::detail::atomic_hook(a);
   float old;
   __atomic_exchange(a, &v, &old, __ATOMIC_RELAXED);
   return old;

@@ -7,8 +7,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "cuda_emu.h"  // FR_EMU_TSAN
-
 // The sanitizers' fiber and annotation interfaces, declared here rather than through <sanitizer/*.h> so that
 // g++ and clang++ see the same declarations; the sanitizer runtimes define them.
 extern "C" {
@@ -47,7 +45,7 @@ void init_thread_context(Context& self) {
 #endif
 }
 
-void init_fiber(Context& ctx, void* stack, size_t size, const char* name, void (*entry)()) {
+void init_fiber(Context& ctx, void* stack, size_t size, void* tsan_fiber, void (*entry)()) {
   if (getcontext(&ctx.uc) != 0) {
     std::perror("fr_emu: getcontext");
     std::exit(87);
@@ -58,13 +56,25 @@ void init_fiber(Context& ctx, void* stack, size_t size, const char* name, void (
   makecontext(&ctx.uc, entry, 0);
   ctx.stack_bottom = stack;
   ctx.stack_size = size;
+  ctx.tsan_fiber = tsan_fiber;
+}
+
+void* create_tsan_fiber(const char* name) {
 #ifdef FR_EMU_TSAN
-  // Created by the warp thread before any lane runs: the fiber inherits the launching thread's history (the
-  // kernel's inputs), nothing later.
-  ctx.tsan_fiber = __tsan_create_fiber(0);
-  __tsan_set_fiber_name(ctx.tsan_fiber, name);
+  void* fiber = __tsan_create_fiber(0);
+  __tsan_set_fiber_name(fiber, name);
+  return fiber;
 #else
   (void)name;
+  return nullptr;
+#endif
+}
+
+void destroy_tsan_fiber(void* fiber) {
+#ifdef FR_EMU_TSAN
+  if (fiber) __tsan_destroy_fiber(fiber);
+#else
+  (void)fiber;
 #endif
 }
 
@@ -89,15 +99,6 @@ void fiber_started(Context& from) {
   __sanitizer_finish_switch_fiber(nullptr, &from.stack_bottom, &from.stack_size);
 #else
   (void)from;
-#endif
-}
-
-void destroy_fiber(Context& ctx) {
-#ifdef FR_EMU_TSAN
-  if (ctx.tsan_fiber) __tsan_destroy_fiber(ctx.tsan_fiber);
-  ctx.tsan_fiber = nullptr;
-#else
-  (void)ctx;
 #endif
 }
 
@@ -134,6 +135,18 @@ TsanIgnore::~TsanIgnore() {
 #ifdef FR_EMU_TSAN
   if (sync_) AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
   __tsan_ignore_thread_end();
+#endif
+}
+
+TsanIgnorePause::TsanIgnorePause() {
+#ifdef FR_EMU_TSAN
+  __tsan_ignore_thread_end();
+#endif
+}
+
+TsanIgnorePause::~TsanIgnorePause() {
+#ifdef FR_EMU_TSAN
+  __tsan_ignore_thread_begin();
 #endif
 }
 

@@ -11,6 +11,13 @@
 
 #include <cstddef>
 
+#if defined(__SANITIZE_THREAD__)
+#define FR_EMU_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define FR_EMU_TSAN 1
+#endif
+#endif
 #if defined(__SANITIZE_ADDRESS__)
 #define FR_EMU_ASAN 1
 #elif defined(__has_feature)
@@ -34,14 +41,22 @@ struct Context {
 // Makes `self` describe the calling OS thread's own context (the warp thread before it starts lanes).
 void init_thread_context(Context& self);
 // Makes `ctx` a fresh fiber on `stack` that calls entry() when first switched to. entry must never return: it
-// ends with switch_context(..., /*from_exits=*/true).
-void init_fiber(Context& ctx, void* stack, size_t size, const char* name, void (*entry)());
+// ends with switch_context(..., /*from_exits=*/true). `tsan_fiber`: the ThreadSanitizer identity it runs as
+// (from create_tsan_fiber; several contexts may share one).
+void init_fiber(Context& ctx, void* stack, size_t size, void* tsan_fiber, void (*entry)());
+// A new ThreadSanitizer fiber (nullptr without TSan). Created by the warp thread before any lane runs, it
+// inherits the launching thread's history (the kernel's inputs) and nothing later.
+void* create_tsan_fiber(const char* name);
+void destroy_tsan_fiber(void* fiber);
+// ThreadSanitizer (clang 16, and g++ 12's) tracks at most 256 threads and fibers at once with full precision:
+// beyond that, threads share its clock slots and races between them go unseen. This many TSan identities are
+// left to the emulator (the rest: the process's own threads).
+constexpr int kTsanIdentities = 240;
 // Switches from the running context `from` to `to`; returns when something switches back to `from`.
 // from_exits: `from` will never run again (ASan frees its fake stack).
 void switch_context(Context& from, Context& to, bool from_exits = false);
 // Completes ASan's bookkeeping at a fiber's first instruction; records the stack it came from in `from`.
 void fiber_started(Context& from);
-void destroy_fiber(Context& ctx);
 
 // The stacks of a warp's lanes: one mapping, a guard page below each stack (a stack overflow faults).
 class Stacks {
@@ -75,7 +90,23 @@ class TsanIgnore {
   TsanIgnore& operator=(const TsanIgnore&) = delete;
 
  private:
-  bool sync_;
+  [[maybe_unused]] bool sync_;
+};
+constexpr bool tsan_enabled() {
+#ifdef FR_EMU_TSAN
+  return true;
+#else
+  return false;
+#endif
+}
+// Suspends the enclosing TsanIgnore for a context switch: lanes of one warp may share one TSan identity
+// (kTsanIdentities), whose ignore count must not carry a suspended lane's scope into the next lane's code.
+class TsanIgnorePause {
+ public:
+  TsanIgnorePause();
+  ~TsanIgnorePause();
+  TsanIgnorePause(const TsanIgnorePause&) = delete;
+  TsanIgnorePause& operator=(const TsanIgnorePause&) = delete;
 };
 void tsan_release(const void* address);
 void tsan_acquire(const void* address);

@@ -18,19 +18,19 @@ thread_local Lane* tls_lane = nullptr;
 
 namespace {
 
-TsanSync fence_sync;
-
 Lane& current(const char* what) {
   Lane* lane = tls_lane;
   if (!lane) fail("%s called outside a kernel launch (fr_emu::launch)", what);
   return *lane;
 }
 
-// Hands the lane to its warp thread until the request is resolved. Called inside a TsanIgnore scope.
+// Hands the lane to its warp thread until the request is resolved. Called inside a TsanIgnore scope, which is
+// paused across the switch (switch_context itself is not instrumented).
 void wait_for_warp(Lane& me, Wait wait, const char* file, int line) {
   me.wait = wait;
   me.file = file;
   me.line = line;
+  TsanIgnorePause pause;
   switch_context(me.ctx, me.warp->scheduler);
 }
 
@@ -133,13 +133,25 @@ void* shared_dynamic() {
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wtsan"  // "atomic_thread_fence is not supported with -fsanitize=thread": see below
 #endif
+// ThreadSanitizer ignores fences. The usual pattern — write data; __threadfence(); atomic flag store ... atomic
+// flag load; __threadfence(); read data — is modelled with the atomics' addresses: a fence acquires what was
+// released at the lane's last atomic, and from then on the lane's atomics release its history at their
+// address. (From then on: a little more ordering than CUDA promises, for writes after the fence.)
 void fence() {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  // ThreadSanitizer ignores fences. Model them as one global release+acquire so that the usual pattern
-  // (write; __threadfence(); atomic flag store — atomic flag load; __threadfence(); read) is not reported.
-  // This orders every fence after every earlier one, more than CUDA promises (README: limits).
-  tsan_release(&fence_sync);
-  tsan_acquire(&fence_sync);
+  Lane* me = tls_lane;
+  if (!me) return;
+  TsanIgnore bookkeeping;
+  if (me->last_atomic) tsan_acquire(me->last_atomic);
+  me->fenced = true;
+}
+
+void atomic_touched(const void* address) {
+  Lane* me = tls_lane;
+  if (!me) return;
+  TsanIgnore bookkeeping;
+  if (me->fenced) tsan_release(address);
+  me->last_atomic = address;
 }
 
 }  // namespace detail

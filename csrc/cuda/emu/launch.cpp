@@ -36,9 +36,14 @@ void exit_now(int code) {
 namespace {
 
 // A non-cooperative grid runs in waves of at most this many threads (the GPU guarantees nothing about which
-// blocks run together, so any wave size is faithful); bounds the OS threads and stacks alive at once, and stays
-// below g++'s ThreadSanitizer limit of 8128 threads (every lane is one).
-constexpr unsigned kMaxThreadsPerWave = 4096;
+// blocks run together, so any wave size is faithful). Bounds the OS threads and stacks alive at once; 96 warps
+// keep warp threads + one TSan fiber per warp within ThreadSanitizer's precise range (kTsanIdentities).
+constexpr unsigned kMaxThreadsPerWave = 3072;
+
+void note_once(const char* format, unsigned a, int b) {
+  static std::atomic<bool> said{false};
+  if (!said.exchange(true)) std::fprintf(stderr, format, a, b);
+}
 
 struct Residency {
   unsigned per_sm;
@@ -135,6 +140,17 @@ void run_wave(Launch& launch, unsigned first, unsigned count) {
     launch.running.push_back(blocks.back().get());
     nwarps += static_cast<unsigned>(blocks.back()->warps.size());
   }
+  // TSan identities (kTsanIdentities): one per warp thread, plus one per lane for the first `per_lane` warps
+  // and one per warp for the others. Kernels run the same code in every warp, so a race between the lanes of
+  // one warp shows in the first warps too.
+  const int budget = kTsanIdentities - 2 * static_cast<int>(nwarps);
+  const unsigned per_lane = budget > 0 ? static_cast<unsigned>(budget / 31) : 0;
+  if (tsan_enabled() && budget < 0)
+    note_once("fr_emu: note: %u warps at once are more than ThreadSanitizer tracks precisely (%d threads and "
+              "fibers): some races may go unreported; use fewer blocks or threads\n", nwarps, kTsanIdentities);
+  unsigned index = 0;
+  for (auto& b : blocks)
+    for (auto& w : b->warps) w->tsan_fiber_per_lane = index++ < per_lane;
   launch.warps_running.store(nwarps);
   for (auto& b : blocks)
     for (auto& w : b->warps) {
@@ -220,6 +236,7 @@ void launch_impl(const LaunchConfig& cfg, const std::function<void()>& body) {
   launch.check_coresident(cfg.dynamic_smem);
   const unsigned wave = cfg.cooperative ? launch.nblocks
                         : std::max(1u, std::min(launch.nblocks, kMaxThreadsPerWave / launch.threads_per_block));
+  launch.threads_per_wave = wave * launch.threads_per_block;
   for (unsigned first = 0; first < launch.nblocks; first += wave)
     run_wave(launch, first, std::min(wave, launch.nblocks - first));
 }

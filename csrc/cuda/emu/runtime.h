@@ -25,14 +25,13 @@
 #include <thread>
 #include <vector>
 
+#define FR_EMU_RUNTIME_SOURCE  // cuda_emu.h: the runtime needs no half-precision types
 #include "cuda_emu.h"
 #include "fiber.h"
 
 namespace fr_emu {
 namespace detail {
 
-// Prints "fr_emu: error: <message>" and exits 87: a use of CUDA that the GPU would refuse or leave undefined.
-[[noreturn]] void fail(const char* format, ...) __attribute__((format(printf, 1, 2)));
 [[noreturn]] void exit_now(int code);  // ends the process with `code` at once
 constexpr int kDeadlockExit = 86;
 constexpr int kMisuseExit = 87;
@@ -72,7 +71,10 @@ struct Lane {
   void* out = nullptr;
   size_t bytes = 0;
   uint64_t result = 0;       // written by the warp thread when the collective resolves
-  TsanSync* acquire_on_resume = nullptr;  // the barrier's TSan object, acquired when the lane runs again
+  // The TSan model of __threadfence (lane.cpp): the address of the lane's last atomic, and whether a fence
+  // has run since which later atomics release at.
+  const void* last_atomic = nullptr;
+  bool fenced = false;
 };
 
 // The TSan objects of one membermask's __syncwarp/allgather rounds. Round r uses objects[r % 2]: a lane that
@@ -93,6 +95,7 @@ struct Warp {
   Stacks stacks;
   std::deque<MaskRounds> mask_rounds;  // stable addresses; a few distinct masks per kernel
   TsanSync exited_sync;      // every lane releases here on exit; the warp thread acquires (then join -> host)
+  bool tsan_fiber_per_lane = true;  // else its lanes share one TSan identity (kTsanIdentities, fiber.h)
   std::thread thread;
 
   MaskRounds& rounds_for(unsigned mask);
@@ -146,7 +149,7 @@ struct Launch {
   const std::function<void()>* body = nullptr;
   dim3 grid, block;
   unsigned threads_per_block = 0, nblocks = 0;
-  unsigned max_blocks_resident = 0;   // per the co-residency rules (used for the cooperative check)
+  unsigned threads_per_wave = 0;      // blocks alive at once x threads per block
   std::vector<Block*> running;        // the blocks of the current wave (for the deadlock report)
 
   // The grid barrier: completes when every block of the grid has arrived. A block whose threads all exited

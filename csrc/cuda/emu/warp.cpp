@@ -106,10 +106,17 @@ class Scheduler {
     tls_block_dim = launch_.block;
     tls_grid_dim = launch_.grid;
     init_thread_context(w_.scheduler);
-    // Fibers are created here, before any lane runs: each starts with the launching thread's history.
-    w_.stacks.allocate(w_.nlanes, /*guard_pages=*/launch_.threads_per_block * launch_.nblocks <= 16384);
-    for (int i = 0; i < w_.nlanes; ++i)
-      init_fiber(w_.lanes[i].ctx, w_.stacks.stack(i), Stacks::kStackSize, w_.lanes[i].name, &lane_main);
+    w_.stacks.allocate(w_.nlanes, /*guard_pages=*/launch_.threads_per_wave <= 16384);
+    // One TSan identity per lane, or one for the warp (then races between its lanes are not reported; those
+    // between warps and blocks still are). launch.cpp decides which warps get which.
+    char name[96];
+    std::snprintf(name, sizeof name, "block (%u,%u,%u) warp %d", block.idx.x, block.idx.y, block.idx.z, w_.index);
+    void* warp_fiber = w_.tsan_fiber_per_lane ? nullptr : create_tsan_fiber(name);
+    for (int i = 0; i < w_.nlanes; ++i) {
+      Lane& lane = w_.lanes[i];
+      init_fiber(lane.ctx, w_.stacks.stack(i), Stacks::kStackSize,
+                 w_.tsan_fiber_per_lane ? create_tsan_fiber(lane.name) : warp_fiber, &lane_main);
+    }
     for (;;) {
       if (const unsigned exited = run_lanes()) block.lanes_exited(exited);
       if (w_.live_mask() == 0) break;
@@ -117,7 +124,10 @@ class Scheduler {
       wait_at_block_barrier();
     }
     tsan_acquire(&w_.exited_sync);  // the lanes' writes, for the host thread that joins this one
-    for (int i = 0; i < w_.nlanes; ++i) destroy_fiber(w_.lanes[i].ctx);
+    if (w_.tsan_fiber_per_lane)
+      for (int i = 0; i < w_.nlanes; ++i) destroy_tsan_fiber(w_.lanes[i].ctx.tsan_fiber);
+    else
+      destroy_tsan_fiber(warp_fiber);
   }
 
  private:
