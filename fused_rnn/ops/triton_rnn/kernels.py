@@ -84,8 +84,9 @@ def _load_bias(b_ptr, gate, H, offs_h, mask_h, HAS_BIAS: tl.constexpr, CDT: tl.c
     return b[None, :]
 
 
-# Step counters and the spin limit change from call to call: no recompilation per value.
-@triton.jit(do_not_specialize=["T", "step_begin", "step_end", "spin_limit"])
+# T, B, the step range and the spin limit change from call to call: one compiled variant for all their
+# values (B only masks rows and offsets whole steps, so its divisibility buys nothing; H stays specialised).
+@triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "spin_limit"])
 def rnn_forward_kernel(
     gx_ptr,      # [T, B, G*H]  x @ w_ih.T + b_ih, input dtype
     w_ptr,       # [G*H, H]     w_hh, input dtype
@@ -230,7 +231,7 @@ def rnn_forward_kernel(
         _report_timeout(cnt_ptr, timed_out)
 
 
-@triton.jit(do_not_specialize=["T", "step_begin", "step_end", "spin_limit"])
+@triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "spin_limit"])
 def rnn_backward_kernel(
     dy_ptr,       # [T, B, H]      grad of y, input dtype
     w_ptr,        # [G*H, H]       w_hh
