@@ -55,7 +55,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: run under timeout, log, record PAS
   timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
   local dt=$((SECONDS - t0)) tail=""
-  tail=$(grep -E "passed|failed|error|smoke:|ERROR SUMMARY" "$log" 2>/dev/null | tail -1)
+  tail=$(grep -E "^(=+ )?[0-9]+ (passed|failed|errors?|skipped)|tests? collected|^smoke:|ERROR SUMMARY" "$log" 2>/dev/null | tail -1)
   if [ $rc -eq 0 ]; then note "PASS  $name (${dt}s)  $tail"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then note "TIME  $name (killed after ${limit}s)  $tail"; STATUS=1
   else note "FAIL  $name (rc=$rc, ${dt}s)  $tail"; STATUS=1; fi

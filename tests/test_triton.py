@@ -207,6 +207,28 @@ def test_blocks_per_sm_from_registers_and_shared_memory():
     assert launcher.blocks_per_sm(32, 300 * 1024, 4, sm90) == 0
 
 
+def test_multi_tile_plan_follows_the_compiled_kernels_occupancy(monkeypatch):
+    """A multi-tile persistent plan is kept only when every program fits at once by the compiled
+    kernel's registers and shared memory (here 2 per SM on 132 SMs), else it becomes stepwise."""
+    from types import SimpleNamespace
+
+    class Kernel:
+        def warmup(self, **kwargs):
+            self.kwargs = kwargs
+            return SimpleNamespace(n_regs=248, metadata=SimpleNamespace(shared=1024), _init_handles=lambda: None)
+
+    props = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                            shared_memory_per_multiprocessor=233472, shared_memory_per_block_optin=232448,
+                            multi_processor_count=132)
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cfg, kernel = LaunchConfig(block_b=16, block_h=16, block_k=32, num_warps=4), Kernel()
+    assert launcher._settle_mode(kernel, {}, {}, (2, 132), cfg, "cuda") == cfg
+    assert kernel.kwargs["SYNC"] and kernel.kwargs["launch_cooperative_grid"] and kernel.kwargs["num_warps"] == 4
+    assert launcher._settle_mode(kernel, {}, {}, (3, 100), cfg, "cuda").mode == "stepwise"
+    assert launcher._settle_mode(kernel, {}, {}, (300, 1), cfg, "cuda") == cfg  # one tile: no barrier
+
+
 def test_fp32_dot_precision_follows_torch_matmul_flag(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     assert launcher._dot_precision(torch.float32) == "tf32"

@@ -52,6 +52,9 @@ def _report_timeout(cnt_ptr, timed_out):
     """The barrier gave up at least once: flag it in the slot after the per-batch-block counters."""
     if timed_out != 0:
         tl.atomic_max(cnt_ptr + tl.num_programs(0), 1)
+        # said on the device too: on a GPU the launcher's check surfaces as a generic device-side assert
+        tl.device_print("fused_rnn triton: grid barrier timed out, a program was not resident; batch block",
+                        tl.program_id(0))
 
 
 @triton.jit
