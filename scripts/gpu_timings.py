@@ -2,7 +2,7 @@
 per-step and persistent kernels vs the Triton kernels (per warp count), forward and forward+backward,
 CUDA events around each pass, median of --reps runs after warm-up, 3 rotating random input sets.
 
-    python scripts/gpu_timings.py [--reps 10] [--triton-warps 4,8] [--csv out.csv] [--list]
+    python scripts/gpu_timings.py [--reps 10] [--triton-warps 2,4,8] [--csv out.csv] [--list]
 
 fp32 rows run once with TF32 off and once on (torch.backends.cuda.matmul.allow_tf32 and
 torch.backends.cudnn.allow_tf32 both set), so every backend computes at the same precision.
@@ -58,7 +58,7 @@ def layer_for(backend, H, dtype, nn_layer):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--triton-warps", default="4,8", help="warp counts to time the Triton kernels with")
+    p.add_argument("--triton-warps", default="2,4,8", help="warp counts to time the Triton kernels with")
     p.add_argument("--csv", default=None)
     p.add_argument("--list", action="store_true", help="print what would be timed and exit (no GPU needed)")
     args = p.parse_args()
