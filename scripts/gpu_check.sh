@@ -4,8 +4,8 @@
 #   scripts/gpu_check.sh stage1      build for this GPU (or use a carried build), smoke test of every
 #                                    kernel vs the float64 reference, persistent-kernel tests, the CUDA
 #                                    tests of test_cpp_ops.py, Triton's GPU tests, timings vs cuDNN
-#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the rest of
-#                                    the suite on CUDA, the benchmark sweep's core grid
+#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the other
+#                                    CUDA tests, the benchmark sweep's core grid
 #   scripts/gpu_check.sh --dry-run [stage1|stage2]   no GPU: syntax, tools, test selections collect
 #
 # Every step runs under `timeout`, capped so that the whole stage ends within FUSED_RNN_GPU_CHECK_STAGE_S
@@ -72,7 +72,10 @@ finish() {
 SEL_PERSISTENT=(tests/test_cuda_persistent.py)
 SEL_CPP_CUDA=(tests/test_cpp_ops.py -k "TestCUDA and not opcheck and not gradcheck")
 SEL_TRITON_GPU=(tests/test_triton.py -k "gpu")
-SEL_REST=(tests/ --ignore=tests/test_cuda_persistent.py -k "not (TestCUDA and not opcheck and not gradcheck) and not (test_triton and gpu)")
+# stage 2: the rest of what runs on CUDA (CPU-only tests are CI's): every backend on cuda, Triton's
+# other tests at their GPU shapes, the C++ ops' CUDA opcheck and gradcheck
+SEL_REST=(tests/test_backends.py tests/test_triton.py tests/test_cpp_ops.py
+          -k "(test_backends and cuda) or (test_triton and not gpu) or (TestCUDA and (opcheck or gradcheck))")
 
 if [ $DRY = 1 ]; then
   note "dry run ($(date -u)): no GPU needed"
@@ -156,8 +159,10 @@ if [ -x "$SAN" ]; then
 else
   note "SKIP  compute-sanitizer not found"
 fi
-step "pytest: the rest of the suite on CUDA" 200 pytest_rest.log \
-  $PY -m pytest -q -rfE "${SEL_REST[@]}"
+XDIST=()
+$PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)   # pytest-xdist is on the GPU machine's image
+step "pytest: the rest of the CUDA tests ${XDIST[*]}" 200 pytest_rest.log \
+  $PY -m pytest -q -rfE "${XDIST[@]}" "${SEL_REST[@]}"
 step "benchmark sweep, gpu-core grid (3 minutes, resumable)" 210 sweep.log \
   $PY -m benchmarks.sweep --grid gpu-core --max-minutes 3 --resume
 cp benchmarks/results/sweep-*.md benchmarks/results/sweep-*.csv "$LOGS/" 2>/dev/null || true
