@@ -44,6 +44,9 @@ export MAX_JOBS=${MAX_JOBS:-2}
 timeout 1800 "$VENV/bin/python" setup.py -q build_ext --inplace > build.log 2>&1 || { tail -50 build.log; say "build FAILED"; exit 1; }
 say "built $(ls fused_rnn/_C*.so)"
 export FUSED_RNN_REQUIRE_EXT=1
+# the copy is the fused_rnn every process imports (the examples' torchrun workers too), not an
+# installed one of the main environment
+export PYTHONPATH="$COPY${PYTHONPATH:+:$PYTHONPATH}"
 set +e
 timeout 3600 "$VENV/bin/python" -m pytest "${PYTEST_ARGS[@]}"
 rc=$?

@@ -5,6 +5,7 @@ pre-activations, the registered ops (opcheck, torch.compile) and availability.
 Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1), on small shapes; with a GPU the same tests run on CUDA with larger ones.
 """
+import contextlib
 import os
 import warnings
 
@@ -229,12 +230,24 @@ def test_multi_tile_plan_follows_the_compiled_kernels_occupancy(monkeypatch):
     assert launcher._settle_mode(kernel, {}, {}, (300, 1), cfg, "cuda") == cfg  # one tile: no barrier
 
 
-def test_fp32_dot_precision_follows_torch_matmul_flag(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert launcher._dot_precision(torch.float32) == "tf32"
-    assert launcher._dot_precision(torch.float64) == launcher._dot_precision(torch.bfloat16) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert launcher._dot_precision(torch.float32) == "ieee"
+@contextlib.contextmanager
+def matmul_tf32(allow):
+    """torch.backends.cuda.matmul.allow_tf32 set for the block (a property-like module attribute that
+    pytest's monkeypatch cannot restore on torch 2.11)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_fp32_dot_precision_follows_torch_matmul_flag():
+    with matmul_tf32(True):
+        assert launcher._dot_precision(torch.float32) == "tf32"
+        assert launcher._dot_precision(torch.float64) == launcher._dot_precision(torch.bfloat16) == "ieee"
+    with matmul_tf32(False):
+        assert launcher._dot_precision(torch.float32) == "ieee"
 
 
 @needs_gpu
@@ -266,13 +279,12 @@ def test_gpu_persistent_launch_while_another_stream_holds_the_sms():
 
 
 @needs_gpu
-def test_gpu_tf32_follows_torch_matmul_flag(monkeypatch):
+def test_gpu_tf32_follows_torch_matmul_flag():
     """fp32 with torch.backends.cuda.matmul.allow_tf32: TF32 dots (close, not equal, to exact)."""
     args = make_inputs("lstm", 16, 16, 256, torch.float32, "cuda")
     outs = {}
     for tf32 in (False, True):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-        with torch.no_grad():
+        with matmul_tf32(tf32), torch.no_grad():
             outs[tf32] = triton_rnn.recurrence("lstm", *args, False)[0]
     assert not torch.equal(outs[False], outs[True])
     assert_close(outs[True], outs[False], torch.bfloat16, "tf32 vs ieee")
