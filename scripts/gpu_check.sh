@@ -1,170 +1,170 @@
 #!/usr/bin/env bash
-# GPU check for fused_rnn: build in place, the whole test suite on CUDA, compute-sanitizer on a small
-# forward+backward, a quick benchmark, and a short summary. Needs no internet.
+# GPU check for fused_rnn in stages, each one call of the device tool (<= 8 minutes); see scripts/README.md.
 #
-#   scripts/gpu_check.sh                 # everything
-#   SKIP_TESTS=1 SKIP_SANITIZER=1 SKIP_BENCH=1 scripts/gpu_check.sh    # skip parts
+#   scripts/gpu_check.sh stage1      build for this GPU (or use a carried build), smoke test of every
+#                                    kernel vs the float64 reference, persistent-kernel tests, the CUDA
+#                                    tests of test_cpp_ops.py, Triton's GPU tests, timings vs cuDNN
+#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the other
+#                                    CUDA tests, the benchmark sweep's core grid
+#   scripts/gpu_check.sh --dry-run [stage1|stage2]   no GPU: syntax, tools, test selections collect
 #
-# Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default: this GPU's
-# capability plus 8.0 and 9.0), OUT_DIR (logs; default $OUT, else /tmp/fused_rnn_gpu_check). Exit status: 0 only if
-# every step that ran passed.
+# Every step runs under `timeout`, capped so that the whole stage ends within FUSED_RNN_GPU_CHECK_STAGE_S
+# (default 450 s); a failed build stops the stage. Each stage leaves two files in OUT_DIR ($OUT when the
+# device tool runs it, else /tmp/fused_rnn_gpu_check): summary-<stage>.txt (versions, one line per step,
+# timings, first failures) and logs-<stage>.tar.gz (every step's log; the device tool brings back <= 8 files).
+# Environment: PYTHON (python3), CUDA_HOME (/usr/local/cuda), MAX_JOBS (all cores), TORCH_CUDA_ARCH_LIST
+# (this GPU's capability), FUSED_RNN_GPU_CHECK_REBUILD=1 (build even when a working build is present).
+# Exit status: 0 only if every step of the stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
+STAGE=${1:-}
+DRY=0
+if [ "$STAGE" = "--dry-run" ]; then DRY=1; STAGE=${2:-all}; fi
+case "$STAGE" in
+  stage1|stage2|all) ;;
+  *) echo "usage: $0 stage1|stage2|--dry-run [stage1|stage2]" >&2; exit 2 ;;
+esac
+[ "$STAGE" = all ] && [ $DRY = 0 ] && { echo "give a stage: stage1 or stage2" >&2; exit 2; }
+
+PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
-export FUSED_RNN_REQUIRE_EXT=1          # tests fail (not skip) when the extension is missing
-# tests/test_cpp_ops.py turns on deterministic mode (to NaN-fill C++ allocations); cuBLAS then wants this
-export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
-OUT_DIR=${OUT_DIR:-${OUT:-/tmp/fused_rnn_gpu_check}}  # $OUT: the device tool brings it back
-mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-declare -a SUMMARY
+export FUSED_RNN_REQUIRE_EXT=1                                    # tests fail (not skip) without the extension
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # the tests' deterministic mode wants it
+export PYTHONUNBUFFERED=1
+OUT_DIR=${OUT_DIR:-${OUT:-/tmp/fused_rnn_gpu_check}}
+NAME=$STAGE
+[ $DRY = 1 ] && NAME=dry-run
+LOGS="$OUT_DIR/logs-$NAME"
+mkdir -p "$LOGS"
+SUMMARY="$OUT_DIR/summary-$NAME.txt"
+: > "$SUMMARY"
 STATUS=0
+T_START=$SECONDS
+STAGE_S=${FUSED_RNN_GPU_CHECK_STAGE_S:-450}
 
-step() {  # step NAME LOGFILE COMMAND...: run, log, record PASS/FAIL with the time taken
-  local name=$1 log=$2; shift 2
-  echo "=== $name (log: $log)"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+step() {  # step NAME SECONDS LOG COMMAND...: run under timeout, log, record PASS/FAIL and the time taken
+  local name=$1 limit=$2 log=$LOGS/$3; shift 3
+  local left=$((STAGE_S - (SECONDS - T_START) - 15))
+  if [ $left -lt 10 ]; then note "SKIP  $name (the stage's ${STAGE_S}s are spent)"; STATUS=1; return 1; fi
+  [ $limit -gt $left ] && limit=$left
+  echo "=== $name (limit ${limit}s, log $log)"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$log"
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
-  local dt=$((SECONDS - t0))
-  if [ "$rc" -eq 0 ]; then SUMMARY+=("PASS  $name (${dt}s)"); else SUMMARY+=("FAIL  $name (rc=$rc, ${dt}s)"); STATUS=1; fi
-  return "$rc"
+  local dt=$((SECONDS - t0)) tail=""
+  tail=$(grep -E "^(=+ )?[0-9]+ (passed|failed|errors?|skipped)|tests? collected|^smoke:|ERROR SUMMARY" "$log" 2>/dev/null | tail -1)
+  if [ $rc -eq 0 ]; then note "PASS  $name (${dt}s)  $tail"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then note "TIME  $name (killed after ${limit}s)  $tail"; STATUS=1
+  else note "FAIL  $name (rc=$rc, ${dt}s)  $tail"; STATUS=1; fi
+  return $rc
 }
 
-# ------------------------------------------------------------------ environment
+finish() {
+  note "stage $NAME: $([ $STATUS -eq 0 ] && echo PASS || echo FAIL) in $((SECONDS - T_START))s; logs: $OUT_DIR/logs-$NAME.tar.gz"
+  tar -czf "$OUT_DIR/logs-$NAME.tar.gz" -C "$OUT_DIR" "logs-$NAME" && rm -rf "$LOGS"
+  exit $STATUS
+}
+
+# pytest selections of each stage (also collected by --dry-run)
+SEL_PERSISTENT=(tests/test_cuda_persistent.py)
+SEL_CPP_CUDA=(tests/test_cpp_ops.py -k "TestCUDA and not opcheck and not gradcheck")
+SEL_TRITON_GPU=(tests/test_triton.py -k "gpu")
+# stage 2: the rest of what runs on CUDA (CPU-only tests are CI's): every backend on cuda, Triton's
+# other tests at their GPU shapes, the C++ ops' CUDA opcheck and gradcheck
+SEL_REST=(tests/test_backends.py tests/test_triton.py tests/test_cpp_ops.py
+          -k "(test_backends and cuda) or (test_triton and not gpu) or (TestCUDA and (opcheck or gradcheck))")
+
+if [ $DRY = 1 ]; then
+  note "dry run ($(date -u)): no GPU needed"
+  bash -n "$0" && note "PASS  bash syntax" || { note "FAIL  bash syntax"; STATUS=1; }
+  for tool in timeout nvidia-smi compute-sanitizer nvcc; do
+    command -v $tool > /dev/null && note "ok    $tool: $(command -v $tool)" || note "note  $tool not found here"
+  done
+  step "scripts compile" 60 compile.log $PY -m py_compile scripts/gpu_smoke.py scripts/gpu_timings.py
+  step "smoke configurations" 60 smoke.log $PY scripts/gpu_smoke.py --list
+  step "timing cases" 60 timings.log $PY scripts/gpu_timings.py --list
+  for sel in SEL_PERSISTENT SEL_CPP_CUDA SEL_TRITON_GPU SEL_REST; do
+    declare -n args=$sel
+    step "collect $sel" 300 "collect_$sel.log" $PY -m pytest -q --collect-only "${args[@]}"
+  done
+  finish
+fi
+
+# ------------------------------------------------------------------ a GPU, or stop here
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  note "FAIL  no CUDA GPU visible to $PY (torch.cuda.is_available() is False): run this on a lent GPU, see scripts/README.md"
+  STATUS=1
+  finish
+fi
 {
   date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>/dev/null || nvidia-smi
-  nvcc --version | tail -2
-  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
-  $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton not installed"
-} | tee "$OUT_DIR/env.txt"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,utilization.gpu,clocks.sm,compute_cap --format=csv
+  nvcc --version | tail -1
+  $PY -c "import torch, sys, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'numpy', numpy.__version__, 'SMs', torch.cuda.get_device_properties(0).multi_processor_count)"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+  uptime
+} > "$LOGS/env.txt" 2>&1
+tee -a "$SUMMARY" < "$LOGS/env.txt"
 
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  CAP=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo "")
-  export TORCH_CUDA_ARCH_LIST=$(printf '%s\n' 8.0 9.0 $CAP | sort -u | paste -sd';')
-fi
-echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+# the extension loads, matches csrc/ and has CUDA kernels
+EXT_OK=($PY -c "
+import sys
+from fused_rnn.ops.cpp import ops
+err = ops.load_error()
+print('fused_rnn._C:', err or ('ok, CUDA' if ops.built_with_cuda() else 'built without CUDA'))
+sys.exit(0 if err is None and ops.built_with_cuda() else 1)")
 
-# ------------------------------------------------------------------ build (in place, no pip, no internet)
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-step "build fused_rnn._C (CUDA)" "$OUT_DIR/build.log" $PY setup.py build_ext --inplace
-$PY - <<'EOF' 2>&1 | tee -a "$OUT_DIR/build.log"
-import torch
-from fused_rnn.ops.cpp import ops, cuda_backend
-print("load_error:", ops.load_error())
-print("cuda backend:", cuda_backend.unavailable_reason(torch.device("cuda"), torch.float32, "lstm", False) or "available")
-EOF
-
-# ------------------------------------------------------------------ the whole suite on CUDA
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  step "pytest: whole suite" "$OUT_DIR/pytest.log" $PY -m pytest -q -rs tests/ --junitxml="$OUT_DIR/pytest.xml"
-  step "pytest: C++/CUDA ops (verbose)" "$OUT_DIR/pytest_cpp_ops.log" $PY -m pytest -q -rA tests/test_cpp_ops.py -k "CUDA"
-  # the persistent kernels (opt-in until verified): their own tests, then the backend tests through them
-  step "pytest: persistent kernels" "$OUT_DIR/pytest_persistent.log" $PY -m pytest -q -rA tests/test_cuda_persistent.py
-  step "pytest: backend tests with persistent kernels" "$OUT_DIR/pytest_backends_persistent.log" \
-    env FUSED_RNN_CUDA_PERSISTENT=1 $PY -m pytest -q tests/test_backends.py -k cuda
-fi
-
-# ------------------------------------------------------------------ compute-sanitizer
-SAN_CASE="$OUT_DIR/sanitize_case.py"
-cat > "$SAN_CASE" <<'EOF'
-# A small forward+backward of every cell through the cuda backend, with lengths, reverse and proj.
-import torch
-from fused_rnn.ops.cpp import cuda_backend
-G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-torch.manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16):
-    for cell in G:
-        for reverse, proj in ((False, 0), (True, 3 if cell == "lstm" else 0)):
-            T, B, H = 5, 3, 8
-            Hout = proj or H
-            r = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, requires_grad=True)
-            args = (r(T, B, G[cell] * H), r(B, Hout), r(B, H) if cell == "lstm" else None, r(G[cell] * H, Hout),
-                    r(G[cell] * H), r(Hout, H) if proj else None,
-                    torch.tensor([5, 2, 4], device="cuda"))
-            y, h, c = cuda_backend.recurrence(cell, *args, reverse)
-            loss = y.float().square().sum() + h.float().sum() + (c.float().sum() if c is not None else 0)
-            loss.backward()
-torch.cuda.synchronize()
-print("sanitizer case done")
-EOF
-if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
-  SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-  if [ -x "$SAN" ]; then
-    export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # lets memcheck see each allocation's true bounds
-    step "compute-sanitizer memcheck" "$OUT_DIR/memcheck.log" \
-      "$SAN" --tool memcheck --error-exitcode 1 --leak-check no $PY "$SAN_CASE"
-    for tool in memcheck racecheck synccheck; do
-      step "compute-sanitizer $tool (persistent kernels)" "$OUT_DIR/${tool}_persistent.log" \
-        env FUSED_RNN_CUDA_PERSISTENT=1 "$SAN" --tool $tool --error-exitcode 1 $PY "$SAN_CASE"
-    done
-    step "compute-sanitizer racecheck (fused_rnn kernels)" "$OUT_DIR/racecheck.log" \
-      "$SAN" --tool racecheck --error-exitcode 1 --kernel-name regex:fused_rnn $PY "$SAN_CASE"
-    step "compute-sanitizer initcheck (fused_rnn kernels)" "$OUT_DIR/initcheck.log" \
-      "$SAN" --tool initcheck --error-exitcode 1 --kernel-name regex:fused_rnn $PY "$SAN_CASE"
-    unset PYTORCH_NO_CUDA_MEMORY_CACHING
+if [ "$STAGE" = stage1 ]; then
+  # ---------------------------------------------------------------- build (or the carried one)
+  if [ "${FUSED_RNN_GPU_CHECK_REBUILD:-0}" != 1 ] && "${EXT_OK[@]}" > "$LOGS/carried_build.log" 2>&1; then
+    note "PASS  build: the carried build loads ($(tail -1 "$LOGS/carried_build.log"))"
   else
-    SUMMARY+=("SKIP  compute-sanitizer (not found in PATH or $CUDA_HOME/bin)")
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+      export TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+    fi
+    export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    step "build fused_rnn._C for sm_${TORCH_CUDA_ARCH_LIST/./} with $MAX_JOBS jobs" 300 build.log \
+      $PY setup.py build_ext --inplace || finish
+    step "extension loads" 60 build_load.log "${EXT_OK[@]}" || finish
   fi
+
+  # ---------------------------------------------------------------- correctness
+  step "smoke: every kernel vs float64 reference (CUDA_LAUNCH_BLOCKING=1, NaN-filled)" 150 smoke.log \
+    env CUDA_LAUNCH_BLOCKING=1 $PY scripts/gpu_smoke.py --workers "$(( $(nproc) < 12 ? $(nproc) : 12 ))"
+  step "pytest: persistent kernels" 100 pytest_persistent.log \
+    env FUSED_RNN_CUDA_PERSISTENT=1 $PY -m pytest -q -rfEs -x "${SEL_PERSISTENT[@]}"
+  step "pytest: CUDA tests of test_cpp_ops (no opcheck/gradcheck)" 100 pytest_cpp_cuda.log \
+    $PY -m pytest -q -rfEs "${SEL_CPP_CUDA[@]}"
+  step "pytest: Triton GPU tests (incl. co-residency probe)" 100 pytest_triton_gpu.log \
+    $PY -m pytest -q -rfEs "${SEL_TRITON_GPU[@]}"
+  # ---------------------------------------------------------------- timings
+  step "timings vs cuDNN (CUDA events)" 120 timings.log \
+    $PY scripts/gpu_timings.py --csv "$LOGS/timings.csv"
+  { echo; echo "timings (ms, median):"; sed -n '/^    T /,$p' "$LOGS/timings.log"; } >> "$SUMMARY"
+  { echo; grep -E "^FAIL" "$LOGS/smoke.log" | head -20; grep -E "^(FAILED|ERROR) " "$LOGS"/pytest_*.log | head -30; } >> "$SUMMARY"
+  finish
 fi
 
-# ------------------------------------------------------------------ quick benchmark
-BENCH="$OUT_DIR/quick_bench.py"
-cat > "$BENCH" <<'EOF'
-# Forward+backward time of one layer, fused_rnn backends vs torch.nn (cuDNN), CUDA events, median.
-import torch
-import fused_rnn
-
-def timed(fn, reps=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-print(f"{'case':42s} {'torch.nn':>10s} " + " ".join(f"{b:>10s}" for b in ("cuda", "triton")) + "   (ms, fwd+bwd)")
-for cls, dtype, T, B, H in [("LSTM", torch.float32, 512, 64, 512), ("LSTM", torch.bfloat16, 512, 64, 512),
-                            ("LSTM", torch.float16, 512, 16, 1024), ("GRU", torch.float32, 512, 64, 512),
-                            ("LSTM", torch.float32, 128, 256, 1024), ("LSTM", torch.bfloat16, 512, 16, 256)]:
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ref = getattr(torch.nn, cls)(H, H).cuda().to(dtype)
-    x = torch.randn(T, B, H, device="cuda", dtype=dtype)
-    def run(m):
-        return lambda: m(x)[0].float().sum().backward()
-    row = [timed(run(ref))]
-    for backend in ("cuda", "triton"):
-        reason = fused_rnn.backends.unavailable_reason(backend, torch.device("cuda"), dtype, cls.lower(), False)
-        if reason:
-            row.append(float("nan"))
-            continue
-        m = getattr(fused_rnn, cls)(H, H, backend=backend).cuda().to(dtype)
-        m.load_state_dict(ref.state_dict())
-        row.append(timed(run(m)))
-    name = f"{cls} {str(dtype)[6:]} T={T} B={B} H={H}"
-    print(f"{name:42s} " + " ".join(f"{v:10.2f}" for v in row) + f"   cuda speedup x{row[0] / row[1]:.2f}")
-EOF
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  step "quick benchmark" "$OUT_DIR/bench.log" $PY "$BENCH"
+# ------------------------------------------------------------------ stage 2
+"${EXT_OK[@]}" > "$LOGS/build.log" 2>&1 || { note "FAIL  no working CUDA build: run stage1 first on the same machine (or carry its build)"; STATUS=1; finish; }
+SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [ -x "$SAN" ]; then
+  step "compute-sanitizer memcheck: persistent kernels, H in {8, 133}" 150 memcheck.log \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 --leak-check no \
+    --kernel-name regex:persistent_ $PY scripts/gpu_smoke.py --workers 0 --no-kernel-check \
+    --backends persistent --H 8,133
+else
+  note "SKIP  compute-sanitizer not found"
 fi
-
-# ------------------------------------------------------------------ summary
-{
-  echo
-  echo "================ fused_rnn gpu_check summary ================"
-  cat "$OUT_DIR/env.txt"
-  for s in "${SUMMARY[@]}"; do echo "$s"; done
-  [ -f "$OUT_DIR/pytest.log" ] && echo "pytest: $(grep -E '[0-9]+ (passed|failed)' "$OUT_DIR/pytest.log" | tail -1)"
-  [ -f "$OUT_DIR/memcheck.log" ] && echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT_DIR/memcheck.log" | tail -1)"
-  [ -f "$OUT_DIR/racecheck.log" ] && echo "racecheck: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT_DIR/racecheck.log" | tail -1)"
-  [ -f "$OUT_DIR/bench.log" ] && { echo "benchmark (ms, fwd+bwd):"; cat "$OUT_DIR/bench.log"; }
-  echo "overall: $([ $STATUS -eq 0 ] && echo PASS || echo FAIL)   logs: $OUT_DIR"
-} | tee "$OUT_DIR/summary.txt"
-exit $STATUS
+XDIST=()
+$PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)   # pytest-xdist is on the GPU machine's image
+step "pytest: the rest of the CUDA tests ${XDIST[*]}" 200 pytest_rest.log \
+  $PY -m pytest -q -rfE "${XDIST[@]}" "${SEL_REST[@]}"
+step "benchmark sweep, gpu-core grid (3 minutes, resumable)" 210 sweep.log \
+  $PY -m benchmarks.sweep --grid gpu-core --max-minutes 3 --resume
+cp benchmarks/results/sweep-*.md benchmarks/results/sweep-*.csv "$LOGS/" 2>/dev/null || true
+{ echo; grep -E "^(FAILED|ERROR) " "$LOGS"/pytest_*.log | head -30; grep -E "ERROR SUMMARY" "$LOGS/memcheck.log"; } >> "$SUMMARY"
+finish

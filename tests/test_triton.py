@@ -5,7 +5,9 @@ pre-activations, the registered ops (opcheck, torch.compile) and availability.
 Without a GPU the kernels run on CPU tensors in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1), on small shapes; with a GPU the same tests run on CUDA with larger ones.
 """
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -143,6 +145,149 @@ def test_gpu_multi_program_persistent_matches_stepwise(cell, monkeypatch):
         results.append([o for o in out if o is not None] + list(grads_of(out, [a for a in args[:5] if a is not None])))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# -- no hang, ever: bounded barrier, occupancy, cooperative launch and its fallback --------------
+
+def test_barrier_timeout_is_an_error_not_a_hang(monkeypatch):
+    """A barrier that can never complete (its counter starts one arrival short) gives up after
+    SPIN_LIMIT polls per step, stops waiting, and the launch raises a clear error."""
+    monkeypatch.setattr(launcher, "choose_config", lambda *a, **k: LaunchConfig(**CONFIGS["persistent-sync"]))
+    monkeypatch.setattr(launcher, "SPIN_LIMIT", 3)
+    real = launcher._new_counters
+    monkeypatch.setattr(launcher, "_new_counters", lambda n, device: real(n, device) - 1)
+    args = make_inputs("gru", 3, 2, 20, torch.float32, DEVICE)
+    with pytest.raises(RuntimeError, match="grid barrier timed out"):
+        triton_rnn.recurrence("gru", *args, False)
+
+
+class _RefusesCooperativeLaunch:
+    """Stands in for a kernel whose cooperative launch the driver refuses (too many programs)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.refused = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, launch_cooperative_grid=False, **kwargs):
+            if launch_cooperative_grid:
+                self.refused += 1
+                raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_refused_cooperative_launch_falls_back_to_stepwise(monkeypatch):
+    """The driver's refusal is not an error: the same buffers run one launch per step, the plan
+    remembers it (no second attempt, one warning) and the results are the reference's."""
+    monkeypatch.setattr(launcher, "choose_config", lambda *a, **k: LaunchConfig(**CONFIGS["persistent-sync"]))
+    forward = _RefusesCooperativeLaunch(launcher.rnn_forward_kernel)
+    backward = _RefusesCooperativeLaunch(launcher.rnn_backward_kernel)
+    monkeypatch.setattr(launcher, "rnn_forward_kernel", forward)
+    monkeypatch.setattr(launcher, "rnn_backward_kernel", backward)
+    args = make_inputs("lstm", 4, 3, 20, torch.float64, DEVICE, lengths=[4, 1, 3])
+    with pytest.warns(UserWarning, match="refused a cooperative launch"):
+        check_against_reference("lstm", args, reverse=True, dtype=torch.float64)
+    assert (forward.refused, backward.refused) == (1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_against_reference("lstm", args, reverse=True, dtype=torch.float64)
+    assert (forward.refused, backward.refused) == (1, 1)
+
+
+def test_blocks_per_sm_from_registers_and_shared_memory():
+    """The CUDA occupancy calculation on an H100/H200's numbers (65536 registers, 2048 threads and
+    228 KiB of shared memory per SM)."""
+    from types import SimpleNamespace
+    sm90 = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                           shared_memory_per_multiprocessor=233472, shared_memory_per_block_optin=232448)
+    assert launcher.blocks_per_sm(128, 0, 4, sm90) == 4        # registers: 16 warps of 4096
+    assert launcher.blocks_per_sm(248, 1024, 4, sm90) == 2     # 248 -> 256 per thread: 8 warps
+    assert launcher.blocks_per_sm(255, 1024, 8, sm90) == 1
+    assert launcher.blocks_per_sm(32, 0, 4, sm90) == 16        # threads: 2048 / 128
+    assert launcher.blocks_per_sm(32, 100 * 1024, 4, sm90) == 2  # shared memory (+1 KiB each)
+    assert launcher.blocks_per_sm(32, 300 * 1024, 4, sm90) == 0
+
+
+def test_multi_tile_plan_follows_the_compiled_kernels_occupancy(monkeypatch):
+    """A multi-tile persistent plan is kept only when every program fits at once by the compiled
+    kernel's registers and shared memory (here 2 per SM on 132 SMs), else it becomes stepwise."""
+    from types import SimpleNamespace
+
+    class Kernel:
+        def warmup(self, **kwargs):
+            self.kwargs = kwargs
+            return SimpleNamespace(n_regs=248, metadata=SimpleNamespace(shared=1024), _init_handles=lambda: None)
+
+    props = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                            shared_memory_per_multiprocessor=233472, shared_memory_per_block_optin=232448,
+                            multi_processor_count=132)
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cfg, kernel = LaunchConfig(block_b=16, block_h=16, block_k=32, num_warps=4), Kernel()
+    assert launcher._settle_mode(kernel, {}, {}, (2, 132), cfg, "cuda") == cfg
+    assert kernel.kwargs["SYNC"] and kernel.kwargs["launch_cooperative_grid"] and kernel.kwargs["num_warps"] == 4
+    assert launcher._settle_mode(kernel, {}, {}, (3, 100), cfg, "cuda").mode == "stepwise"
+    assert launcher._settle_mode(kernel, {}, {}, (300, 1), cfg, "cuda") == cfg  # one tile: no barrier
+
+
+@contextlib.contextmanager
+def matmul_tf32(allow):
+    """torch.backends.cuda.matmul.allow_tf32 set for the block (a property-like module attribute that
+    pytest's monkeypatch cannot restore on torch 2.11)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_fp32_dot_precision_follows_torch_matmul_flag():
+    with matmul_tf32(True):
+        assert launcher._dot_precision(torch.float32) == "tf32"
+        assert launcher._dot_precision(torch.float64) == launcher._dot_precision(torch.bfloat16) == "ieee"
+    with matmul_tf32(False):
+        assert launcher._dot_precision(torch.float32) == "ieee"
+
+
+@needs_gpu
+def test_gpu_persistent_launch_while_another_stream_holds_the_sms():
+    """Co-residency probe: large GEMMs occupy the SMs from a side stream while a cooperative
+    persistent launch (64 programs behind the grid barrier) runs; it must finish and equal stepwise."""
+    T, B, H = 64, 32, 512
+    args = make_inputs("lstm", T, B, H, torch.float32, "cuda")
+    results = []
+    for mode in ("stepwise", "persistent"):
+        cfg = LaunchConfig(block_b=16, block_h=16, block_k=32, mode=mode)
+        with torch.no_grad():
+            if mode == "persistent":
+                hog = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+                side = torch.cuda.Stream()
+                torch.cuda.synchronize()
+                with torch.cuda.stream(side):
+                    for _ in range(20):
+                        hog = hog @ hog * 1e-2
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a fallback to stepwise would not probe anything
+                out = launcher.forward("lstm", *[a.detach() if torch.is_tensor(a) else a
+                                                 for a in (args[0], args[1], args[2], args[3], args[4], args[6])],
+                                       False, False, None, config=cfg)
+            torch.cuda.synchronize()
+        results.append(out[:3])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_gpu_tf32_follows_torch_matmul_flag():
+    """fp32 with torch.backends.cuda.matmul.allow_tf32: TF32 dots (close, not equal, to exact)."""
+    args = make_inputs("lstm", 16, 16, 256, torch.float32, "cuda")
+    outs = {}
+    for tf32 in (False, True):
+        with matmul_tf32(tf32), torch.no_grad():
+            outs[tf32] = triton_rnn.recurrence("lstm", *args, False)[0]
+    assert not torch.equal(outs[False], outs[True])
+    assert_close(outs[True], outs[False], torch.bfloat16, "tf32 vs ieee")
 
 
 @needs_gpu

@@ -28,31 +28,36 @@ _TL = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.f
 
 def _compile(fn, pointers, consts, arch, num_warps):
     signature = {name: "*" + ty for name, ty in pointers.items()}
-    signature.update({name: "i32" for name in ("T", "B", "H", "step_begin", "step_end")})
+    signature.update({name: "i32" for name in ("T", "B", "H", "step_begin", "step_end", "spin_limit")})
     signature.update({name: "constexpr" for name in consts})
     names = list(signature)
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
-def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=8, arch=90):
+def _precision(dtype, tf32):
+    return "tf32" if tf32 and dtype == "fp32" else "ieee"
+
+
+def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, arch=90, tf32=False):
     cdt = "fp64" if dtype == "fp64" else "fp32"
-    pointers = {"gx_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "len_ptr": "i64", "y_ptr": dtype, "hbuf_ptr": cdt,
-                "cstate_ptr": cdt, "saved_ptr": cdt, "call_ptr": cdt, "cnt_ptr": "i32", "gh0_ptr": dtype}
+    pointers = {"gx_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "len_ptr": "i64", "y_ptr": dtype, "hbuf_ptr": dtype,
+                "hstate_ptr": cdt, "cstate_ptr": cdt, "saved_ptr": cdt, "call_ptr": cdt, "cnt_ptr": "i32", "gh0_ptr": dtype}
     consts = {"CELL": K.CELL_IDS[cell], "G": K.NUM_GATES[cell], "NSAVE": K.NUM_SAVED[cell], "HAS_BIAS": True,
               "HAS_LENGTHS": True, "REVERSE": False, "HAS_GH0": cell == "lstm", "SAVE": True, "SYNC": sync,
               "CDT": _TL[cdt],
-              "DOT_DT": _TL[dtype], "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
+              "DOT_DT": _TL[dtype], "DOT_PREC": _precision(dtype, tf32), "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
     return _compile(K.rnn_forward_kernel, pointers, consts, arch, num_warps)
 
 
-def compile_backward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=8, arch=90):
+def compile_backward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, arch=90, tf32=False):
     cdt = "fp64" if dtype == "fp64" else "fp32"
     pointers = {"dy_ptr": dtype, "w_ptr": dtype, "len_ptr": "i64", "h0_ptr": dtype, "y_ptr": dtype, "c0_ptr": dtype,
-                "saved_ptr": cdt, "call_ptr": cdt, "dgx_ptr": dtype, "dgh_ptr": dtype, "dgbuf_ptr": cdt,
+                "saved_ptr": cdt, "call_ptr": cdt, "dgx_ptr": dtype, "dgh_ptr": dtype, "dgbuf_ptr": dtype,
                 "dhstate_ptr": cdt, "dcstate_ptr": cdt, "cnt_ptr": "i32"}
     consts = {"CELL": K.CELL_IDS[cell], "G": K.NUM_GATES[cell], "NSAVE": K.NUM_SAVED[cell], "HAS_LENGTHS": True,
               "REVERSE": True, "SYNC": sync, "CDT": _TL[cdt], "DOT_DT": _TL[dtype],
+              "DOT_PREC": _precision(dtype, tf32),
               "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
     return _compile(K.rnn_backward_kernel, pointers, consts, arch, num_warps)
 
@@ -76,20 +81,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--quick", action="store_true", help="bf16 and fp32 only, with the barrier")
+    parser.add_argument("--num-warps", type=int, default=4, help="warps per program (the launcher's default: 4)")
     args = parser.parse_args(argv)
     from triton.runtime.interpreter import InterpretedFunction
 
     if isinstance(K.rnn_forward_kernel, InterpretedFunction):
         print("run with TRITON_INTERPRET=0: the kernels were decorated for the interpreter", file=sys.stderr)
         return 2
-    dtypes = ["bf16", "fp32"] if args.quick else ["fp16", "bf16", "fp32", "fp64"]
+    # "tf32": fp32 operands on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)
+    dtypes = ["bf16", "fp32"] if args.quick else ["fp16", "bf16", "fp32", "tf32", "fp64"]
     syncs = [True] if args.quick else [False, True]
     failed = 0
     for cell, dtype, sync in itertools.product(K.CELL_IDS, dtypes, syncs):
-        num_warps = 8 if K.NUM_GATES[cell] > 1 else 4
         for name, fn in (("forward", compile_forward), ("backward", compile_backward)):
             try:
-                usage = resource_usage(fn(cell, dtype, sync, num_warps=num_warps, arch=args.arch))
+                compiled = fn(cell, "fp32" if dtype == "tf32" else dtype, sync, num_warps=args.num_warps,
+                              arch=args.arch, tf32=dtype == "tf32")
+                usage = resource_usage(compiled)
                 print(f"sm_{args.arch} {name:8s} {cell:8s} {dtype} sync={sync!s:5s} ok   {usage}", flush=True)
             except Exception as e:  # noqa: BLE001 - report every variant, fail at the end
                 failed += 1

@@ -2,10 +2,14 @@
 
 Grid: (batch blocks, hidden tiles). Program (pid_b, pid_h) owns BLOCK_B sequences and hidden units
 [pid_h*BLOCK_H, (pid_h+1)*BLOCK_H) with all G gate rows of w_hh for them, so the cell pointwise and
-the carried state (h, c forward; dh, dc backward) stay in its registers for the whole time loop.
-What every program needs from all the others - h_{t-1} forward, the h-side gate grads dG backward -
-goes through a small double-buffered fp32 (fp64) global array and one barrier per step:
-  SYNC=True:  a spin barrier on a per-batch-block counter (all programs resident: launcher caps the grid);
+the carried state (h, c forward; dh, dc backward) stay in its fp32 (fp64) registers for the whole
+time loop. What every program needs from all the others - h_{t-1} forward, the h-side gate grads dG
+backward - goes through a small double-buffered global array in the dot's operand dtype (the dot
+rounds to it anyway) and one barrier per step:
+  SYNC=True:  a spin barrier on a per-batch-block counter; the launcher launches the grid as a
+              cooperative grid, so the driver guarantees that all programs are resident. The spin is
+              bounded: a program that waits spin_limit polls in vain flags a timeout (the launcher
+              turns it into an error) and stops waiting, so a broken guarantee never hangs the GPU;
   SYNC=False: only one hidden tile (a CTA-wide barrier is enough), or the launcher runs one step per launch.
 A launch processes steps [step_begin, step_end) and reads/writes its carried state from/to global
 buffers at entry/exit, so one launch of all steps and one launch per step compute the same thing.
@@ -29,13 +33,28 @@ NUM_SAVED = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 @triton.jit
-def _grid_barrier(cnt_ptr, target):
-    """All hidden-tile programs of one batch block wait here until `target` arrivals are counted."""
+def _grid_barrier(cnt_ptr, target, spin_limit):
+    """All hidden-tile programs of one batch block wait here until `target` arrivals are counted, or
+    for at most `spin_limit` polls. Returns 1 (int32) when it gave up waiting, else 0."""
     tl.debug_barrier()  # this program's stores are done before it announces them
     tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    while tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
+    arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    spins = tl.full([], 0, tl.int32)
+    while (arrived < target) & (spins < spin_limit):
+        arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
     tl.debug_barrier()
+    return (arrived < target).to(tl.int32)
+
+
+@triton.jit
+def _report_timeout(cnt_ptr, timed_out):
+    """The barrier gave up at least once: flag it in the slot after the per-batch-block counters."""
+    if timed_out != 0:
+        tl.atomic_max(cnt_ptr + tl.num_programs(0), 1)
+        # said on the device too: on a GPU the launcher's check surfaces as a generic device-side assert
+        tl.device_print("fused_rnn triton: grid barrier timed out, a program was not resident; batch block",
+                        tl.program_id(0))
 
 
 @triton.jit
@@ -52,6 +71,14 @@ def _store_tile(ptr, row_stride, offs_b, offs_n, mask_b, mask_n, value):
 
 
 @triton.jit
+def _dot_acc(a, w_ptrs, w_mask, acc, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a @ w for the [K, N] block of weights at w_ptrs: operands in DOT_DT, accumulated in
+    acc's dtype (named: triton 3.6 assumes an fp32 accumulator otherwise, which fp64 is not)."""
+    w = tl.load(w_ptrs, mask=w_mask, other=0).to(DOT_DT)
+    return tl.dot(a, w, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)
+
+
+@triton.jit
 def _load_bias(b_ptr, gate, H, offs_h, mask_h, HAS_BIAS: tl.constexpr, CDT: tl.constexpr):
     if HAS_BIAS:
         b = tl.load(b_ptr + gate * H + offs_h, mask=mask_h, other=0).to(CDT)
@@ -60,23 +87,26 @@ def _load_bias(b_ptr, gate, H, offs_h, mask_h, HAS_BIAS: tl.constexpr, CDT: tl.c
     return b[None, :]
 
 
-@triton.jit
+# T, B, the step range and the spin limit change from call to call: one compiled variant for all their
+# values (B only masks rows and offsets whole steps, so its divisibility buys nothing; H stays specialised).
+@triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "spin_limit"])
 def rnn_forward_kernel(
     gx_ptr,      # [T, B, G*H]  x @ w_ih.T + b_ih, input dtype
     w_ptr,       # [G*H, H]     w_hh, input dtype
     b_ptr,       # [G*H]        b_hh (dummy when not HAS_BIAS)
     len_ptr,     # [B] int64    sequence lengths (dummy when not HAS_LENGTHS)
     y_ptr,       # [T, B, H]    output, input dtype
-    hbuf_ptr,    # [2, B, H]    compute dtype; hbuf[s % 2] = h before processing step s
+    hbuf_ptr,    # [2, B, H]    dot operand dtype (w_hh's); hbuf[s % 2] = h before processing step s
+    hstate_ptr,  # [B, H]       compute dtype: h at launch entry, overwritten with h at exit
     cstate_ptr,  # [B, H]       compute dtype (LSTM): c at launch entry, overwritten with c at exit
     saved_ptr,   # [T, B, NSAVE*H] compute dtype: post-activation gates for the backward (SAVE)
     call_ptr,    # [T, B, H]    compute dtype (LSTM, SAVE): c_t after each step
-    cnt_ptr,     # [num batch blocks] int32 barrier counters, zero at launch
+    cnt_ptr,     # [num batch blocks + 1] int32 barrier counters (zero at launch), then the timeout flag
     gh0_ptr,     # [B, G*H]     (HAS_GH0) replaces h_{t-1} @ w_hh.T at each sequence's first step
-    T, B, H, step_begin, step_end,
+    T, B, H, step_begin, step_end, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_GH0: tl.constexpr,
-    SAVE: tl.constexpr, SYNC: tl.constexpr, CDT: tl.constexpr, DOT_DT: tl.constexpr,
+    SAVE: tl.constexpr, SYNC: tl.constexpr, CDT: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -107,17 +137,29 @@ def rnn_forward_kernel(
         b3 = _load_bias(b_ptr, 3, H, offs_h, mask_h, HAS_BIAS, CDT)
 
     # carried state of this program's tile, fp32 (fp64) registers for the whole loop
-    h = _load_tile(hbuf_ptr + (step_begin % 2) * B * H, H, offs_b, offs_h, mask_b, mask_h)
+    h = _load_tile(hstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
     if CELL == 0:
         c = _load_tile(cstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
     else:
         c = h
+    timed_out = tl.full([], 0, tl.int32)
 
     for s in range(step_begin, step_end):
         if REVERSE:
             t = tl.cast(T - 1 - s, tl.int64)
         else:
             t = tl.cast(s, tl.int64)
+        # this step's input part first: its HBM round trip overlaps the recurrent product below
+        p_gx = gx_ptr + t * B * GH
+        x0 = _load_tile(p_gx, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+        x1 = x0
+        x2 = x0
+        x3 = x0
+        if G > 1:
+            x1 = _load_tile(p_gx + H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+            x2 = _load_tile(p_gx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
+        if G > 3:
+            x3 = _load_tile(p_gx + 3 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
         # recurrent product h_{t-1} @ w_hh[gate rows of this tile].T, K-chunked over all of h
         acc0 = tl.zeros([BLOCK_B, BLOCK_H], dtype=CDT)
         acc1 = acc0
@@ -129,18 +171,15 @@ def rnn_forward_kernel(
             mask_k = offs_k < H
             b_h = tl.load(p_h + offs_b[:, None] * H + offs_k[None, :],
                           mask=mask_b[:, None] & mask_k[None, :], other=0, cache_modifier=".cg")
-            b_h = b_h.to(w_ptr.dtype.element_ty).to(DOT_DT)  # tensor-core operand in the weights' dtype
+            b_h = b_h.to(DOT_DT)  # stored in the weights' dtype: the tensor-core operand as is
             p_w = w_ptr + offs_h[None, :] * H + offs_k[:, None]  # [BLOCK_K, BLOCK_H] view of w_hh.T
             mask_w = mask_k[:, None] & mask_h[None, :]
-            acc0 = tl.dot(b_h, tl.load(p_w, mask=mask_w, other=0).to(DOT_DT), acc0, input_precision="ieee")
+            acc0 = _dot_acc(b_h, p_w, mask_w, acc0, DOT_DT, DOT_PREC)
             if G > 1:
-                acc1 = tl.dot(b_h, tl.load(p_w + H * H, mask=mask_w, other=0).to(DOT_DT), acc1,
-                              input_precision="ieee")
-                acc2 = tl.dot(b_h, tl.load(p_w + 2 * H * H, mask=mask_w, other=0).to(DOT_DT), acc2,
-                              input_precision="ieee")
+                acc1 = _dot_acc(b_h, p_w + H * H, mask_w, acc1, DOT_DT, DOT_PREC)
+                acc2 = _dot_acc(b_h, p_w + 2 * H * H, mask_w, acc2, DOT_DT, DOT_PREC)
             if G > 3:
-                acc3 = tl.dot(b_h, tl.load(p_w + 3 * H * H, mask=mask_w, other=0).to(DOT_DT), acc3,
-                              input_precision="ieee")
+                acc3 = _dot_acc(b_h, p_w + 3 * H * H, mask_w, acc3, DOT_DT, DOT_PREC)
 
         if HAS_GH0:  # the projected LSTM (see op.py): the first step's product comes precomputed
             is_first = (t == first_t)[:, None]
@@ -153,14 +192,9 @@ def rnn_forward_kernel(
                 acc3 = tl.where(is_first, _load_tile(gh0_ptr + 3 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT),
                                 acc3)
 
-        p_gx = gx_ptr + t * B * GH
-        x0 = _load_tile(p_gx, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
         valid = (t < seq_len)[:, None]
         p_save = saved_ptr + t * B * NSAVE * H
         if CELL == 0:
-            x1 = _load_tile(p_gx + H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
-            x2 = _load_tile(p_gx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
-            x3 = _load_tile(p_gx + 3 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
             i, f, g, o, c_new, h_new = lstm_cell_forward(x0 + acc0 + b0, x1 + acc1 + b1,
                                                          x2 + acc2 + b2, x3 + acc3 + b3, c)
             c = tl.where(valid, c_new, c)
@@ -171,8 +205,6 @@ def rnn_forward_kernel(
                 _store_tile(p_save + 3 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h, o)
                 _store_tile(call_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h, c)
         elif CELL == 1:
-            x1 = _load_tile(p_gx + H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
-            x2 = _load_tile(p_gx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT)
             gh_n = acc2 + b2
             r, z, n, h_new = gru_cell_forward(x0, x1, x2, acc0 + b0, acc1 + b1, gh_n, h)
             if SAVE:
@@ -189,15 +221,20 @@ def rnn_forward_kernel(
         _store_tile(y_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h, tl.where(valid, h_new, 0))
         _store_tile(hbuf_ptr + ((s + 1) % 2) * B * H, H, offs_b, offs_h, mask_b, mask_h, h)
         if SYNC:
-            _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h)
+            # after one timeout stop waiting (limit 0): the launch is failing, it must not crawl
+            timed_out |= _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h,
+                                       tl.where(timed_out != 0, 0, spin_limit))
         else:
             tl.debug_barrier()
 
+    _store_tile(hstate_ptr, H, offs_b, offs_h, mask_b, mask_h, h)
     if CELL == 0:
         _store_tile(cstate_ptr, H, offs_b, offs_h, mask_b, mask_h, c)
+    if SYNC:
+        _report_timeout(cnt_ptr, timed_out)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "spin_limit"])
 def rnn_backward_kernel(
     dy_ptr,       # [T, B, H]      grad of y, input dtype
     w_ptr,        # [G*H, H]       w_hh
@@ -209,14 +246,14 @@ def rnn_backward_kernel(
     call_ptr,     # [T, B, H]      LSTM: saved c_t
     dgx_ptr,      # [T, B, G*H]    out: grad of gx (pre-activation gate grads), input dtype
     dgh_ptr,      # [T, B, G*H]    out (GRU only): grad of gh = h @ w_hh.T + b_hh
-    dgbuf_ptr,    # [2, B, G*H]    compute dtype: h-side gate grads of step s in dgbuf[s % 2]
+    dgbuf_ptr,    # [2, B, G*H]    dot operand dtype (w_hh's): h-side gate grads of step s in dgbuf[s % 2]
     dhstate_ptr,  # [B, H]         compute dtype: carried dh at entry / exit (dh_n in, dh0 out)
     dcstate_ptr,  # [B, H]         compute dtype (LSTM): carried dc at entry / exit
-    cnt_ptr,      # [num batch blocks] int32 barrier counters, zero at launch
-    T, B, H, step_begin, step_end,
+    cnt_ptr,      # [num batch blocks + 1] int32 barrier counters (zero at launch), then the timeout flag
+    T, B, H, step_begin, step_end, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SYNC: tl.constexpr,
-    CDT: tl.constexpr, DOT_DT: tl.constexpr,
+    CDT: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Processing step s in [0, T] walks t backwards through the forward's order. Step s first adds
@@ -244,6 +281,7 @@ def rnn_backward_kernel(
         dc = _load_tile(dcstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
     else:
         dc = dh
+    timed_out = tl.full([], 0, tl.int32)
 
     for s in range(step_begin, step_end):
         if s > 0:
@@ -255,10 +293,9 @@ def rnn_backward_kernel(
                 mask_k = offs_k < GH
                 b_dg = tl.load(p_dg + offs_b[:, None] * GH + offs_k[None, :],
                                mask=mask_b[:, None] & mask_k[None, :], other=0, cache_modifier=".cg")
-                b_dg = b_dg.to(w_ptr.dtype.element_ty).to(DOT_DT)
-                b_w = tl.load(w_ptr + offs_k[:, None] * H + offs_h[None, :],
-                              mask=mask_k[:, None] & mask_h[None, :], other=0).to(DOT_DT)
-                acc = tl.dot(b_dg, b_w, acc, input_precision="ieee")
+                b_dg = b_dg.to(DOT_DT)
+                acc = _dot_acc(b_dg, w_ptr + offs_k[:, None] * H + offs_h[None, :],
+                               mask_k[:, None] & mask_h[None, :], acc, DOT_DT, DOT_PREC)
             dh = dh + acc
         if s < T:
             if REVERSE:
@@ -332,10 +369,13 @@ def rnn_backward_kernel(
                 _store_tile(p_dgx + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, d3)
                 _store_tile(p_dgbuf + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, d3)
             if SYNC:
-                _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h)
+                timed_out |= _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h,
+                                           tl.where(timed_out != 0, 0, spin_limit))
             else:
                 tl.debug_barrier()
 
     _store_tile(dhstate_ptr, H, offs_b, offs_h, mask_b, mask_h, dh)
     if CELL == 0:
         _store_tile(dcstate_ptr, H, offs_b, offs_h, mask_b, mask_h, dc)
+    if SYNC:
+        _report_timeout(cnt_ptr, timed_out)

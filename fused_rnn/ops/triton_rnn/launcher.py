@@ -1,8 +1,18 @@
-"""Launchers: tensors in, kernels launched, tensors out. No autograd here (see op.py)."""
+"""Launchers: tensors in, kernels launched, tensors out. No autograd here (see op.py).
+
+How a launch is planned (once per device, shape, dtype and kernel flags; cached in _PLANS):
+  * one hidden tile: one launch runs every step (a CTA barrier per step);
+  * several hidden tiles: one cooperative launch with a grid barrier per step, when the compiled
+    kernel's occupancy (registers, shared memory) lets every program be resident at once; the
+    driver checks that again at launch and, if it refuses, the plan falls back to
+  * one launch per step ("stepwise"): the launch boundary is the barrier.
+"""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -10,12 +20,47 @@ import triton.language as tl
 
 from .kernels import CELL_IDS, NUM_GATES, NUM_SAVED, rnn_backward_kernel, rnn_forward_kernel
 
+# Polls of the grid barrier per step before a program gives up waiting: seconds of polling, while
+# a legitimate wait (the slowest program's step) is microseconds. A timeout is an error, never a hang.
+SPIN_LIMIT = 1 << 22
 
-def interpreting() -> bool:
-    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+
+def _decorated_for_interpreter() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(rnn_forward_kernel, InterpretedFunction)
+
+
+_INTERPRETED = _decorated_for_interpreter()
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return _INTERPRETED
+
+
+def _interpreter_accepts_loop_bounds():
+    """triton 3.6's interpreter turns a runtime loop bound into a Python int with int() on a
+    one-element NumPy array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"); triton 3.8 squeezes it first. Give the older interpreter the same
+    conversion, for the duration of each interpreted call (its own patch scope restores it).
+    The compiled kernels are not involved: their loop bounds are ordinary i32 kernel arguments."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "fused_rnn_index_fix", False):
+        return
+
+    def patch_with_index(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_with_index.fused_rnn_index_fix = True
+    interpreter._patch_lang_tensor = patch_with_index
+
+
+if interpreting():
+    _interpreter_accepts_loop_bounds()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,7 +79,7 @@ class LaunchConfig:
     block_k: int
     num_warps: int = 4
     # "persistent": one launch runs the whole time loop (programs synchronise once per step when there
-    # is more than one hidden tile, so every program must be resident);
+    # is more than one hidden tile: a cooperative launch, so every program is resident);
     # "stepwise": one launch per step, the launch boundary is the synchronisation.
     mode: str = "persistent"
     # tests only: run the inter-program barrier even with one hidden tile (the interpreter cannot run
@@ -42,34 +87,37 @@ class LaunchConfig:
     force_sync: bool = False
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_config(B: int, H: int, G: int, device: torch.device) -> LaunchConfig:
-    """Block sizes per shape: fixed small blocks in the interpreter, a heuristic on a GPU."""
+    """Block sizes per shape: fixed small blocks in the interpreter, a heuristic on a GPU. Whether a
+    multi-tile persistent launch fits is settled per compiled kernel (see _settle_mode)."""
     if interpreting():
         # one program per batch block covers the whole hidden size: no inter-program waits, which the
         # interpreter (programs run one after the other) could not serve
         return LaunchConfig(block_b=16, block_h=max(16, triton.next_power_of_2(H)), block_k=16)
-    # ptxas (sm_90, BLOCK_K=32, 8 warps) keeps 16x16, 16x32 and 32x16 tiles of every cell within
-    # ~190 registers with no or tiny spills; 32x32 and larger spill (README.md), so tiles stay small
-    # and wide hidden sizes are spread over more programs instead.
-    block_b = 16 if B <= 16 else 32
-    n_b = triton.cdiv(B, block_b)
-    sms = _num_sms(device)
-    block_h = 16
-    if n_b * triton.cdiv(H, 16) > sms and block_b == 16 and n_b * triton.cdiv(H, 32) <= sms:
-        block_h = 32
-    n_h = triton.cdiv(H, block_h)
-    # all programs of a persistent multi-tile launch wait for each other: they must all be resident
-    mode = "persistent" if (n_h == 1 or n_b * n_h <= sms) else "stepwise"
-    return LaunchConfig(block_b=block_b, block_h=block_h, block_k=32, num_warps=8 if G > 1 else 4, mode=mode)
+    # ptxas (sm_90, BLOCK_K=32) keeps 16x16, 16x32 and 32x16 tiles of every cell within ~190
+    # registers with no or tiny spills; 32x32 and larger spill (README.md), so tiles stay small and
+    # wide hidden sizes are spread over more programs instead. BLOCK_B=16 for every B: a 16-row
+    # tile is one MMA row block, and twice the programs of 32 keep more SMs busy. 4 warps: a 16-row
+    # tile has too few MMA tiles for 8 warps to share (the rest would repeat the same work).
+    return LaunchConfig(block_b=16, block_h=16, block_k=32, num_warps=4)
 
 
-def _check_config(cfg: LaunchConfig, B: int, G: int, H: int) -> None:
-    # offsets inside one step (b * G*H + unit, gate rows of w_hh) are int32 in the kernels
-    if B * G * H >= 2**31 or G * H * H >= 2**31:
+def blocks_per_sm(n_regs: int, shared: int, num_warps: int, props) -> int:
+    """Programs of one compiled kernel that fit on one SM at once (the CUDA occupancy calculation:
+    registers allocated per warp in units of 256, 1 KiB of shared memory reserved per block)."""
+    if n_regs > 255 or shared > props.shared_memory_per_block_optin:
+        return 0
+    warp_regs = math.ceil(max(n_regs, 1) * 32 / 256) * 256
+    by_regs = (props.regs_per_multiprocessor // warp_regs) // num_warps
+    by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
+    by_shared = props.shared_memory_per_multiprocessor // (shared + 1024)
+    return max(0, min(by_regs, by_threads, by_shared, 32))
+
+
+def _check_config(cfg: LaunchConfig, B: int, G: int, H: int, nsave: int) -> None:
+    # offsets inside one step (b * row + unit over the exchange's two buffers, the saved row stride
+    # NSAVE*H, gate rows of w_hh) are int32 in the kernels
+    if 2 * B * max(G, nsave) * H >= 2**31 or G * H * H >= 2**31:
         raise ValueError(f"fused_rnn triton: B={B}, H={H} too large for the kernels' int32 offsets")
     n_h = triton.cdiv(H, cfg.block_h)
     if cfg.mode == "persistent" and n_h > 1 and interpreting():
@@ -84,21 +132,95 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots use TF32 tensor cores when torch's matmul flag allows it, as torch's own GEMMs do
+    (including this layer's input projection); otherwise, and for every other dtype, exact."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def _new(*shape, device, dtype):
     """Every output and scratch buffer comes from here (tests poison it with NaN)."""
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
-def _steps(cfg: LaunchConfig, total: int):
-    """(step_begin, step_end) per launch."""
+def _new_counters(n: int, device) -> torch.Tensor:
+    """[n batch blocks + 1] int32: the grid barrier's arrival counters, then its timeout flag."""
+    return torch.zeros(n + 1, device=device, dtype=torch.int32)
+
+
+# (kernel, device, config asked for, everything that selects a compiled variant) -> config to run
+_PLANS: dict = {}
+_warned: set = set()
+
+
+def _plan_key(kernel, device, cfg, B, H, consts):
+    return (kernel, str(device), cfg, B, H,
+            tuple(sorted((k, str(v)) for k, v in consts.items())))
+
+
+def _settle_mode(kernel, args, consts, grid, cfg, device) -> LaunchConfig:
+    """A multi-tile persistent launch needs all its programs resident: compile the kernel and compare
+    the grid with what its occupancy allows on this device; stepwise when it does not fit."""
+    if cfg.mode != "persistent" or grid[1] == 1 or interpreting():
+        return cfg
+    compiled = kernel.warmup(**args, **consts, SYNC=True, grid=grid, num_warps=cfg.num_warps,
+                             launch_cooperative_grid=True)
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    capacity = blocks_per_sm(compiled.n_regs, compiled.metadata.shared, cfg.num_warps, props) * \
+        props.multi_processor_count
+    if grid[0] * grid[1] <= capacity:
+        return cfg
+    return replace(cfg, mode="stepwise")
+
+
+def _run(kernel, args, consts, total_steps, cfg, grid, device, plan_key):
+    """Launches `kernel` over steps [0, total_steps) as the (cached) plan says."""
+    counters = _new_counters(grid[0], device)
+    sync = cfg.mode == "persistent" and (grid[1] > 1 or cfg.force_sync)
     if cfg.mode == "persistent":
-        return [(0, total)]
-    return [(s, s + 1) for s in range(total)]
+        try:
+            kernel[grid](**args, cnt_ptr=counters, step_begin=0, step_end=total_steps, spin_limit=SPIN_LIMIT,
+                         **consts, SYNC=sync, num_warps=cfg.num_warps, launch_cooperative_grid=sync)
+        except RuntimeError as e:  # the driver refused the cooperative launch: nothing ran
+            if not (sync and "cooperative" in str(e)):
+                raise
+            cfg = _PLANS[plan_key] = replace(cfg, mode="stepwise")
+            if plan_key not in _warned:
+                _warned.add(plan_key)
+                warnings.warn(f"fused_rnn triton: the driver refused a cooperative launch of {grid[0] * grid[1]} "
+                              f"programs ({e}); running one launch per step for this shape", stacklevel=3)
+        else:
+            if sync:  # no host sync: a CPU tensor (interpreter) raises here, a GPU one at its next sync
+                torch._assert_async(
+                    counters[-1] == 0,
+                    "fused_rnn triton: the grid barrier timed out (a program of the persistent launch was "
+                    "not resident); set FUSED_RNN_BACKEND=cuda or report this with the GPU and shape")
+            return
+    for step in range(total_steps):
+        kernel[grid](**args, cnt_ptr=counters, step_begin=step, step_end=step + 1, spin_limit=SPIN_LIMIT,
+                     **consts, SYNC=False, num_warps=cfg.num_warps)
+
+
+def _launch(kernel, args, consts, total_steps, G, nsave, config):
+    """args: the kernel's tensor and size arguments by name (T, B, H among them); consts: its
+    constexprs except the block sizes and SYNC."""
+    B, H, device = args["B"], args["H"], args["y_ptr"].device
+    cfg = config or choose_config(B, H, G, device)
+    grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
+    consts = dict(consts, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k)
+    key = _plan_key(kernel, device, cfg, B, H, consts)
+    if key not in _PLANS:
+        _check_config(cfg, B, G, H, nsave)
+        probe = dict(args, cnt_ptr=_new_counters(grid[0], device), step_begin=0, step_end=total_steps,
+                     spin_limit=SPIN_LIMIT)
+        _PLANS[key] = _settle_mode(kernel, probe, consts, grid, cfg, device)
+    _run(kernel, args, consts, total_steps, _PLANS[key], grid, device, key)
 
 
 def _forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor,
-            b_hh: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, save: bool,
-            gh0: torch.Tensor | None = None, config: LaunchConfig | None = None):
+             b_hh: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, save: bool,
+             gh0: torch.Tensor | None = None, config: LaunchConfig | None = None):
     """-> y [T,B,H], h_n [B,H], c_n [B,H] (LSTM, else [0]), saved gates [T,B,NSAVE*H] (save, else [0]),
     c_all [T,B,H] (LSTM and save, else [0]). Inputs must be contiguous. gh0 [B,G*H], if given, is
     used instead of h @ w_hh.T at each sequence's first step."""
@@ -110,35 +232,29 @@ def _forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | N
     cdt = compute_dtype(gx.dtype)
     dev = gx.device
     y = _new(T, B, H, device=dev, dtype=gx.dtype)
-    hbuf = _new(2, B, H, device=dev, dtype=cdt)   # ping-pong h exchange between programs
+    hbuf = _new(2, B, H, device=dev, dtype=w_hh.dtype)  # ping-pong h exchange, in the dot's operand dtype
     hbuf[0].copy_(h0)
+    hstate = h0.to(cdt, copy=True)  # [B, H] each program's carried h between launches
     cstate = c0.to(cdt, copy=True) if lstm else _new(0, device=dev, dtype=cdt)  # [B, H]
     saved = _new(T, B, nsave * H, device=dev, dtype=cdt) if save else _new(0, device=dev, dtype=cdt)
     c_all = _new(T, B, H, device=dev, dtype=cdt) if (save and lstm) else _new(0, device=dev, dtype=cdt)
     if B > 0:
-        cfg = config or choose_config(B, H, G, dev)
-        _check_config(cfg, B, G, H)
-        grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
-        sync = cfg.mode == "persistent" and (grid[1] > 1 or cfg.force_sync)
-        for begin, end in _steps(cfg, T):
-            counters = torch.zeros(grid[0] if sync else 1, device=dev, dtype=torch.int32)  # [n batch blocks]
-            rnn_forward_kernel[grid](
-                gx, w_hh, b_hh if b_hh is not None else gx, lengths if lengths is not None else gx,
-                y, hbuf, cstate, saved, c_all, counters, gh0 if gh0 is not None else gx,
-                T, B, H, begin, end,
-                CELL=CELL_IDS[cell], G=G, NSAVE=nsave,
-                HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
-                HAS_GH0=gh0 is not None,
-                SAVE=save, SYNC=sync, CDT=_TL_DTYPES[cdt], DOT_DT=_dot_dtype(w_hh.dtype),
-                BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
-    h_n = hbuf[T % 2].to(gx.dtype, copy=True)  # no view of a scratch buffer
+        args = dict(gx_ptr=gx, w_ptr=w_hh, b_ptr=b_hh if b_hh is not None else gx,
+                    len_ptr=lengths if lengths is not None else gx, y_ptr=y, hbuf_ptr=hbuf, hstate_ptr=hstate,
+                    cstate_ptr=cstate, saved_ptr=saved, call_ptr=c_all, gh0_ptr=gh0 if gh0 is not None else gx,
+                    T=T, B=B, H=H)
+        consts = dict(CELL=CELL_IDS[cell], G=G, NSAVE=nsave, HAS_BIAS=b_hh is not None,
+                      HAS_LENGTHS=lengths is not None, REVERSE=reverse, HAS_GH0=gh0 is not None, SAVE=save,
+                      CDT=_TL_DTYPES[cdt], DOT_DT=_dot_dtype(w_hh.dtype), DOT_PREC=_dot_precision(w_hh.dtype))
+        _launch(rnn_forward_kernel, args, consts, T, G, nsave, config)
+    h_n = hstate.to(gx.dtype)
     c_n = cstate.to(gx.dtype) if lstm else _new(0, device=dev, dtype=gx.dtype)
     return y, h_n, c_n, saved, c_all
 
 
 def _backward(cell: str, reverse: bool, dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor | None,
-             h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor, lengths: torch.Tensor | None,
-             y: torch.Tensor, saved: torch.Tensor, c_all: torch.Tensor, config: LaunchConfig | None = None):
+              h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor, lengths: torch.Tensor | None,
+              y: torch.Tensor, saved: torch.Tensor, c_all: torch.Tensor, config: LaunchConfig | None = None):
     """-> d gx [T,B,G*H], d gh [T,B,G*H] (GRU, else [0]), dh0 [B,H], dc0 [B,H] (LSTM, else [0]).
     d gh is the grad of h @ w_hh.T + b_hh, equal to d gx except for GRU's n gate."""
     T, B, H = y.shape
@@ -148,25 +264,18 @@ def _backward(cell: str, reverse: bool, dy: torch.Tensor, dh_n: torch.Tensor, dc
     dev = y.device
     dgx = _new(T, B, G * H, device=dev, dtype=y.dtype)
     dgh = _new(T, B, G * H, device=dev, dtype=y.dtype) if gru else _new(0, device=dev, dtype=y.dtype)
-    dgbuf = _new(2, B, G * H, device=dev, dtype=cdt)
+    dgbuf = _new(2, B, G * H, device=dev, dtype=w_hh.dtype)  # exchange in the dot's operand dtype
     dhstate = dh_n.to(cdt, copy=True)
     dcstate = dc_n.to(cdt, copy=True) if lstm else _new(0, device=dev, dtype=cdt)
     if B > 0:
-        cfg = config or choose_config(B, H, G, dev)
-        _check_config(cfg, B, G, H)
-        grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
-        sync = cfg.mode == "persistent" and (grid[1] > 1 or cfg.force_sync)
-        for begin, end in _steps(cfg, T + 1):
-            counters = torch.zeros(grid[0] if sync else 1, device=dev, dtype=torch.int32)  # [n batch blocks]
-            rnn_backward_kernel[grid](
-                dy, w_hh, lengths if lengths is not None else dy, h0, y,
-                c0 if lstm else h0, saved, c_all if lstm else saved,
-                dgx, dgh if gru else dgx, dgbuf, dhstate, dcstate if lstm else dhstate, counters,
-                T, B, H, begin, end,
-                CELL=CELL_IDS[cell], G=G, NSAVE=NUM_SAVED[cell],
-                HAS_LENGTHS=lengths is not None, REVERSE=reverse, SYNC=sync,
-                CDT=_TL_DTYPES[cdt], DOT_DT=_dot_dtype(w_hh.dtype),
-                BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+        args = dict(dy_ptr=dy, w_ptr=w_hh, len_ptr=lengths if lengths is not None else dy, h0_ptr=h0, y_ptr=y,
+                    c0_ptr=c0 if lstm else h0, saved_ptr=saved, call_ptr=c_all if lstm else saved,
+                    dgx_ptr=dgx, dgh_ptr=dgh if gru else dgx, dgbuf_ptr=dgbuf, dhstate_ptr=dhstate,
+                    dcstate_ptr=dcstate if lstm else dhstate, T=T, B=B, H=H)
+        consts = dict(CELL=CELL_IDS[cell], G=G, NSAVE=NUM_SAVED[cell], HAS_LENGTHS=lengths is not None,
+                      REVERSE=reverse, CDT=_TL_DTYPES[cdt], DOT_DT=_dot_dtype(w_hh.dtype),
+                      DOT_PREC=_dot_precision(w_hh.dtype))
+        _launch(rnn_backward_kernel, args, consts, T + 1, G, NUM_SAVED[cell], config)
     dh0 = dhstate.to(h0.dtype)
     dc0 = dcstate.to(h0.dtype) if lstm else _new(0, device=dev, dtype=h0.dtype)
     return dgx, dgh, dh0, dc0

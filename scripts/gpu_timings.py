@@ -1,0 +1,129 @@
+"""GPU timings (stage 1 of scripts/gpu_check.sh): one LSTM layer, torch.nn (cuDNN) vs the cuda backend's
+per-step and persistent kernels vs the Triton kernels (per warp count), forward and forward+backward,
+CUDA events around each pass, median of --reps runs after warm-up, 3 rotating random input sets.
+
+    python scripts/gpu_timings.py [--reps 10] [--triton-warps 2,4,8] [--csv out.csv] [--list]
+
+fp32 rows run once with TF32 off and once on (torch.backends.cuda.matmul.allow_tf32 and
+torch.backends.cudnn.allow_tf32 both set), so every backend computes at the same precision.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+from dataclasses import replace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (T, B, H, dtype, tf32)
+CASES = [(1024, 16, 768, "bf16", False), (1024, 16, 768, "fp16", False),
+         (512, 64, 512, "fp32", False), (512, 64, 512, "fp32", True)]
+PASSES = ("forward", "forward+backward")
+
+
+def timed_ms(run, reset, reps, n_inputs=3, warmup=3):
+    import torch
+
+    for i in range(warmup):
+        reset(i % n_inputs)
+        run(i % n_inputs)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        reset(i % n_inputs)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(i % n_inputs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def layer_for(backend, H, dtype, nn_layer):
+    import fused_rnn
+
+    if backend == "nn":
+        return nn_layer
+    layer = fused_rnn.LSTM(H, H, backend="triton" if backend.startswith("triton") else "cuda",
+                           device="cuda", dtype=dtype)
+    layer.load_state_dict(nn_layer.state_dict())
+    return layer
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--triton-warps", default="2,4,8", help="warp counts to time the Triton kernels with")
+    p.add_argument("--csv", default=None)
+    p.add_argument("--list", action="store_true", help="print what would be timed and exit (no GPU needed)")
+    args = p.parse_args()
+    warps = [int(w) for w in args.triton_warps.split(",") if w]
+    backends = ["nn", "per-step", "persistent"] + [f"triton-w{w}" for w in warps]
+    if args.list:
+        for case in CASES:
+            print(case, PASSES, backends)
+        return 0
+
+    import torch
+
+    from fused_rnn.ops.cpp import cuda_backend
+    from fused_rnn.ops.triton_rnn import launcher
+
+    choose = launcher.choose_config
+    rows = []
+    print(f"{'T':>5s} {'B':>4s} {'H':>5s} {'dtype':6s} {'pass':17s} " + " ".join(f"{b:>11s}" for b in backends)
+          + "   (ms, median)", flush=True)
+    for T, B, H, dtype_name, tf32 in CASES:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        torch.manual_seed(0)
+        nn_layer = torch.nn.LSTM(H, H, device="cuda", dtype=dtype)
+        inputs = [(torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True),
+                   torch.randn(T, B, H, device="cuda", dtype=dtype)) for _ in range(3)]
+        label = f"{dtype_name}{'+tf32' if tf32 else ''}"
+        for what in PASSES:
+            times = []
+            for backend in backends:
+                os.environ["FUSED_RNN_CUDA_PERSISTENT"] = "1" if backend == "persistent" else "0"
+                if backend == "persistent" and cuda_backend.kernel_for("lstm", dtype, H) != "persistent":
+                    times.append(float("nan"))
+                    continue
+                if backend.startswith("triton"):
+                    w = int(backend[len("triton-w"):])
+                    launcher.choose_config = lambda *a, w=w, **k: replace(choose(*a, **k), num_warps=w)
+                    launcher._PLANS.clear()
+                layer = layer_for(backend, H, dtype, nn_layer)
+
+                def run(i, layer=layer, what=what):
+                    y = layer(inputs[i][0])[0]
+                    if what == "forward+backward":
+                        y.backward(inputs[i][1])
+
+                def reset(i, layer=layer):
+                    for t in [*layer.parameters(), inputs[i][0]]:
+                        t.grad = None
+                try:
+                    times.append(timed_ms(run, reset, args.reps))
+                except Exception as e:  # noqa: BLE001 - one failing backend must not hide the others' rows
+                    print(f"  {backend} failed: {type(e).__name__}: {e}", flush=True)
+                    times.append(float("nan"))
+                finally:
+                    launcher.choose_config = choose
+            rows.append(dict(T=T, B=B, H=H, dtype=label, what=what, **dict(zip(backends, times))))
+            print(f"{T:5d} {B:4d} {H:5d} {label:6s} {what:17s} " + " ".join(f"{t:11.3f}" for t in times),
+                  flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
