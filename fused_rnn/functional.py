@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from . import backends
+from . import backends, double_backward
 from .cell_math import GATES
 
 
@@ -23,10 +23,18 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, rever
     return _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend)
 
 
-def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend):
-    """recurrence() on inputs already validated (rnn() checks the lengths once for every layer)."""
+def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend, source=None):
+    """recurrence() on inputs already validated (rnn() checks the lengths once for every layer).
+
+    source: (x, w_ih, b_ih) when gx = F.linear(x, w_ih, b_ih), so that double backward
+    (fused_rnn/double_backward.py) recomputes gx from tensors that are alive anyway rather than
+    keeping gx alive."""
     name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None)
-    return backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    out = backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    if name == "reference":  # plain autograd: differentiable any number of times already
+        return out
+    return double_backward.attach(cell, out, source or (gx, None, None), h0, c0, w_hh, b_hh, w_hr,
+                                  lengths, reverse)
 
 
 def _check_same_device(input, hx, weights):
@@ -127,7 +135,7 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
             w_hr = w[-1] if has_proj else None
             gx = F.linear(x, w_ih, b_ih)                            # [T,B,G*H]: one GEMM for all steps
             y, h, c = _recurrence(cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr,
-                                  lengths, direction == 1, backend)
+                                  lengths, direction == 1, backend, source=(x, w_ih, b_ih))
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)

@@ -6,9 +6,9 @@ turning dh (and dc) into the pre-activation gate gradients dG, one GEMM per step
 the weight gradients are one GEMM and one sum after the loop. See README.md for the derivation.
 """
 import torch
-from torch.autograd.function import once_differentiable
 
 from ... import cell_math
+from ...double_backward import REFUSAL, no_gradient_arrived
 
 
 def _compute_dtype(dtype):
@@ -68,6 +68,8 @@ class TorchRecurrence(torch.autograd.Function):
                 y[t] = torch.where(alive, h_new, 0)
 
         ctx.cell, ctx.reverse, ctx.H = cell, reverse, H
+        ctx.dtype = gx.dtype
+        ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
         ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
         ctx.save_for_backward(w_hh, w_hr, gates, h_prev_all, c_prev_all, c_new_all, gh_n_all, alive_all)
         ctx.mark_non_differentiable(*(() if lengths is None else (lengths,)))
@@ -75,13 +77,21 @@ class TorchRecurrence(torch.autograd.Function):
         return y, h.to(h0.dtype), c_n
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
+        if no_gradient_arrived(dy, dh_n, dc_n):
+            return (None,) * 9
+        if torch.is_grad_enabled():
+            raise RuntimeError(REFUSAL)
         w_hh, w_hr, gates, h_prev_all, c_prev_all, c_new_all, gh_n_all, alive_all = ctx.saved_tensors
         cell, H = ctx.cell, ctx.H
         T = gates.shape[0]
         acc = gates.dtype
         w_hh_a, w_hr_a = w_hh.to(acc), _cast(w_hr, acc)
+        B, Hout = h_prev_all.shape[1], h_prev_all.shape[2]
+        zeros = lambda *shape: gates.new_zeros(shape, dtype=ctx.dtype)  # noqa: E731 - outputs no loss reached
+        dy = zeros(T, B, Hout) if dy is None else dy
+        dh_n = zeros(B, Hout) if dh_n is None else dh_n
+        dc_n = zeros(B, ctx.H) if dc_n is None and cell == "lstm" else dc_n
 
         dh = dh_n.to(acc)                                   # grad of the state after the step
         dc = dc_n.to(acc) if cell == "lstm" else None

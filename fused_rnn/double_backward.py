@@ -1,0 +1,97 @@
+"""Double backward (create_graph=True) for every backend, at no cost to ordinary training.
+
+The backends' analytic backwards are single-purpose kernels: their gradients are not themselves
+differentiable. Instead of a second analytic derivation per backend, every recurrence the functional
+layer runs passes its outputs through `attach`, a node that is the identity in the forward pass
+and, in the backward pass:
+
+- without create_graph (ordinary training): hands the gradients on unchanged to the backend's own
+  analytic backward. It saves only references to tensors that are alive anyway (the layer's input,
+  the weights, h0/c0), so training memory and time are what they were;
+- with create_graph=True (gradient penalties, Hessian-vector products, meta-learning): recomputes
+  the layer through the textbook reference (fused_rnn/reference.py) from those saved inputs and
+  differentiates it with `torch.autograd.grad(create_graph=True)`, so the returned gradients are
+  ordinary autograd graphs that can be differentiated again, on any device. It hands None to the
+  backend's node, whose backward then returns at once (each backend's autograd short-circuits when
+  no gradient reaches it), so nothing is counted twice.
+
+The cost falls only on create_graph=True backwards: one more forward through the reference (a
+Python loop of small ops) and an autograd graph of the backward, which holds about as much as the
+reference's own training graph. Under torch.compile the node is left out (AOTAutograd does not
+support double backward of a compiled region anyway), so a compiled graph is unchanged.
+
+A backend's op called directly (not through fused_rnn.functional or the modules) still refuses
+create_graph=True with a clear error rather than returning silently wrong second-order gradients.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+REFUSAL = ("fused_rnn: this backend's analytic backward is not differentiable (create_graph=True); "
+           "call it through fused_rnn.functional or the modules, which recompute the layer through "
+           "the differentiable reference for higher-order gradients")
+
+
+def _compute_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _SecondOrderThroughReference(torch.autograd.Function):
+    """Identity on (y, h_n, c_n); see the module docstring for its backward."""
+
+    @staticmethod
+    def forward(ctx, cell, reverse, lengths, y, h_n, c_n, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
+        ctx.cell, ctx.reverse, ctx.has_c = cell, reverse, c_n is not None
+        ctx.save_for_backward(lengths, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)
+        return y, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        n_inputs = 8  # x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr
+        if not torch.is_grad_enabled():  # first order: the backend's analytic backward does it
+            return (None, None, None, dy, dh_n, dc_n if ctx.has_c else None) + (None,) * n_inputs
+        lengths, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[6:]
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        outputs, grads = _reference_layer(ctx.cell, ctx.reverse, lengths, inputs, (dy, dh_n, dc_n))
+        found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+        d_inputs = [next(found) if need else None for need in needs]
+        # a gradient an input does not reach (e.g. b_ih of an unused layer input) is zero, not None
+        d_inputs = [torch.zeros_like(t) if need and d is None else d for t, need, d in zip(inputs, needs, d_inputs)]
+        return (None, None, None, None, None, None) + tuple(d_inputs)
+
+
+def _reference_layer(cell, reverse, lengths, inputs, grads):
+    """The layer recomputed through the reference, with autograd recording, and the matching
+    output gradients: ([y, h_n, c_n present], [dy, dh_n, dc_n cast to match])."""
+    x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr = inputs
+    acc = _compute_dtype(x.dtype)
+    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731 - differentiable casts
+    with torch.autocast(x.device.type, enabled=False):
+        gx = cast(x) if w_ih is None else F.linear(cast(x), cast(w_ih), cast(b_ih))
+        out = reference.recurrence(cell, gx, cast(h0), cast(c0), cast(w_hh), cast(b_hh), cast(w_hr),
+                                   lengths, reverse)
+    pairs = [(o, g.to(acc)) for o, g in zip(out, grads) if o is not None and g is not None]
+    return [o for o, _ in pairs], [g for _, g in pairs]
+
+
+def attach(cell, outputs, source, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+    """Make a backend's (y, h_n, c_n) twice differentiable (see the module docstring).
+
+    source: (x, w_ih, b_ih) with gx = x @ w_ih.T + b_ih, or (gx, None, None). Passing the layer's
+    input rather than gx keeps nothing alive that the first-order backward would not keep.
+    """
+    x, w_ih, b_ih = source
+    tensors = (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not any(t is not None and t.requires_grad for t in tensors)):
+        return outputs
+    y, h_n, c_n = outputs
+    return _SecondOrderThroughReference.apply(cell, reverse, lengths, y, h_n, c_n, *tensors)
+
+
+def no_gradient_arrived(*grads):
+    """True when none of a backend node's output gradients is defined: attach() took the
+    create_graph=True backward, and the backend's own backward has nothing to do."""
+    return all(g is None for g in grads)
