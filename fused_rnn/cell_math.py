@@ -83,3 +83,11 @@ def rnn_step_forward(pre, relu):
 def rnn_step_backward(h, dh, relu):
     """h [B,H] the step's output, dh [B,H] -> d_pre [B,H]."""
     return dh * (h > 0).to(h.dtype) if relu else dh * (1 - h * h)
+
+
+def zone_out(keep, previous, new):
+    """Zoneout: keep [B,n] is a bool mask, True where a unit keeps its previous value exactly
+    (training), or the probability p (eval) -> p*previous + (1-p)*new."""
+    if keep.dtype == torch.bool:
+        return torch.where(keep, previous, new)
+    return new + keep.to(new.dtype) * (previous - new)

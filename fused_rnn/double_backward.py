@@ -41,8 +41,9 @@ class _SecondOrderThroughReference(torch.autograd.Function):
     """Identity on (y, h_n, c_n); see the module docstring for its backward."""
 
     @staticmethod
-    def forward(ctx, cell, reverse, lengths, y, h_n, c_n, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
+    def forward(ctx, cell, reverse, lengths, zoneout, y, h_n, c_n, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
         ctx.cell, ctx.reverse, ctx.has_c = cell, reverse, c_n is not None
+        ctx.zoneout = zoneout  # non-differentiable masks (or None)
         ctx.save_for_backward(lengths, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)
         return y, h_n, c_n
 
@@ -50,19 +51,19 @@ class _SecondOrderThroughReference(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         n_inputs = 8  # x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr
         if not torch.is_grad_enabled():  # first order: the backend's analytic backward does it
-            return (None, None, None, dy, dh_n, dc_n if ctx.has_c else None) + (None,) * n_inputs
+            return (None, None, None, None, dy, dh_n, dc_n if ctx.has_c else None) + (None,) * n_inputs
         lengths, *inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[6:]
+        needs = ctx.needs_input_grad[7:]
         wanted = [t for t, need in zip(inputs, needs) if need]
-        outputs, grads = _reference_layer(ctx.cell, ctx.reverse, lengths, inputs, (dy, dh_n, dc_n))
+        outputs, grads = _reference_layer(ctx.cell, ctx.reverse, lengths, ctx.zoneout, inputs, (dy, dh_n, dc_n))
         found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
         d_inputs = [next(found) if need else None for need in needs]
         # a gradient an input does not reach (e.g. b_ih of an unused layer input) is zero, not None
         d_inputs = [torch.zeros_like(t) if need and d is None else d for t, need, d in zip(inputs, needs, d_inputs)]
-        return (None, None, None, None, None, None) + tuple(d_inputs)
+        return (None,) * 7 + tuple(d_inputs)
 
 
-def _reference_layer(cell, reverse, lengths, inputs, grads):
+def _reference_layer(cell, reverse, lengths, zoneout, inputs, grads):
     """The layer recomputed through the reference, with autograd recording, and the matching
     output gradients: ([y, h_n, c_n present], [dy, dh_n, dc_n cast to match])."""
     x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr = inputs
@@ -71,12 +72,12 @@ def _reference_layer(cell, reverse, lengths, inputs, grads):
     with torch.autocast(x.device.type, enabled=False):
         gx = cast(x) if w_ih is None else F.linear(cast(x), cast(w_ih), cast(b_ih))
         out = reference.recurrence(cell, gx, cast(h0), cast(c0), cast(w_hh), cast(b_hh), cast(w_hr),
-                                   lengths, reverse)
+                                   lengths, reverse, zoneout)
     pairs = [(o, g.to(acc)) for o, g in zip(out, grads) if o is not None and g is not None]
     return [o for o, _ in pairs], [g for _, g in pairs]
 
 
-def attach(cell, outputs, source, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+def attach(cell, outputs, source, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None):
     """Make a backend's (y, h_n, c_n) twice differentiable (see the module docstring).
 
     source: (x, w_ih, b_ih) with gx = x @ w_ih.T + b_ih, or (gx, None, None). Passing the layer's
@@ -88,7 +89,7 @@ def attach(cell, outputs, source, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
             or not any(t is not None and t.requires_grad for t in tensors)):
         return outputs
     y, h_n, c_n = outputs
-    return _SecondOrderThroughReference.apply(cell, reverse, lengths, y, h_n, c_n, *tensors)
+    return _SecondOrderThroughReference.apply(cell, reverse, lengths, zoneout, y, h_n, c_n, *tensors)
 
 
 def no_gradient_arrived(*grads):

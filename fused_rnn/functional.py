@@ -23,18 +23,43 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, rever
     return _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend)
 
 
-def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend, source=None):
+def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend, source=None, zoneout=None):
     """recurrence() on inputs already validated (rnn() checks the lengths once for every layer).
 
     source: (x, w_ih, b_ih) when gx = F.linear(x, w_ih, b_ih), so that double backward
     (fused_rnn/double_backward.py) recomputes gx from tensors that are alive anyway rather than
-    keeping gx alive."""
-    name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None)
-    out = backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    keeping gx alive. zoneout: None or the keep masks (see zoneout_keep); only backends whose
+    OPTIONS include "zoneout" are chosen then (backends.py)."""
+    options = () if zoneout is None else ("zoneout",)
+    name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None, options)
+    extra = {} if zoneout is None else {"zoneout": zoneout}
+    out = backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, **extra)
     if name == "reference":  # plain autograd: differentiable any number of times already
         return out
     return double_backward.attach(cell, out, source or (gx, None, None), h0, c0, w_hh, b_hh, w_hr,
-                                  lengths, reverse)
+                                  lengths, reverse, zoneout)
+
+
+def check_zoneout(p):
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise ValueError("zoneout should be a number in range [0, 1) representing the probability of "
+                         f"a unit keeping its previous value, got {p!r}")
+
+
+def zoneout_keep(p, training, cell, T, B, Hout, H, device):
+    """The zoneout masks of one layer and direction: (keep_h [T,B,Hout], keep_c [T,B,H] or None).
+
+    Training: independent Bernoulli(p) masks per step, unit and state (bool, True = keep the previous
+    value), drawn from torch's generator once per call, so a seed reproduces a run. Eval: p itself,
+    the masks' expectation (a float expanded without memory). None when p == 0."""
+    if p == 0:
+        return None
+    if training:
+        draw = lambda n: torch.rand(T, B, n, device=device) < p  # noqa: E731
+    else:
+        draw = lambda n: torch.full((1, 1, 1), float(p), dtype=torch.float64, device=device).expand(T, B, n)  # noqa: E731
+    keep_h = draw(Hout)
+    return keep_h, (draw(H) if cell == "lstm" else None)
 
 
 def _check_same_device(input, hx, weights):
@@ -97,12 +122,14 @@ def _dropout(x, p, lengths):
 
 
 def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
-        bidirectional=False, batch_first=False, lengths=None, backend="auto"):
+        bidirectional=False, batch_first=False, lengths=None, backend="auto", zoneout=0.0):
     """A stack of recurrent layers, like `torch._VF.lstm/gru/rnn_tanh/rnn_relu`.
 
     input [T,B,I] ([B,T,I] if batch_first); hx [L*D,B,Hout]; cx [L*D,B,H] (LSTM) or None;
     lengths: optional int64 [B] (see backends.py). Returns output [T,B,D*Hout], h_n, c_n (or None).
+    zoneout: probability that a unit of h (and c) keeps its previous value (zoneout_keep).
     """
+    check_zoneout(zoneout)
     if input.dim() != 3:
         raise RuntimeError(f"input must have 3 dimensions, got {input.dim()}")
     x = input.transpose(0, 1) if batch_first else input          # [T,B,I]
@@ -119,7 +146,7 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
         with torch.autocast(x.device.type, enabled=False):
             return rnn(cell, _cast(input, dtype), _cast(hx, dtype), _cast(cx, dtype),
                        [_cast(w, dtype) for w in weights], has_biases, num_layers, dropout, training,
-                       bidirectional, batch_first, lengths, backend)
+                       bidirectional, batch_first, lengths, backend, zoneout)
 
     num_directions = 2 if bidirectional else 1
     per_direction = len(weights) // (num_layers * num_directions)
@@ -134,8 +161,9 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if has_proj else None
             gx = F.linear(x, w_ih, b_ih)                            # [T,B,G*H]: one GEMM for all steps
+            keep = zoneout_keep(zoneout, training, cell, T, B, hx.shape[2], w_hh.shape[0] // GATES[cell], x.device)
             y, h, c = _recurrence(cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr,
-                                  lengths, direction == 1, backend, source=(x, w_ih, b_ih))
+                                  lengths, direction == 1, backend, source=(x, w_ih, b_ih), zoneout=keep)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -147,18 +175,18 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
 
 
 def lstm(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
-         bidirectional=False, batch_first=False, lengths=None, backend="auto"):
-    """torch._VF.lstm's signature (+ lengths, backend): returns output, (h_n, c_n)."""
+         bidirectional=False, batch_first=False, lengths=None, backend="auto", zoneout=0.0):
+    """torch._VF.lstm's signature (+ lengths, backend, zoneout): returns output, (h_n, c_n)."""
     out, h, c = rnn("lstm", input, hx[0], hx[1], weights, has_biases, num_layers, dropout, training,
-                    bidirectional, batch_first, lengths, backend)
+                    bidirectional, batch_first, lengths, backend, zoneout)
     return out, (h, c)
 
 
 def gru(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
-        bidirectional=False, batch_first=False, lengths=None, backend="auto"):
-    """torch._VF.gru's signature (+ lengths, backend): returns output, h_n."""
+        bidirectional=False, batch_first=False, lengths=None, backend="auto", zoneout=0.0):
+    """torch._VF.gru's signature (+ lengths, backend, zoneout): returns output, h_n."""
     out, h, _ = rnn("gru", input, hx, None, weights, has_biases, num_layers, dropout, training,
-                    bidirectional, batch_first, lengths, backend)
+                    bidirectional, batch_first, lengths, backend, zoneout)
     return out, h
 
 

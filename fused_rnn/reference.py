@@ -64,11 +64,18 @@ def rnn_cell(x_gates, h, w_hh, b_hh=None, nonlinearity="tanh"):
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+def zone_out(keep, previous, new):
+    """Zoneout (Krueger et al. 2016): keep [B,n] is 1 where a unit keeps its previous value
+    (training: a Bernoulli(p) mask) or p itself (eval: the mask's expectation)."""
+    return keep * previous + (1 - keep) * new
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None):
     """The recurrence contract, step by step: y [T,B,Hout], h_n [B,Hout], c_n [B,H] or None.
 
     A sequence whose length is over stops changing state and outputs zeros; running in reverse it
-    therefore starts from h0 at its own last element.
+    therefore starts from h0 at its own last element. zoneout: None, or (keep_h [T,B,Hout],
+    keep_c [T,B,H] or None), see zone_out; the output at step t is the zoned-out h_t.
     """
     T = gx.shape[0]
     h, c = h0, c0
@@ -80,6 +87,11 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
             h_new, c_new = gru_cell(gx[t], h, w_hh, b_hh), None
         else:
             h_new, c_new = rnn_cell(gx[t], h, w_hh, b_hh, "relu" if cell == "rnn_relu" else "tanh"), None
+        if zoneout is not None:
+            keep_h, keep_c = zoneout
+            h_new = zone_out(keep_h[t].to(h.dtype), h, h_new)
+            if c is not None:
+                c_new = zone_out(keep_c[t].to(c.dtype), c, c_new)
         if lengths is None:
             h, c = h_new, c_new
             ys[t] = h_new
@@ -89,6 +101,10 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
             c = None if c is None else torch.where(alive, c_new, c)
             ys[t] = torch.where(alive, h_new, torch.zeros_like(h_new))
     return torch.stack(ys), h, c
+
+
+# options beyond torch.nn's that this backend implements (fused_rnn/backends.py routes by them)
+OPTIONS = ("zoneout",)
 
 
 def unavailable_reason(device, dtype, cell, has_proj):

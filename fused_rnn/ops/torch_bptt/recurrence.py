@@ -22,8 +22,9 @@ def _cast(t, dtype):
 
 class TorchRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+    def forward(ctx, cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None):
         T, B, _ = gx.shape
+        keep_h, keep_c = (None, None) if zoneout is None else zoneout
         acc = _compute_dtype(gx.dtype)
         w_hh_a, b_hh_a, w_hr_a = _cast(w_hh, acc), _cast(b_hh, acc), _cast(w_hr, acc)
         H = w_hh.shape[0] // cell_math.GATES[cell]
@@ -58,6 +59,10 @@ class TorchRecurrence(torch.autograd.Function):
             else:
                 h_new = cell_math.rnn_step_forward(x_t + gh, cell == "rnn_relu")
                 gates[t] = h_new
+            if keep_h is not None:  # zoneout: h_t = k h_{t-1} + (1-k) h~_t (and c); gates keep h~, c_new_all c~
+                h_new = cell_math.zone_out(keep_h[t], h, h_new)
+                if c is not None:
+                    c_new = cell_math.zone_out(keep_c[t], c, c_new)
             if alive_all is None:
                 h, c = h_new, c_new
                 y[t] = h_new
@@ -71,7 +76,8 @@ class TorchRecurrence(torch.autograd.Function):
         ctx.dtype = gx.dtype
         ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
         ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
-        ctx.save_for_backward(w_hh, w_hr, gates, h_prev_all, c_prev_all, c_new_all, gh_n_all, alive_all)
+        ctx.save_for_backward(w_hh, w_hr, gates, h_prev_all, c_prev_all, c_new_all, gh_n_all, alive_all,
+                              keep_h, keep_c)
         ctx.mark_non_differentiable(*(() if lengths is None else (lengths,)))
         c_n = None if c is None else c.to(c0.dtype)
         return y, h.to(h0.dtype), c_n
@@ -79,10 +85,10 @@ class TorchRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
         if no_gradient_arrived(dy, dh_n, dc_n):
-            return (None,) * 9
+            return (None,) * 10
         if torch.is_grad_enabled():
             raise RuntimeError(REFUSAL)
-        w_hh, w_hr, gates, h_prev_all, c_prev_all, c_new_all, gh_n_all, alive_all = ctx.saved_tensors
+        w_hh, w_hr, gates, h_prev_all, c_prev_all, c_new_all, gh_n_all, alive_all, keep_h, keep_c = ctx.saved_tensors
         cell, H = ctx.cell, ctx.H
         T = gates.shape[0]
         acc = gates.dtype
@@ -111,6 +117,13 @@ class TorchRecurrence(torch.autograd.Function):
             if cell == "lstm":
                 dc_new, dc_keep = (dc, None) if alive_all is None else (
                     torch.where(alive, dc, 0), torch.where(alive, 0, dc))
+            if keep_h is not None:  # zoneout: the kept share goes straight to the previous state
+                k = keep_h[t].to(acc)
+                dh_new, dh_keep = (1 - k) * dh_new, k * dh_new + (0 if dh_keep is None else dh_keep)
+                if cell == "lstm":
+                    k = keep_c[t].to(acc)
+                    dc_new, dc_keep = (1 - k) * dc_new, k * dc_new + (0 if dc_keep is None else dc_keep)
+            if cell == "lstm":
                 if w_hr_a is not None:
                     i, f, g, o = gates[t].chunk(4, 1)
                     h_full = o * torch.tanh(c_new_all[t])
@@ -134,12 +147,18 @@ class TorchRecurrence(torch.autograd.Function):
         d_b_hh = d_gh.sum((0, 1)).to(w_hh.dtype) if ctx.has_bias else None
         d_c0 = dc.to(dc_n.dtype) if cell == "lstm" else None
         d_w_hr = d_w_hr.to(w_hr.dtype) if w_hr is not None else None
-        return (None, d_gx.to(dy.dtype), dh.to(dh_n.dtype), d_c0, d_w_hh, d_b_hh, d_w_hr, None, None)
+        return (None, d_gx.to(dy.dtype), dh.to(dh_n.dtype), d_c0, d_w_hh, d_b_hh, d_w_hr, None, None, None)
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
-    """The recurrence contract (fused_rnn/backends.py) with the analytic backward."""
-    return TorchRecurrence.apply(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+# options beyond torch.nn's that this backend implements (fused_rnn/backends.py routes by them)
+OPTIONS = ("zoneout",)
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None):
+    """The recurrence contract (fused_rnn/backends.py) with the analytic backward.
+
+    zoneout: None or (keep_h [T,B,Hout], keep_c [T,B,H] or None) as in reference.recurrence."""
+    return TorchRecurrence.apply(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout)
 
 
 def unavailable_reason(device, dtype, cell, has_proj):
