@@ -30,7 +30,8 @@ from . import reference
 
 REFUSAL = ("fused_rnn: this backend's analytic backward is not differentiable (create_graph=True); "
            "call it through fused_rnn.functional or the modules, which recompute the layer through "
-           "the differentiable reference for higher-order gradients")
+           "the differentiable reference for higher-order gradients (the layer-normalised layers: "
+           "only with backend='reference')")
 
 
 def _compute_dtype(dtype):

@@ -28,6 +28,10 @@ class _FusedRNNBase(nn.RNNBase):
         functional.check_zoneout(zoneout)
         self.zoneout = float(zoneout)
 
+    def _layer_norm_weights(self):
+        """Per layer and direction, the layer-norm parameters (fused_rnn/layer_norm.py), or None."""
+        return None
+
     def extra_repr(self):
         s = super().extra_repr()
         if self.zoneout:
@@ -89,7 +93,7 @@ class _FusedRNNBase(nn.RNNBase):
         output, h_n, c_n = functional.rnn(
             MODE_TO_CELL[self.mode], input, h0, c0, self._flat_weights, self.bias, self.num_layers,
             float(self.dropout), self.training, self.bidirectional, batch_first, lengths, self.backend,
-            self.zoneout)
+            self.zoneout, self._layer_norm_weights())
         hidden = (h_n, c_n) if is_lstm else h_n
 
         if isinstance(orig_input, PackedSequence):

@@ -10,6 +10,7 @@ from fused_rnn import functional, reference
 from fused_rnn.backends import get
 from fused_rnn.cell_math import GATES
 
+import drop_in
 from helpers import assert_close, grads_of
 
 F64 = torch.float64
@@ -131,34 +132,16 @@ def test_packed_sequences_freeze_past_their_end(cls):
         assert_close(h_n[:, b:b + 1], hid_b[0] if cls == "LSTM" else hid_b, F64)
 
 
-OPTIONS = {
-    "batch_first-2layers-dropout": dict(num_layers=2, dropout=0.3, batch_first=True),
-    "bidirectional-packed": dict(bidirectional=True, packed=True),
-    "proj-bidirectional": dict(bidirectional=True, proj_size=2),
-    "unbatched": dict(unbatched=True),
-}
+OPTIONS = dict(drop_in.OPTIONS, **{"proj-bidirectional": dict(bidirectional=True, proj_size=2)})
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_drop_in_options_match_the_reference_backend(cls, option):
-    kwargs = dict(OPTIONS[option])
-    packed, unbatched = kwargs.pop("packed", False), kwargs.pop("unbatched", False)
-    if cls == "GRU" and "proj_size" in kwargs:
+    if cls == "GRU" and "proj_size" in OPTIONS[option]:
         pytest.skip("proj_size is LSTM only")
-    ours = getattr(fused_rnn, cls)(3, 4, zoneout=0.25, backend="torch", **kwargs).double()
-    ref = getattr(fused_rnn, cls)(3, 4, zoneout=0.25, backend="reference", **kwargs).double()
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(*((5, 3) if unbatched else (4, 5, 3) if kwargs.get("batch_first") else (5, 4, 3)), dtype=F64)
-    results = []
-    for m in (ours, ref):
-        inp = pack_padded_sequence(x, [5, 2, 4, 1], enforce_sorted=False) if packed else x
-        torch.manual_seed(3)
-        out, hidden = m(inp)
-        outs = [out.data if packed else out] + list(hidden if cls == "LSTM" else (hidden,))
-        results.append((outs, grads_of(outs, list(m.parameters()))))
-    for a, b in zip(results[0][0] + list(results[0][1]), results[1][0] + list(results[1][1])):
-        assert_close(a, b, F64)
+    make = lambda backend, **kw: getattr(fused_rnn, cls)(3, 4, zoneout=0.25, backend=backend, **kw).double()  # noqa: E731
+    drop_in.assert_torch_backend_matches_reference(make, OPTIONS[option])
 
 
 def test_double_backward_with_zoneout():
