@@ -7,9 +7,10 @@ See README.md for backends and the speed table, DESIGN.md (in the project's shar
 """
 from . import functional
 from .backends import BACKENDS, available_backends
+from .layer_norm import LayerNormGRU, LayerNormLSTM
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "functional",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU", "functional",
            "available_backends", "BACKENDS", "__version__"]

@@ -14,6 +14,10 @@ A backend is a module with two functions (the contract every kernel implements):
         returns  y [T, B, Hout] in gx's dtype, h_n [B, Hout], c_n [B, H] or None;
                  differentiable in gx, h0, c0, w_hh, b_hh, w_hr.
     unavailable_reason(device, dtype, cell, has_proj) -> None if it can run that, else why not.
+    OPTIONS (optional) -> names of the options beyond torch.nn's it implements, each a keyword
+        argument of its recurrence: ("zoneout",) takes zoneout=(keep_h [T,B,Hout], keep_c [T,B,H]
+        or None) as in fused_rnn/reference.py. A backend without an option is never handed it:
+        asked for explicitly it refuses with that reason, and `auto` passes over it.
 
 Layers, directions, dropout, PackedSequence, batch_first and unbatched input are handled above,
 in fused_rnn/functional.py and fused_rnn/modules.py; a backend never sees them.
@@ -64,11 +68,15 @@ def _module(name):
     return _modules[name]
 
 
-def unavailable_reason(name, device, dtype, cell="lstm", has_proj=False):
-    """None when backend `name` can run this configuration, else a sentence saying why not."""
+def unavailable_reason(name, device, dtype, cell="lstm", has_proj=False, options=()):
+    """None when backend `name` can run this configuration, else a sentence saying why not.
+    options: names of options beyond torch.nn's that the call uses (e.g. ("zoneout",))."""
     module, error = _module(name)
     if module is None:
         return error
+    missing = [o for o in options if o not in getattr(module, "OPTIONS", ())]
+    if missing:
+        return f"the {name} backend does not implement {', '.join(missing)} (the torch backend does)"
     return module.unavailable_reason(torch.device(device), dtype, cell, has_proj)
 
 
@@ -87,27 +95,27 @@ def _check_name(name):
                          + ", ".join(repr(b) for b in BACKENDS))
 
 
-def resolve(backend, device, dtype, cell, has_proj):
+def resolve(backend, device, dtype, cell, has_proj, options=()):
     """See _resolve; the device is passed on as its type string, a constant for torch.compile."""
-    return _resolve(backend, device.type, dtype, cell, has_proj)
+    return _resolve(backend, device.type, dtype, cell, has_proj, tuple(options))
 
 
 # torch.compile evaluates the choice once at trace time and bakes the answer into the graph, so
 # importing and probing backends never appears inside a compiled model (and never breaks its graph).
 @torch.compiler.assume_constant_result
-def _resolve(backend, device_type, dtype, cell, has_proj):
+def _resolve(backend, device_type, dtype, cell, has_proj, options=()):
     """The backend name that will run: `backend`, else $FUSED_RNN_BACKEND, else `auto`'s choice.
 
     An explicitly requested backend that cannot run raises and says why; `auto` falls back to the
     next in AUTO_ORDER and says once which it took.
     """
     requested = os.environ.get(ENV_VAR, "auto") if backend == "auto" else backend
-    key = (requested, device_type, dtype, cell, has_proj)
+    key = (requested, device_type, dtype, cell, has_proj, options)
     if key in _resolved:
         return _resolved[key]
     _check_name(requested)
     if requested != "auto":
-        reason = unavailable_reason(requested, device_type, dtype, cell, has_proj)
+        reason = unavailable_reason(requested, device_type, dtype, cell, has_proj, options)
         if reason is not None:
             raise RuntimeError(f"fused_rnn backend {requested!r} cannot run {cell} on {device_type} "
                                f"in {dtype}: {reason}")
@@ -116,7 +124,7 @@ def _resolve(backend, device_type, dtype, cell, has_proj):
         order = AUTO_ORDER.get(device_type, DEFAULT_AUTO_ORDER)
         skipped = []
         for name in order:
-            reason = unavailable_reason(name, device_type, dtype, cell, has_proj)
+            reason = unavailable_reason(name, device_type, dtype, cell, has_proj, options)
             if reason is None:
                 chosen = name
                 break

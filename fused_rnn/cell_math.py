@@ -31,14 +31,20 @@ def lstm_step_backward(gates, c_prev, c, dh, dc):
     dh [B,H] grad of h (before projection), dc [B,H] grad of c arriving from later steps.
     Returns d_pre [B,4H] (grad of the pre-activations) and dc_prev [B,H].
     """
-    i, f, g, o = gates.chunk(4, 1)
+    o = gates[:, 3 * c.shape[1]:]
     tanh_c = torch.tanh(c)
-    dc = dc + dh * o * (1 - tanh_c * tanh_c)
+    return lstm_gates_backward(gates, c_prev, tanh_c, dh, dc + dh * o * (1 - tanh_c * tanh_c))
+
+
+def lstm_gates_backward(gates, c_prev, tanh_out, dh, dc):
+    """The gate part of an LSTM step's backward, h = o * tanh_out: dc [B,H] is the full grad of the
+    new cell state (from later steps and through h) -> d_pre [B,4H], dc_prev [B,H]."""
+    i, f, g, o = gates.chunk(4, 1)
     d_pre = torch.cat((
         dc * g * i * (1 - i),
         dc * c_prev * f * (1 - f),
         dc * i * (1 - g * g),
-        dh * tanh_c * o * (1 - o),
+        dh * tanh_out * o * (1 - o),
     ), 1)
     return d_pre, dc * f
 
@@ -83,3 +89,28 @@ def rnn_step_forward(pre, relu):
 def rnn_step_backward(h, dh, relu):
     """h [B,H] the step's output, dh [B,H] -> d_pre [B,H]."""
     return dh * (h > 0).to(h.dtype) if relu else dh * (1 - h * h)
+
+
+def zone_out(keep, previous, new):
+    """Zoneout: keep [B,n] is a bool mask, True where a unit keeps its previous value exactly
+    (training), or the probability p (eval) -> p*previous + (1-p)*new."""
+    if keep.dtype == torch.bool:
+        return torch.where(keep, previous, new)
+    return new + keep.to(new.dtype) * (previous - new)
+
+
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
+
+
+def layer_norm_forward(v):
+    """Normalise each row of v [B,n] -> v_hat [B,n] (zero mean, unit variance), rstd [B,1]."""
+    mean = v.mean(1, keepdim=True)
+    centred = v - mean
+    rstd = torch.rsqrt((centred * centred).mean(1, keepdim=True) + LAYER_NORM_EPS)
+    return centred * rstd, rstd
+
+
+def layer_norm_backward(d_out, gain, v_hat, rstd):
+    """out = gain * v_hat (+ bias) -> grad of v [B,n]; the gain's grad is sum(d_out * v_hat)."""
+    d_hat = d_out * gain
+    return rstd * (d_hat - d_hat.mean(1, keepdim=True) - v_hat * (d_hat * v_hat).mean(1, keepdim=True))

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from . import backends
-from .cell_math import GATES
+from . import backends, double_backward
+from .cell_math import GATES, LAYER_NORM_EPS
 
 
 def recurrence(cell, gx, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, backend="auto"):
@@ -23,10 +23,47 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, rever
     return _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend)
 
 
-def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend):
-    """recurrence() on inputs already validated (rnn() checks the lengths once for every layer)."""
-    name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None)
-    return backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend, source=None, zoneout=None,
+                layer_norm=None):
+    """recurrence() on inputs already validated (rnn() checks the lengths once for every layer).
+
+    source: (x, w_ih, b_ih) when gx = F.linear(x, w_ih, b_ih), so that double backward
+    (fused_rnn/double_backward.py) recomputes gx from tensors that are alive anyway rather than
+    keeping gx alive. zoneout: None or the keep masks (see zoneout_keep); only backends whose
+    OPTIONS include "zoneout" are chosen then (backends.py). layer_norm: None or (gain_hh, gain_c,
+    bias_c) of a layer-normalised LSTM/GRU (fused_rnn/layer_norm.py), likewise routed."""
+    extra = {k: v for k, v in (("zoneout", zoneout), ("layer_norm", layer_norm)) if v is not None}
+    name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None, tuple(extra))
+    out = backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, **extra)
+    if name == "reference" or layer_norm is not None:
+        # the reference is plain autograd: differentiable any number of times already. The
+        # layer-normalised recurrence has no double backward on other backends (the torch
+        # backend's analytic backward refuses create_graph=True and says so).
+        return out
+    return double_backward.attach(cell, out, source or (gx, None, None), h0, c0, w_hh, b_hh, w_hr,
+                                  lengths, reverse, zoneout)
+
+
+def check_zoneout(p):
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise ValueError("zoneout should be a number in range [0, 1) representing the probability of "
+                         f"a unit keeping its previous value, got {p!r}")
+
+
+def zoneout_keep(p, training, cell, T, B, Hout, H, device):
+    """The zoneout masks of one layer and direction: (keep_h [T,B,Hout], keep_c [T,B,H] or None).
+
+    Training: independent Bernoulli(p) masks per step, unit and state (bool, True = keep the previous
+    value), drawn from torch's generator once per call, so a seed reproduces a run. Eval: p itself,
+    the masks' expectation (a float expanded without memory). None when p == 0."""
+    if p == 0:
+        return None
+    if training:
+        draw = lambda n: torch.rand(T, B, n, device=device) < p  # noqa: E731
+    else:
+        draw = lambda n: torch.full((1, 1, 1), float(p), dtype=torch.float64, device=device).expand(T, B, n)  # noqa: E731
+    keep_h = draw(Hout)
+    return keep_h, (draw(H) if cell == "lstm" else None)
 
 
 def _check_same_device(input, hx, weights):
@@ -89,12 +126,17 @@ def _dropout(x, p, lengths):
 
 
 def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
-        bidirectional=False, batch_first=False, lengths=None, backend="auto"):
+        bidirectional=False, batch_first=False, lengths=None, backend="auto", zoneout=0.0, layer_norm=None):
     """A stack of recurrent layers, like `torch._VF.lstm/gru/rnn_tanh/rnn_relu`.
 
     input [T,B,I] ([B,T,I] if batch_first); hx [L*D,B,Hout]; cx [L*D,B,H] (LSTM) or None;
     lengths: optional int64 [B] (see backends.py). Returns output [T,B,D*Hout], h_n, c_n (or None).
+    zoneout: probability that a unit of h (and c) keeps its previous value (zoneout_keep).
+    layer_norm: None, or per layer and direction (gain_ih [G*H], gain_hh [G*H], gain_c [H] | None,
+    bias_c [H] | None): the layer-normalised LSTM/GRU of fused_rnn/layer_norm.py, where
+    gx = LN(x W_ih^T) * gain_ih + b_ih for all steps at once and the rest is the recurrence's.
     """
+    check_zoneout(zoneout)
     if input.dim() != 3:
         raise RuntimeError(f"input must have 3 dimensions, got {input.dim()}")
     x = input.transpose(0, 1) if batch_first else input          # [T,B,I]
@@ -111,7 +153,8 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
         with torch.autocast(x.device.type, enabled=False):
             return rnn(cell, _cast(input, dtype), _cast(hx, dtype), _cast(cx, dtype),
                        [_cast(w, dtype) for w in weights], has_biases, num_layers, dropout, training,
-                       bidirectional, batch_first, lengths, backend)
+                       bidirectional, batch_first, lengths, backend, zoneout,
+                       None if layer_norm is None else [[_cast(t, dtype) for t in ln] for ln in layer_norm])
 
     num_directions = 2 if bidirectional else 1
     per_direction = len(weights) // (num_layers * num_directions)
@@ -125,9 +168,15 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
             w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if has_proj else None
-            gx = F.linear(x, w_ih, b_ih)                            # [T,B,G*H]: one GEMM for all steps
+            ln = None if layer_norm is None else layer_norm[k]
+            if ln is None:
+                gx = F.linear(x, w_ih, b_ih)                        # [T,B,G*H]: one GEMM for all steps
+            else:                                                   # LN(x W_ih^T) * gain_ih + b_ih
+                gx = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln[0], b_ih, LAYER_NORM_EPS)
+            keep = zoneout_keep(zoneout, training, cell, T, B, hx.shape[2], w_hh.shape[0] // GATES[cell], x.device)
             y, h, c = _recurrence(cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr,
-                                  lengths, direction == 1, backend)
+                                  lengths, direction == 1, backend, source=(x, w_ih, b_ih), zoneout=keep,
+                                  layer_norm=None if ln is None else tuple(ln[1:]))
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -139,18 +188,18 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
 
 
 def lstm(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
-         bidirectional=False, batch_first=False, lengths=None, backend="auto"):
-    """torch._VF.lstm's signature (+ lengths, backend): returns output, (h_n, c_n)."""
+         bidirectional=False, batch_first=False, lengths=None, backend="auto", zoneout=0.0):
+    """torch._VF.lstm's signature (+ lengths, backend, zoneout): returns output, (h_n, c_n)."""
     out, h, c = rnn("lstm", input, hx[0], hx[1], weights, has_biases, num_layers, dropout, training,
-                    bidirectional, batch_first, lengths, backend)
+                    bidirectional, batch_first, lengths, backend, zoneout)
     return out, (h, c)
 
 
 def gru(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, training=False,
-        bidirectional=False, batch_first=False, lengths=None, backend="auto"):
-    """torch._VF.gru's signature (+ lengths, backend): returns output, h_n."""
+        bidirectional=False, batch_first=False, lengths=None, backend="auto", zoneout=0.0):
+    """torch._VF.gru's signature (+ lengths, backend, zoneout): returns output, h_n."""
     out, h, _ = rnn("gru", input, hx, None, weights, has_biases, num_layers, dropout, training,
-                    bidirectional, batch_first, lengths, backend)
+                    bidirectional, batch_first, lengths, backend, zoneout)
     return out, h
 
 

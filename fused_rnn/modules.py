@@ -18,12 +18,24 @@ from .cell_math import MODE_TO_CELL
 class _FusedRNNBase(nn.RNNBase):
     """Forward for every mode: unbatched / batched / packed input in, the same out as torch.nn."""
 
+    zoneout = 0.0  # LSTM and GRU take zoneout=p (functional.zoneout_keep); RNN has none
+
     def _set_backend(self, backend):
         _check_name(backend)
         self.backend = backend
 
+    def _set_zoneout(self, zoneout):
+        functional.check_zoneout(zoneout)
+        self.zoneout = float(zoneout)
+
+    def _layer_norm_weights(self):
+        """Per layer and direction, the layer-norm parameters (fused_rnn/layer_norm.py), or None."""
+        return None
+
     def extra_repr(self):
         s = super().extra_repr()
+        if self.zoneout:
+            s += f", zoneout={self.zoneout}"
         return s if self.backend == "auto" else s + f", backend={self.backend!r}"
 
     def _check_hx_dims(self, hx, is_batched):
@@ -80,7 +92,8 @@ class _FusedRNNBase(nn.RNNBase):
         h0, c0 = hx if is_lstm else (hx, None)
         output, h_n, c_n = functional.rnn(
             MODE_TO_CELL[self.mode], input, h0, c0, self._flat_weights, self.bias, self.num_layers,
-            float(self.dropout), self.training, self.bidirectional, batch_first, lengths, self.backend)
+            float(self.dropout), self.training, self.bidirectional, batch_first, lengths, self.backend,
+            self.zoneout, self._layer_norm_weights())
         hidden = (h_n, c_n) if is_lstm else h_n
 
         if isinstance(orig_input, PackedSequence):
@@ -94,11 +107,13 @@ class _FusedRNNBase(nn.RNNBase):
 
 
 class LSTM(_FusedRNNBase):
-    """torch.nn.LSTM on fused_rnn's kernels. Extra keyword: backend ('auto', 'cpu', 'cuda', ...)."""
+    """torch.nn.LSTM on fused_rnn's kernels. Extra keywords: backend ('auto', 'cpu', 'cuda', ...)
+    and zoneout (probability that a unit of h and of c keeps its previous value at a step)."""
 
-    def __init__(self, *args, backend="auto", **kwargs):
+    def __init__(self, *args, backend="auto", zoneout=0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
         self._set_backend(backend)
+        self._set_zoneout(zoneout)
 
     # nn.LSTM's own hidden-state checks and permutation for an (h, c) pair, reused as they are
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -107,13 +122,14 @@ class LSTM(_FusedRNNBase):
 
 
 class GRU(_FusedRNNBase):
-    """torch.nn.GRU on fused_rnn's kernels. Extra keyword: backend."""
+    """torch.nn.GRU on fused_rnn's kernels. Extra keywords: backend, zoneout (on h)."""
 
-    def __init__(self, *args, backend="auto", **kwargs):
+    def __init__(self, *args, backend="auto", zoneout=0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
         self._set_backend(backend)
+        self._set_zoneout(zoneout)
 
 
 class RNN(_FusedRNNBase):

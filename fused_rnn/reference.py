@@ -64,22 +64,78 @@ def rnn_cell(x_gates, h, w_hh, b_hh=None, nonlinearity="tanh"):
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+def layer_norm(v, gain, bias=None, eps=1e-5):
+    """Ba et al. 2016 over the last dimension: (v - mean) / sqrt(var + eps) * gain + bias."""
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    out = (v - mean) / torch.sqrt(var + eps) * gain
+    return out if bias is None else out + bias
+
+
+def layer_norm_lstm_cell(x_gates, h, c, w_hh, b_hh, gain_hh, gain_c, bias_c):
+    """One layer-normalised LSTM step (Ba et al. 2016, as Haste's LayerNormLSTM).
+    x_gates [B,4H] = LN(x W_ih^T) * gain_ih + b_ih, normalised over all 4H, outside the loop.
+
+    gates = x_gates + LN(h W_hh^T) * gain_hh + b_hh     (LN over all 4H of the recurrent part)
+    c' = σ(f) c + σ(i) tanh(g),   h' = σ(o) tanh(LN(c') * gain_c + bias_c)
+    """
+    H = c.shape[1]
+    gates = x_gates + layer_norm(h @ w_hh.t(), gain_hh, b_hh)
+    i, f, g, o = (gates[:, k * H:(k + 1) * H] for k in range(4))
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(layer_norm(c_new, gain_c, bias_c)), c_new
+
+
+def layer_norm_gru_cell(x_gates, h, w_hh, b_hh, gain_hh):
+    """One layer-normalised GRU step. x_gates [B,3H] = LN(x W_ih^T) * gain_ih + b_ih.
+
+    gh = LN(h W_hh^T) * gain_hh + b_hh     (LN over all 3H)
+    r = σ(x_r + gh_r),  z = σ(x_z + gh_z),  n = tanh(x_n + r gh_n),  h' = (1 - z) n + z h
+    torch.nn.GRU's r ⊙ (W_hn h + b_hn) form is kept, with the normalised recurrent part inside it.
+    """
+    H = h.shape[1]
+    gh = layer_norm(h @ w_hh.t(), gain_hh, b_hh)
+    r = torch.sigmoid(x_gates[:, :H] + gh[:, :H])
+    z = torch.sigmoid(x_gates[:, H:2 * H] + gh[:, H:2 * H])
+    n = torch.tanh(x_gates[:, 2 * H:] + r * gh[:, 2 * H:])
+    return (1 - z) * n + z * h
+
+
+def zone_out(keep, previous, new):
+    """Zoneout (Krueger et al. 2016): keep [B,n] is 1 where a unit keeps its previous value
+    (training: a Bernoulli(p) mask) or p itself (eval: the mask's expectation)."""
+    return keep * previous + (1 - keep) * new
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):
     """The recurrence contract, step by step: y [T,B,Hout], h_n [B,Hout], c_n [B,H] or None.
 
     A sequence whose length is over stops changing state and outputs zeros; running in reverse it
-    therefore starts from h0 at its own last element.
+    therefore starts from h0 at its own last element. zoneout: None, or (keep_h [T,B,Hout],
+    keep_c [T,B,H] or None), see zone_out; the output at step t is the zoned-out h_t.
+    layer_norm: None, or (gain_hh [G*H], gain_c [H], bias_c [H]) (LSTM) / (gain_hh, None, None) (GRU)
+    for the layer-normalised cells above; gx then holds the normalised input part.
     """
     T = gx.shape[0]
     h, c = h0, c0
     ys = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        if cell == "lstm":
+        if layer_norm is not None:
+            if cell == "lstm":
+                h_new, c_new = layer_norm_lstm_cell(gx[t], h, c, w_hh, b_hh, *layer_norm)
+            else:
+                h_new, c_new = layer_norm_gru_cell(gx[t], h, w_hh, b_hh, layer_norm[0]), None
+        elif cell == "lstm":
             h_new, c_new = lstm_cell(gx[t], h, c, w_hh, b_hh, w_hr)
         elif cell == "gru":
             h_new, c_new = gru_cell(gx[t], h, w_hh, b_hh), None
         else:
             h_new, c_new = rnn_cell(gx[t], h, w_hh, b_hh, "relu" if cell == "rnn_relu" else "tanh"), None
+        if zoneout is not None:
+            keep_h, keep_c = zoneout
+            h_new = zone_out(keep_h[t].to(h.dtype), h, h_new)
+            if c is not None:
+                c_new = zone_out(keep_c[t].to(c.dtype), c, c_new)
         if lengths is None:
             h, c = h_new, c_new
             ys[t] = h_new
@@ -89,6 +145,10 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
             c = None if c is None else torch.where(alive, c_new, c)
             ys[t] = torch.where(alive, h_new, torch.zeros_like(h_new))
     return torch.stack(ys), h, c
+
+
+# options beyond torch.nn's that this backend implements (fused_rnn/backends.py routes by them)
+OPTIONS = ("zoneout", "layer_norm")
 
 
 def unavailable_reason(device, dtype, cell, has_proj):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ...double_backward import REFUSAL, no_gradient_arrived
 from ...functional import autocast_dtype
 
 ABI_VERSION = 2  # must equal FUSED_RNN_ABI_VERSION in csrc/recurrence.cpp
@@ -111,17 +112,23 @@ def _setup_context(ctx, inputs, output):
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
     ctx.has_bias, ctx.has_c0, ctx.has_proj = b_hh is not None, c0 is not None, w_hr is not None
     ctx.save_for_backward(y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths)
+    ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
 
 
 def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in):
+    if no_gradient_arrived(dy, dh_n, dc_n):
+        return (None,) * 10
     if torch.is_grad_enabled():
-        # create_graph=True: recurrence_backward has no derivative of its own, and autograd would
-        # otherwise drop that path silently and return wrong second-order gradients.
-        raise RuntimeError("fused_rnn: the cpu and cuda backends do not support double backward "
-                           "(create_graph=True); use backend='reference' for higher-order gradients")
+        # create_graph=True on the op itself: recurrence_backward has no derivative of its own, and
+        # autograd would otherwise drop that path silently and return wrong second-order gradients.
+        raise RuntimeError(REFUSAL)
     if not ctx.save:
         raise RuntimeError("fused_rnn: recurrence_forward ran with save=False, so it cannot be differentiated")
     y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths = ctx.saved_tensors
+    dy = torch.zeros_like(y) if dy is None else dy          # outputs no loss reached
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    if ctx.cell == "lstm" and dc_n is None:
+        dc_n = torch.zeros_like(c0) if c0 is not None else y.new_zeros(y.shape[1], cells.shape[2])
     d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = torch.ops.fused_rnn.recurrence_backward(
         ctx.cell, dy, dh_n, dc_n if ctx.cell == "lstm" else None, y, gates, cells, proj_in,
         h0, c0, w_hh, w_hr, lengths, ctx.reverse)

@@ -2,6 +2,6 @@
 
 It is the algorithmic template every kernel follows; README.md beside this file derives it.
 """
-from .recurrence import recurrence, unavailable_reason
+from .recurrence import OPTIONS, recurrence, unavailable_reason
 
-__all__ = ["recurrence", "unavailable_reason"]
+__all__ = ["OPTIONS", "recurrence", "unavailable_reason"]

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...double_backward import REFUSAL, no_gradient_arrived
 from . import launcher
 from .kernels import NUM_GATES, NUM_SAVED
 
@@ -84,9 +85,15 @@ def _setup_context(ctx, inputs, output):
     ctx.cell, ctx.reverse, ctx.has_bias, ctx.save = cell, reverse, b_hh is not None, save
     ctx.has_gh0 = gh0 is not None
     ctx.save_for_backward(h0, c0, w_hh, lengths, y, saved, c_all)
+    ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
 
 
 def _backward(ctx, dy, dh_n, dc_n, _d_saved, _d_c_all):
+    if no_gradient_arrived(dy, dh_n, dc_n):
+        return (None,) * 10
+    if torch.is_grad_enabled():
+        # create_graph=True on the op itself: backward_op has no derivative of its own
+        raise RuntimeError(REFUSAL)
     if not ctx.save:
         raise RuntimeError("fused_rnn triton: the forward ran without saving activations (save=False)")
     h0, c0, w_hh, lengths, y, saved, c_all = ctx.saved_tensors

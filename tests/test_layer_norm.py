@@ -1,0 +1,154 @@
+"""Layer-normalised LSTM and GRU: the torch backend's analytic backward (recurrent LN inside the
+step) against the textbook reference and finite differences, the modules against a from-scratch
+loop, the drop-in options, initialisation, and the backends that refuse it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_rnn
+from fused_rnn import functional, reference
+from fused_rnn.backends import get
+
+import drop_in
+from helpers import assert_close, grads_of
+
+F64 = torch.float64
+SHAPES = {  # (T, B, H, lengths, reverse)
+    "T1-B1-H3": (1, 1, 3, None, False),
+    "T6-B3-H5": (6, 3, 5, None, False),
+    "T7-B5-H6-len": (7, 5, 6, [7, 3, 1, 7, 5], False),
+    "T7-B5-H6-len-rev": (7, 5, 6, [2, 7, 7, 1, 4], True),
+}
+
+
+def make(cell, T, B, H, lengths, reverse):
+    G = 4 if cell == "lstm" else 3
+    new = lambda *s, k=1.0: (torch.randn(*s, dtype=F64) * k).requires_grad_()  # noqa: E731
+    args = [new(T, B, G * H), new(B, H), new(B, H) if cell == "lstm" else None, new(G * H, H, k=H ** -0.5),
+            new(G * H), None, None if lengths is None else torch.tensor(lengths), reverse]
+    ln = (new(G * H, k=0.5), new(H, k=0.5), new(H)) if cell == "lstm" else (new(G * H, k=0.5), None, None)
+    return args, ln
+
+
+def differentiable(args, ln):
+    return [a for a in list(args[:6]) + list(ln) if a is not None]
+
+
+@pytest.mark.parametrize("zoneout", [False, True], ids=["plain", "zoneout"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_torch_backend_matches_reference(cell, shape, zoneout):
+    args, ln = make(cell, *SHAPES[shape])
+    T, B, H = SHAPES[shape][:3]
+    keep = functional.zoneout_keep(0.3, True, cell, T, B, H, H, "cpu") if zoneout else None
+    out = get("torch").recurrence(cell, *args, zoneout=keep, layer_norm=ln)
+    ref = reference.recurrence(cell, *args, zoneout=keep, layer_norm=ln)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, ref):
+        if b is not None:
+            assert_close(a, b, F64, name)
+    inputs = differentiable(args, ln)
+    for k, (a, b) in enumerate(zip(grads_of(out, inputs), grads_of(ref, inputs))):
+        assert_close(a, b, F64, f"grad {k}")
+
+
+@pytest.mark.parametrize("shape", ["T6-B3-H5", "T7-B5-H6-len-rev"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradcheck_float64(cell, shape):
+    args, ln = make(cell, *SHAPES[shape])
+    inputs = differentiable(args, ln)
+    slots = [a is not None for a in list(args[:6]) + list(ln)]
+
+    def f(*xs):
+        it = iter(xs)
+        full = [next(it) if present else None for present in slots]
+        out = get("torch").recurrence(cell, *full[:6], *args[6:], layer_norm=tuple(full[6:]))
+        return tuple(o for o in out if o is not None)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def textbook(module, x):
+    """One layer, one direction, written from the paper with reference.layer_norm."""
+    H = module.hidden_size
+    h = torch.zeros(x.shape[1], H, dtype=x.dtype)
+    c = torch.zeros_like(h)
+    ys = []
+    for x_t in x:
+        gx = reference.layer_norm(x_t @ module.weight_ih_l0.t(), module.ln_gain_ih_l0, module.bias_ih_l0)
+        if isinstance(module, fused_rnn.LayerNormLSTM):
+            h, c = reference.layer_norm_lstm_cell(gx, h, c, module.weight_hh_l0, module.bias_hh_l0,
+                                                  module.ln_gain_hh_l0, module.ln_gain_c_l0, module.ln_bias_c_l0)
+        else:
+            h = reference.layer_norm_gru_cell(gx, h, module.weight_hh_l0, module.bias_hh_l0, module.ln_gain_hh_l0)
+        ys.append(h)
+    return torch.stack(ys)
+
+
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
+def test_module_matches_the_textbook_loop(cls):
+    m = getattr(fused_rnn, cls)(3, 5, backend="torch").double()
+    with torch.no_grad():  # away from the initial gains 1 / biases 0, so every parameter matters
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(6, 4, 3, dtype=F64)
+    got, want = m(x)[0], textbook(m, x)
+    assert_close(got, want, F64)
+    params = list(m.parameters())
+    for a, b in zip(grads_of([got], params), grads_of([want], params)):
+        assert_close(a, b, F64)
+
+
+OPTIONS = dict(drop_in.OPTIONS, **{
+    "zoneout-bidirectional": dict(bidirectional=True, zoneout=0.2),
+    "nobias": dict(bias=False),
+})
+
+
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_drop_in_options_match_the_reference_backend(cls, option):
+    make = lambda backend, **kw: getattr(fused_rnn, cls)(3, 4, backend=backend, **kw).double()  # noqa: E731
+    drop_in.assert_torch_backend_matches_reference(make, OPTIONS[option], perturb=0.1)
+
+
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
+def test_parameters_initialisation_and_state_dict(cls):
+    m = getattr(fused_rnn, cls)(3, 4, num_layers=2, bidirectional=True)
+    torch_names = [n for n, _ in getattr(torch.nn, cls[len("LayerNorm"):])(3, 4, 2, bidirectional=True).named_parameters()]
+    names = [n for n, _ in m.named_parameters()]
+    assert names[:len(torch_names)] == torch_names
+    ln = [n for n in names if n.startswith("ln_")]
+    assert len(ln) == 4 * (4 if cls == "LayerNormLSTM" else 2)
+    m.reset_parameters()
+    for n in ln:
+        assert torch.equal(getattr(m, n), torch.full_like(getattr(m, n), 0.0 if "bias" in n else 1.0))
+    other = getattr(fused_rnn, cls)(3, 4, num_layers=2, bidirectional=True)
+    other.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(other(x)[0], m(x)[0])
+
+
+def test_proj_size_and_other_backends_are_refused():
+    with pytest.raises(ValueError, match="proj_size is not supported by LayerNormLSTM"):
+        fused_rnn.LayerNormLSTM(3, 4, proj_size=2)
+    for backend in ("cpu", "triton", "cuda"):
+        with pytest.raises(RuntimeError, match=f"the {backend} backend does not implement layer_norm"):
+            fused_rnn.LayerNormGRU(3, 4, backend=backend)(torch.randn(2, 1, 3))
+    assert fused_rnn.LayerNormLSTM(3, 4)(torch.randn(2, 1, 3))[0].grad_fn is not None  # auto: torch
+
+
+def test_double_backward_on_the_reference_and_a_clear_refusal_elsewhere():
+    x = torch.randn(4, 2, 2, dtype=F64, requires_grad=True)
+    ours = fused_rnn.LayerNormLSTM(2, 3, backend="torch").double()
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(ours(x)[0].square().sum(), x, create_graph=True)
+    ref = fused_rnn.LayerNormLSTM(2, 3, backend="reference").double()
+    assert torch.autograd.gradgradcheck(lambda x: ref(x)[0], [x], fast_mode=True)
+
+
+def test_input_side_layer_norm_runs_once_for_all_steps(monkeypatch):
+    calls = []
+    real = F.layer_norm
+    monkeypatch.setattr(F, "layer_norm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    fused_rnn.LayerNormGRU(3, 4, backend="torch")(torch.randn(6, 2, 3))
+    assert calls == [torch.Size([6, 2, 12])]
