@@ -62,6 +62,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = [f"{CSRC}/recurrence.cpp"] + [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
+    sources += [f"{CSRC}/cell_step.cpp"] + [f"{CSRC}/cpu/cell_step_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time)
     cxx = ["-O3", "-g0", "-fvisibility=hidden", "-fno-trapping-math"]
     depends = [str(p) for p in (ROOT / CSRC).rglob("*") if p.suffix in (".h", ".cuh")]
