@@ -20,7 +20,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "cell_step_params.h"
 
@@ -111,11 +113,19 @@ void gemm_into(Tensor& pre, const Tensor& a, const Tensor& w, const optional<Ten
   if (bias.has_value()) pre.add_(*bias);
 }
 
-std::tuple<Tensor, Tensor, Tensor> cell_step_forward_cpu(c10::string_view cell_name, const Tensor& x_in,
-                                                         const Tensor& h_in, const optional<Tensor>& c_in,
-                                                         const Tensor& w_ih_in, const Tensor& w_hh_in,
-                                                         const optional<Tensor>& b_ih_in,
-                                                         const optional<Tensor>& b_hh_in, bool save) {
+// Scratch for the pre-activations of the dot kernels, reused across calls of a thread (an
+// allocation per call costs a visible part of a B=1 step); the GEMM path uses tensors.
+void* pre_scratch(size_t bytes) {
+  static thread_local std::vector<double> scratch;
+  scratch.resize(std::max(scratch.size(), (bytes + sizeof(double) - 1) / sizeof(double)));
+  return scratch.data();
+}
+
+// One forward step: h' (c') and, when `gates` is given, what the backward reads (resized here).
+std::tuple<Tensor, Tensor> forward_cpu(c10::string_view cell_name, const Tensor& x_in, const Tensor& h_in,
+                                       const optional<Tensor>& c_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+                                       const optional<Tensor>& b_ih_in, const optional<Tensor>& b_hh_in,
+                                       Tensor* gates) {
   const CellShapes s = check_cell_inputs(cell_name, x_in, h_in, c_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in);
   TORCH_CHECK(x_in.device().is_cpu(), "fused_rnn: cell_step_forward's kernel runs on CPU tensors");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMMs in our dtype
@@ -136,18 +146,27 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward_cpu(c10::string_view cell_n
   p.I = s.I;
   p.H = H;
   p.dots = cpu::cell_dots_pay(p.dtype, B, s.I, H, s.G);
-  Tensor pre_x = at::empty({B, GH}, acc_opts);
-  Tensor pre_h = gru ? at::empty({B, GH}, acc_opts) : Tensor();
-  if (!p.dots) {
+  Tensor pre_x, pre_h;
+  if (p.dots) {
+    const size_t bytes = B * GH * at::elementSize(acc_of(x.scalar_type()));
+    char* scratch = static_cast<char*>(pre_scratch((gru ? 2 : 1) * bytes));
+    p.pre_x = scratch;
+    p.pre_h = gru ? scratch + bytes : nullptr;
+  } else {
+    pre_x = at::empty({B, GH}, acc_opts);
     gemm_into(pre_x, x, w_ih, b_ih, false);
-    if (gru)
+    if (gru) {
+      pre_h = at::empty({B, GH}, acc_opts);
       gemm_into(pre_h, h, w_hh, b_hh, false);
-    else
+    } else {
       gemm_into(pre_x, h, w_hh, b_hh, true);
+    }
+    p.pre_x = pre_x.data_ptr();
+    p.pre_h = gru ? pre_h.data_ptr() : nullptr;
   }
   Tensor h_out = at::empty({B, H}, opts);
-  Tensor c_out = at::empty({lstm ? B : 0, H}, opts);
-  Tensor gates = at::empty({save && (lstm || gru) ? B : 0, 4 * H}, opts);
+  Tensor c_out = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
+  if (gates != nullptr) *gates = lstm || gru ? at::empty({B, 4 * H}, opts) : at::empty({0}, opts);
   p.x = x.data_ptr();
   p.h = h.data_ptr();
   p.c = data_or_null(c);
@@ -155,15 +174,20 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward_cpu(c10::string_view cell_n
   p.w_hh = w_hh.data_ptr();
   p.b_ih = data_or_null(b_ih);
   p.b_hh = data_or_null(b_hh);
-  p.pre_x = pre_x.data_ptr();
-  p.pre_h = gru ? pre_h.data_ptr() : nullptr;
   p.h_out = h_out.data_ptr();
   p.c_out = lstm ? c_out.data_ptr() : nullptr;
-  p.gates = gates.numel() ? gates.data_ptr() : nullptr;
-  if (B > 0) cpu::cell_forward(p);
-  if (!lstm) c_out = at::empty({0}, opts);
-  if (gates.numel() == 0) gates = at::empty({0}, opts);
-  return {h_out, c_out, gates};
+  p.gates = gates != nullptr && gates->numel() ? gates->data_ptr() : nullptr;
+  if (B > 0 && H > 0) cpu::cell_forward(p);
+  return {h_out, c_out};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cell_step_forward_cpu(c10::string_view cell, const Tensor& x, const Tensor& h,
+                                                         const optional<Tensor>& c, const Tensor& w_ih,
+                                                         const Tensor& w_hh, const optional<Tensor>& b_ih,
+                                                         const optional<Tensor>& b_hh, bool save) {
+  Tensor gates;
+  auto [h_out, c_out] = forward_cpu(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, save ? &gates : nullptr);
+  return {h_out, c_out, save ? gates : at::empty({0}, x.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_backward_cpu(
@@ -194,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   Tensor dg_x = at::empty({B, GH}, opts);
   Tensor dg_h = gru ? at::empty({B, GH}, opts) : dg_x;
   Tensor dh_prev = at::empty({B, H}, opts);  // GRU: starts as the direct part dh*z
-  Tensor dc_prev = at::empty({lstm ? B : 0, H}, opts);
+  Tensor dc_prev = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
   CellBackwardParams p{};
   p.cell = s.cell;
   p.dtype = dtype_from(dtype);
@@ -211,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   p.dg_h = dg_h.data_ptr();
   p.dh_direct = dh_prev.data_ptr();
   p.dc_prev = lstm ? dc_prev.data_ptr() : nullptr;
-  if (B > 0) cpu::cell_backward(p);
+  if (B > 0 && H > 0) cpu::cell_backward(p);
 
   Tensor dx = at::mm(dg_x, w_ih);
   if (gru)
@@ -222,14 +246,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   Tensor dw_hh = at::mm(dg_h.t(), h);
   Tensor db_ih = dg_x.sum(0);
   Tensor db_hh = gru ? dg_h.sum(0) : db_ih.clone();  // outputs never alias each other
-  return {dx, dh_prev, lstm ? dc_prev : at::empty({0}, opts), dw_ih, dw_hh, db_ih, db_hh};
+  return {dx, dh_prev, dc_prev, dw_ih, dw_hh, db_ih, db_hh};
 }
 
 std::tuple<Tensor, Tensor> cell_step_cpu(c10::string_view cell, const Tensor& x, const Tensor& h,
                                          const optional<Tensor>& c, const Tensor& w_ih, const Tensor& w_hh,
                                          const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
-  auto out = cell_step_forward_cpu(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, false);
-  return {std::get<0>(out), std::get<1>(out)};
+  return forward_cpu(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, nullptr);
 }
 
 // ---------------------------------------------------------------- autograd

@@ -187,10 +187,10 @@ def _cell_op_runs(backend, input, cell):
     """Whether the step runs as the one fused op fused_rnn::cell_step (csrc/cell_step.cpp): the
     `cpu` backend on CPU tensors, with a build that has it. Elsewhere the step is a recurrence of
     length 1 on the chosen backend."""
-    if input.device.type != "cpu" or backends.resolve(backend, input.device, input.dtype, cell, False) != "cpu":
+    if input.device.type != "cpu":
         return False
     from .ops.cpp import cell_ops  # noqa: PLC0415 - ops.cpp imports this module
-    return cell_ops.available()
+    return cell_ops.runs_on_cpu(backend, input.dtype, cell)
 
 
 __all__ = ["recurrence", "rnn", "lstm", "gru", "rnn_tanh", "rnn_relu", "cell_step", "GATES"]

@@ -7,11 +7,16 @@ is one step of LSTMCell/GRUCell/RNNCell, input projection included; its autograd
 in C++ (cell_step_forward / cell_step_backward), so a call costs no Python beyond this module's
 one line. CPU tensors only; other devices take the recurrence path (functional.cell_step).
 """
+import os
+
 import torch
 
+from ... import backends
 from . import ops
 
 _registered = None  # None: not tried yet; else whether the ops are there
+CELL_STEP = None    # torch.ops.fused_rnn.cell_step.default once available() is True
+_runs = {}          # (backend, $FUSED_RNN_BACKEND, dtype, cell) -> runs_on_cpu's answer
 
 
 def available():
@@ -22,6 +27,19 @@ def available():
         if _registered:
             _register()
     return _registered
+
+
+# torch.compile evaluates the choice once at trace time (as backends.resolve), so probing the build
+# never appears in a compiled graph.
+@torch.compiler.assume_constant_result
+def runs_on_cpu(backend, dtype, cell):
+    """Whether a CPU step of `cell` in `dtype` asked of `backend` runs as fused_rnn::cell_step: when
+    the backend resolves to `cpu` and the build has the op. Cached: a decoder asks every step."""
+    key = (backend, os.environ.get(backends.ENV_VAR) if backend == "auto" else None, dtype, cell)
+    runs = _runs.get(key)
+    if runs is None:
+        runs = _runs[key] = backends._resolve(backend, "cpu", dtype, cell, False) == "cpu" and available()
+    return runs
 
 
 def _gates(cell):
@@ -48,6 +66,8 @@ def _fake_cell_step_backward(cell, dh, dc, input, hx, cx, w_ih, w_hh, h_new, c_n
 
 
 def _register():
+    global CELL_STEP
+    CELL_STEP = torch.ops.fused_rnn.cell_step.default
     torch.library.register_fake("fused_rnn::cell_step")(_fake_cell_step)
     torch.library.register_fake("fused_rnn::cell_step_forward")(_fake_cell_step_forward)
     torch.library.register_fake("fused_rnn::cell_step_backward")(_fake_cell_step_backward)
