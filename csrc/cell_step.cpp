@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cell_step_params.h"
+#include "op_args.h"
 
 namespace fused_rnn {
 namespace {
@@ -33,24 +34,6 @@ using at::Tensor;
 using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-Cell cell_from_name(c10::string_view name) {
-  if (name == "lstm") return Cell::LSTM;
-  if (name == "gru") return Cell::GRU;
-  if (name == "rnn_tanh") return Cell::RNN_TANH;
-  if (name == "rnn_relu") return Cell::RNN_RELU;
-  TORCH_CHECK(false, "fused_rnn: unknown cell '", std::string(name), "' (lstm, gru, rnn_tanh, rnn_relu)");
-}
-
-DType dtype_from(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default: TORCH_CHECK(false, "fused_rnn: unsupported dtype ", s, " (float32, float64, float16, bfloat16)");
-  }
-}
 
 struct CellShapes {
   Cell cell;
@@ -62,7 +45,7 @@ CellShapes check_cell_inputs(c10::string_view cell_name, const Tensor& x, const 
                              const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
                              const optional<Tensor>& b_hh) {
   CellShapes s;
-  s.cell = cell_from_name(cell_name);
+  s.cell = parse_cell(cell_name);
   s.G = num_gates(s.cell);
   TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2 && w_hh.dim() == 2 && h.dim() == 2,
               "fused_rnn: cell_step needs input [B, I], hx [B, H], w_ih [G*H, I], w_hh [G*H, H]");
@@ -74,7 +57,7 @@ CellShapes check_cell_inputs(c10::string_view cell_name, const Tensor& x, const 
               "fused_rnn: cell_step weights w_ih ", w_ih.sizes(), ", w_hh ", w_hh.sizes(), " do not fit input ",
               x.sizes());
   TORCH_CHECK(h.size(0) == s.B && h.size(1) == s.H, "fused_rnn: hx must be [", s.B, ", ", s.H, "], got ", h.sizes());
-  dtype_from(x.scalar_type());
+  to_dtype(x.scalar_type());
   const auto check_like = [&](const Tensor& t, const char* name) {
     TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), "fused_rnn: cell_step ", name,
                 " is ", t.scalar_type(), " on ", t.device(), " but input is ", x.scalar_type(), " on ", x.device());
@@ -97,15 +80,18 @@ CellShapes check_cell_inputs(c10::string_view cell_name, const Tensor& x, const 
 }
 
 const void* data_or_null(const optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
-at::ScalarType acc_of(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // pre (+)= a @ w.T (+ bias) in the accumulation dtype, through the GEMM library.
 void gemm_into(Tensor& pre, const Tensor& a, const Tensor& w, const optional<Tensor>& bias, bool accumulate) {
   if (a.scalar_type() == pre.scalar_type()) {
-    if (accumulate)
+    if (accumulate) {
       pre.addmm_(a, w.t());
-    else
+    } else if (bias.has_value()) {
+      at::addmm_out(pre, *bias, a, w.t());  // the bias broadcast in the GEMM's output, as nn.Linear
+      return;
+    } else {
       at::mm_out(pre, a, w.t());
+    }
   } else {  // bf16/fp16: the GEMM rounds to its dtype (as torch.nn's linear does), the sum is fp32
     const Tensor prod = at::mm(a, w.t());
     accumulate ? pre.add_(prod) : pre.copy_(prod);
@@ -132,7 +118,7 @@ std::tuple<Tensor, Tensor> forward_cpu(c10::string_view cell_name, const Tensor&
   const bool lstm = s.cell == Cell::LSTM, gru = s.cell == Cell::GRU;
   const int64_t B = s.B, H = s.H, GH = s.G * s.H;
   const auto opts = x_in.options();
-  const auto acc_opts = opts.dtype(acc_of(x_in.scalar_type()));
+  const auto acc_opts = opts.dtype(acc_type(x_in.scalar_type()));
   const Tensor x = x_in.contiguous(), h = h_in.contiguous(), w_ih = w_ih_in.contiguous(),
                w_hh = w_hh_in.contiguous();
   const optional<Tensor> c = lstm ? optional<Tensor>(c_in->contiguous()) : c10::nullopt;
@@ -141,14 +127,14 @@ std::tuple<Tensor, Tensor> forward_cpu(c10::string_view cell_name, const Tensor&
 
   CellForwardParams p{};
   p.cell = s.cell;
-  p.dtype = dtype_from(x.scalar_type());
+  p.dtype = to_dtype(x.scalar_type());
   p.B = B;
   p.I = s.I;
   p.H = H;
   p.dots = cpu::cell_dots_pay(p.dtype, B, s.I, H, s.G);
   Tensor pre_x, pre_h;
   if (p.dots) {
-    const size_t bytes = B * GH * at::elementSize(acc_of(x.scalar_type()));
+    const size_t bytes = B * GH * at::elementSize(acc_type(x.scalar_type()));
     char* scratch = static_cast<char*>(pre_scratch((gru ? 2 : 1) * bytes));
     p.pre_x = scratch;
     p.pre_h = gru ? scratch + bytes : nullptr;
@@ -221,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   Tensor dc_prev = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
   CellBackwardParams p{};
   p.cell = s.cell;
-  p.dtype = dtype_from(dtype);
+  p.dtype = to_dtype(dtype);
   p.B = B;
   p.H = H;
   p.dh = dh.data_ptr();
@@ -268,7 +254,7 @@ class CellStepFunction : public torch::autograd::Function<CellStepFunction> {
                                .typed<decltype(cell_step_forward_cpu)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [h_new, c_new, gates] = op.call(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, true);
-    const Cell kind = cell_from_name(cell);
+    const Cell kind = parse_cell(cell);
     ctx->saved_data["cell"] = std::string(cell);
     ctx->saved_data["has_b_ih"] = b_ih.has_value();
     ctx->saved_data["has_b_hh"] = b_hh.has_value();

@@ -1,16 +1,14 @@
-// Cell-step CPU kernels, baseline instruction set, and the runtime choice between the baseline,
-// AVX2+FMA and AVX-512 builds of cell_step_cpu_kernels.h (the same choice, and the same
-// FUSED_RNN_CPU_ISA cap, as the recurrence's pointwise kernels in pointwise_cpu.cpp).
+// Cell-step CPU kernels, baseline instruction set, and the runtime choice (cpu_isa.h) between the
+// baseline, AVX2+FMA and AVX-512 builds of cell_step_cpu_kernels.h.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include "cpu_isa.h"
+
 #define FR_ISA_NS isa_default
 #include "cell_step_cpu_kernels.h"
-
-#include <cstdlib>
-#include <string>
 
 namespace fused_rnn {
 namespace cpu {
@@ -23,45 +21,13 @@ void cell_forward(const CellForwardParams& p);
 void cell_backward(const CellBackwardParams& p);
 }  // namespace isa_avx512
 
-namespace {
-enum class CellIsa { Default, Avx2, Avx512 };
-CellIsa cell_isa() {
-  static const CellIsa isa = [] {
-    const char* cap = std::getenv("FUSED_RNN_CPU_ISA");
-    const std::string want = cap ? cap : "";
-    if (want == "default") return CellIsa::Default;
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (want == "avx2") return avx2 ? CellIsa::Avx2 : CellIsa::Default;
-    if (__builtin_cpu_supports("avx512f")) return CellIsa::Avx512;
-    if (avx2) return CellIsa::Avx2;
-#endif
-    return CellIsa::Default;
-  }();
-  return isa;
-}
-}  // namespace
+FR_DEFINE_ISA_DISPATCH(cell_forward, CellForwardParams)
+FR_DEFINE_ISA_DISPATCH(cell_backward, CellBackwardParams)
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FR_DISPATCH(fn, P)                            \
-  void fn(const P& p) {                               \
-    switch (cell_isa()) {                             \
-      case CellIsa::Avx512: return isa_avx512::fn(p); \
-      case CellIsa::Avx2: return isa_avx2::fn(p);     \
-      default: return isa_default::fn(p);             \
-    }                                                 \
-  }
-#else
-#define FR_DISPATCH(fn, P) \
-  void fn(const P& p) { isa_default::fn(p); }
-#endif
-FR_DISPATCH(cell_forward, CellForwardParams)
-FR_DISPATCH(cell_backward, CellBackwardParams)
-#undef FR_DISPATCH
-
-// Measured on AMD EPYC Zen 4 (benchmarks/bench_cells.py): the dot kernels beat MKL's small GEMMs
-// while the step is bound by reading the weights.
+// Measured on AMD EPYC Zen 4 (benchmarks/bench_cells.py, LSTMCell, H 128-512): the dot kernels beat
+// MKL's GEMMs up to B=8 (at B=8, H=512 by ~1.8x on one thread: MKL packs the weights for every
+// call); from B=32 MKL's packed GEMM runs near the FMA peak, where the dot kernels' horizontal sums
+// and unpacked loads cost more.
 bool cell_dots_pay(DType dtype, int64_t B, int64_t I, int64_t H, int64_t G) {
   (void)I, (void)H, (void)G;
   return dtype != DType::Float16 && B <= 8;

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "../cell_math.h"
 #include "../cell_step_params.h"
@@ -96,15 +97,50 @@ FR_HD void dot_accumulate(const S* __restrict__ w, const S* __restrict__ x, int6
       for (int b = 0; b < BB; ++b) tail[r][b] += load1(w[r * K + k]) * load1(x[b * K + k]);
 }
 
+// Lane i of the result = the sum of the lanes of v[i], for L vectors of L lanes: log2(L) levels,
+// each folding pairs of vectors into one (two shuffles and an add), so a tile's RB*BB sums cost a
+// few instructions each instead of a log2(L)-step horizontal reduction apiece.
+constexpr int fold_index(int i, int L, int W) {  // lane i of the "low halves" of x (i < L/2) and y
+  const int half = L / 2, j = i % half;
+  return (i < half ? 0 : L) + (j / (W / 2)) * W + j % (W / 2);
+}
+template <int L, int W, typename V, size_t... I>
+FR_HD V fold_pair(V x, V y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, fold_index(I, L, W)...) +
+         __builtin_shufflevector(x, y, (fold_index(I, L, W) + W / 2)...);
+}
+template <int L, int W, typename V>
+FR_HD void fold_levels(V* v, int n) {
+  if constexpr (W > 1) {
+    for (int p = 0; p < n / 2; ++p) v[p] = fold_pair<L, W>(v[2 * p], v[2 * p + 1], std::make_index_sequence<L>{});
+    fold_levels<L, W / 2>(v, n / 2);
+  }
+}
+
 // out[b*ld + r] = sum of the lanes of acc[r][b] + tail[r][b] + bias[r] (bias may be null); resets acc.
 template <typename S, int RB, int BB, typename A = typename AccT<S>::type, typename V = typename VecOf<A>::type>
 FR_HD void dot_store(V (&acc)[RB][BB], A (&tail)[RB][BB], const S* bias, A* out, int64_t ld) {
   constexpr int L = sizeof(V) / sizeof(A);
+  A sums[RB * BB];  // [b][r]
+  if constexpr ((RB * BB) % L == 0) {
+    V v[RB * BB];
+    for (int r = 0; r < RB; ++r)
+      for (int b = 0; b < BB; ++b) v[b * RB + r] = acc[r][b];
+    for (int g = 0; g < RB * BB; g += L) {
+      fold_levels<L, L>(v + g, L);
+      for (int l = 0; l < L; ++l) sums[g + l] = v[g][l];
+    }
+  } else {
+    for (int r = 0; r < RB; ++r)
+      for (int b = 0; b < BB; ++b) {
+        A s = 0;
+        for (int l = 0; l < L; ++l) s += acc[r][b][l];
+        sums[b * RB + r] = s;
+      }
+  }
   for (int r = 0; r < RB; ++r)
     for (int b = 0; b < BB; ++b) {
-      A s = tail[r][b];
-      for (int l = 0; l < L; ++l) s += acc[r][b][l];
-      out[b * ld + r] = s + (bias ? load1(bias[r]) : A(0));
+      out[b * ld + r] = sums[b * RB + r] + tail[r][b] + (bias ? load1(bias[r]) : A(0));
       acc[r][b] = V{};
       tail[r][b] = A(0);
     }
