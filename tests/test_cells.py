@@ -260,3 +260,17 @@ def test_every_cpu_instruction_set(isa):
     env = dict(os.environ, FUSED_RNN_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_cell_benchmark_runs(tmp_path):
+    """Smoke test of benchmarks/bench_cells.py (nothing is asserted about speed): a table row per case."""
+    out = tmp_path / "cells.md"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_cells", "--quick", "--threads", "1",
+                           "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 3 * 2 * 2  # cells x passes x batches
+    for row in rows:
+        ratio = float(row.rstrip(" |").rsplit("|", 1)[1])
+        assert ratio > 0
