@@ -62,8 +62,11 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = [f"{CSRC}/recurrence.cpp"] + [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
-    # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time)
-    cxx = ["-O3", "-g0", "-fvisibility=hidden", "-fno-trapping-math"]
+    sources += [f"{CSRC}/cell_step.cpp"] + [f"{CSRC}/cpu/cell_step_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
+    # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time);
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (torch's OpenMP backend), serial
+    # without it. Compile flag only: the GOMP symbols bind to the libgomp torch itself loads.
+    cxx = ["-O3", "-g0", "-fvisibility=hidden", "-fno-trapping-math", "-fopenmp"]
     depends = [str(p) for p in (ROOT / CSRC).rglob("*") if p.suffix in (".h", ".cuh")]
     include_dirs = [_write_source_hash_header()]
     if torch.version.cuda and cuda_home:

@@ -224,9 +224,22 @@ def cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, backend="au
         with torch.autocast(input.device.type, enabled=False):
             return cell_step(cell, *(_cast(t, dtype) for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)),
                              backend=backend)
+    if _cell_op_runs(backend, input, cell):
+        h, c = torch.ops.fused_rnn.cell_step.default(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        return h, (c if cell == "lstm" else None)
     gx = F.linear(input, w_ih, b_ih).unsqueeze(0)                  # [1,B,G*H]
     _, h, c = _recurrence(cell, gx, hx, cx, w_hh, b_hh, None, None, False, backend)
     return h, c
+
+
+def _cell_op_runs(backend, input, cell):
+    """Whether the step runs as the one fused op fused_rnn::cell_step (csrc/cell_step.cpp): the
+    `cpu` backend on CPU tensors, with a build that has it. Elsewhere the step is a recurrence of
+    length 1 on the chosen backend."""
+    if input.device.type != "cpu":
+        return False
+    from .ops.cpp import cell_ops  # noqa: PLC0415 - ops.cpp imports this module
+    return cell_ops.runs_on_cpu(backend, input.dtype, cell)
 
 
 __all__ = ["recurrence", "rnn", "lstm", "gru", "rnn_tanh", "rnn_relu", "cell_step", "GATES"]

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import functional
 from .backends import _check_name
 from .cell_math import MODE_TO_CELL
+from .ops.cpp import cell_ops
 
 
 class _FusedRNNBase(nn.RNNBase):
@@ -153,6 +154,9 @@ class _FusedCellMixin:
     """Forward for LSTMCell/GRUCell/RNNCell: torch.nn's checks and shapes, one recurrence step."""
 
     def _cell_forward(self, cell, name, input, hx):
+        out = self._fused_step(cell, input, hx)
+        if out is not None:
+            return out
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         states = hx if cell == "lstm" else (hx,)
@@ -186,6 +190,39 @@ class _FusedCellMixin:
                                     self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend)
         if not is_batched:
             h, c = h.squeeze(0), (None if c is None else c.squeeze(0))
+        return (h, c) if cell == "lstm" else h
+
+
+    def _fused_step(self, cell, input, hx):
+        """The common eager call straight into fused_rnn::cell_step: batched CPU input and a state
+        of the module's sizes, dtype and device, no autocast. Anything else returns None and takes
+        the full path above, whose checks give torch.nn's errors. The checks here are the cheap
+        subset that proves the full ones would pass (a decoder pays them every step)."""
+        if (hx is None or input.dim() != 2 or not input.is_cpu or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling()):
+            return None
+        if cell == "lstm":
+            if type(hx) is not tuple or len(hx) != 2 or type(hx[1]) is not torch.Tensor:
+                return None
+            h, c = hx
+        else:
+            h, c = hx, None
+        if type(h) is not torch.Tensor:
+            return None
+        params = self._parameters
+        w_ih, w_hh, b_ih, b_hh = (params.get("weight_ih"), params.get("weight_hh"),
+                                  params.get("bias_ih"), params.get("bias_hh"))
+        if w_ih is None or w_hh is None or (self.bias and (b_ih is None or b_hh is None)):
+            return None  # parametrized weights: read through the full path
+        dtype, shape = input.dtype, (input.shape[0], self.hidden_size)
+        if input.shape[1] != self.input_size or not cell_ops.runs_on_cpu(self.backend, dtype, cell):
+            return None
+        for t in (h, c, w_ih, w_hh, b_ih, b_hh):
+            if t is not None and (t.dtype != dtype or not t.is_cpu):
+                return None
+        if h.shape != shape or (c is not None and c.shape != shape):
+            return None
+        h, c = cell_ops.CELL_STEP(cell, input, h, c, w_ih, w_hh, b_ih, b_hh)
         return (h, c) if cell == "lstm" else h
 
 

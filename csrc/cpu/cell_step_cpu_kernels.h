@@ -1,0 +1,363 @@
+// CPU kernels of one cell step (LSTMCell / GRUCell / RNNCell), see cell_step_params.h.
+//
+// Forward at small batch ("dots"): the hidden units are split over threads; each thread computes
+// all G gate rows of its units, x @ w_ih.T + h @ w_hh.T, as dot products that read every weight row
+// once for the whole batch (register tiles of RB rows x BB batch rows, fp32/fp64 accumulators),
+// then applies the cell math of cell_math.h to its units right away, so the pre-activations never
+// leave the thread. At B=1 the step is bound by reading the weights; split over the cores' L2.
+// At larger batch the caller runs the GEMMs and only the epilogue (bias + cell math) runs here.
+//
+// Included once per instruction set by cell_step_cpu.cpp (baseline + runtime dispatch),
+// cell_step_cpu_avx2.cpp and cell_step_cpu_avx512.cpp, each under its own FR_ISA_NS and with
+// FR_CELL_VEC_BYTES = its vector width. The includer has included <ATen/Parallel.h> and c10's
+// BFloat16/Half/Exception headers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "../cell_math.h"
+#include "../cell_step_params.h"
+
+#ifndef FR_CELL_VEC_BYTES
+#define FR_CELL_VEC_BYTES 16
+#endif
+
+namespace fused_rnn {
+namespace cpu {
+inline namespace FR_ISA_NS {
+namespace {
+
+constexpr int64_t gates_of_cell(Cell c) { return c == Cell::LSTM ? 4 : c == Cell::GRU ? 3 : 1; }
+
+// ---------------------------------------------------------------- scalar and vector loads
+template <typename S> struct AccT { using type = float; };
+template <> struct AccT<double> { using type = double; };
+
+FR_HD float load1(float v) { return v; }
+FR_HD double load1(double v) { return v; }
+FR_HD float load1(c10::BFloat16 v) { return static_cast<float>(v); }
+FR_HD float load1(c10::Half v) { return static_cast<float>(v); }
+template <typename S, typename A> FR_HD S store1(A v) { return static_cast<S>(v); }
+
+// One machine vector of accumulators (GCC vector extensions: the same source for every ISA).
+typedef float vfloat __attribute__((vector_size(FR_CELL_VEC_BYTES)));
+typedef double vdouble __attribute__((vector_size(FR_CELL_VEC_BYTES)));
+typedef uint16_t vhalfwords __attribute__((vector_size(FR_CELL_VEC_BYTES / 2)));
+typedef uint32_t vwords __attribute__((vector_size(FR_CELL_VEC_BYTES)));
+template <typename A> struct VecOf;
+template <> struct VecOf<float> { using type = vfloat; };
+template <> struct VecOf<double> { using type = vdouble; };
+
+FR_HD vfloat load_vec(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+FR_HD vdouble load_vec(const double* p) {
+  vdouble v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+FR_HD vfloat load_vec(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+  vhalfwords raw;
+  std::memcpy(&raw, p, sizeof raw);
+  const vwords bits = __builtin_convertvector(raw, vwords) << 16;
+  vfloat v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// Register tile: RB weight rows x BB batch rows; 4 x 4 AVX-512 accumulators (+ 4 x, 1 w) fit in
+// the 32 zmm registers, 2 x 4 fit in the 16 ymm/xmm of AVX2/SSE.
+constexpr int kRB = FR_CELL_VEC_BYTES >= 64 ? 4 : 2;
+constexpr int kBB = 4;
+
+// acc[r][b] += w[r*K + k] * x[b*K + k] over k < K, lane-wise; the last K % L products go to tail.
+template <typename S, int RB, int BB, typename A = typename AccT<S>::type, typename V = typename VecOf<A>::type>
+FR_HD void dot_accumulate(const S* __restrict__ w, const S* __restrict__ x, int64_t K, V (&acc)[RB][BB],
+                          A (&tail)[RB][BB]) {
+  constexpr int L = sizeof(V) / sizeof(A);
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V xv[BB];
+#pragma GCC unroll 4
+    for (int b = 0; b < BB; ++b) xv[b] = load_vec(x + b * K + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) {
+      const V wv = load_vec(w + r * K + k);
+#pragma GCC unroll 4
+      for (int b = 0; b < BB; ++b) acc[r][b] += wv * xv[b];
+    }
+  }
+  for (; k < K; ++k)
+    for (int r = 0; r < RB; ++r)
+      for (int b = 0; b < BB; ++b) tail[r][b] += load1(w[r * K + k]) * load1(x[b * K + k]);
+}
+
+// Lane i of the result = the sum of the lanes of v[i], for L vectors of L lanes: log2(L) levels,
+// each folding pairs of vectors into one (two shuffles and an add), so a tile's RB*BB sums cost a
+// few instructions each instead of a log2(L)-step horizontal reduction apiece.
+constexpr int fold_index(int i, int L, int W) {  // lane i of the "low halves" of x (i < L/2) and y
+  const int half = L / 2, j = i % half;
+  return (i < half ? 0 : L) + (j / (W / 2)) * W + j % (W / 2);
+}
+template <int L, int W, typename V, size_t... I>
+FR_HD V fold_pair(V x, V y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, fold_index(I, L, W)...) +
+         __builtin_shufflevector(x, y, (fold_index(I, L, W) + W / 2)...);
+}
+template <int L, int W, typename V>
+FR_HD void fold_levels(V* v, int n) {
+  if constexpr (W > 1) {
+    for (int p = 0; p < n / 2; ++p) v[p] = fold_pair<L, W>(v[2 * p], v[2 * p + 1], std::make_index_sequence<L>{});
+    fold_levels<L, W / 2>(v, n / 2);
+  }
+}
+
+// out[b*ld + r] = sum of the lanes of acc[r][b] + tail[r][b] + bias[r] (bias may be null); resets acc.
+template <typename S, int RB, int BB, typename A = typename AccT<S>::type, typename V = typename VecOf<A>::type>
+FR_HD void dot_store(V (&acc)[RB][BB], A (&tail)[RB][BB], const S* bias, A* out, int64_t ld) {
+  constexpr int L = sizeof(V) / sizeof(A);
+  A sums[RB * BB];  // [b][r]
+  if constexpr ((RB * BB) % L == 0) {
+    V v[RB * BB];
+    for (int r = 0; r < RB; ++r)
+      for (int b = 0; b < BB; ++b) v[b * RB + r] = acc[r][b];
+    for (int g = 0; g < RB * BB; g += L) {
+      fold_levels<L, L>(v + g, L);
+      for (int l = 0; l < L; ++l) sums[g + l] = v[g][l];
+    }
+  } else {
+    for (int r = 0; r < RB; ++r)
+      for (int b = 0; b < BB; ++b) {
+        A s = 0;
+        for (int l = 0; l < L; ++l) s += acc[r][b][l];
+        sums[b * RB + r] = s;
+      }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int b = 0; b < BB; ++b) {
+      out[b * ld + r] = sums[b * RB + r] + tail[r][b] + (bias ? load1(bias[r]) : A(0));
+      acc[r][b] = V{};
+      tail[r][b] = A(0);
+    }
+}
+
+// Pre-activations of RB stacked-gate rows (from row r) for BB batch rows (from b): LSTM/RNN sum
+// x@w_ih.T + h@w_hh.T + biases into pre_x; GRU (SPLIT) keeps the h part apart in pre_h.
+template <bool SPLIT, typename S, int RB, int BB, typename A = typename AccT<S>::type>
+FR_HD void dot_tile(const CellForwardParams& p, int64_t r, int64_t b) {
+  using V = typename VecOf<A>::type;
+  const int64_t I = p.I, H = p.H, GH = gates_of_cell(p.cell) * H;
+  V acc[RB][BB] = {};
+  A tail[RB][BB] = {};
+  const S* b_ih = p.b_ih ? static_cast<const S*>(p.b_ih) + r : nullptr;
+  const S* b_hh = p.b_hh ? static_cast<const S*>(p.b_hh) + r : nullptr;
+  A* pre_x = static_cast<A*>(p.pre_x) + b * GH + r;
+  dot_accumulate<S, RB, BB>(static_cast<const S*>(p.w_ih) + r * I, static_cast<const S*>(p.x) + b * I, I, acc, tail);
+  if constexpr (SPLIT) dot_store<S, RB, BB>(acc, tail, b_ih, pre_x, GH);
+  dot_accumulate<S, RB, BB>(static_cast<const S*>(p.w_hh) + r * H, static_cast<const S*>(p.h) + b * H, H, acc, tail);
+  if constexpr (SPLIT) {
+    dot_store<S, RB, BB>(acc, tail, b_hh, static_cast<A*>(p.pre_h) + b * GH + r, GH);
+  } else {
+    for (int i = 0; i < RB; ++i)  // both biases: fold b_ih into the tail, dot_store adds b_hh
+      for (int j = 0; j < BB; ++j) tail[i][j] += b_ih ? load1(b_ih[i]) : A(0);
+    dot_store<S, RB, BB>(acc, tail, b_hh, pre_x, GH);
+  }
+}
+
+template <bool SPLIT, typename S, int RB>
+FR_HD void dot_tile_any_batch(const CellForwardParams& p, int64_t r, int64_t b, int64_t nb) {
+  switch (nb) {
+    case 1: return dot_tile<SPLIT, S, RB, 1>(p, r, b);
+    case 2: return dot_tile<SPLIT, S, RB, 2>(p, r, b);
+    case 3: return dot_tile<SPLIT, S, RB, 3>(p, r, b);
+    default: return dot_tile<SPLIT, S, RB, kBB>(p, r, b);
+  }
+}
+
+// Pre-activations of stacked-gate rows [r0, r1) for every batch row: row tiles outside, so a tile
+// of weight rows stays in L1 while every batch row passes over it.
+template <bool SPLIT, typename S>
+void gate_dots(const CellForwardParams& p, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + kRB <= r1; r += kRB)
+    for (int64_t b = 0; b < p.B; b += kBB) dot_tile_any_batch<SPLIT, S, kRB>(p, r, b, std::min<int64_t>(kBB, p.B - b));
+  for (; r < r1; ++r)
+    for (int64_t b = 0; b < p.B; b += kBB) dot_tile_any_batch<SPLIT, S, 1>(p, r, b, std::min<int64_t>(kBB, p.B - b));
+}
+
+// ---------------------------------------------------------------- cell math per batch row
+// Units [j0, j1) of batch row b: pre-activations (biases included) -> h_out (c_out) and, when
+// SAVE, what the backward reads. Plain loops over j with no branch, so GCC vectorises them.
+template <bool SAVE, typename S, typename A = typename AccT<S>::type>
+FR_HD void lstm_forward_row(const A* __restrict__ pre, const S* __restrict__ c, S* __restrict__ h_out,
+                            S* __restrict__ c_out, S* __restrict__ gates, int64_t H, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    A i, f, g, o, cn, hn;
+    lstm_step_forward<A>(pre[j], pre[H + j], pre[2 * H + j], pre[3 * H + j], load1(c[j]), i, f, g, o, cn, hn);
+    h_out[j] = store1<S>(hn);
+    c_out[j] = store1<S>(cn);
+    if constexpr (SAVE) {
+      gates[j] = store1<S>(i);
+      gates[H + j] = store1<S>(f);
+      gates[2 * H + j] = store1<S>(g);
+      gates[3 * H + j] = store1<S>(o);
+    }
+  }
+}
+
+template <bool SAVE, typename S, typename A = typename AccT<S>::type>
+FR_HD void gru_forward_row(const A* __restrict__ px, const A* __restrict__ ph, const S* __restrict__ h,
+                           S* __restrict__ h_out, S* __restrict__ gates, int64_t H, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    A r, z, n, hn;
+    gru_step_forward<A>(px[j], px[H + j], px[2 * H + j], ph[j], ph[H + j], ph[2 * H + j], load1(h[j]), r, z, n, hn);
+    h_out[j] = store1<S>(hn);
+    if constexpr (SAVE) {
+      gates[j] = store1<S>(r);
+      gates[H + j] = store1<S>(z);
+      gates[2 * H + j] = store1<S>(n);
+      gates[3 * H + j] = store1<S>(ph[2 * H + j]);
+    }
+  }
+}
+
+template <bool RELU, typename S, typename A = typename AccT<S>::type>
+FR_HD void rnn_forward_row(const A* __restrict__ pre, S* __restrict__ h_out, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) h_out[j] = store1<S>(rnn_step_forward<RELU, A>(pre[j]));
+}
+
+template <Cell C, bool SAVE, typename S>
+void forward_row(const CellForwardParams& p, int64_t b, int64_t j0, int64_t j1) {
+  using A = typename AccT<S>::type;
+  const int64_t H = p.H, GH = gates_of_cell(C) * H;
+  const A* pre_x = static_cast<const A*>(p.pre_x) + b * GH;
+  S* h_out = static_cast<S*>(p.h_out) + b * H;
+  S* gates = SAVE ? static_cast<S*>(p.gates) + b * 4 * H : nullptr;
+  if constexpr (C == Cell::LSTM) {
+    lstm_forward_row<SAVE, S>(pre_x, static_cast<const S*>(p.c) + b * H, h_out, static_cast<S*>(p.c_out) + b * H,
+                              gates, H, j0, j1);
+  } else if constexpr (C == Cell::GRU) {
+    gru_forward_row<SAVE, S>(pre_x, static_cast<const A*>(p.pre_h) + b * GH, static_cast<const S*>(p.h) + b * H,
+                             h_out, gates, H, j0, j1);
+  } else {
+    rnn_forward_row<C == Cell::RNN_RELU, S>(pre_x, h_out, j0, j1);
+  }
+}
+
+template <Cell C, typename S, typename A = typename AccT<S>::type>
+void backward_row(const CellBackwardParams& p, int64_t b) {
+  const int64_t H = p.H, GH = gates_of_cell(C) * H, o = b * H;
+  const S* __restrict__ dh = static_cast<const S*>(p.dh) + o;
+  S* __restrict__ dg = static_cast<S*>(p.dg_x) + b * GH;
+  if constexpr (C == Cell::LSTM) {
+    const S* __restrict__ gates = static_cast<const S*>(p.gates) + b * 4 * H;
+    const S* __restrict__ dc = static_cast<const S*>(p.dc) + o;
+    const S* __restrict__ c_prev = static_cast<const S*>(p.c_prev) + o;
+    const S* __restrict__ c_new = static_cast<const S*>(p.c_new) + o;
+    S* __restrict__ dc_prev = static_cast<S*>(p.dc_prev) + o;
+    for (int64_t j = 0; j < H; ++j) {
+      A d_i, d_f, d_g, d_o, dcp;
+      lstm_step_backward<A>(load1(gates[j]), load1(gates[H + j]), load1(gates[2 * H + j]), load1(gates[3 * H + j]),
+                            load1(c_prev[j]), load1(c_new[j]), load1(dh[j]), load1(dc[j]), d_i, d_f, d_g, d_o, dcp);
+      dg[j] = store1<S>(d_i);
+      dg[H + j] = store1<S>(d_f);
+      dg[2 * H + j] = store1<S>(d_g);
+      dg[3 * H + j] = store1<S>(d_o);
+      dc_prev[j] = store1<S>(dcp);
+    }
+  } else if constexpr (C == Cell::GRU) {
+    const S* __restrict__ gates = static_cast<const S*>(p.gates) + b * 4 * H;
+    const S* __restrict__ h_prev = static_cast<const S*>(p.h_prev) + o;
+    S* __restrict__ dgh = static_cast<S*>(p.dg_h) + b * GH;
+    S* __restrict__ dh_direct = static_cast<S*>(p.dh_direct) + o;
+    for (int64_t j = 0; j < H; ++j) {
+      A d_r, d_z, d_n, d_gh_n, dhd;
+      gru_step_backward<A>(load1(gates[j]), load1(gates[H + j]), load1(gates[2 * H + j]), load1(gates[3 * H + j]),
+                           load1(h_prev[j]), load1(dh[j]), d_r, d_z, d_n, d_gh_n, dhd);
+      dg[j] = store1<S>(d_r);
+      dg[H + j] = store1<S>(d_z);
+      dg[2 * H + j] = store1<S>(d_n);
+      dgh[j] = store1<S>(d_r);
+      dgh[H + j] = store1<S>(d_z);
+      dgh[2 * H + j] = store1<S>(d_gh_n);
+      dh_direct[j] = store1<S>(dhd);
+    }
+  } else {
+    const S* __restrict__ h_new = static_cast<const S*>(p.h_new) + o;
+    for (int64_t j = 0; j < H; ++j)
+      dg[j] = store1<S>(rnn_step_backward<C == Cell::RNN_RELU, A>(load1(h_new[j]), load1(dh[j])));
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+template <typename F> void dispatch_cell_dtype(Cell cell, DType d, F&& f) {
+  const auto with_cell = [&](auto s) {
+    switch (cell) {
+      case Cell::LSTM: return f(std::integral_constant<Cell, Cell::LSTM>{}, s);
+      case Cell::GRU: return f(std::integral_constant<Cell, Cell::GRU>{}, s);
+      case Cell::RNN_TANH: return f(std::integral_constant<Cell, Cell::RNN_TANH>{}, s);
+      case Cell::RNN_RELU: return f(std::integral_constant<Cell, Cell::RNN_RELU>{}, s);
+    }
+  };
+  switch (d) {
+    case DType::Float32: return with_cell(float{});
+    case DType::Float64: return with_cell(double{});
+    case DType::BFloat16: return with_cell(c10::BFloat16{});
+    case DType::Float16: return with_cell(c10::Half{});
+  }
+  TORCH_CHECK(false, "fused_rnn: unsupported dtype in the cell step");
+}
+
+// Work per task so that waking a second thread pays (multiply-adds).
+constexpr int64_t kTaskWork = 1 << 15;
+
+template <Cell C, bool SAVE, typename S>
+void forward_impl(const CellForwardParams& p) {
+  const int64_t G = gates_of_cell(C), H = p.H;
+  if (p.dots) {
+    if constexpr (!std::is_same_v<S, c10::Half>) {
+      const int64_t per_unit = std::max<int64_t>(1, G * (p.I + H) * p.B);
+      at::parallel_for(0, H, std::max<int64_t>(1, kTaskWork / per_unit), [&](int64_t j0, int64_t j1) {
+        for (int64_t k = 0; k < G; ++k) gate_dots<C == Cell::GRU, S>(p, k * H + j0, k * H + j1);
+        for (int64_t b = 0; b < p.B; ++b) forward_row<C, SAVE, S>(p, b, j0, j1);
+      });
+      return;
+    }
+    TORCH_CHECK(false, "fused_rnn: the cell-step dot kernels do not take float16");
+  }
+  at::parallel_for(0, p.B, std::max<int64_t>(1, kTaskWork / (G * H)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) forward_row<C, SAVE, S>(p, b, 0, H);
+  });
+}
+
+}  // namespace
+
+void cell_forward(const CellForwardParams& p) {
+  dispatch_cell_dtype(p.cell, p.dtype, [&](auto c, auto s) {
+    constexpr Cell C = decltype(c)::value;
+    using S = decltype(s);
+    if (p.gates != nullptr)  // saved for the backward (never for RNN: its backward reads h_out)
+      forward_impl<C, true, S>(p);
+    else
+      forward_impl<C, false, S>(p);
+  });
+}
+
+void cell_backward(const CellBackwardParams& p) {
+  dispatch_cell_dtype(p.cell, p.dtype, [&](auto c, auto s) {
+    constexpr Cell C = decltype(c)::value;
+    using S = decltype(s);
+    at::parallel_for(0, p.B, std::max<int64_t>(1, kTaskWork / (gates_of_cell(C) * p.H)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) backward_row<C, S>(p, b);
+    });
+  });
+}
+
+}  // inline namespace FR_ISA_NS
+}  // namespace cpu
+}  // namespace fused_rnn

@@ -1,0 +1,73 @@
+"""The cell-step ops of csrc/cell_step.cpp: fake kernels (torch.compile) and the call used by
+functional.cell_step.
+
+    fused_rnn::cell_step(cell, input, hx, cx?, w_ih, w_hh, b_ih?, b_hh?) -> (h', c' | [0])
+
+is one step of LSTMCell/GRUCell/RNNCell, input projection included; its autograd is registered
+in C++ (cell_step_forward / cell_step_backward), so a call costs no Python beyond this module's
+one line. CPU tensors only; other devices take the recurrence path (functional.cell_step).
+"""
+import os
+
+import torch
+
+from ... import backends
+from . import ops
+
+_registered = None  # None: not tried yet; else whether the ops are there
+CELL_STEP = None    # torch.ops.fused_rnn.cell_step.default once available() is True
+_runs = {}          # (backend, $FUSED_RNN_BACKEND, dtype, cell) -> runs_on_cpu's answer
+
+
+def available():
+    """Whether fused_rnn._C is loaded, current, and has the cell-step ops (registers their fakes once)."""
+    global _registered
+    if _registered is None:
+        _registered = ops.load_error() is None and hasattr(torch.ops.fused_rnn, "cell_step")
+        if _registered:
+            _register()
+    return _registered
+
+
+# torch.compile evaluates the choice once at trace time (as backends.resolve), so probing the build
+# never appears in a compiled graph.
+@torch.compiler.assume_constant_result
+def runs_on_cpu(backend, dtype, cell):
+    """Whether a CPU step of `cell` in `dtype` asked of `backend` runs as fused_rnn::cell_step: when
+    the backend resolves to `cpu` and the build has the op. Cached: a decoder asks every step."""
+    key = (backend, os.environ.get(backends.ENV_VAR) if backend == "auto" else None, dtype, cell)
+    runs = _runs.get(key)
+    if runs is None:
+        runs = _runs[key] = backends._resolve(backend, "cpu", dtype, cell, False) == "cpu" and available()
+    return runs
+
+
+def _gates(cell):
+    return ops.GATES[cell]
+
+
+def _fake_cell_step_forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save):
+    B, H = hx.shape
+    c = input.new_empty(B, H) if cell == "lstm" else input.new_empty(0)
+    gates = input.new_empty(B, 4 * H) if save and cell in ("lstm", "gru") else input.new_empty(0)
+    return input.new_empty(B, H), c, gates
+
+
+def _fake_cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    h, c, _ = _fake_cell_step_forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, False)
+    return h, c
+
+
+def _fake_cell_step_backward(cell, dh, dc, input, hx, cx, w_ih, w_hh, h_new, c_new, gates):
+    GH = _gates(cell) * hx.shape[1]
+    d_cx = hx.new_empty(hx.shape) if cell == "lstm" else hx.new_empty(0)
+    return (input.new_empty(input.shape), hx.new_empty(hx.shape), d_cx, w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape), w_ih.new_empty(GH), w_ih.new_empty(GH))
+
+
+def _register():
+    global CELL_STEP
+    CELL_STEP = torch.ops.fused_rnn.cell_step.default
+    torch.library.register_fake("fused_rnn::cell_step")(_fake_cell_step)
+    torch.library.register_fake("fused_rnn::cell_step_forward")(_fake_cell_step_forward)
+    torch.library.register_fake("fused_rnn::cell_step_backward")(_fake_cell_step_backward)
