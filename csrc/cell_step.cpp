@@ -241,6 +241,61 @@ std::tuple<Tensor, Tensor> cell_step_cpu(c10::string_view cell, const Tensor& x,
   return forward_cpu(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, nullptr);
 }
 
+// ---------------------------------------------------------------- double backward
+// One step of the cell in differentiable ATen ops (the math of fused_rnn/reference.py), fp16/bf16
+// computed in fp32 as the kernels do: what a create_graph=True backward differentiates, as
+// fused_rnn/double_backward.py does for whole layers. Returns (h', c' or undefined).
+std::pair<Tensor, Tensor> step_in_aten_ops(const std::string& cell, const Tensor& x, const Tensor& h, const Tensor& c,
+                                           const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
+                                           const Tensor& b_hh) {
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const auto up = [&](const Tensor& t) { return t.defined() && half ? t.to(at::kFloat) : t; };
+  const auto opt = [&](const Tensor& t) { return t.defined() ? optional<Tensor>(up(t)) : c10::nullopt; };
+  const Tensor gx = at::linear(up(x), up(w_ih), opt(b_ih)), gh = at::linear(up(h), up(w_hh), opt(b_hh));
+  if (cell == "lstm") {
+    const auto g = (gx + gh).chunk(4, 1);
+    const Tensor c_new = at::sigmoid(g[1]) * up(c) + at::sigmoid(g[0]) * at::tanh(g[2]);
+    return {at::sigmoid(g[3]) * at::tanh(c_new), c_new};
+  }
+  if (cell == "gru") {
+    const auto a = gx.chunk(3, 1), b = gh.chunk(3, 1);
+    const Tensor r = at::sigmoid(a[0] + b[0]), z = at::sigmoid(a[1] + b[1]), n = at::tanh(a[2] + r * b[2]);
+    return {(1 - z) * n + z * up(h), Tensor()};
+  }
+  return {cell == "rnn_relu" ? at::relu(gx + gh) : at::tanh(gx + gh), Tensor()};
+}
+
+variable_list differentiable_backward(AutogradContext* ctx, const variable_list& grads) {
+  const std::string cell = ctx->saved_data["cell"].toStringRef();
+  const bool lstm = cell == "lstm";
+  const auto saved = ctx->get_saved_variables();
+  // inputs in the Function's argument order after `cell`: x, h, c, w_ih, w_hh, b_ih, b_hh
+  const variable_list inputs = {saved[0], saved[1], saved[2], saved[3], saved[4], saved[8], saved[9]};
+  auto [h_new, c_new] = step_in_aten_ops(cell, saved[0], saved[1], saved[2], saved[3], saved[4], saved[8], saved[9]);
+  variable_list outputs{h_new}, grad_outputs{grads[0].defined() ? grads[0].to(h_new.scalar_type())
+                                                                 : at::zeros_like(h_new)};
+  if (lstm && grads[1].defined()) {
+    outputs.push_back(c_new);
+    grad_outputs.push_back(grads[1].to(c_new.scalar_type()));
+  }
+  variable_list wanted;
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (inputs[i].defined() && ctx->needs_input_grad(i + 1)) wanted.push_back(inputs[i]);
+  const variable_list found = torch::autograd::grad(outputs, wanted, grad_outputs, /*retain_graph=*/true,
+                                                    /*create_graph=*/true, /*allow_unused=*/true);
+  variable_list result{Tensor()};  // the cell name
+  size_t k = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!(inputs[i].defined() && ctx->needs_input_grad(i + 1))) {
+      result.push_back(Tensor());
+      continue;
+    }
+    const Tensor d = found[k++];  // an input the step does not reach gets zeros, not None
+    result.push_back(d.defined() ? d.to(inputs[i].scalar_type()) : at::zeros_like(inputs[i]));
+  }
+  return result;
+}
+
 // ---------------------------------------------------------------- autograd
 // The forward and backward go through the dispatcher (not the CPU functions directly), so that
 // fake tensors (torch.compile) and other devices reach their own kernels.
@@ -258,19 +313,19 @@ class CellStepFunction : public torch::autograd::Function<CellStepFunction> {
     ctx->saved_data["cell"] = std::string(cell);
     ctx->saved_data["has_b_ih"] = b_ih.has_value();
     ctx->saved_data["has_b_hh"] = b_hh.has_value();
+    // the biases are kept (references to parameters that are alive anyway) only for double backward
     ctx->save_for_backward({x, h, c.has_value() ? *c : Tensor(), w_ih, w_hh,
                             kind == Cell::RNN_TANH || kind == Cell::RNN_RELU ? h_new : Tensor(),
-                            kind == Cell::LSTM ? c_new : Tensor(), gates});
+                            kind == Cell::LSTM ? c_new : Tensor(), gates, b_ih.has_value() ? *b_ih : Tensor(),
+                            b_hh.has_value() ? *b_hh : Tensor()});
     if (kind != Cell::LSTM) ctx->mark_non_differentiable({c_new});  // the [0] placeholder
     return {h_new, c_new};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // create_graph=True: cell_step_backward has no derivative of its own, and autograd would
-    // otherwise drop that path silently and return wrong second-order gradients.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "fused_rnn: the cpu cell step does not support double backward (create_graph=True); use "
-                "backend='reference' for higher-order gradients");
+    // create_graph=True: cell_step_backward has no derivative of its own (autograd would drop that
+    // path silently), so the step is recomputed in differentiable ATen ops and differentiated.
+    if (at::GradMode::is_enabled()) return differentiable_backward(ctx, grads);
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fused_rnn::cell_step_backward", "")
                                .typed<decltype(cell_step_backward_cpu)>();

@@ -186,12 +186,35 @@ def test_batch_of_zero():
     assert torch.equal(ours.weight_hh.grad, torch.zeros_like(ours.weight_hh))
 
 
-def test_double_backward_is_refused():
-    _, ours = pair("lstm", 3, 4)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_op_double_backward(cell, bias):
+    """create_graph=True through the op recomputes the step in ATen ops (csrc/cell_step.cpp's
+    differentiable_backward): float64 gradgradcheck of every input, biases included."""
+    B, I, H = 3, 5, 4
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    x, h, c = random_inputs(cell, B, I, H, torch.float64)
+    w = [torch.randn(G * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
+    b = [torch.randn(G * H, dtype=torch.float64, requires_grad=True) for _ in range(2)] if bias else []
+
+    def step(x, h, w_ih, w_hh, *rest):
+        c_, (b_ih, b_hh) = (rest[0], rest[1:]) if cell == "lstm" else (None, rest)
+        h_new, c_new = torch.ops.fused_rnn.cell_step(cell, x, h, c_, w_ih, w_hh, b_ih, b_hh)
+        return (h_new, c_new) if cell == "lstm" else h_new
+
+    inputs = [x, h, *w] + ([c] if cell == "lstm" else []) + (b if bias else [None, None])
+    assert torch.autograd.gradgradcheck(step, inputs)
+
+
+def test_hessian_vector_product_matches_torch_nn():
+    theirs, ours = pair("lstm", 3, 4)
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    (gx,) = torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=False)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=True)
+    v = torch.randn(2, 3, dtype=torch.float64)
+    hvp = []
+    for module in (theirs, ours):
+        (g,) = torch.autograd.grad(module(x)[0].pow(2).sum(), x, create_graph=True)
+        hvp.append(torch.autograd.grad((g * v).sum(), x)[0])
+    assert_close(hvp[1], hvp[0], torch.float64, "Hessian-vector product")
 
 
 class Decoder(nn.Module):
