@@ -63,10 +63,12 @@ def _extensions():
 
     sources = [f"{CSRC}/recurrence.cpp"] + [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     sources += [f"{CSRC}/cell_step.cpp"] + [f"{CSRC}/cpu/cell_step_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
-    # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time);
-    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` (torch's OpenMP backend), serial
-    # without it. Compile flag only: the GOMP symbols bind to the libgomp torch itself loads.
+    # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time).
+    # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
+    # this extension; without the flag every parallel_for here runs on one thread. libgomp.so.1 then
+    # resolves to the copy torch has already loaded (same soname): one OpenMP runtime in the process.
     cxx = ["-O3", "-g0", "-fvisibility=hidden", "-fno-trapping-math", "-fopenmp"]
+    link = ["-fopenmp"]
     depends = [str(p) for p in (ROOT / CSRC).rglob("*") if p.suffix in (".h", ".cuh")]
     include_dirs = [_write_source_hash_header()]
     if torch.version.cuda and cuda_home:
@@ -74,11 +76,11 @@ def _extensions():
         sources += [f"{CSRC}/cuda/pointwise_cuda.cu", f"{CSRC}/cuda/persistent.cu"]
         ext = cpp_extension.CUDAExtension(
             "fused_rnn._C", sources, depends=depends, include_dirs=include_dirs, define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link)
         kind = f"CUDA (nvcc in {cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']})"
     else:
         ext = cpp_extension.CppExtension("fused_rnn._C", sources, depends=depends, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx})
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
         why = ("FUSED_RNN_FORCE_CPU=1" if os.environ.get("FUSED_RNN_FORCE_CPU", "0") == "1"
                else "torch is not a CUDA build" if not torch.version.cuda else "nvcc not found")
         kind = f"CPU only ({why})"

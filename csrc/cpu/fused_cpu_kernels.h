@@ -169,6 +169,20 @@ template <typename S, typename A> const A* as_acc(const S* x, int64_t n, A* scra
   }
 }
 
+// Prefetch the own units' columns [u0, u1) of every gate segment of a [B, nseg*H] step block
+// (gx[t], saved gates[t], ...): each row holds nseg short runs 4H apart, which the hardware
+// prefetchers do not follow; issued one step ahead, they arrive during that step's GEMM.
+template <typename T>
+void prefetch_own(const T* block, int64_t B, int64_t nseg, int64_t H, int64_t u0, int64_t u1) {
+  if (block == nullptr) return;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < nseg; ++g) {
+      const char* p = reinterpret_cast<const char*>(block + (b * nseg + g) * H + u0);
+      const char* end = reinterpret_cast<const char*>(block + (b * nseg + g) * H + u1);
+      for (; p < end; p += 64) __builtin_prefetch(p, 0, 1);
+    }
+}
+
 // Step k of T visits t = k (or T-1-k when reverse); pointers to x[t] of a [T, ...] array.
 template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return base == nullptr ? nullptr : base + t * stride; }
 
@@ -212,6 +226,7 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
       const S* h_prev = hbuf.get() + (k & 1) * B * H;
       S* h_next = hbuf.get() + ((k + 1) & 1) * B * H;
       const A* x = as_acc<S, A>(h_prev, B * H, h_acc.get());
+      prefetch_own(gx + t * B * GH, B, G, H, u0, u1);  // this step's gx, read after the GEMM
       for (int64_t blk = blk0; blk < blk1; ++blk)
         gemm_block<G, false, A>(x, H, B, panel.get() + blk * H * G * W, H, gh.get() + blk * W, GH, H,
                                 split.nvalid(blk));
@@ -268,6 +283,10 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
       p.dgh = static_cast<S*>(q.dgh) + t * B * GH;
       for (int64_t b = 0; b < B; ++b) backward_row<C, S>(p, b, u0, u1);
       barrier.arrive_and_wait(p1 - p0, split.parts * (T - k));
+      if (has_prev) {  // the next step's saved gates and dy, read right after this step's GEMM
+        prefetch_own(at_step(static_cast<const S*>(q.gates), prev, B * 4 * H), B, 4, H, u0, u1);
+        prefetch_own(static_cast<const S*>(q.dy) + prev * B * H, B, 1, H, u0, u1);
+      }
       const A* x = as_acc<S, A>(static_cast<const S*>(p.dgh), B * GH, dg_acc.get());
       for (int64_t blk = blk0; blk < blk1; ++blk)
         gemm_block<1, true, A>(x, GH, B, panel.get() + blk * GH * W, GH, dh + blk * W, H, 0, split.nvalid(blk));
