@@ -269,8 +269,12 @@ variable_list differentiable_backward(AutogradContext* ctx, const variable_list&
   const std::string cell = ctx->saved_data["cell"].toStringRef();
   const bool lstm = cell == "lstm";
   const auto saved = ctx->get_saved_variables();
-  // inputs in the Function's argument order after `cell`: x, h, c, w_ih, w_hh, b_ih, b_hh
+  // the Function's tensor arguments: x, h, c, w_ih, w_hh, b_ih, b_hh; an absent optional one (c of a
+  // GRU/RNN, a missing bias) is no edge of the node, so needs_input_grad counts only the present ones
   const variable_list inputs = {saved[0], saved[1], saved[2], saved[3], saved[4], saved[8], saved[9]};
+  std::vector<bool> needed(inputs.size(), false);
+  for (size_t i = 0, edge = 0; i < inputs.size(); ++i)
+    if (inputs[i].defined()) needed[i] = ctx->needs_input_grad(edge++);
   auto [h_new, c_new] = step_in_aten_ops(cell, saved[0], saved[1], saved[2], saved[3], saved[4], saved[8], saved[9]);
   variable_list outputs{h_new}, grad_outputs{grads[0].defined() ? grads[0].to(h_new.scalar_type())
                                                                  : at::zeros_like(h_new)};
@@ -280,13 +284,13 @@ variable_list differentiable_backward(AutogradContext* ctx, const variable_list&
   }
   variable_list wanted;
   for (size_t i = 0; i < inputs.size(); ++i)
-    if (inputs[i].defined() && ctx->needs_input_grad(i + 1)) wanted.push_back(inputs[i]);
+    if (needed[i]) wanted.push_back(inputs[i]);
   const variable_list found = torch::autograd::grad(outputs, wanted, grad_outputs, /*retain_graph=*/true,
                                                     /*create_graph=*/true, /*allow_unused=*/true);
   variable_list result{Tensor()};  // the cell name
   size_t k = 0;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    if (!(inputs[i].defined() && ctx->needs_input_grad(i + 1))) {
+    if (!needed[i]) {
       result.push_back(Tensor());
       continue;
     }

@@ -1,6 +1,5 @@
 // The ops' string and dtype arguments as the kernels' enums (recurrence_params.h), shared by the
-// tensor-facing launchers (csrc/cell_step.cpp; csrc/recurrence.cpp keeps its own copy until it
-// includes this).
+// tensor-facing launchers (csrc/recurrence.cpp, csrc/cell_step.cpp).
 #pragma once
 
 #include <c10/core/ScalarType.h>

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "op_args.h"
 #include "persistent_params.h"
 #include "recurrence_params.h"
 
@@ -40,27 +41,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-
-Cell parse_cell(c10::string_view name) {
-  if (name == "lstm") return Cell::LSTM;
-  if (name == "gru") return Cell::GRU;
-  if (name == "rnn_tanh") return Cell::RNN_TANH;
-  if (name == "rnn_relu") return Cell::RNN_RELU;
-  TORCH_CHECK(false, "fused_rnn: unknown cell '", std::string(name), "' (lstm, gru, rnn_tanh, rnn_relu)");
-}
-
-DType to_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    default: TORCH_CHECK(false, "fused_rnn: unsupported dtype ", s, " (float32, float64, float16, bfloat16)");
-  }
-}
-
-// fp16/bf16 keep the cell state and accumulate in fp32.
-at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The per-step GEMM with its product in the accumulation dtype: `out (A) = a (S) @ w (S)`, or
 // `acc (A) += a @ w`, so that gh and the carried dh never round to fp16/bf16 between steps.

@@ -3,8 +3,8 @@ every output and gradient against the reference and torch.nn, float64 gradcheck,
 three ops, both forward paths (the dot kernels at small batch, GEMMs at larger batch), every CPU
 instruction-set variant, unbatched input, hx=None, and fullgraph compile.
 
-Memory the ops allocate in C++ is filled with NaN (the fixture imported from test_cpp_ops), and
-torch.empty* from Python too (conftest.py), so an element a kernel forgets to write fails.
+Memory the ops allocate in C++ is filled with NaN, and torch.empty* from Python too (both by
+conftest.py's autouse fixtures), so an element a kernel forgets to write fails.
 """
 import os
 import subprocess
@@ -19,7 +19,6 @@ from fused_rnn import functional, reference
 from fused_rnn.ops.cpp import cell_ops, ops
 
 from helpers import assert_close, grads_of
-from test_cpp_ops import nan_fill_cpp_allocations  # noqa: F401 - autouse fixture: NaN in C++ allocations
 
 _err = ops.load_error() or (None if cell_ops.available() else "fused_rnn._C has no cell_step op: rebuild it")
 if _err is not None and os.environ.get("FUSED_RNN_REQUIRE_EXT") == "1":

@@ -24,17 +24,6 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 CELLS = tuple(GATES)
 
 
-@pytest.fixture(autouse=True)
-def nan_fill_cpp_allocations():
-    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
-    torch.utils.deterministic.fill_uninitialized_memory = old[2]
-
-
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
 def threads(request):
     old = torch.get_num_threads()

@@ -12,12 +12,12 @@
 #include <memory>
 #include <thread>
 
+#include "cpu_isa.h"
+
 #define FR_ISA_NS isa_default
 #include "pointwise_cpu_kernels.h"
 #include "fused_cpu_kernels.h"
 
-#include <cstdlib>
-#include <string>
 
 namespace fused_rnn {
 namespace cpu {
@@ -38,47 +38,12 @@ void fused_forward(const FusedForwardParams& p);
 void fused_backward(const FusedBackwardParams& p);
 }  // namespace isa_avx512
 
-namespace {
-enum class Isa { Default, Avx2, Avx512 };
-// The widest instruction set this CPU runs; FUSED_RNN_CPU_ISA=default|avx2|avx512 caps it (tests
-// use it to run every variant on one machine).
-Isa best_isa() {
-  static const Isa isa = [] {
-    const char* cap = std::getenv("FUSED_RNN_CPU_ISA");
-    const std::string want = cap ? cap : "";
-    if (want == "default") return Isa::Default;
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (want == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::Avx2 : Isa::Default;
-    if (__builtin_cpu_supports("avx512f")) return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-#endif
-    return Isa::Default;
-  }();
-  return isa;
-}
-}  // namespace
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FR_DISPATCH(fn, P)                                     \
-  void fn(const P& p) {                                        \
-    switch (best_isa()) {                                      \
-      case Isa::Avx512: return isa_avx512::fn(p);              \
-      case Isa::Avx2: return isa_avx2::fn(p);                  \
-      default: return isa_default::fn(p);                      \
-    }                                                          \
-  }
-#else
-#define FR_DISPATCH(fn, P) \
-  void fn(const P& p) { isa_default::fn(p); }
-#endif
-FR_DISPATCH(forward_step, ForwardStepParams)
-FR_DISPATCH(proj_commit, ProjCommitParams)
-FR_DISPATCH(backward_step, BackwardStepParams)
-FR_DISPATCH(proj_backward_prep, ProjBackwardPrepParams)
-FR_DISPATCH(fused_forward, FusedForwardParams)
-FR_DISPATCH(fused_backward, FusedBackwardParams)
-#undef FR_DISPATCH
+FR_DEFINE_ISA_DISPATCH(forward_step, ForwardStepParams)
+FR_DEFINE_ISA_DISPATCH(proj_commit, ProjCommitParams)
+FR_DEFINE_ISA_DISPATCH(backward_step, BackwardStepParams)
+FR_DEFINE_ISA_DISPATCH(proj_backward_prep, ProjBackwardPrepParams)
+FR_DEFINE_ISA_DISPATCH(fused_forward, FusedForwardParams)
+FR_DEFINE_ISA_DISPATCH(fused_backward, FusedBackwardParams)
 
 }  // namespace cpu
 }  // namespace fused_rnn
