@@ -14,6 +14,7 @@ Compiler: $FR_EMU_CXX if set, else clang++-16 when it has its sanitizer runtimes
 """
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -222,3 +223,23 @@ def run(exe, args=(), timeout=120, env=None, expect_ok=True):
                         f"{' with a sanitizer report: ' + report if report else ''}\n"
                         f"--- stderr (last 6000 chars) ---\n{proc.stderr[-6000:]}", pytrace=False)
     return proc
+
+
+def nvcc():
+    """Path of nvcc (CUDA_HOME, /usr/local/cuda, PATH) or None: the tests that compile real CUDA need it."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuobjdump():
+    """Path of cuobjdump (PATH, the CUDA toolkit, or the copy triton's wheel ships) or None."""
+    candidates = [shutil.which("cuobjdump")]
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            candidates.append(str(Path(home) / "bin" / "cuobjdump"))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.origin:
+        candidates.append(str(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    return next((c for c in candidates if c and Path(c).exists()), None)

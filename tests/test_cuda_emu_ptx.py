@@ -18,9 +18,6 @@ the wait) but may pass on a GPU, so those cases are emulator-only.
 """
 import functools
 import hashlib
-import importlib.util
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -44,22 +41,6 @@ STALE = np.uint32(0xFFFFFFFF)  # shared memory is filled with 0xFF bytes at laun
 # ---------------------------------------------------------------------------------------------------
 # running a case: in the emulator (one build per mode) or on the GPU
 # ---------------------------------------------------------------------------------------------------
-def _nvcc():
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cuobjdump():
-    candidates = [shutil.which("cuobjdump")]
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            candidates.append(str(Path(home) / "bin" / "cuobjdump"))
-    triton = importlib.util.find_spec("triton")  # its wheel ships a cuobjdump
-    if triton is not None and triton.origin:
-        candidates.append(str(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    return next((c for c in candidates if c and Path(c).exists()), None)
 
 
 def _emu_skip_reason():
@@ -79,7 +60,7 @@ def _golden_exe():
     """The golden program built for this machine's GPU (nvcc ~10-20 s)."""
     out = ROOT / "build" / "ptx_golden" / "ptx_golden"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [_nvcc(), "-std=c++17", "-O2", "-arch=native", f"-I{ROOT / 'csrc'}", str(GOLDEN), "-o", str(out)]
+    cmd = [emu_build.nvcc(), "-std=c++17", "-O2", "-arch=native", f"-I{ROOT / 'csrc'}", str(GOLDEN), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{r.stdout}{r.stderr}"
     return out
@@ -88,7 +69,7 @@ def _golden_exe():
 def _gpu_skip_reason():
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
-    if _nvcc() is None:
+    if emu_build.nvcc() is None:
         return "needs nvcc (CUDA_HOME or /usr/local/cuda) to build the golden program"
     return None
 
@@ -357,7 +338,7 @@ def test_flags_without_release_acquire_is_a_race(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def golden_object(tmp_path_factory):
-    nvcc = _nvcc()
+    nvcc = emu_build.nvcc()
     if nvcc is None:
         pytest.skip("needs nvcc (CUDA_HOME or /usr/local/cuda)")
     obj = tmp_path_factory.mktemp("ptx_golden") / "ptx_golden.o"
@@ -375,7 +356,7 @@ def test_golden_program_compiles_for_sm80_and_sm90(golden_object):
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_sass_has_tensor_core_instructions(golden_object, arch):
-    cuobjdump = _cuobjdump()
+    cuobjdump = emu_build.cuobjdump()
     if cuobjdump is None:
         pytest.skip("needs cuobjdump (CUDA toolkit, or the one in triton's wheel)")
     r = subprocess.run([cuobjdump, "--dump-sass", "--gpu-architecture", arch, str(golden_object)],

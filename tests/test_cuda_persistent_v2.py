@@ -22,7 +22,6 @@ checked on a GPU by ptx.cuh's golden tests and by the GPU tests here.
 """
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -258,7 +257,7 @@ def test_mutations_are_caught(tmp_path, mutation):
 def gpu_program(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: the v2 kernels' GPU tests run in a GPU session")
-    nvcc = _nvcc()
+    nvcc = emu_build.nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME or /usr/local/cuda): the GPU program is compiled at test time")
     major, minor = torch.cuda.get_device_capability()
@@ -304,29 +303,11 @@ def test_gpu_bitwise_repeatable(gpu_program, tmp_path, cell):
 # ---------------------------------------------------------------------------------------------------
 # the machine code nvcc makes for sm_90
 # ---------------------------------------------------------------------------------------------------
-def _nvcc():
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cuobjdump():
-    found = [shutil.which("cuobjdump")]
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            found.append(str(Path(home) / "bin" / "cuobjdump"))
-    try:
-        import triton
-        found.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in found if c and Path(c).exists()), None)
 
 
 @pytest.fixture(scope="module")
 def sm90_object(tmp_path_factory):
-    nvcc = _nvcc()
+    nvcc = emu_build.nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME or /usr/local/cuda): the sm_90 resource check needs it")
     obj = tmp_path_factory.mktemp("sm90") / "v2.o"
@@ -355,7 +336,7 @@ def test_sm90_no_spills_and_registers(sm90_object):
 
 
 def test_sm90_sass_has_one_hmma_per_mma(sm90_object):
-    cuobjdump = _cuobjdump()
+    cuobjdump = emu_build.cuobjdump()
     if cuobjdump is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or Triton's wheel): cannot read the SASS")
     obj, _ = sm90_object
