@@ -1,4 +1,9 @@
 """Shared test helpers: tolerances from the dtype, random inputs, gradients of every input."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import fused_rnn
@@ -30,3 +35,14 @@ def grads_of(outputs, inputs, seed=0):
         if o is not None:
             loss = loss + (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)).sum()
     return torch.autograd.grad(loss, list(inputs), allow_unused=True, retain_graph=True)
+
+
+def run_with_cpu_isa(isa, script):
+    """Runs `script` in a fresh Python with FUSED_RNN_CPU_ISA=isa (the kernels built per instruction
+    set are chosen once per process) and asserts it printed "ok"; skips an ISA this CPU lacks."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if isa != "default" and f" {isa}" not in flags.replace("avx512f", "avx512"):
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, FUSED_RNN_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

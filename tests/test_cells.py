@@ -18,7 +18,7 @@ import fused_rnn
 from fused_rnn import functional, reference
 from fused_rnn.ops.cpp import cell_ops, ops
 
-from helpers import assert_close, grads_of
+from helpers import assert_close, grads_of, run_with_cpu_isa
 
 _err = ops.load_error() or (None if cell_ops.available() else "fused_rnn._C has no cell_step op: rebuild it")
 if _err is not None and os.environ.get("FUSED_RNN_REQUIRE_EXT") == "1":
@@ -276,12 +276,7 @@ print("ok")
 def test_every_cpu_instruction_set(isa):
     """The cell kernels are built for baseline x86-64, AVX2 and AVX-512 and chosen at run time
     (FUSED_RNN_CPU_ISA caps the choice): run each variant this machine has against the reference."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if isa != "default" and f" {isa}" not in flags.replace("avx512f", "avx512"):
-        pytest.skip(f"this CPU has no {isa}")
-    env = dict(os.environ, FUSED_RNN_CPU_ISA=isa)
-    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_with_cpu_isa(isa, _ISA_SCRIPT)
 
 
 def test_cell_benchmark_runs(tmp_path):

@@ -19,7 +19,7 @@ import fused_rnn
 from fused_rnn import reference
 from fused_rnn.ops.cpp import cpu_backend, cuda_backend, ops
 
-from helpers import assert_close, grads_of
+from helpers import assert_close, grads_of, run_with_cpu_isa
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 CELLS = tuple(GATES)
@@ -171,14 +171,7 @@ print("ok")
 def test_every_cpu_instruction_set(isa):
     """The CPU kernels are built for baseline x86-64, AVX2 and AVX-512 and chosen at run time; run
     each variant this machine supports (FUSED_RNN_CPU_ISA caps the choice) against the reference."""
-    import subprocess
-    import sys
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if isa != "default" and f" {isa}" not in flags.replace("avx512f", "avx512"):
-        pytest.skip(f"this CPU has no {isa}")
-    env = dict(os.environ, FUSED_RNN_CPU_ISA=isa)
-    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_with_cpu_isa(isa, _ISA_SCRIPT)
 
 
 def test_batch_of_zero():
