@@ -5,9 +5,11 @@ The drivers tests/emu/kernels_*.cpp compile the kernel headers (csrc/cuda/*_kern
 host compiler and launch them as csrc/recurrence.cpp and the .cu launchers would on a GPU:
 - kernels_pointwise: the per-step kernels (forward, backward, the projection's commit and prep)
   through recurrence.cpp's step loop, with a host GEMM where cuBLAS runs;
-- kernels_persistent: the persistent forward and backward, launched cooperatively with the plan of
-  csrc/cuda/persistent_plan.h computed for a fake device (132 SMs as H100/H200, 108 as A100, 8 to
-  make blocks own several units), and the plan itself for fake devices.
+- kernels_persistent: the persistent forward and backward, chosen and launched cooperatively as
+  csrc/cuda/persistent.cu does, with the plans of csrc/cuda/persistent_plan.h computed for a fake
+  device (132 SMs as H100/H200, 108 as A100, 24 and 8 to force larger tilings or blocks that own
+  several units): v2 (tensor cores, flags; bf16/fp16, launched through persistent.cu's own
+  persistent_v2_launch.cuh) where its plan fits, else v1; and both plans themselves for fake devices.
 Inputs are random (never zeros), every output is NaN-poisoned before the kernels run, tolerances come
 from the dtype (helpers.TOL), and each driver repeats some runs and requires identical bits.
 
@@ -47,8 +49,16 @@ SHORT = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch
 DEVICES = {
     "H100": {"sms": 132, "smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024},
     "A100": {"sms": 108, "smem_optin": 163 * 1024, "smem_per_sm": 164 * 1024},
+    "mid": {"sms": 24, "smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024},
     "small": {"sms": 8, "smem_optin": 48 * 1024, "smem_per_sm": 64 * 1024},
 }
+# The v2 kernels' registers per thread as ptxas reports them for sm_90 (benchmarks/PERSISTENT_V2.md:
+# 109-172): one 256-thread CTA per SM, which the fake devices' occupancy model and the emulator's
+# co-residency check then assume.
+V2_REGS = 168
+# csrc/cuda/persistent_plan.h kV2Tilings: (MT, KT, NT)
+V2_TILINGS = [(1, 2, 2), (4, 4, 2), (2, 6, 2), (2, 8, 2)]
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 @pytest.fixture(scope="module")
@@ -251,11 +261,11 @@ def test_pointwise_kernels(compiler, tmp_path, mode, kw):
 
 def persistent_params(cell, dtype, T, B, H, reverse, device, save=True, repeats=1):
     return {"cell": CELL_ID[cell], "dtype": DTYPE_ID[dtype], "T": T, "B": B, "H": H, "reverse": reverse,
-            "save": save, "repeats": repeats, **DEVICES[device]}
+            "save": save, "repeats": repeats, "compute_capability": 90, "v2_regs": V2_REGS, **DEVICES[device]}
 
 
 def run_persistent(tmp_path, mode, cell, dtype, T, B, H, device, lengths=None, reverse=False, bias=True,
-                   save=True, repeats=1, exe=None, expect_ok=True):
+                   save=True, repeats=1, exe=None, expect_ok=True, kernel=None):
     """Runs the persistent kernels with `device`'s plan: the driver's CompletedProcess, its output
     (None when it failed) and a function that compares that output with the reference."""
     args, grads = layer_inputs(cell, T, B, H, 0, lengths, reverse, bias, dtype)
@@ -270,42 +280,75 @@ def run_persistent(tmp_path, mode, cell, dtype, T, B, H, device, lengths=None, r
 
 
 def persistent_cases(mode):
+    """(id, kwargs) of the persistent runs; `kernel` is the version persistent.cu's choice must launch."""
+    half = (torch.bfloat16, torch.float16)
     if mode == "plain":
         for cell in CELLS:
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                # 132 SMs: 37 blocks of one unit each
-                yield f"{cell}-{SHORT[dtype]}-H100-H37", dict(cell=cell, dtype=dtype, T=5, B=3, H=37, device="H100")
-                # 8 SMs: 8 blocks of 17 units, the last one of 14
+            for dtype in (torch.float32, *half):
+                v = 2 if dtype in half else 1
+                # 132 SMs: v1 37 blocks of one unit each; v2 tiling (1,2,2), 3-10 CTAs
+                yield f"{cell}-{SHORT[dtype]}-H100-H37", dict(cell=cell, dtype=dtype, T=5, B=3, H=37, device="H100",
+                                                               kernel=v)
+                # 8 SMs: v1 8 blocks of 17 units, the last one of 14; 16-bit LSTM: no v2 grid fits 8 SMs,
+                # v1 runs; GRU v2 (4,4,2), 7 CTAs of 21 units; RNN v2 (4,4,2), 3 CTAs of 64 units
                 yield f"{cell}-{SHORT[dtype]}-small-H133-len-rev", dict(
-                    cell=cell, dtype=dtype, T=4, B=3, H=133, device="small", lengths=[4, 1, 3], reverse=True)
+                    cell=cell, dtype=dtype, T=4, B=3, H=133, device="small", lengths=[4, 1, 3], reverse=True,
+                    kernel=2 if dtype in half and cell != "lstm" else 1)
+            for dtype in half:
+                # v2 with 2 batch groups (B=19), 9 k-tiles, reversed, variable lengths, no bias; 24 SMs:
+                # LSTM (4,4,2) 9x2 CTAs, GRU (4,4,2) 7x2, RNN (1,2,2) 9x2
+                yield f"{cell}-{SHORT[dtype]}-mid-H133-B19-len-rev-nobias", dict(
+                    cell=cell, dtype=dtype, T=4, B=19, H=133, device="mid", lengths=[4, 1, 3, 2] * 4 + [4, 3, 1],
+                    reverse=True, bias=False, kernel=2)
             # 108 SMs: 67 blocks of 2 units, the last one of 1
             yield f"{cell}-f32-A100-H133-len", dict(cell=cell, dtype=torch.float32, T=4, B=2, H=133, device="A100",
-                                                    lengths=[4, 2])
+                                                    lengths=[4, 2], kernel=1)
             # 8 SMs: 8 blocks of 5 units, the last one of 2; three runs, the same bits
             yield f"{cell}-f32-small-H37-rev-nobias-repeat", dict(
-                cell=cell, dtype=torch.float32, T=5, B=5, H=37, device="small", reverse=True, bias=False, repeats=3)
-            # inference: nothing saved (gates/cells null), forward only
+                cell=cell, dtype=torch.float32, T=5, B=5, H=37, device="small", reverse=True, bias=False, repeats=3,
+                kernel=1)
+            # three v2 runs, the same bits
+            yield f"{cell}-bf16-H100-H45-len-repeat", dict(cell=cell, dtype=torch.bfloat16, T=5, B=5, H=45,
+                                                          device="H100", lengths=[5, 2, 4, 1, 5], repeats=3, kernel=2)
+            # inference: nothing saved (gates/cells null), forward only; v2 (RNN, GRU (1,2,2); LSTM (4,4,2))
             yield f"{cell}-bf16-small-H37-len-nosave", dict(cell=cell, dtype=torch.bfloat16, T=5, B=3, H=37,
-                                                            device="small", lengths=[5, 2, 4], save=False)
+                                                            device="small", lengths=[5, 2, 4], save=False, kernel=2)
     else:
         yield "lstm-f32-small-H133-len-rev", dict(cell="lstm", dtype=torch.float32, T=4, B=2, H=133, device="small",
-                                                  lengths=[4, 2], reverse=True, repeats=2)
-        yield "gru-bf16-small-H37", dict(cell="gru", dtype=torch.bfloat16, T=4, B=2, H=37, device="small")
+                                                  lengths=[4, 2], reverse=True, repeats=2, kernel=1)
+        yield "gru-bf16-small-H37", dict(cell="gru", dtype=torch.bfloat16, T=4, B=2, H=37, device="small", kernel=2)
         yield "rnn_tanh-f16-small-H37-len", dict(cell="rnn_tanh", dtype=torch.float16, T=4, B=3, H=37,
-                                                 device="small", lengths=[4, 1, 3])
+                                                 device="small", lengths=[4, 1, 3], kernel=2)
         yield "rnn_relu-f32-small-H37-rev", dict(cell="rnn_relu", dtype=torch.float32, T=4, B=2, H=37,
-                                                 device="small", reverse=True)
+                                                 device="small", reverse=True, kernel=1)
         yield "lstm-bf16-small-H37-nosave", dict(cell="lstm", dtype=torch.bfloat16, T=4, B=2, H=37, device="small",
-                                                 save=False)
+                                                 save=False, kernel=2)
+        # v2 with two batch groups, lengths, reverse, odd H; and 16-bit v1 where no v2 grid fits
+        yield "lstm-f16-mid-H45-B19-len-rev", dict(cell="lstm", dtype=torch.float16, T=4, B=19, H=45, device="mid",
+                                                   lengths=[4, 1, 3, 2] * 4 + [4, 3, 1], reverse=True, repeats=2,
+                                                   kernel=2)
+        yield "rnn_relu-bf16-H100-H45-len", dict(cell="rnn_relu", dtype=torch.bfloat16, T=4, B=3, H=45,
+                                                 device="H100", lengths=[4, 1, 3], kernel=2)
+        yield "lstm-bf16-small-H133-v1", dict(cell="lstm", dtype=torch.bfloat16, T=3, B=2, H=133, device="small",
+                                              kernel=1)
 
 
 @pytest.mark.parametrize("mode,kw", mode_cases(persistent_cases))
 def test_persistent_kernels(compiler, tmp_path, mode, kw):
+    kw = dict(kw)
+    kernel = kw.pop("kernel")
     _, out, check_output = run_persistent(tmp_path, mode, **kw)
     check_output()
     params = out[0]
-    dev, H = DEVICES[kw["device"]], kw["H"]
-    assert params["units"] == -(-H // dev["sms"]) and params["blocks"] == -(-H // params["units"])
+    dev, H, B, G = DEVICES[kw["device"]], kw["H"], kw["B"], GATES[kw["cell"]]
+    assert params["kernel"] == kernel, params
+    if kernel == 1:
+        assert params["units"] == -(-H // dev["sms"]) and params["blocks"] == -(-H // params["units"])
+    else:
+        mt, kt, nt = V2_TILINGS[params["tiling"]]
+        assert params["units"] == min(16 * mt // G, H) and 8 * kt >= -(-H // 16), params
+        assert params["grid_x"] == -(-H // params["units"]) and params["grid_y"] == -(-B // (8 * nt)), params
+        assert params["grid_x"] * params["grid_y"] <= dev["sms"], params
 
 
 # ---------------------------------------------------------------- the plan, for fake devices
@@ -360,6 +403,79 @@ def test_plan_invariants(compiler, tmp_path):
             assert (blocks - 1) * units < H <= blocks * units and smem == G * units * H * size, (c, d, H, dev)
 
 
+def plans_v2(tmp_path, lines):
+    """plan_persistent_v2's answers for `lines` of (cell, dtype, H, B, proj, device, cooperative, regs/thread,
+    compute capability), as (verdict, tiling, units, k_tiles, grid_x, grid_y, smem_forward, smem_backward)."""
+    text = ""
+    for c, d, H, B, proj, dev, coop, regs, cc in lines:
+        dev = DEVICES[dev] if isinstance(dev, str) else dev
+        text += (f"{CELL_ID[c]} {DTYPE_ID[d]} {H} {B} {int(proj)} {dev['sms']} {int(coop)} {dev['smem_optin']} "
+                 f"{dev['smem_per_sm']} {regs} {cc}\n")
+    path = Path(tmp_path) / "plans2.txt"
+    path.write_text(text)
+    proc = emu_build.run(driver("plain"), ["persistent", "plan2", path])
+    out = proc.stdout.split("\n")[:-1]
+    assert len(out) == len(lines)
+    return [(o.split()[0], *map(int, o.split()[1:])) for o in out]
+
+
+def v2_smem(mt, nt, k_tiles):
+    """persistent_plan.h's v2 shared memory: forward h tile + partial sums, backward dG_h tile."""
+    return 8 * nt * (16 * k_tiles + 8) * 2 + 8 * 16 * mt * 8 * nt * 4, 8 * nt * (16 * mt + 8) * 2
+
+
+def test_plan_v2_for_fake_devices(compiler, tmp_path):
+    """The shapes of benchmarks/PERSISTENT_V2.md get the budget's tilings, grids and shared memory on
+    an H100/H200; the others fall back for the stated reason."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    optin48 = {"sms": 132, "smem_optin": 48 * 1024, "smem_per_sm": 228 * 1024}
+    R = V2_REGS
+    cases = [  # (cell, dtype, H, B, proj, device, coop, regs, cc) -> (verdict, tiling, U, k_tiles, gx, gy, smem f, b)
+        (("lstm", bf16, 768, 16, 0, "H100", 1, R, 90), ("persistent", 2, 8, 48, 96, 1, 41216, 1280)),
+        (("lstm", bf16, 512, 64, 0, "H100", 1, R, 90), ("persistent", 1, 16, 32, 32, 4, 49408, 2304)),
+        (("lstm", bf16, 256, 16, 0, "H100", 1, R, 90), ("persistent", 0, 4, 16, 64, 1, 16640, 768)),
+        (("lstm", bf16, 1024, 16, 0, "H100", 1, R, 90), ("persistent", 3, 8, 64, 128, 1, 49408, 1280)),
+        (("lstm", bf16, 1024, 256, 0, "H100", 1, R, 90), ("not-co-resident", -1, 0, 0, 0, 0, 0, 0)),
+        (("gru", f16, 133, 5, 0, "H100", 1, R, 90), ("persistent", 0, 5, 9, 27, 1, *v2_smem(1, 2, 9))),
+        (("rnn_tanh", bf16, 37, 40, 0, "H100", 1, R, 80), ("persistent", 0, 16, 3, 3, 3, *v2_smem(1, 2, 3))),
+        (("lstm", f16, 5, 1, 0, "H100", 1, R, 90), ("persistent", 0, 4, 1, 2, 1, *v2_smem(1, 2, 1))),
+        (("lstm", bf16, 133, 3, 0, "small", 1, R, 90), ("not-co-resident", -1, 0, 0, 0, 0, 0, 0)),
+        (("lstm", bf16, 2048, 16, 0, "H100", 1, R, 90), ("hidden-too-large", -1, 0, 0, 0, 0, 0, 0)),
+        (("lstm", bf16, 1024, 16, 0, optin48, 1, R, 90), ("slice-too-large", -1, 0, 0, 0, 0, 0, 0)),  # 49,408 B
+        (("lstm", f32, 512, 64, 0, "H100", 1, R, 90), ("float32", -1, 0, 0, 0, 0, 0, 0)),   # fp32 keeps v1
+        (("lstm", torch.float64, 64, 4, 0, "H100", 1, R, 90), ("float64", -1, 0, 0, 0, 0, 0, 0)),
+        (("lstm", bf16, 64, 4, 32, "H100", 1, R, 90), ("projection", -1, 0, 0, 0, 0, 0, 0)),  # per-step
+        (("gru", bf16, 64, 4, 0, "H100", 1, R, 75), ("old-architecture", -1, 0, 0, 0, 0, 0, 0)),
+        (("gru", bf16, 64, 4, 0, "H100", 0, R, 90), ("no-cooperative-launch", -1, 0, 0, 0, 0, 0, 0)),
+    ]
+    assert plans_v2(tmp_path, [c for c, _ in cases]) == [e for _, e in cases]
+
+
+def test_plan_v2_invariants(compiler, tmp_path):
+    """Over many sizes: the first compiled tiling whose warps cover H, whose shared memory fits and whose
+    grid is co-resident wins; its CTAs cover every unit and batch row exactly once; no fit, no v2."""
+    lines = [(c, d, H, B, 0, dev, 1, V2_REGS, 90) for dev in DEVICES for c in CELLS
+             for d in (torch.bfloat16, torch.float16) for H in [1, 7, 16, 17, 37, 133, 255, 512, 640, 1024, 1025]
+             for B in (1, 16, 17, 64, 100)]
+    for (c, d, H, B, _, dev, _, _, _), got in zip(lines, plans_v2(tmp_path, lines)):
+        G, D, k_tiles = GATES[c], DEVICES[dev], -(-H // 16)
+        first = None
+        for i, (mt, kt, nt) in enumerate(V2_TILINGS):
+            U = min(16 * mt // G, H)
+            gx, gy = -(-H // U), -(-B // (8 * nt))
+            f, b = v2_smem(mt, nt, k_tiles)
+            if 8 * kt >= k_tiles and max(f, b) <= D["smem_optin"] and gx * gy <= D["sms"]:
+                first = ("persistent", i, U, k_tiles, gx, gy, f, b)
+                break
+        if first is None:
+            assert got[0] in ("not-co-resident", "hidden-too-large", "slice-too-large"), (c, d, H, B, dev, got)
+        else:
+            assert got == first, (c, d, H, B, dev, got)
+            _, i, U, _, gx, gy, _, _ = got
+            mt, kt, nt = V2_TILINGS[i]
+            assert G * U <= 16 * mt and (gx - 1) * U < H <= gx * U and (gy - 1) * 8 * nt < B <= gy * 8 * nt
+
+
 # ---------------------------------------------------------------- the tests bite: planted bugs
 
 HEADER = "cuda/persistent_kernels.cuh"
@@ -388,9 +504,11 @@ def test_planted_bug_fails(compiler, tmp_path, mutation):
     header.write_text(text.replace(original, bug))
     lstm_f32 = 1 << (CELL_ID["lstm"] * 4 + DTYPE_ID[torch.float32])
     exe = emu_build.build(DRIVERS, mode, f"kernels-{mutation}",
-                          defines=(f'FR_PERSISTENT_KERNELS="{header}"', f"FR_INSTANCES={lstm_f32}"))
+                          defines=(f'FR_PERSISTENT_KERNELS="{header}"',
+                                   f'FR_PERSISTENT_V2_LAUNCH="{tree / "cuda" / "persistent_v2_launch.cuh"}"',
+                                   f"FR_INSTANCES={lstm_f32}"))
     proc, out, check_output = run_persistent(tmp_path, mode, "lstm", torch.float32, T=4, B=3, H=37, device="small",
-                                             lengths=[4, 1, 3], exe=exe, expect_ok=False)
+                                             lengths=[4, 1, 3], exe=exe, expect_ok=False)  # fp32: v1
     if proc.returncode == 0:  # no sanitizer or deadlock report: the result must be wrong
         with pytest.raises(AssertionError):
             check_output()

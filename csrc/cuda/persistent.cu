@@ -1,6 +1,13 @@
-// Launcher of the persistent recurrence kernels (persistent_kernels.cuh): the device queries that
-// feed the plan (persistent_plan.h), the plan cache, and the cooperative launches.
+// Launcher of the persistent recurrence kernels: the device queries that feed the plans
+// (persistent_plan.h), the plan caches, the workspaces and the cooperative launches.
+//
+// csrc/recurrence.cpp asks persistent_plan (v1's plan: it depends on H only) whether a layer runs
+// persistently, then calls persistent_forward / persistent_backward. Those launch v2
+// (persistent_v2_kernels.cuh, through persistent_v2_launch.cuh) when v2's plan, which depends on the
+// batch size too, fits the layer — bf16/fp16 without a projection on sm_80+ — and v1
+// (persistent_kernels.cuh) otherwise: fp32, and 16-bit layers whose v2 grid is not co-resident.
 #include "persistent_kernels.cuh"
+#include "persistent_v2_launch.cuh"
 
 #include <map>
 #include <mutex>
@@ -53,28 +60,42 @@ bool query_ok(cudaError_t err) {
 
 // The device's numbers for the plan; false when a query failed.
 bool query_device(int device, PersistentDevice* dev) {
-  int sms = 0, coop = 0, optin = 0;
+  int sms = 0, coop = 0, optin = 0, major = 0, minor = 0;
   if (!query_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) ||
       !query_ok(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device)) ||
-      !query_ok(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)))
+      !query_ok(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) ||
+      !query_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) ||
+      !query_ok(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device)))
     return false;
-  *dev = PersistentDevice{sms, coop != 0, size_t(optin)};
+  *dev = PersistentDevice{sms, coop != 0, size_t(optin), 10 * major + minor};
   return true;
 }
 
 // Resident blocks per SM of both kernels with `smem` bytes of dynamic shared memory (-1: a query
 // failed). Each kernel's dynamic shared-memory limit is raised to the device's opt-in maximum first:
 // raising it for one layer never lowers it below what a cached plan of another layer launches with.
-int resident_blocks(const KernelPair& k, const PersistentDevice& dev, size_t smem) {
+// v2: the forward and the backward each with its own shared-memory size.
+int resident_blocks(const KernelPair& k, const PersistentDevice& dev, int threads, size_t smem_forward,
+                    size_t smem_backward) {
   int fewest = -1;
-  for (const void* kernel : {k.forward, k.backward}) {
+  for (const auto& ks : {std::make_pair(k.forward, smem_forward), std::make_pair(k.backward, smem_backward)}) {
     int per_sm = 0;
-    if (!query_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dev.smem_optin))) ||
-        !query_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, smem)))
+    if (!query_ok(cudaFuncSetAttribute(ks.first, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dev.smem_optin))) ||
+        !query_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ks.first, threads, ks.second)))
       return -1;
     fewest = fewest < 0 || per_sm < fewest ? per_sm : fewest;
   }
   return fewest;
+}
+
+// The v2 kernel instances of (cell, dtype, tiling); nullptr where none is compiled.
+KernelPair v2_kernels_of(Cell cell, DType dtype, int tiling) {
+  KernelPair k;
+  dispatch_v2(cell, dtype, tiling, [&](auto c, auto s, auto i) {
+    using K = V2Kernels<decltype(c)::value, decltype(s), decltype(i)::value>;
+    k = {reinterpret_cast<const void*>(K::forward), reinterpret_cast<const void*>(K::backward)};
+  });
+  return k;
 }
 
 // The plan of each (device, cell, dtype, H) seen, computed once: the queries cost microseconds
@@ -101,7 +122,9 @@ bool persistent_plan(Cell cell, DType dtype, int64_t H, int device, PersistentPl
     bool ok = false;
     if (dtype != DType::Float64 && query_device(device, &dev)) {
       const KernelPair k = kernels_of(cell, dtype);
-      ok = plan_persistent(cell, dtype, H, dev, [&](size_t smem) { return resident_blocks(k, dev, smem); }, &p) ==
+      ok = plan_persistent(
+               cell, dtype, H, dev,
+               [&](size_t smem) { return resident_blocks(k, dev, kPersistentThreads, smem, smem); }, &p) ==
            PlanVerdict::Persistent;
     }
     it = cache.plans.emplace(key, std::make_pair(ok, p)).first;
@@ -110,12 +133,90 @@ bool persistent_plan(Cell cell, DType dtype, int64_t H, int device, PersistentPl
   return it->second.first;
 }
 
+namespace {
+
+// v2's plan of (device, cell, dtype, H, B), computed once (v2 takes no projection: recurrence.cpp
+// never calls here with one).
+struct V2PlanCache {
+  std::mutex mutex;
+  std::map<std::tuple<int, Cell, DType, int64_t, int64_t>, std::pair<bool, PersistentV2Plan>> plans;
+};
+
+bool v2_plan(Cell cell, DType dtype, int64_t H, int64_t B, PersistentV2Plan* plan) {
+  if (dtype != DType::BFloat16 && dtype != DType::Float16) return false;  // fp32 keeps v1
+  int device = 0;
+  if (!query_ok(cudaGetDevice(&device))) return false;
+  static V2PlanCache cache;
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  const auto key = std::make_tuple(device, cell, dtype, H, B);
+  auto it = cache.plans.find(key);
+  if (it == cache.plans.end()) {
+    PersistentV2Plan p;
+    PersistentDevice dev;
+    bool ok = false;
+    if (query_device(device, &dev)) {
+      auto resident = [&](int tiling, size_t smem_forward, size_t smem_backward) {
+        return resident_blocks(v2_kernels_of(cell, dtype, tiling), dev, kV2Threads, smem_forward, smem_backward);
+      };
+      ok = plan_persistent_v2(cell, dtype, H, B, false, dev, resident, &p) == PlanVerdict::Persistent;
+    }
+    it = cache.plans.emplace(key, std::make_pair(ok, p)).first;
+  }
+  if (it->second.first) *plan = it->second.second;
+  return it->second.first;
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fused_rnn: persistent v2 ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+// Runs launch_v2_forward / launch_v2_backward with a workspace allocated on `stream` for this launch
+// (stream-ordered: no host synchronisation, and capturable in a CUDA graph), its flags zeroed first.
+template <typename LaunchV2>
+void with_v2_workspace(const PersistentV2Plan& plan, bool backward, void* stream, LaunchV2&& launch_v2) {
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  auto align = [](size_t n) { return (n + 255) / 256 * 256; };
+  const size_t h_off = 0, flag_off = align(plan.h_buf_bytes), part_off = flag_off + align(plan.flag_bytes);
+  const size_t total = part_off + (backward ? plan.partial_bytes : 0);
+  void* base = nullptr;
+  check(cudaMallocAsync(&base, total, st), "workspace allocation");
+  unsigned char* bytes = static_cast<unsigned char*>(base);
+  V2Workspace ws;
+  ws.h_buf = bytes + h_off;
+  ws.flags = reinterpret_cast<unsigned*>(bytes + flag_off);
+  ws.partials = backward ? reinterpret_cast<float*>(bytes + part_off) : nullptr;
+  check(cudaMemsetAsync(ws.flags, 0, plan.flag_bytes, st), "flag reset");
+  launch_v2(ws, [&](auto kernel, dim3 grid, size_t smem, auto params, PersistentV2Layout lay) {
+    void* args[] = {&params, &lay};
+    check(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kV2Threads), args, smem, st),
+          "kernel launch");
+  });
+  check(cudaFreeAsync(base, st), "workspace release");
+}
+
+}  // namespace
+
 void persistent_forward(const PersistentForwardParams& p, const PersistentPlan& plan, void* stream) {
+  PersistentV2Plan v2;
+  if (v2_plan(p.cell, p.dtype, p.H, p.B, &v2)) {
+    with_v2_workspace(v2, false, stream, [&](const V2Workspace& ws, auto&& launch) {
+      launch_v2_forward(p, v2, ws, launch);
+    });
+    return;
+  }
   PersistentForwardParams copy = p;
   launch(kernels_of(p.cell, p.dtype).forward, &copy, plan, stream);
 }
 
 void persistent_backward(const PersistentBackwardParams& p, const PersistentPlan& plan, void* stream) {
+  PersistentV2Plan v2;
+  if (v2_plan(p.cell, p.dtype, p.H, p.B, &v2)) {
+    with_v2_workspace(v2, true, stream, [&](const V2Workspace& ws, auto&& launch) {
+      launch_v2_backward(p, v2, ws, launch);
+    });
+    return;
+  }
   PersistentBackwardParams copy = p;
   launch(kernels_of(p.cell, p.dtype).backward, &copy, plan, stream);
 }

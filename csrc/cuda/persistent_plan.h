@@ -1,9 +1,16 @@
-// The layout of a persistent launch (csrc/cuda/persistent_kernels.cuh) as a pure function of the
-// layer and of a few device numbers, so that the launcher (persistent.cu) runs it with the real
-// device's attributes and occupancy, and the emulated tests (tests/test_cuda_emulated.py) run the
-// very same function for fake devices: 132 SMs (H100/H200), 108 (A100), and small ones that force
-// several units per block or the fallback to the per-step kernels.
-// Plain C++: no CUDA headers, no torch.
+// The layout of a persistent launch as a pure function of the layer and of a few device numbers, so
+// that the launcher (persistent.cu) runs it with the real device's attributes and occupancy, and the
+// emulated tests (tests/test_cuda_emulated.py) run the very same function for fake devices: 132 SMs
+// (H100/H200), 108 (A100), and small ones that force several units per block or the fallback to the
+// per-step kernels. Plain C++: no CUDA headers, no torch.
+//
+// Which kernels run a layer (persistent.cu, in this order):
+//   1. v2 (persistent_v2_kernels.cuh: tensor cores, w_hh in registers, per-step flags) — bf16/fp16
+//      without a projection on sm_80+, where plan_persistent_v2 finds a compiled tiling whose grid
+//      is co-resident (the choice depends on the batch size B);
+//   2. else v1 (persistent_kernels.cuh: w_hh slices in shared memory, one grid barrier per step) —
+//      fp32, and bf16/fp16 where v2 does not fit, when plan_persistent says its slices fit;
+//   3. else the per-step kernels (float64, a projection, and whatever fits neither).
 #pragma once
 
 #include <cstddef>
@@ -21,6 +28,7 @@ struct PersistentDevice {
   int sm_count = 0;                 // cudaDevAttrMultiProcessorCount
   bool cooperative_launch = false;  // cudaDevAttrCooperativeLaunch
   size_t smem_optin = 0;            // cudaDevAttrMaxSharedMemoryPerBlockOptin: the most one block may use
+  int compute_capability = 0;       // 10 * major + minor (cudaDevAttrComputeCapabilityMajor/Minor)
 };
 
 // Why a layer does or does not run persistently. Everything but Persistent means "per-step kernels".
@@ -32,6 +40,11 @@ enum class PlanVerdict {
   SliceTooLarge,        // a block's slice of w_hh does not fit in shared memory
   NotCoResident,        // the grid would not fit on the device at once
   QueryFailed,          // a CUDA attribute or occupancy query returned an error
+  // v2 only (plan_persistent_v2): these layers keep v1 or the per-step kernels
+  Float32,              // v2's MMAs take bf16/fp16; fp32 keeps v1 (TF32/3xTF32 v2: benchmarks/PERSISTENT_V2.md)
+  Projection,           // proj_size > 0 runs the per-step kernels, as before
+  OldArchitecture,      // mma.sync bf16 needs sm_80 or newer
+  HiddenTooLarge,       // no compiled tiling covers ceil(H/16) k-tiles with its 8 warps
 };
 
 inline const char* verdict_name(PlanVerdict v) {
@@ -43,12 +56,17 @@ inline const char* verdict_name(PlanVerdict v) {
     case PlanVerdict::SliceTooLarge: return "slice-too-large";
     case PlanVerdict::NotCoResident: return "not-co-resident";
     case PlanVerdict::QueryFailed: return "query-failed";
+    case PlanVerdict::Float32: return "float32";
+    case PlanVerdict::Projection: return "projection";
+    case PlanVerdict::OldArchitecture: return "old-architecture";
+    case PlanVerdict::HiddenTooLarge: return "hidden-too-large";
   }
   return "?";
 }
 
 inline size_t storage_bytes(DType d) { return d == DType::Float64 ? 8 : d == DType::Float32 ? 4 : 2; }
 
+// ---- v1 (persistent_kernels.cuh) --------------------------------------------------------------------
 // The plan. Block k owns hidden units [k*units, k*units + units) with all G gate rows of them; the
 // units are spread over every SM (units = ceil(H / SMs)), so the last block may own fewer. Its
 // slice of w_hh — G*units rows of H (forward) or units columns of G*H (backward), the same bytes —
@@ -74,6 +92,98 @@ PlanVerdict plan_persistent(Cell cell, DType dtype, int64_t H, const PersistentD
   if (int64_t(per_sm) * dev.sm_count < blocks) return PlanVerdict::NotCoResident;
   *plan = PersistentPlan{int(blocks), kPersistentThreads, int(units), smem};
   return PlanVerdict::Persistent;
+}
+
+// ---- v2 (persistent_v2_kernels.cuh) --------------------------------------------------------------------
+// Threads per CTA of the v2 kernels (8 warps that split K) and what one CTA computes: MT m-tiles of 16
+// w_hh rows (its units' G gate rows, zero-padded), KT k-tiles of 16 per warp (8*KT >= ceil(H/16)),
+// NT n-tiles of 8 batch rows.
+constexpr int kV2Threads = 256;
+constexpr int kV2Warps = kV2Threads / 32;
+
+struct V2Tiling {
+  int mt, kt, nt;
+};
+// The tilings compiled into the launcher, in the order the plan tries them: the first whose warps cover
+// H and whose grid is co-resident wins. Fewer k-tiles per warp first (fewer idle A registers and MMAs),
+// then more rows per CTA (fewer CTAs, so more batch groups fit). They are the tilings of
+// benchmarks/PERSISTENT_V2.md's shapes: (1,2,2) B=16 H=256; (4,4,2) B=64 H=512 (4 batch groups);
+// (2,6,2) B=16 H=768; (2,8,2) B=16 H=1024 (and anything up to H=1024 that the others do not fit).
+constexpr V2Tiling kV2Tilings[] = {{1, 2, 2}, {4, 4, 2}, {2, 6, 2}, {2, 8, 2}};
+constexpr int kV2TilingCount = int(sizeof(kV2Tilings) / sizeof(kV2Tilings[0]));
+
+// Dynamic shared memory of one v2 CTA. Forward: the h tile [8*NT][16*k_tiles + 8] of 16-bit values
+// (rows padded by 16 bytes: the 8 row addresses of one ldmatrix fall in different banks), then the
+// partial sums [warps][16*MT][8*NT] fp32. Backward: the dG_h tile [8*NT][16*MT + 8] of 16-bit values.
+constexpr size_t v2_forward_smem_bytes(int mt, int nt, int k_tiles) {
+  return size_t(8 * nt) * size_t(16 * k_tiles + 8) * 2 + size_t(kV2Warps) * 16 * mt * 8 * nt * 4;
+}
+constexpr size_t v2_backward_smem_bytes(int mt, int nt) { return size_t(8 * nt) * size_t(16 * mt + 8) * 2; }
+
+// A v2 launch: grid (grid_x, grid_y) of kV2Threads; CTA (x, y) owns units [x*units, x*units + units) for
+// batch rows [y*8*NT, y*8*NT + 8*NT). Its workspace (the launcher allocates it per launch):
+//   h_buf     S [2, B, 16*k_tiles]  h exchanged between CTAs, double-buffered by step parity, rows padded
+//                                   to whole k-tiles so that every 16-byte cp.async is aligned;
+//   flags     unsigned [grid_y * grid_x], zeroed before every launch (each CTA counts its published steps);
+//   partials  backward only: fp32 [2][grid_y][grid_x][8*NT][16*k_tiles], each CTA's partial dh.
+struct PersistentV2Plan {
+  int tiling = -1;  // index into kV2Tilings
+  int units = 0, k_tiles = 0;
+  int grid_x = 0, grid_y = 0;
+  size_t smem_forward = 0, smem_backward = 0;
+  size_t h_buf_bytes = 0, flag_bytes = 0, partial_bytes = 0;
+};
+
+// The v2 plan of a layer (fp32 keeps v1 and a projection the per-step kernels: the verdicts say why).
+// `resident_blocks(tiling, smem_forward, smem_backward)` says how many CTAs of that tiling's forward and
+// backward kernels (the smaller count) one SM holds, or a negative number when it could not tell. The
+// flag waits spin on other CTAs, so every CTA must be resident at once: a cooperative launch, and a
+// grid of at most resident_blocks * SMs CTAs.
+template <typename ResidentBlocks>
+PlanVerdict plan_persistent_v2(Cell cell, DType dtype, int64_t H, int64_t B, bool projection,
+                               const PersistentDevice& dev, ResidentBlocks&& resident_blocks,
+                               PersistentV2Plan* plan) {
+  if (dtype == DType::Float64) return PlanVerdict::Float64;
+  if (dtype == DType::Float32) return PlanVerdict::Float32;
+  if (projection) return PlanVerdict::Projection;
+  if (H <= 0 || B <= 0) return PlanVerdict::EmptyLayer;
+  if (dev.compute_capability < 80) return PlanVerdict::OldArchitecture;
+  if (!dev.cooperative_launch || dev.sm_count <= 0) return PlanVerdict::NoCooperativeLaunch;
+  const int G = num_gates(cell);
+  const int64_t k_tiles = (H + 15) / 16;
+  PlanVerdict why = PlanVerdict::HiddenTooLarge;
+  for (int i = 0; i < kV2TilingCount; ++i) {
+    const V2Tiling t = kV2Tilings[i];
+    if (int64_t(kV2Warps) * t.kt < k_tiles) continue;
+    const int64_t units = 16 * t.mt / G < H ? 16 * t.mt / G : H;  // U = floor(16*MT / G): G*U rows in MT m-tiles
+    const int64_t grid_x = (H + units - 1) / units, grid_y = (B + 8 * t.nt - 1) / (8 * t.nt);
+    const size_t smem_f = v2_forward_smem_bytes(t.mt, t.nt, int(k_tiles));
+    const size_t smem_b = v2_backward_smem_bytes(t.mt, t.nt);
+    if ((smem_f > smem_b ? smem_f : smem_b) > dev.smem_optin) {
+      why = PlanVerdict::SliceTooLarge;
+      continue;
+    }
+    const int per_sm = resident_blocks(i, smem_f, smem_b);
+    if (per_sm < 0) return PlanVerdict::QueryFailed;
+    if (int64_t(per_sm) * dev.sm_count < grid_x * grid_y) {
+      why = PlanVerdict::NotCoResident;
+      continue;
+    }
+    PersistentV2Plan p;
+    p.tiling = i;
+    p.units = int(units);
+    p.k_tiles = int(k_tiles);
+    p.grid_x = int(grid_x);
+    p.grid_y = int(grid_y);
+    p.smem_forward = smem_f;
+    p.smem_backward = smem_b;
+    p.h_buf_bytes = size_t(2 * B * 16 * k_tiles) * storage_bytes(dtype);
+    p.flag_bytes = size_t(grid_x * grid_y) * sizeof(unsigned);
+    p.partial_bytes = size_t(2 * grid_x * grid_y) * size_t(8 * t.nt) * size_t(16 * k_tiles) * sizeof(float);
+    *plan = p;
+    return PlanVerdict::Persistent;
+  }
+  return why;
 }
 
 // A streaming multiprocessor's limits, for the occupancy model below (defaults: H100/H200, sm_90).

@@ -42,6 +42,7 @@
 #include "../persistent_params.h"
 #include "../recurrence_step.h"
 #include "conv_cuda.cuh"
+#include "persistent_plan.h"  // kV2Threads, the tilings, the shared-memory sizes
 
 // Planted bugs for the mutation tests (tests/test_cuda_persistent_v2.py): the literal 0 in every real
 // build (the branches below fold away); the emulated mutation driver defines it as a variable.
@@ -54,9 +55,6 @@
 
 namespace fused_rnn {
 namespace cuda {
-
-constexpr int kV2Threads = 256;
-constexpr int kV2Warps = kV2Threads / 32;
 
 // One CTA per SM by design (its w_hh rows fill the registers): tell ptxas it may use all 255
 // registers per thread (without the 1 it aimed at 128 for one instance and spilled).
@@ -75,13 +73,7 @@ struct PersistentV2Layout {
   float* partials;  // backward only: [2][gridDim.y][gridDim.x][8*NT][16*k_tiles] partial dh of each CTA
 };
 
-// Dynamic shared memory of one CTA: the h tile [8*NT][16*k_tiles + 8] of 16-bit values (rows padded
-// by 16 bytes: the 8 row addresses of one ldmatrix fall in different banks), then the partial sums
-// [warps][16*MT][8*NT] fp32.
-template <int MT, int NT>
-constexpr size_t v2_forward_smem_bytes(int k_tiles) {
-  return size_t(8 * NT) * size_t(16 * k_tiles + 8) * 2 + size_t(kV2Warps) * 16 * MT * 8 * NT * 4;
-}
+// Dynamic shared memory: v2_forward_smem_bytes / v2_backward_smem_bytes (persistent_plan.h).
 
 template <typename S>
 FR_DEVICE uint32_t pack_pair(S lo, S hi) {
@@ -371,11 +363,6 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
 // in registers. Partial slots are double-buffered by step parity, safe for the forward's reason.
 // d w_hh (one GEMM over all steps) and d b_hh (a sum of dgh) stay outside.
 // ------------------------------------------------------------------------------------------------
-template <int MT, int NT>
-constexpr size_t v2_backward_smem_bytes() {
-  return size_t(8 * NT) * size_t(16 * MT + 8) * 2;  // dG_h tile [8*NT][16*MT + 8] (rows padded by 16 bytes)
-}
-
 template <Cell C, typename S, int MT, int KT, int NT>
 FR_KERNEL void FR_V2_LAUNCH_BOUNDS
     persistent_v2_backward_kernel(PersistentBackwardParams p, PersistentV2Layout lay) {
@@ -454,7 +441,7 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
         const int64_t len = p.lengths ? p.lengths[b] : T;
         const bool first = p.reverse ? t == len - 1 : t == 0;
         const float dh = L::load(dy[tb * H + u]) + dh_reg[i];
-        const S* sg = gates + tb * 4 * H;
+        const S* sg = gates ? gates + tb * 4 * H : nullptr;  // RNN saves no gates
         if constexpr (C == Cell::LSTM) {
           const float* cells = static_cast<const float*>(p.cells);
           const float c_prev = first ? L::load(static_cast<const S*>(p.c0)[bu]) : cells[t_prev * B * H + bu];

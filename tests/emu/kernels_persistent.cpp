@@ -1,18 +1,32 @@
-// Runs the persistent forward and backward kernels (csrc/cuda/persistent_kernels.cuh) on CPU threads
-// under the emulator, launched cooperatively with the plan of csrc/cuda/persistent_plan.h computed
-// for a fake device, as csrc/recurrence.cpp + persistent.cu would on a GPU. Driven by
-// tests/test_cuda_emulated.py:
+// Runs the persistent forward and backward kernels on CPU threads under the emulator, chosen and laid
+// out by the plans of csrc/cuda/persistent_plan.h computed for a fake device, as csrc/recurrence.cpp +
+// persistent.cu would on a GPU: v2 (persistent_v2_kernels.cuh, launched through persistent.cu's own
+// persistent_v2_launch.cuh) where plan_persistent_v2 fits the layer, else v1 (persistent_kernels.cuh).
+// Driven by tests/test_cuda_emulated.py:
 //
-//   kernels persistent run <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
-//   kernels persistent plan <lines>     one plan per line "cell dtype H sms coop optin smem_per_sm
+//   kernels persistent run <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>;
+//                                       params "kernel" (1 or 2), "tiling", "units", "grid_x", "grid_y"
+//                                       say what ran
+//   kernels persistent plan <lines>     one v1 plan per line "cell dtype H sms coop optin smem_per_sm
 //                                       regs_per_thread" of <lines>, printed as "verdict blocks threads
 //                                       units smem"
+//   kernels persistent plan2 <lines>    one v2 plan per line "cell dtype H B proj sms coop optin
+//                                       smem_per_sm regs_per_thread compute_capability", printed as
+//                                       "verdict tiling units k_tiles grid_x grid_y smem_forward
+//                                       smem_backward"
 //
-// FR_PERSISTENT_KERNELS (a define) replaces the kernel header by a copy, for the mutation tests.
+// FR_INSTANCES (kernels_io.h) also selects the v2 instances compiled.
+#ifdef FR_INSTANCES
+#define FR_V2_INSTANCES FR_INSTANCES
+#endif
+// FR_PERSISTENT_KERNELS and FR_PERSISTENT_V2_LAUNCH (defines) replace the kernel headers by copies
+// (one copied tree of csrc/), for the mutation tests.
 #ifdef FR_PERSISTENT_KERNELS
 #include FR_PERSISTENT_KERNELS
+#include FR_PERSISTENT_V2_LAUNCH
 #else
 #include "cuda/persistent_kernels.cuh"
+#include "cuda/persistent_v2_launch.cuh"
 #endif
 
 #include <fstream>
@@ -83,6 +97,96 @@ template <Cell C, typename S> File run(File& in, const fr_emu::Device& dev, cons
   return out;
 }
 
+// The cooperative launches of launch_v2_forward / launch_v2_backward, on the emulator.
+struct EmuV2Launch {
+  fr_emu::Device dev;
+  int regs_per_thread;
+  template <typename Params>
+  void operator()(void (*kernel)(Params, cuda::PersistentV2Layout), dim3 grid, size_t smem, const Params& p,
+                  const cuda::PersistentV2Layout& lay) const {
+    fr_emu::LaunchConfig cfg;
+    cfg.grid = grid;
+    cfg.block = dim3(unsigned(kV2Threads));
+    cfg.dynamic_smem = smem;
+    cfg.cooperative = true;
+    cfg.device = dev;
+    cfg.regs_per_thread = regs_per_thread;
+    cfg.stall_seconds = 60;
+    fr_emu::launch(cfg, kernel, p, lay);
+  }
+};
+
+// As run(), with v2 and its plan: the workspace arrays sized by the plan, the flags zeroed before
+// each launch (as persistent.cu does), everything else poisoned.
+template <Cell C, typename S>
+File run_v2(File& in, const EmuV2Launch& launcher, const PersistentV2Plan& plan) {
+  const int64_t T = in.param("T"), B = in.param("B"), H = in.param("H"), GH = gates_of<C>() * H;
+  const bool reverse = in.param("reverse") != 0, save = in.param("save") != 0;
+  const bool lstm = C == Cell::LSTM, has_gates = C == Cell::LSTM || C == Cell::GRU;
+  const DType dtype = DType(in.param("dtype"));
+  const size_t s = sizeof(S), a = sizeof(float);
+  Array* lengths = in.find("lengths");
+  Array* b_hh = in.find("b_hh");
+  Array* c0 = in.find("c0");
+  File out, work;
+  Array& y = out.add("y", s, T * B * H);
+  Array& h_n = out.add("h_n", s, B * H);
+  Array* c_n = lstm ? &out.add("c_n", s, B * H) : nullptr;
+  Array* gates = save && has_gates ? &out.add("gates", s, T * B * 4 * H) : nullptr;
+  Array* cells = save && lstm ? &out.add("cells", a, T * B * H) : nullptr;
+  Array& h_buf = work.add("h_buf", 1, plan.h_buf_bytes);
+  Array& flags = work.add("flags", 1, plan.flag_bytes);
+  const int64_t* len = lengths ? lengths->as<int64_t>() : nullptr;
+  cuda::V2Workspace ws;
+  ws.h_buf = ptr(&h_buf);
+  ws.flags = flags.as<unsigned>();
+  // recurrence.cpp's h_buf [2, B, H] and c_state: v2 uses neither (poisoned, never read)
+  Array& caller_h_buf = work.add("caller_h_buf", s, 2 * B * H);
+  Array* c_state = lstm ? &work.add("c_state", a, B * H) : nullptr;
+  const PersistentForwardParams fwd{C, dtype, T, B, H, reverse, len, ptr(&in.get("gx")), ptr(&in.get("w_hh")),
+                                    ptr(b_hh), ptr(&in.get("h0")), ptr(c0), ptr(&y), ptr(&h_n), ptr(c_n),
+                                    ptr(gates), ptr(cells), ptr(&caller_h_buf), ptr(c_state)};
+  std::memset(ws.flags, 0, plan.flag_bytes);
+  cuda::launch_v2_forward(fwd, plan, ws, launcher);
+  if (!save) return out;
+
+  Array& dgx = out.add("dgx", s, T * B * GH);
+  Array* dgh = C == Cell::GRU ? &out.add("dgh", s, T * B * GH) : &dgx;
+  Array& dh0 = out.add("dh0", s, B * H);
+  Array* dc0 = lstm ? &out.add("dc0", s, B * H) : nullptr;
+  Array& partials = work.add("partials", 1, plan.partial_bytes);
+  ws.partials = partials.as<float>();
+  Array& dh_state = work.add("dh_state", a, B * H);
+  Array* dc_state = lstm ? &work.add("dc_state", a, B * H) : nullptr;
+  const PersistentBackwardParams bwd{C, dtype, T, B, H, reverse, len, ptr(&in.get("w_hh")), ptr(&in.get("dy")),
+                                     ptr(&in.get("dh_n")), lstm ? ptr(&in.get("dc_n")) : nullptr, ptr(gates),
+                                     ptr(cells), ptr(&y), ptr(&in.get("h0")), ptr(c0), ptr(&dgx), ptr(dgh),
+                                     ptr(&dh0), ptr(dc0), ptr(&dh_state), ptr(dc_state)};
+  std::memset(ws.flags, 0, plan.flag_bytes);
+  cuda::launch_v2_backward(bwd, plan, ws, launcher);
+  return out;
+}
+
+// The fake device's v2 occupancy: one model for the forward's and the backward's shared memory.
+auto v2_resident(const SmLimits& sm, int regs) {
+  return [sm, regs](int, size_t smem_forward, size_t smem_backward) {
+    const int f = resident_blocks_model(sm, kV2Threads, regs, smem_forward);
+    const int b = resident_blocks_model(sm, kV2Threads, regs, smem_backward);
+    return f < b ? f : b;
+  };
+}
+
+// Runs `f(first)` `repeats` times, requiring the same bits each time.
+template <typename Run>
+File run_repeated(int64_t repeats, Run&& f) {
+  File first = f();
+  for (int64_t r = 1; r < repeats; ++r) {
+    File again = f();
+    kernels_io::require_same(first, again, r);
+  }
+  return first;
+}
+
 int run_command(const char* in_path, const char* out_path) {
   File in = kernels_io::read(in_path);
   const Cell cell = Cell(in.param("cell"));
@@ -91,28 +195,46 @@ int run_command(const char* in_path, const char* out_path) {
   dev.sm_count = int(in.param("sms"));
   dev.smem_per_block_optin = size_t(in.param("smem_optin"));
   dev.smem_per_sm = size_t(in.param("smem_per_sm"));
-  const PersistentDevice pdev{dev.sm_count, true, dev.smem_per_block_optin};
+  const int cc = int(in.param("compute_capability"));
+  const PersistentDevice pdev{dev.sm_count, true, dev.smem_per_block_optin, cc};
   const SmLimits sm = sm_limits(in.param("smem_per_sm"));
+  const int64_t repeats = in.param("repeats");
+  File first;
+  // as persistent.cu: v2 where its plan fits the layer, else v1 where its plan does
+  PersistentV2Plan v2;
+  const int v2_regs = int(in.param("v2_regs"));
+  if (plan_persistent_v2(cell, dtype, in.param("H"), in.param("B"), false, pdev, v2_resident(sm, v2_regs), &v2) ==
+      PlanVerdict::Persistent) {
+    const EmuV2Launch launcher{dev, v2_regs};
+    bool ran = false;  // dispatch_v2 calls nothing for the instances FR_INSTANCES leaves out
+    cuda::dispatch_v2(cell, dtype, v2.tiling, [&](auto c, auto s, auto) {
+      first = run_repeated(repeats, [&] { return run_v2<decltype(c)::value, decltype(s)>(in, launcher, v2); });
+      ran = true;
+    });
+    if (!ran) fail("this build leaves these kernels out (FR_INSTANCES)");
+    first.params["kernel"] = 2;
+    first.params["tiling"] = v2.tiling;
+    first.params["units"] = v2.units;
+    first.params["grid_x"] = v2.grid_x;
+    first.params["grid_y"] = v2.grid_y;
+    kernels_io::write(out_path, first);
+    return 0;
+  }
   PersistentPlan plan{};
   const PlanVerdict v = plan_persistent(
       cell, dtype, in.param("H"), pdev,
       [&](size_t smem) { return resident_blocks_model(sm, kPersistentThreads, 0, smem); }, &plan);
   if (v != PlanVerdict::Persistent) fail(std::string("the plan says ") + verdict_name(v));
-  const int64_t repeats = in.param("repeats");
-  File first;
   cuda::dispatch_persistent(cell, dtype, [&](auto c, auto s) {
     constexpr Cell C = decltype(c)::value;
     using S = decltype(s);
     if constexpr (kernels_io::built<C, S>()) {
-      first = run<C, S>(in, dev, plan);
-      for (int64_t r = 1; r < repeats; ++r) {
-        File again = run<C, S>(in, dev, plan);
-        kernels_io::require_same(first, again, r);
-      }
+      first = run_repeated(repeats, [&] { return run<C, S>(in, dev, plan); });
     } else {
       fail("this build leaves these kernels out (FR_INSTANCES)");
     }
   });
+  first.params["kernel"] = 1;
   first.params["blocks"] = plan.blocks;
   first.params["units"] = plan.units;
   first.params["smem_bytes"] = int64_t(plan.smem_bytes);
@@ -137,11 +259,27 @@ int plan_command(const char* path) {
   return 0;
 }
 
+int plan2_command(const char* path) {
+  std::ifstream lines(path);
+  int cell, dtype, proj, coop, cc;
+  long long H, B, sms, optin, smem_per_sm, regs;
+  while (lines >> cell >> dtype >> H >> B >> proj >> sms >> coop >> optin >> smem_per_sm >> regs >> cc) {
+    const PersistentDevice dev{int(sms), coop != 0, size_t(optin), cc};
+    PersistentV2Plan plan;
+    const PlanVerdict v = plan_persistent_v2(Cell(cell), DType(dtype), H, B, proj != 0, dev,
+                                             v2_resident(sm_limits(smem_per_sm), int(regs)), &plan);
+    std::cout << verdict_name(v) << ' ' << plan.tiling << ' ' << plan.units << ' ' << plan.k_tiles << ' '
+              << plan.grid_x << ' ' << plan.grid_y << ' ' << plan.smem_forward << ' ' << plan.smem_backward << '\n';
+  }
+  return 0;
+}
+
 }  // namespace
 
 int persistent_main(int argc, char** argv) {
   const std::string cmd = argc > 2 ? argv[2] : "";
   if (cmd == "run" && argc == 5) return run_command(argv[3], argv[4]);
   if (cmd == "plan" && argc == 4) return plan_command(argv[3]);
-  fail("usage: kernels persistent run <in> <out> | persistent plan <lines>");
+  if (cmd == "plan2" && argc == 4) return plan2_command(argv[3]);
+  fail("usage: kernels persistent run <in> <out> | persistent plan <lines> | persistent plan2 <lines>");
 }

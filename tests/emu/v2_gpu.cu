@@ -49,7 +49,7 @@ class GpuDevice {
     std::apply(
         [&](auto&... a) {
           void* ptrs[] = {static_cast<void*>(&a)...};
-          check(cudaLaunchCooperativeKernel(k, grid, dim3(fused_rnn::cuda::kV2Threads), ptrs, smem, nullptr),
+          check(cudaLaunchCooperativeKernel(k, grid, dim3(fused_rnn::kV2Threads), ptrs, smem, nullptr),
                 "cudaLaunchCooperativeKernel");
         },
         exact);

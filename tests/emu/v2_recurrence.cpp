@@ -34,7 +34,7 @@ class EmuDevice {
   float launch(void (*kernel)(KArgs...), dim3 grid, size_t smem, Args... args) {
     fr_emu::LaunchConfig cfg;
     cfg.grid = grid;
-    cfg.block = dim3(fused_rnn::cuda::kV2Threads, 1, 1);
+    cfg.block = dim3(fused_rnn::kV2Threads, 1, 1);
     cfg.dynamic_smem = smem;
     cfg.cooperative = true;
     cfg.stall_seconds = 60;

@@ -3,7 +3,9 @@ float16/bfloat16 (16-bit inputs compute in fp32 and keep the cell state in fp32)
 
 With FUSED_RNN_CUDA_PERSISTENT=1 it runs the persistent kernels (csrc/cuda/persistent.cu: one
 launch for all steps, w_hh on chip) wherever they fit; `kernel_for` says which kernels a layer gets.
-They stay opt-in until a GPU run has verified them (benchmarks/NOTES.md)."""
+Inside "persistent", the launcher runs v2 (tensor cores, per-step flags) for bf16/fp16 layers whose
+v2 grid fits the device at the batch size given, and v1 otherwise (csrc/cuda/persistent_plan.h).
+They stay opt-in until a GPU run has verified them (benchmarks/PERSISTENT_V2.md, NOTES.md)."""
 import os
 
 import torch

@@ -1,0 +1,87 @@
+// How a v2 plan (persistent_plan.h) becomes a launch of persistent_v2_kernels.cuh: the kernel instance of
+// (cell, dtype, tiling), the grid, the shared memory, the parameters with the plan's workspace. One
+// function for two runtimes: persistent.cu passes a `launch` that calls cudaLaunchCooperativeKernel,
+// the emulated driver (tests/emu/kernels_persistent.cpp) one that calls fr_emu::launch — so the tests
+// run the launcher's own code from the plan to the kernel. No runtime calls here.
+#pragma once
+
+#include <type_traits>
+
+#include "persistent_plan.h"
+#include "persistent_v2_kernels.cuh"
+
+namespace fused_rnn {
+namespace cuda {
+
+// The launch's workspace, laid out as PersistentV2Plan says; `flags` must be zero when the kernel starts.
+struct V2Workspace {
+  void* h_buf = nullptr;
+  unsigned* flags = nullptr;
+  float* partials = nullptr;  // backward only
+};
+
+// FR_V2_INSTANCES (a define, default all): the (cell, dtype) instances compiled, bit cell * 4 + dtype
+// in the numbering of recurrence_params.h, as tests/emu/kernels_io.h's FR_INSTANCES: the emulated
+// sanitizer builds compile only the kernels their tests run.
+#ifndef FR_V2_INSTANCES
+#define FR_V2_INSTANCES 0xFFFF
+#endif
+
+// Calls f(cell, storage, tiling) with the cell and the tiling index as std::integral_constant and a
+// value of the storage type (bf16 or fp16): the one (cell, dtype, tiling) switch of the launcher and of
+// the emulated driver. Other dtypes and tilings have no instance and call nothing.
+template <typename F> void dispatch_v2(Cell cell, DType dtype, int tiling, F&& f) {
+  auto with_tiling = [&](auto c, auto s) {
+    constexpr DType d = std::is_same<decltype(s), __half>::value ? DType::Float16 : DType::BFloat16;
+    if constexpr ((FR_V2_INSTANCES) >> (int(decltype(c)::value) * 4 + int(d)) & 1) {
+      switch (tiling) {
+        case 0: f(c, s, std::integral_constant<int, 0>{}); break;
+        case 1: f(c, s, std::integral_constant<int, 1>{}); break;
+        case 2: f(c, s, std::integral_constant<int, 2>{}); break;
+        case 3: f(c, s, std::integral_constant<int, 3>{}); break;
+        default: break;
+      }
+    }
+  };
+  static_assert(kV2TilingCount == 4, "dispatch_v2: one case per tiling of kV2Tilings");
+  dispatch_cell(cell, [&](auto c) {
+    if (dtype == DType::BFloat16) with_tiling(c, __nv_bfloat16{});
+    if (dtype == DType::Float16) with_tiling(c, __half{});
+  });
+}
+
+// The forward and backward kernel instances of tiling I.
+template <Cell C, typename S, int I> struct V2Kernels {
+  static constexpr V2Tiling t = kV2Tilings[I];
+  static constexpr auto forward = persistent_v2_forward_kernel<C, S, t.mt, t.kt, t.nt>;
+  static constexpr auto backward = persistent_v2_backward_kernel<C, S, t.mt, t.kt, t.nt>;
+};
+
+// launch(kernel, grid, dynamic smem bytes, params, layout): one cooperative launch of kV2Threads per CTA.
+template <typename Launch>
+void launch_v2_forward(const PersistentForwardParams& p, const PersistentV2Plan& plan, const V2Workspace& ws,
+                       Launch&& launch) {
+  PersistentForwardParams q = p;
+  q.h_buf = ws.h_buf;    // [2, B, 16*k_tiles], not the caller's [2, B, H]
+  q.c_state = nullptr;   // c stays in registers
+  const PersistentV2Layout lay{plan.units, plan.k_tiles, ws.flags, nullptr};
+  dispatch_v2(p.cell, p.dtype, plan.tiling, [&](auto c, auto s, auto i) {
+    launch(V2Kernels<decltype(c)::value, decltype(s), decltype(i)::value>::forward,
+           dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), 1), plan.smem_forward, q, lay);
+  });
+}
+
+template <typename Launch>
+void launch_v2_backward(const PersistentBackwardParams& p, const PersistentV2Plan& plan, const V2Workspace& ws,
+                        Launch&& launch) {
+  PersistentBackwardParams q = p;
+  q.dh_state = q.dc_state = nullptr;  // the carried dh and dc stay in registers
+  const PersistentV2Layout lay{plan.units, plan.k_tiles, ws.flags, ws.partials};
+  dispatch_v2(p.cell, p.dtype, plan.tiling, [&](auto c, auto s, auto i) {
+    launch(V2Kernels<decltype(c)::value, decltype(s), decltype(i)::value>::backward,
+           dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), 1), plan.smem_backward, q, lay);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fused_rnn
