@@ -6,6 +6,8 @@
 //   fr_ptx::ldmatrix<N, Trans>(regs, smem_row) N = 1, 2, 4 matrices of 8x8 16-bit
 //   fr_ptx::cp_async_cg16 / cp_async_ca<4|8|16>, cp_async_commit, cp_async_wait<N>, cp_async_wait_all
 //   fr_ptx::ld_acquire_gpu / st_release_gpu / red_release_add_gpu / wait_flag_geq_gpu (and _sys)
+//   fr_ptx::cluster_ctarank / cluster_nctarank / cluster_arrive_release / cluster_wait_acquire /
+//           cluster_sync / map_shared_rank   (thread block clusters, sm_90)
 //
 // Under nvcc each wrapper is one PTX instruction (sm_80 and newer; the build targets 8.0 and 9.0).
 // Under a host compiler with FUSED_RNN_EMULATE each wrapper is emulated on the CPU emulator
@@ -46,6 +48,12 @@
 #define FR_PTX_SM80 0
 #else
 #define FR_PTX_SM80 1
+#endif
+// The cluster wrappers need sm_90; older architectures compile them to a trap.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define FR_PTX_SM90 0
+#else
+#define FR_PTX_SM90 1
 #endif
 
 // In the emulator the warp-wide wrappers take the caller's file and line as hidden default arguments,
@@ -464,6 +472,96 @@ FR_DEVICE unsigned wait_flag_geq(const unsigned* flag, unsigned target) {
 }
 FR_DEVICE unsigned wait_flag_geq_gpu(const unsigned* flag, unsigned target) { return wait_flag_geq<false>(flag, target); }
 FR_DEVICE unsigned wait_flag_geq_sys(const unsigned* flag, unsigned target) { return wait_flag_geq<true>(flag, target); }
+
+// ------------------------------------------------------------------------------------------------
+// Thread block clusters (sm_90): the block's rank in its cluster and the cluster's size, the
+// split hardware cluster barrier, and distributed shared memory (another block's shared memory).
+//   mov.u32 %cluster_ctarank / %cluster_nctarank
+//   barrier.cluster.arrive.release.aligned   barrier.cluster.wait.acquire.aligned
+//   mapa.u64 (generic address of the same shared-memory offset in block `rank` of the cluster)
+// Every thread of the cluster must arrive before any wait returns; .aligned: every thread of the
+// warp executes the same instruction. The release/acquire pair orders shared-memory writes of
+// one block before the other blocks' reads after the wait, and a block must not exit while others
+// may still access its shared memory: end with a cluster barrier.
+// Cost (SASS of sm_90, CUDA 13): arrive.release is MEMBAR.ALL.GPU + CGAERRBAR + UCGABAR_ARV, wait
+// is UCGABAR_WAIT + CCTL.IVALL; mapa is a PRMT that puts the target CTA's id into the shared
+// window's address, read and written with generic LD/ST. The cluster dimensions come from the
+// launch (cudaLaunchKernelEx, cudaLaunchAttributeClusterDimension).
+// Emulation: csrc/cuda/emu/cluster.cpp (LaunchConfig::cluster); off sm_90 the wrappers trap.
+// ------------------------------------------------------------------------------------------------
+FR_DEVICE unsigned cluster_ctarank() {
+#if defined(FR_PTX_EMULATE)
+  return ::fr_emu::detail::cluster_rank();
+#elif FR_PTX_SM90
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+FR_DEVICE unsigned cluster_nctarank() {
+#if defined(FR_PTX_EMULATE)
+  return ::fr_emu::detail::cluster_size();
+#elif FR_PTX_SM90
+  unsigned n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  return n;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+FR_DEVICE void cluster_arrive_release(FR_PTX_CALL_SITE_ONLY) {
+#if defined(FR_PTX_EMULATE)
+  ::fr_emu::detail::cluster_arrive(file, line);
+#elif FR_PTX_SM90
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+FR_DEVICE void cluster_wait_acquire(FR_PTX_CALL_SITE_ONLY) {
+#if defined(FR_PTX_EMULATE)
+  ::fr_emu::detail::cluster_wait(file, line);
+#elif FR_PTX_SM90
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Arrive and wait: every thread of the cluster has reached this point, its writes visible.
+FR_DEVICE void cluster_sync(FR_PTX_CALL_SITE_ONLY) {
+#if defined(FR_PTX_EMULATE)
+  cluster_arrive_release(file, line);
+  cluster_wait_acquire(file, line);
+#else
+  cluster_arrive_release();
+  cluster_wait_acquire();
+#endif
+}
+
+// The address of *p (in this block's shared memory) in the shared memory of block `rank` of the
+// cluster: plain loads and stores through it reach that block's copy.
+template <typename T>
+FR_DEVICE T* map_shared_rank(T* p, unsigned rank FR_PTX_CALL_SITE) {
+#if defined(FR_PTX_EMULATE)
+  return static_cast<T*>(::fr_emu::detail::map_shared_rank(p, rank, file, line));
+#elif FR_PTX_SM90
+  uint64_t out;
+  asm volatile("mapa.u64 %0, %1, %2;\n" : "=l"(out) : "l"(reinterpret_cast<uint64_t>(p)), "r"(rank));
+  return reinterpret_cast<T*>(out);
+#else
+  (void)rank;
+  __trap();
+  return p;
+#endif
+}
 
 }  // namespace fr_ptx
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/compat.cuh"
+#include "cuda/ptx.cuh"  // the cluster wrappers
 
 namespace {
 
@@ -474,6 +475,93 @@ int mask_error(bool exited) {
   return check(true, "mask");
 }
 
+// ---- clusters: blocks exchange through each other's shared memory across the cluster barrier ---------------
+// Grid (4,2) of 64 threads in clusters of (2,2): 2 clusters of 4 blocks ("big": grid (32,2), 16 clusters,
+// more threads than one wave of a non-cooperative launch, so waves must hold whole clusters). Round r writes
+// this block's slot (dynamic shared memory on even rounds, a static array on odd ones), waits at the cluster
+// barrier, then reads the next rank's slot through mapa. The last barrier is split: arrive, then the result
+// store, then wait — no block exits while another may still read its shared memory.
+constexpr unsigned kClusterThreads = 64;
+
+FR_KERNEL void cluster_exchange_kernel(float* out, unsigned* ranks, int rounds) {
+  FR_SHARED_DYNAMIC(float, dyn);
+  FR_SHARED_ARRAY(float, stat, kClusterThreads);
+  const unsigned rank = fr_ptx::cluster_ctarank(), n = fr_ptx::cluster_nctarank(), t = threadIdx.x;
+  const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
+  if (t == 0) ranks[b] = rank * 100 + n;
+  float mine = static_cast<float>(b * kClusterThreads + t);
+  for (int r = 0; r < rounds; ++r) {
+    float* slot = r % 2 ? stat : dyn;
+    slot[t] = mine;
+    if (!(g_bug && r == 1)) fr_ptx::cluster_sync();  // the planted bug: one missing cluster barrier
+    const float* peer = fr_ptx::map_shared_rank(slot, (rank + 1) % n);
+    mine = 0.5f * mine + peer[kClusterThreads - 1 - t];
+  }
+  fr_ptx::cluster_arrive_release();
+  out[b * kClusterThreads + t] = mine;
+  fr_ptx::cluster_wait_acquire();
+}
+
+int cluster_exchange() {
+  const dim3 grid(g_big ? 32 : 4, 2), cluster(2, 2);
+  const unsigned blocks = grid.x * grid.y, n = cluster.x * cluster.y, T = kClusterThreads;
+  const int rounds = 5;
+  // host model: the rank of each block and the block of each (cluster, rank)
+  std::vector<unsigned> rank_of(blocks), peer_of(blocks);
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx)
+      rank_of[by * grid.x + bx] = bx % cluster.x + cluster.x * (by % cluster.y);
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      const unsigned next = (rank_of[by * grid.x + bx] + 1) % n;
+      const unsigned px = bx / cluster.x * cluster.x + next % cluster.x, py = by / cluster.y * cluster.y + next / cluster.x;
+      peer_of[by * grid.x + bx] = py * grid.x + px;
+    }
+  std::vector<float> expect(blocks * T), out(blocks * T, NAN);
+  for (unsigned i = 0; i < expect.size(); ++i) expect[i] = static_cast<float>(i);
+  for (int r = 0; r < rounds; ++r) {
+    std::vector<float> next(expect.size());
+    for (unsigned b = 0; b < blocks; ++b)
+      for (unsigned t = 0; t < T; ++t) next[b * T + t] = 0.5f * expect[b * T + t] + expect[peer_of[b] * T + T - 1 - t];
+    expect = next;
+  }
+  std::vector<unsigned> ranks(blocks, ~0u);
+  fr_emu::LaunchConfig cfg;
+  cfg.grid = grid;
+  cfg.block = dim3(T);
+  cfg.cluster = cluster;
+  cfg.dynamic_smem = T * sizeof(float);
+  cfg.stall_seconds = g_stall;
+  fr_emu::launch(cfg, cluster_exchange_kernel, out.data(), ranks.data(), rounds);
+  bool ranks_ok = true;
+  for (unsigned b = 0; b < blocks; ++b) ranks_ok = ranks_ok && ranks[b] == rank_of[b] * 100 + n;
+  print_hex("out", out);
+  return check(ranks_ok && out == expect, "cluster_exchange");
+}
+
+// ---- cluster misuse: the grid not a whole number of clusters, too many blocks, a wait without an arrive,
+// a rank outside the cluster, and a cluster of 16 with the non-portable opt-in (allowed) ------------------------
+FR_KERNEL void cluster_misuse_kernel(int what) {
+  if (what == 0) fr_ptx::cluster_wait_acquire();
+  if (what == 1) {
+    FR_SHARED_ARRAY(float, s, 32);
+    s[threadIdx.x] = 1.0f;
+    (void)fr_ptx::map_shared_rank(s, fr_ptx::cluster_nctarank());
+  }
+  if (what == 2) fr_ptx::cluster_sync();
+}
+
+int cluster_misuse(unsigned grid, unsigned cluster, bool non_portable, int what) {
+  fr_emu::LaunchConfig cfg;
+  cfg.grid = dim3(grid);
+  cfg.block = dim3(32);
+  cfg.cluster = dim3(cluster);
+  cfg.non_portable_cluster_size = non_portable;
+  cfg.stall_seconds = g_stall;
+  fr_emu::launch(cfg, cluster_misuse_kernel, what);
+  return check(true, "cluster_misuse");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -509,6 +597,12 @@ int main(int argc, char** argv) {
   if (s == "cooperative_static_too_large") return cooperative_limit(5, true);
   if (s == "mask_exited") return mask_error(true);
   if (s == "mask_diverged") return mask_error(false);
+  if (s == "cluster_exchange") return cluster_exchange();
+  if (s == "cluster_16_non_portable") return cluster_misuse(32, 16, true, 2);
+  if (s == "cluster_not_dividing") return cluster_misuse(6, 4, false, 2);
+  if (s == "cluster_16_portable") return cluster_misuse(32, 16, false, 2);
+  if (s == "cluster_wait_without_arrive") return cluster_misuse(4, 2, false, 0);
+  if (s == "cluster_rank_outside") return cluster_misuse(4, 2, false, 1);
   std::fprintf(stderr, "unknown scenario %s\n", s.c_str());
   return 2;
 }

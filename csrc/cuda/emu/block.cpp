@@ -94,9 +94,14 @@ void Block::arrive_and_wait(Barrier kind, unsigned count, const char* file, int 
 }
 
 void Block::lanes_exited(unsigned count) {
-  std::unique_lock<std::mutex> lock(mutex);
-  exited += count;
-  complete_if_all_arrived(lock);
+  bool done;
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    exited += count;
+    done = exited == nthreads;
+    complete_if_all_arrived(lock);
+  }
+  cluster->lanes_exited(*launch, count, done);  // lock order: block, then cluster (never both held)
 }
 
 bool Block::complete_if_all_arrived(std::unique_lock<std::mutex>&) {

@@ -70,6 +70,12 @@ struct LaunchConfig {
                                // `device` (threads, blocks, shared memory, registers per SM)
   Device device{};
   int regs_per_thread = 0;     // 0: not checked
+  // Thread block clusters (sm_90, cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension): blocks in
+  // groups of cluster.x * cluster.y * cluster.z that run together, share a hardware barrier and map each
+  // other's shared memory. The grid must be a whole number of clusters; at most 8 blocks per cluster, 16 with
+  // non_portable_cluster_size (cudaFuncAttributeNonPortableClusterSizeAllowed).
+  dim3 cluster{1, 1, 1};
+  bool non_portable_cluster_size = false;
   double stall_seconds = 20;   // no barrier progress for this long => deadlock report on stderr, then exit(86)
 };
 
@@ -100,6 +106,16 @@ unsigned active_mask();
 void* shared_static(size_t bytes, const void* site);  // the block's buffer for `site`, 0xFF-filled at first use
 void* shared_dynamic();
 void fence();  // __threadfence*: a sequentially consistent fence (and, under TSan, its happens-before)
+// Clusters (cluster.cpp): the block's rank in its cluster (%cluster_ctarank, x fastest), the cluster's size
+// (%cluster_nctarank); the split cluster barrier (barrier.cluster.arrive.release / wait.acquire: every
+// thread of the cluster arrives, then waits until all have; exited threads count as arrived); and mapa: the
+// address, in the shared memory of the cluster's block `rank`, of the shared-memory address `p` of the
+// calling block.
+unsigned cluster_rank();
+unsigned cluster_size();
+void cluster_arrive(const char* file, int line);
+void cluster_wait(const char* file, int line);
+void* map_shared_rank(const void* p, unsigned rank, const char* file, int line);
 void atomic_touched(const void* address);  // under TSan: the other half of the fence model (lane.cpp)
 }  // namespace detail
 

@@ -80,6 +80,10 @@ const char* wait_text(const Lane& l, char* buf, size_t n) {
     case Wait::Runnable: return "running (no barrier reached: an endless loop?)";
     case Wait::SyncThreads: std::snprintf(buf, n, "wait at __syncthreads() %s:%d", base_name(l.file), l.line); break;
     case Wait::GridSync: std::snprintf(buf, n, "wait at fr_grid_sync() %s:%d", base_name(l.file), l.line); break;
+    case Wait::ClusterWait:
+      std::snprintf(buf, n, "wait at barrier.cluster.wait (phase %llu) %s:%d",
+                    static_cast<unsigned long long>(l.cluster_phase), base_name(l.file), l.line);
+      break;
     case Wait::Collective:
       std::snprintf(buf, n, "wait at %s(mask 0x%08x) %s:%d", op_name(l.op), l.mask, base_name(l.file), l.line);
       break;
@@ -131,12 +135,32 @@ uint3 block_index(const dim3& grid, unsigned linear) {
   return uint3{linear % grid.x, linear / grid.x % grid.y, linear / (grid.x * grid.y)};
 }
 
+// The block at position `order` of the launch order: cluster by cluster (clusters x fastest), each cluster's
+// blocks by rank (x fastest), so that a cluster's blocks are consecutive and always run in the same wave.
+// Without clusters (1x1x1) this is the linear block order.
+uint3 block_in_launch_order(const dim3& grid, const dim3& cluster, unsigned order, unsigned* rank) {
+  const unsigned size = cluster.x * cluster.y * cluster.z;
+  const dim3 clusters(grid.x / cluster.x, grid.y / cluster.y, grid.z / cluster.z);
+  const uint3 c = block_index(clusters, order / size), r = block_index(cluster, order % size);
+  *rank = order % size;
+  return uint3{c.x * cluster.x + r.x, c.y * cluster.y + r.y, c.z * cluster.z + r.z};
+}
+
 // Runs blocks [first, first + count) to completion: one OS thread per warp, all started before any is waited for.
 void run_wave(Launch& launch, unsigned first, unsigned count) {
   std::vector<std::unique_ptr<Block>> blocks;
+  std::vector<std::unique_ptr<Cluster>> clusters;  // `count` is a whole number of clusters
   unsigned nwarps = 0;
   for (unsigned b = first; b < first + count; ++b) {
-    blocks.push_back(std::make_unique<Block>(&launch, block_index(launch.grid, b), launch.threads_per_block));
+    unsigned rank = 0;
+    const uint3 idx = block_in_launch_order(launch.grid, launch.cfg.cluster, b, &rank);
+    blocks.push_back(std::make_unique<Block>(&launch, idx, launch.threads_per_block));
+    if (rank == 0) clusters.push_back(std::make_unique<Cluster>());
+    Cluster& cluster = *clusters.back();
+    blocks.back()->cluster = &cluster;
+    blocks.back()->cluster_rank = rank;
+    cluster.blocks.push_back(blocks.back().get());
+    cluster.nthreads += launch.threads_per_block;
     launch.running.push_back(blocks.back().get());
     nwarps += static_cast<unsigned>(blocks.back()->warps.size());
   }
@@ -231,11 +255,22 @@ void launch_impl(const LaunchConfig& cfg, const std::function<void()>& body) {
   if (cfg.dynamic_smem > cfg.device.smem_per_block_optin)
     fail("%zu bytes of dynamic shared memory, more than the device's opt-in limit of %zu per block",
          cfg.dynamic_smem, cfg.device.smem_per_block_optin);
+  const dim3 c = cfg.cluster;
+  const unsigned long long csize = 1ull * c.x * c.y * c.z;
+  if (csize == 0 || g.x % c.x || g.y % c.y || g.z % c.z)
+    fail("cluster (%u,%u,%u) does not divide the grid (%u,%u,%u) (cudaErrorInvalidClusterSize)", c.x, c.y, c.z, g.x,
+         g.y, g.z);
+  if (csize > (cfg.non_portable_cluster_size ? 16u : 8u))
+    fail("cluster (%u,%u,%u) of %llu blocks: at most 8 (16 with cudaFuncAttributeNonPortableClusterSizeAllowed) "
+         "(cudaErrorClusterOutOfResources)", c.x, c.y, c.z, csize);
   launch.threads_per_block = static_cast<unsigned>(threads);
   launch.nblocks = static_cast<unsigned>(blocks);
+  launch.cluster_size = static_cast<unsigned>(csize);
   launch.check_coresident(cfg.dynamic_smem);
+  // A wave holds whole clusters: the blocks of a cluster run together, as the GPU guarantees.
+  const unsigned by_threads = std::max(1u, kMaxThreadsPerWave / launch.threads_per_block);
   const unsigned wave = cfg.cooperative ? launch.nblocks
-                        : std::max(1u, std::min(launch.nblocks, kMaxThreadsPerWave / launch.threads_per_block));
+                        : std::min(launch.nblocks, std::max(1u, by_threads / launch.cluster_size) * launch.cluster_size);
   launch.threads_per_wave = wave * launch.threads_per_block;
   for (unsigned first = 0; first < launch.nblocks; first += wave)
     run_wave(launch, first, std::min(wave, launch.nblocks - first));

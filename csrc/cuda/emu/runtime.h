@@ -2,6 +2,7 @@
 //
 //   launch.cpp   launch_impl: checks, co-residency, blocks in waves, the grid barrier, the deadlock watchdog
 //   block.cpp    the block barrier (__syncthreads, and a block's arrival at the grid barrier), shared memory
+//   cluster.cpp  thread block clusters: the cluster barrier, shared memory of the cluster's other blocks
 //   warp.cpp     the warp's OS thread: runs its lanes until all block, resolves warp collectives, waits at
 //                block/grid barriers
 //   lane.cpp     what a lane calls (__syncthreads, shuffles, votes, __syncwarp, ...): record the request, switch
@@ -42,7 +43,7 @@ struct TsanSync {
 };
 
 // What a lane is doing from its warp thread's point of view.
-enum class Wait : unsigned char { Runnable, SyncThreads, GridSync, Collective, Exited };
+enum class Wait : unsigned char { Runnable, SyncThreads, GridSync, Collective, ClusterWait, Exited };
 
 // Warp collectives; lanes named in each other's masks must wait at the same op with the same mask.
 enum class Op : unsigned char { ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp, AllGather };
@@ -51,6 +52,7 @@ const char* op_name(Op op);
 struct Warp;
 struct Block;
 struct Launch;
+struct Cluster;
 
 struct Lane {
   Context ctx;
@@ -75,6 +77,9 @@ struct Lane {
   // has run since which later atomics release at.
   const void* last_atomic = nullptr;
   bool fenced = false;
+  // The cluster barrier: whether the lane has arrived and not yet waited, and the phase it arrived at.
+  bool cluster_arrived = false;
+  uint64_t cluster_phase = 0;
 };
 
 // The TSan objects of one membermask's __syncwarp/allgather rounds. Round r uses objects[r % 2]: a lane that
@@ -109,6 +114,8 @@ struct Block {
   Launch* launch = nullptr;
   uint3 idx{};
   unsigned nthreads = 0;
+  Cluster* cluster = nullptr;  // every block has one (of one block when the launch has no clusters)
+  unsigned cluster_rank = 0;
   std::vector<std::unique_ptr<Warp>> warps;
 
   // Shared memory: the dynamic buffer (allocated at block start) and the static sites (allocated at first use).
@@ -144,11 +151,32 @@ struct Block {
   bool complete_if_all_arrived(std::unique_lock<std::mutex>& lock);
 };
 
+// A thread block cluster: its blocks by rank and its barrier. The barrier is split (arrive, then wait): a phase
+// completes when every thread of the cluster has arrived or exited; a lane waits for the phase it arrived at.
+struct Cluster {
+  std::vector<Block*> blocks;  // by rank
+  unsigned nthreads = 0;
+  std::mutex mutex;
+  std::condition_variable cv;
+  unsigned arrived = 0, exited = 0;
+  std::atomic<uint64_t> generation{0};  // completed phases; phase g releases/acquires sync_objects[g % 2]
+  TsanSync sync_objects[2];
+  unsigned blocks_exited = 0;           // blocks all of whose threads exited (their shared memory is gone)
+
+  void arrive(Launch& launch);          // under the lane's bookkeeping scope
+  void lanes_exited(Launch& launch, unsigned count, bool block_done);
+  void wait_past(uint64_t phase);       // blocks the warp thread until phase `phase` completed
+
+ private:
+  void complete_if_all_arrived(Launch& launch);
+};
+
 struct Launch {
   LaunchConfig cfg;
   const std::function<void()>* body = nullptr;
   dim3 grid, block;
   unsigned threads_per_block = 0, nblocks = 0;
+  unsigned cluster_size = 1;          // blocks per cluster; blocks run in launch order cluster by cluster
   unsigned threads_per_wave = 0;      // blocks alive at once x threads per block
   std::vector<Block*> running;        // the blocks of the current wave (for the deadlock report)
 

@@ -41,6 +41,7 @@ const char* wait_name(const Lane& l) {
     case Wait::SyncThreads: return "__syncthreads()";
     case Wait::GridSync: return "fr_grid_sync()";
     case Wait::Collective: return op_name(l.op);
+    case Wait::ClusterWait: return "barrier.cluster.wait";
     case Wait::Exited: return "exit";
     default: return "nothing (running)";
   }
@@ -121,6 +122,7 @@ class Scheduler {
       if (const unsigned exited = run_lanes()) block.lanes_exited(exited);
       if (w_.live_mask() == 0) break;
       if (resolve_collectives()) continue;
+      if (wait_at_cluster_barrier()) continue;
       wait_at_block_barrier();
     }
     tsan_acquire(&w_.exited_sync);  // the lanes' writes, for the host thread that joins this one
@@ -213,6 +215,29 @@ class Scheduler {
       any = true;
     }
     return any;
+  }
+
+  // Lanes that wait at the cluster barrier: the warp thread sleeps until the earliest phase they wait for has
+  // completed, then lets those lanes run (each acquires the phase's releases itself). Checked before the block
+  // barrier: a lane past its cluster wait may be one the block barrier needs.
+  bool wait_at_cluster_barrier() {
+    bool any = false;
+    uint64_t earliest = 0;
+    for (int i = 0; i < w_.nlanes; ++i) {
+      const Lane& l = w_.lanes[i];
+      if (l.wait != Wait::ClusterWait) continue;
+      earliest = any && earliest < l.cluster_phase ? earliest : l.cluster_phase;
+      any = true;
+    }
+    if (!any) return false;
+    Cluster& cluster = *w_.block->cluster;
+    cluster.wait_past(earliest);
+    const uint64_t done = cluster.generation.load(std::memory_order_relaxed);
+    for (int i = 0; i < w_.nlanes; ++i) {
+      Lane& l = w_.lanes[i];
+      if (l.wait == Wait::ClusterWait && l.cluster_phase < done) l.wait = Wait::Runnable;
+    }
+    return true;
   }
 
   // Every live lane now waits at __syncthreads or at the grid sync: the warp arrives with all of them.
