@@ -361,12 +361,16 @@ def plans(tmp_path, lines):
         dev = DEVICES[dev] if isinstance(dev, str) else dev
         text += (f"{CELL_ID[c]} {DTYPE_ID[d]} {H} {dev['sms']} {int(coop)} {dev['smem_optin']} "
                  f"{dev['smem_per_sm']} {regs}\n")
-    path = Path(tmp_path) / "plans.txt"
+    return [(v, *map(int, rest)) for v, *rest in plan_lines(tmp_path, "plan", text, len(lines))]
+
+
+def plan_lines(tmp_path, command, text, n):
+    """The driver's `persistent <command>` answers to the `n` lines of `text`, each split into words."""
+    path = Path(tmp_path) / f"{command}.txt"
     path.write_text(text)
-    proc = emu_build.run(driver("plain"), ["persistent", "plan", path])
-    out = proc.stdout.split("\n")[:-1]
-    assert len(out) == len(lines)
-    return [(v, int(b), int(t), int(u), int(s)) for v, b, t, u, s in (o.split() for o in out)]
+    out = emu_build.run(driver("plain"), ["persistent", command, path]).stdout.split("\n")[:-1]
+    assert len(out) == n
+    return [o.split() for o in out]
 
 
 def test_plan_for_fake_devices(compiler, tmp_path):
@@ -411,12 +415,7 @@ def plans_v2(tmp_path, lines):
         dev = DEVICES[dev] if isinstance(dev, str) else dev
         text += (f"{CELL_ID[c]} {DTYPE_ID[d]} {H} {B} {int(proj)} {dev['sms']} {int(coop)} {dev['smem_optin']} "
                  f"{dev['smem_per_sm']} {regs} {cc}\n")
-    path = Path(tmp_path) / "plans2.txt"
-    path.write_text(text)
-    proc = emu_build.run(driver("plain"), ["persistent", "plan2", path])
-    out = proc.stdout.split("\n")[:-1]
-    assert len(out) == len(lines)
-    return [(o.split()[0], *map(int, o.split()[1:])) for o in out]
+    return [(v, *map(int, rest)) for v, *rest in plan_lines(tmp_path, "plan2", text, len(lines))]
 
 
 def v2_smem(mt, nt, k_tiles):

@@ -369,3 +369,29 @@ def test_fp32_3xtf32_is_fp32_accurate(K):
     assert err["ffma"] < 1e-6 and err["tf32x3"] < 1e-6, err
     assert err["tf32x1"] > 1e-5, err  # the measurement tells TF32 from fp32
     assert err["tf32x3"] < 2 * err["ffma"], err
+
+
+# ---------------------------------------------------------------------------------------------------
+# the machine code of the built extension: the launcher's own v2 instances (every cell x dtype x tiling)
+# ---------------------------------------------------------------------------------------------------
+def test_built_extension_v2_kernels_use_tensor_cores():
+    """cuobjdump of fused_rnn/_C*.so (built with CUDA): every persistent_v2 kernel of the launcher, for
+    every architecture it was built for, issues MT*KT*NT HMMA per step and uses no local memory."""
+    so = next((ROOT / "fused_rnn").glob("_C*.so"), None)
+    if so is None:
+        pytest.skip("fused_rnn/_C is not built in this tree (python setup.py build_ext --inplace)")
+    cuobjdump = emu_build.cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or Triton's wheel): cannot read the SASS")
+    r = subprocess.run([cuobjdump, "--dump-sass", str(so)], capture_output=True, text=True, timeout=600)
+    functions = [f for f in re.split(r"\n\s*Function : ", r.stdout)[1:] if "persistent_v2_" in f.split()[0]]
+    if r.returncode != 0 or not functions:
+        pytest.skip(f"{so.name} holds no CUDA kernels (a CPU-only build): {r.stderr.strip()[:200]}")
+    archs = set(re.findall(r"arch = (sm_\d+)", r.stdout))
+    # 4 cells x 2 dtypes x 4 tilings (persistent_plan.h kV2Tilings) x forward/backward, per architecture
+    assert len(functions) == 64 * len(archs), (len(functions), archs)
+    for f in functions:
+        name = f.split()[0]
+        mt, kt, nt = _tiling_of(name)
+        assert len(re.findall(r"\bHMMA\.16816\.F32", f)) == mt * kt * nt, name
+        assert not re.search(r"\b(LDL|STL)\b", f), f"{name}: local memory in the SASS"

@@ -186,13 +186,18 @@ void with_v2_workspace(const PersistentV2Plan& plan, bool backward, void* stream
   ws.h_buf = bytes + h_off;
   ws.flags = reinterpret_cast<unsigned*>(bytes + flag_off);
   ws.partials = backward ? reinterpret_cast<float*>(bytes + part_off) : nullptr;
-  check(cudaMemsetAsync(ws.flags, 0, plan.flag_bytes, st), "flag reset");
-  launch_v2(ws, [&](auto kernel, dim3 grid, size_t smem, auto params, PersistentV2Layout lay) {
-    void* args[] = {&params, &lay};
-    check(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kV2Threads), args, smem, st),
-          "kernel launch");
-  });
-  check(cudaFreeAsync(base, st), "workspace release");
+  cudaError_t err = cudaMemsetAsync(ws.flags, 0, plan.flag_bytes, st);
+  const char* what = "flag reset";
+  if (err == cudaSuccess) {
+    what = "kernel launch";
+    launch_v2(ws, [&](auto kernel, dim3 grid, size_t smem, auto params, PersistentV2Layout lay) {
+      void* args[] = {&params, &lay};
+      err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kV2Threads), args, smem, st);
+    });
+  }
+  const cudaError_t freed = cudaFreeAsync(base, st);  // released whether or not the launch went
+  check(err, what);
+  check(freed, "workspace release");
 }
 
 }  // namespace

@@ -489,31 +489,23 @@ FR_DEVICE unsigned wait_flag_geq_sys(const unsigned* flag, unsigned target) { re
 // launch (cudaLaunchKernelEx, cudaLaunchAttributeClusterDimension).
 // Emulation: csrc/cuda/emu/cluster.cpp (LaunchConfig::cluster); off sm_90 the wrappers trap.
 // ------------------------------------------------------------------------------------------------
-FR_DEVICE unsigned cluster_ctarank() {
 #if defined(FR_PTX_EMULATE)
-  return ::fr_emu::detail::cluster_rank();
+FR_DEVICE unsigned cluster_ctarank() { return ::fr_emu::detail::cluster_rank(); }
+FR_DEVICE unsigned cluster_nctarank() { return ::fr_emu::detail::cluster_size(); }
 #elif FR_PTX_SM90
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
+#define FR_PTX_SPECIAL_REGISTER(NAME)                                 \
+  FR_DEVICE unsigned NAME() {                                         \
+    unsigned v;                                                       \
+    asm volatile("mov.u32 %0, %%" #NAME ";\n" : "=r"(v));              \
+    return v;                                                         \
+  }
+FR_PTX_SPECIAL_REGISTER(cluster_ctarank)
+FR_PTX_SPECIAL_REGISTER(cluster_nctarank)
+#undef FR_PTX_SPECIAL_REGISTER
 #else
-  __trap();
-  return 0;
+FR_DEVICE unsigned cluster_ctarank() { __trap(); return 0; }
+FR_DEVICE unsigned cluster_nctarank() { __trap(); return 0; }
 #endif
-}
-
-FR_DEVICE unsigned cluster_nctarank() {
-#if defined(FR_PTX_EMULATE)
-  return ::fr_emu::detail::cluster_size();
-#elif FR_PTX_SM90
-  unsigned n;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
-  return n;
-#else
-  __trap();
-  return 0;
-#endif
-}
 
 FR_DEVICE void cluster_arrive_release(FR_PTX_CALL_SITE_ONLY) {
 #if defined(FR_PTX_EMULATE)

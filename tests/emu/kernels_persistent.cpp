@@ -50,8 +50,11 @@ SmLimits sm_limits(int64_t smem_per_sm) {
 
 void* ptr(Array* a) { return a ? a->bytes.get() : nullptr; }
 
-// One forward (and, when `save`, one backward) of the layer in `in`; every output freshly poisoned.
-template <Cell C, typename S> File run(File& in, const fr_emu::Device& dev, const PersistentPlan& plan) {
+// One forward (and, when `save`, one backward) of the layer in `in`, every output and workspace freshly
+// poisoned, with recurrence.cpp's arrays and parameters: forward(params, work) and backward(params, work)
+// launch the kernels (and may add their own workspace to `work`).
+template <Cell C, typename S, typename Forward, typename Backward>
+File run(File& in, Forward&& forward, Backward&& backward) {
   const int64_t T = in.param("T"), B = in.param("B"), H = in.param("H"), GH = gates_of<C>() * H;
   const bool reverse = in.param("reverse") != 0, save = in.param("save") != 0;
   const bool lstm = C == Cell::LSTM, has_gates = C == Cell::LSTM || C == Cell::GRU;
@@ -69,17 +72,10 @@ template <Cell C, typename S> File run(File& in, const fr_emu::Device& dev, cons
   Array& h_buf = work.add("h_buf", s, 2 * B * H);
   Array* c_state = lstm ? &work.add("c_state", a, B * H) : nullptr;
   const int64_t* len = lengths ? lengths->as<int64_t>() : nullptr;
-
-  fr_emu::LaunchConfig cfg;
-  cfg.grid = dim3(unsigned(plan.blocks));
-  cfg.block = dim3(unsigned(plan.threads));
-  cfg.dynamic_smem = plan.smem_bytes;
-  cfg.cooperative = true;
-  cfg.device = dev;
   const PersistentForwardParams fwd{C, dtype, T, B, H, reverse, len, ptr(&in.get("gx")), ptr(&in.get("w_hh")),
                                     ptr(b_hh), ptr(&in.get("h0")), ptr(c0), ptr(&y), ptr(&h_n), ptr(c_n),
                                     ptr(gates), ptr(cells), ptr(&h_buf), ptr(c_state)};
-  fr_emu::launch(cfg, cuda::persistent_forward_kernel<C, S>, fwd, plan.units);
+  forward(fwd, work);
   if (!save) return out;
 
   // As csrc/recurrence.cpp: dgh is dgx except for the GRU.
@@ -93,8 +89,25 @@ template <Cell C, typename S> File run(File& in, const fr_emu::Device& dev, cons
                                      ptr(&in.get("dh_n")), lstm ? ptr(&in.get("dc_n")) : nullptr, ptr(gates),
                                      ptr(cells), ptr(&y), ptr(&in.get("h0")), ptr(c0), ptr(&dgx), ptr(dgh),
                                      ptr(&dh0), ptr(dc0), ptr(&dh_state), ptr(dc_state)};
-  fr_emu::launch(cfg, cuda::persistent_backward_kernel<C, S>, bwd, plan.units);
+  backward(bwd, work);
   return out;
+}
+
+// v1: blocks of plan.units units, launched cooperatively on `dev`.
+template <Cell C, typename S> File run_v1(File& in, const fr_emu::Device& dev, const PersistentPlan& plan) {
+  fr_emu::LaunchConfig cfg;
+  cfg.grid = dim3(unsigned(plan.blocks));
+  cfg.block = dim3(unsigned(plan.threads));
+  cfg.dynamic_smem = plan.smem_bytes;
+  cfg.cooperative = true;
+  cfg.device = dev;
+  return run<C, S>(
+      in, [&](const PersistentForwardParams& p, File&) {
+        fr_emu::launch(cfg, cuda::persistent_forward_kernel<C, S>, p, plan.units);
+      },
+      [&](const PersistentBackwardParams& p, File&) {
+        fr_emu::launch(cfg, cuda::persistent_backward_kernel<C, S>, p, plan.units);
+      });
 }
 
 // The cooperative launches of launch_v2_forward / launch_v2_backward, on the emulator.
@@ -116,55 +129,26 @@ struct EmuV2Launch {
   }
 };
 
-// As run(), with v2 and its plan: the workspace arrays sized by the plan, the flags zeroed before
-// each launch (as persistent.cu does), everything else poisoned.
-template <Cell C, typename S>
-File run_v2(File& in, const EmuV2Launch& launcher, const PersistentV2Plan& plan) {
-  const int64_t T = in.param("T"), B = in.param("B"), H = in.param("H"), GH = gates_of<C>() * H;
-  const bool reverse = in.param("reverse") != 0, save = in.param("save") != 0;
-  const bool lstm = C == Cell::LSTM, has_gates = C == Cell::LSTM || C == Cell::GRU;
-  const DType dtype = DType(in.param("dtype"));
-  const size_t s = sizeof(S), a = sizeof(float);
-  Array* lengths = in.find("lengths");
-  Array* b_hh = in.find("b_hh");
-  Array* c0 = in.find("c0");
-  File out, work;
-  Array& y = out.add("y", s, T * B * H);
-  Array& h_n = out.add("h_n", s, B * H);
-  Array* c_n = lstm ? &out.add("c_n", s, B * H) : nullptr;
-  Array* gates = save && has_gates ? &out.add("gates", s, T * B * 4 * H) : nullptr;
-  Array* cells = save && lstm ? &out.add("cells", a, T * B * H) : nullptr;
-  Array& h_buf = work.add("h_buf", 1, plan.h_buf_bytes);
-  Array& flags = work.add("flags", 1, plan.flag_bytes);
-  const int64_t* len = lengths ? lengths->as<int64_t>() : nullptr;
+// v2 through persistent.cu's own launch code: the workspace arrays sized by the plan (recurrence.cpp's
+// h_buf and c_state stay poisoned: v2 reads neither), the flags zeroed before each launch as persistent.cu
+// does.
+template <Cell C, typename S> File run_v2(File& in, const EmuV2Launch& launcher, const PersistentV2Plan& plan) {
   cuda::V2Workspace ws;
-  ws.h_buf = ptr(&h_buf);
-  ws.flags = flags.as<unsigned>();
-  // recurrence.cpp's h_buf [2, B, H] and c_state: v2 uses neither (poisoned, never read)
-  Array& caller_h_buf = work.add("caller_h_buf", s, 2 * B * H);
-  Array* c_state = lstm ? &work.add("c_state", a, B * H) : nullptr;
-  const PersistentForwardParams fwd{C, dtype, T, B, H, reverse, len, ptr(&in.get("gx")), ptr(&in.get("w_hh")),
-                                    ptr(b_hh), ptr(&in.get("h0")), ptr(c0), ptr(&y), ptr(&h_n), ptr(c_n),
-                                    ptr(gates), ptr(cells), ptr(&caller_h_buf), ptr(c_state)};
-  std::memset(ws.flags, 0, plan.flag_bytes);
-  cuda::launch_v2_forward(fwd, plan, ws, launcher);
-  if (!save) return out;
-
-  Array& dgx = out.add("dgx", s, T * B * GH);
-  Array* dgh = C == Cell::GRU ? &out.add("dgh", s, T * B * GH) : &dgx;
-  Array& dh0 = out.add("dh0", s, B * H);
-  Array* dc0 = lstm ? &out.add("dc0", s, B * H) : nullptr;
-  Array& partials = work.add("partials", 1, plan.partial_bytes);
-  ws.partials = partials.as<float>();
-  Array& dh_state = work.add("dh_state", a, B * H);
-  Array* dc_state = lstm ? &work.add("dc_state", a, B * H) : nullptr;
-  const PersistentBackwardParams bwd{C, dtype, T, B, H, reverse, len, ptr(&in.get("w_hh")), ptr(&in.get("dy")),
-                                     ptr(&in.get("dh_n")), lstm ? ptr(&in.get("dc_n")) : nullptr, ptr(gates),
-                                     ptr(cells), ptr(&y), ptr(&in.get("h0")), ptr(c0), ptr(&dgx), ptr(dgh),
-                                     ptr(&dh0), ptr(dc0), ptr(&dh_state), ptr(dc_state)};
-  std::memset(ws.flags, 0, plan.flag_bytes);
-  cuda::launch_v2_backward(bwd, plan, ws, launcher);
-  return out;
+  auto flags_zeroed = [&](File& work) {
+    ws.flags = work.add("flags", 1, plan.flag_bytes).as<unsigned>();
+    std::memset(ws.flags, 0, plan.flag_bytes);
+  };
+  return run<C, S>(
+      in, [&](const PersistentForwardParams& p, File& work) {
+        ws.h_buf = ptr(&work.add("v2_h_buf", 1, plan.h_buf_bytes));
+        flags_zeroed(work);
+        cuda::launch_v2_forward(p, plan, ws, launcher);
+      },
+      [&](const PersistentBackwardParams& p, File& work) {
+        ws.partials = work.add("partials", 1, plan.partial_bytes).as<float>();
+        flags_zeroed(work);
+        cuda::launch_v2_backward(p, plan, ws, launcher);
+      });
 }
 
 // The fake device's v2 occupancy: one model for the forward's and the backward's shared memory.
@@ -229,7 +213,7 @@ int run_command(const char* in_path, const char* out_path) {
     constexpr Cell C = decltype(c)::value;
     using S = decltype(s);
     if constexpr (kernels_io::built<C, S>()) {
-      first = run_repeated(repeats, [&] { return run<C, S>(in, dev, plan); });
+      first = run_repeated(repeats, [&] { return run_v1<C, S>(in, dev, plan); });
     } else {
       fail("this build leaves these kernels out (FR_INSTANCES)");
     }
