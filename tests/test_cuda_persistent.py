@@ -1,5 +1,6 @@
 """The persistent CUDA kernels (csrc/cuda/persistent.cu) against the reference: every cell, lengths,
-reverse, hidden sizes that do and do not divide over the SMs, fp32 and bf16. GPU only."""
+reverse, hidden sizes that do and do not divide over the SMs, fp32 and bf16 (bf16/fp16 run v2, the
+tensor-core kernels, where its plan fits: every case here on an H100/H200). GPU only."""
 import pytest
 import torch
 
@@ -20,15 +21,8 @@ def persistent_on(monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("H", [8, 133, 512])
-@pytest.mark.parametrize("lengths,reverse", [(None, False), (None, True), ([9, 3, 1, 9, 6], False),
-                                             ([2, 9, 9, 1, 5], True)], ids=["fwd", "rev", "len", "len-rev"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_persistent_matches_reference(cell, lengths, reverse, H, dtype):
-    from fused_rnn.ops.cpp import cuda_backend
-    assert cuda_backend.kernel_for(cell, dtype, H) == "persistent"
-    args = make_inputs(cell, 9, 5, H, 0, lengths, reverse, True, dtype, device="cuda")
+def _check_against_reference(cell, args, dtype):
+    """Every output and every gradient of the cuda backend against the float64 reference."""
     ref_args = [a.detach().cpu().double().requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
                 else a.cpu() if torch.is_tensor(a) else a for a in args]
     out = recurrence(cell, *args, backend="cuda")
@@ -38,6 +32,30 @@ def test_persistent_matches_reference(cell, lengths, reverse, H, dtype):
             assert_close(o, r, dtype)
     for g, w in zip(grads_of(out, differentiable(args)), grads_of(ref, differentiable(ref_args))):
         assert_close(g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("H", [8, 133, 512])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), (None, True), ([9, 3, 1, 9, 6], False),
+                                             ([2, 9, 9, 1, 5], True)], ids=["fwd", "rev", "len", "len-rev"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_persistent_matches_reference(cell, lengths, reverse, H, dtype):
+    from fused_rnn.ops.cpp import cuda_backend
+    assert cuda_backend.kernel_for(cell, dtype, H) == "persistent"
+    args = make_inputs(cell, 9, 5, H, 0, lengths, reverse, True, dtype, device="cuda")
+    _check_against_reference(cell, args, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("H", [45, 512])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_persistent_v2_batch_groups_match_reference(cell, H, dtype):
+    """B=37: three batch groups of 16 rows, the last one short; lengths from 1 to T, reversed."""
+    from fused_rnn.ops.cpp import cuda_backend
+    assert cuda_backend.kernel_for(cell, dtype, H) == "persistent"
+    lengths = [(7 * b) % 9 + 1 for b in range(37)]
+    args = make_inputs(cell, 9, 37, H, 0, lengths, True, True, dtype, device="cuda")
+    _check_against_reference(cell, args, dtype)
 
 
 def _outputs_and_grads(cell, args):
