@@ -4,7 +4,8 @@
 #   scripts/gpu_check.sh stage1      build for this GPU (or use a carried build), smoke test of every
 #                                    kernel vs the float64 reference, persistent-kernel tests, the CUDA
 #                                    tests of test_cpp_ops.py, Triton's GPU tests, timings vs cuDNN
-#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the other
+#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the v2
+#                                    kernels' GPU program and ptx.cuh's golden tests, the other
 #                                    CUDA tests, the benchmark sweep's core grid
 #   scripts/gpu_check.sh --dry-run [stage1|stage2]   no GPU: syntax, tools, test selections collect
 #
@@ -72,6 +73,8 @@ finish() {
 SEL_PERSISTENT=(tests/test_cuda_persistent.py)
 SEL_CPP_CUDA=(tests/test_cpp_ops.py -k "TestCUDA and not opcheck and not gradcheck")
 SEL_TRITON_GPU=(tests/test_triton.py -k "gpu")
+# the v2 persistent kernels' standalone GPU program (compiled at test time) and ptx.cuh's golden tests
+SEL_V2_GPU=(tests/test_cuda_persistent_v2.py tests/test_cuda_emu_ptx.py -k "gpu")
 # stage 2: the rest of what runs on CUDA (CPU-only tests are CI's): every backend on cuda, Triton's
 # other tests at their GPU shapes, the C++ ops' CUDA opcheck and gradcheck
 SEL_REST=(tests/test_backends.py tests/test_triton.py tests/test_cpp_ops.py
@@ -86,7 +89,7 @@ if [ $DRY = 1 ]; then
   step "scripts compile" 60 compile.log $PY -m py_compile scripts/gpu_smoke.py scripts/gpu_timings.py
   step "smoke configurations" 60 smoke.log $PY scripts/gpu_smoke.py --list
   step "timing cases" 60 timings.log $PY scripts/gpu_timings.py --list
-  for sel in SEL_PERSISTENT SEL_CPP_CUDA SEL_TRITON_GPU SEL_REST; do
+  for sel in SEL_PERSISTENT SEL_CPP_CUDA SEL_TRITON_GPU SEL_V2_GPU SEL_REST; do
     declare -n args=$sel
     step "collect $sel" 300 "collect_$sel.log" $PY -m pytest -q --collect-only "${args[@]}"
   done
@@ -159,6 +162,8 @@ if [ -x "$SAN" ]; then
 else
   note "SKIP  compute-sanitizer not found"
 fi
+step "pytest: v2 kernels' GPU program and ptx.cuh golden tests" 150 pytest_v2_gpu.log \
+  $PY -m pytest -q -rfEs "${SEL_V2_GPU[@]}"
 XDIST=()
 $PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)   # pytest-xdist is on the GPU machine's image
 step "pytest: the rest of the CUDA tests ${XDIST[*]}" 200 pytest_rest.log \

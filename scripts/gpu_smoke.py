@@ -31,8 +31,12 @@ DTYPES = ("fp32", "bf16")
 BACKENDS = ("per-step", "persistent", "triton")
 # kernel names the profiler must see (forward and backward) for each backend, and must not see
 KERNELS = {"per-step": (("elementwise_kernel",), ("persistent_",)),
-           "persistent": (("persistent_forward_kernel", "persistent_backward_kernel"), ()),
+           "persistent": (("persistent_forward_kernel", "persistent_backward_kernel"), ("persistent_v2_",)),
            "triton": (("rnn_forward_kernel", "rnn_backward_kernel"), ())}
+# bf16 runs the v2 persistent kernels (tensor cores) where v2's plan fits the device at (H, B): every
+# configuration here on an H100/H200 (csrc/cuda/persistent_plan.h); fp32 runs v1.
+PERSISTENT_V2 = (("persistent_v2_forward_kernel", "persistent_v2_backward_kernel"),
+                 ("persistent_forward_kernel", "persistent_backward_kernel"))
 T = 7
 
 
@@ -72,7 +76,7 @@ def run_one(cell, H, B, mode, dtype_name, backend):
         torch.cuda.synchronize()
     if check_kernels:
         names = {e.name for e in prof.events()}
-        must, must_not = KERNELS[backend]
+        must, must_not = PERSISTENT_V2 if backend == "persistent" and dtype != torch.float32 else KERNELS[backend]
         missing = [k for k in must if not any(k in n for n in names)]
         unwanted = [n for n in names for k in must_not if k in n]
         if missing or unwanted:
