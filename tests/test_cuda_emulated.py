@@ -20,8 +20,10 @@ persistent kernel header and require the emulated run to fail.
 
 Time (clang 16, 2 shared cores at load average 10-28; wall / CPU seconds incl. building the driver
 program), each part alone: plain 136 / 49, tsan 84 / 26, asan 114 / 40, mutations 89 / 38, plan 24 / 7;
-the whole file at once 270 / 123 (load 12-16): about 2 minutes on an idle 2-core runner. Details in
-csrc/README.md, "CUDA kernels on the CPU".
+the whole file at once 270 / 123 (load 12-16): about 2 minutes on an idle 2-core runner. With the v2
+cases and the v2 instances in every build: the whole file 557 s wall from an empty build/emu/ at load
+6-14 (plain persistent cases alone 136-165 s incl. the build). Details in csrc/README.md, "CUDA
+kernels on the CPU".
 Limits: not a model of the GPU's memory ordering (a __threadfence is a full fence here) nor of its
 speed; host expf/tanhf differ from the device's in the last ulp (hence tolerances); shapes stay tiny.
 """
