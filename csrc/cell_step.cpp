@@ -140,14 +140,14 @@ std::tuple<Tensor, Tensor> forward_cpu(c10::string_view cell_name, const Tensor&
     p.pre_x = scratch;
     p.pre_h = gru ? scratch + bytes : nullptr;
   } else {
-    p.b_ih = data_or_null(b_ih);  // read by lstm_bias_in_epilogue
+    p.b_ih = data_or_null(b_ih);  // read by bias_in_epilogue
     p.b_hh = data_or_null(b_hh);
-    const bool bias_later = cpu::lstm_bias_in_epilogue(p);
+    const bool bias_later = cpu::bias_in_epilogue(p);
     pre_x = at::empty({B, GH}, acc_opts);
     gemm_into(pre_x, x, w_ih, bias_later ? c10::nullopt : b_ih, false);
     if (gru) {
       pre_h = at::empty({B, GH}, acc_opts);
-      gemm_into(pre_h, h, w_hh, b_hh, false);
+      gemm_into(pre_h, h, w_hh, bias_later ? c10::nullopt : b_hh, false);
     } else {
       gemm_into(pre_x, h, w_hh, bias_later ? c10::nullopt : b_hh, true);
     }

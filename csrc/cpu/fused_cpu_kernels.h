@@ -183,10 +183,7 @@ void prefetch_own(const T* block, int64_t B, int64_t nseg, int64_t H, int64_t u0
     }
 }
 
-// The LSTM cell math on one vector of W hidden units [u, u + W) of a valid batch row b, fp32,
-// right after the GEMM wrote their gh (still in L1): the vector twin of lstm_forward_loop
-// (recurrence_step.h), with the lanes of lstm_step_forward (cell_math.h) as one vector. When
-// `save` is false nothing but the state and y is written.
+// One vector of floats from / to unaligned memory (q[at...]).
 FR_HD VecF load(const float* q) {
   VecF v;
   std::memcpy(&v, q, sizeof v);
@@ -194,6 +191,10 @@ FR_HD VecF load(const float* q) {
 }
 FR_HD void store(void* q, int64_t at, const VecF& v) { std::memcpy(static_cast<float*>(q) + at, &v, sizeof v); }
 
+// The LSTM cell math on one vector of W hidden units [u, u + W) of a valid batch row b, fp32,
+// right after the GEMM wrote their gh (still in L1): the vector twin of lstm_forward_loop
+// (recurrence_step.h), with the lanes of lstm_step_forward (cell_math.h) as one vector. When
+// `save` is false nothing but the state and y is written.
 inline void lstm_forward_vec(const ForwardStepParams& p, int64_t b, int64_t u, bool save) {
   const int64_t H = p.H, GH = 4 * H;
   const float* gx = static_cast<const float*>(p.gx) + b * GH + u;
