@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cell_step_params.h"
+#include "cpu/cell_step_bias.h"
 #include "op_args.h"
 
 namespace fused_rnn {
@@ -139,13 +140,16 @@ std::tuple<Tensor, Tensor> forward_cpu(c10::string_view cell_name, const Tensor&
     p.pre_x = scratch;
     p.pre_h = gru ? scratch + bytes : nullptr;
   } else {
+    p.b_ih = data_or_null(b_ih);  // read by bias_in_epilogue
+    p.b_hh = data_or_null(b_hh);
+    const bool bias_later = cpu::bias_in_epilogue(p);
     pre_x = at::empty({B, GH}, acc_opts);
-    gemm_into(pre_x, x, w_ih, b_ih, false);
+    gemm_into(pre_x, x, w_ih, bias_later ? c10::nullopt : b_ih, false);
     if (gru) {
       pre_h = at::empty({B, GH}, acc_opts);
-      gemm_into(pre_h, h, w_hh, b_hh, false);
+      gemm_into(pre_h, h, w_hh, bias_later ? c10::nullopt : b_hh, false);
     } else {
-      gemm_into(pre_x, h, w_hh, b_hh, true);
+      gemm_into(pre_x, h, w_hh, bias_later ? c10::nullopt : b_hh, true);
     }
     p.pre_x = pre_x.data_ptr();
     p.pre_h = gru ? pre_h.data_ptr() : nullptr;

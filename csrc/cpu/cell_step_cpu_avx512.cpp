@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "../cell_step_params.h"
+#include "cell_step_bias.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx2,fma")

@@ -20,6 +20,7 @@
 
 #include "../cell_math.h"
 #include "../cell_step_params.h"
+#include "cell_step_bias.h"  // the ISA builds include it before their target pragma
 
 #ifndef FR_CELL_VEC_BYTES
 #define FR_CELL_VEC_BYTES 16
@@ -191,44 +192,93 @@ void gate_dots(const CellForwardParams& p, int64_t r0, int64_t r1) {
 }
 
 // ---------------------------------------------------------------- cell math per batch row
-// Units [j0, j1) of batch row b: pre-activations (biases included) -> h_out (c_out) and, when
-// SAVE, what the backward reads. Plain loops over j with no branch, so GCC vectorises them.
-template <bool SAVE, typename S, typename A = typename AccT<S>::type>
-FR_HD void lstm_forward_row(const A* __restrict__ pre, const S* __restrict__ c, S* __restrict__ h_out,
-                            S* __restrict__ c_out, S* __restrict__ gates, int64_t H, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    A i, f, g, o, cn, hn;
-    lstm_step_forward<A>(pre[j], pre[H + j], pre[2 * H + j], pre[3 * H + j], load1(c[j]), i, f, g, o, cn, hn);
-    h_out[j] = store1<S>(hn);
-    c_out[j] = store1<S>(cn);
-    if constexpr (SAVE) {
-      gates[j] = store1<S>(i);
-      gates[H + j] = store1<S>(f);
-      gates[2 * H + j] = store1<S>(g);
-      gates[3 * H + j] = store1<S>(o);
-    }
+// Units [j0, j1) of batch row b: pre-activations -> h_out (c_out) and, when SAVE, what the
+// backward reads. Plain loops over j with no branch, so GCC vectorises them.
+//
+// Every cell takes its biases here when BIAS (the GEMM path leaves them to this pass: one read of
+// each instead of a pass over pre per bias, see cell_step_bias.h). LSTM runs fp32 with 512-bit
+// vectors a vector of units at a time: lstm_step_forward on vector lanes, whose activations
+// (cell_math.h) then use rcp14 in place of divisions. lstm_forward_unit is the one body: F = A for
+// one unit, F = vfloat for a vector.
+template <typename F, typename S> struct Lanes {  // one unit
+  using A = typename AccT<S>::type;
+  static FR_HD A load(const A* p) { return *p; }
+  static FR_HD A load_s(const S* p) { return load1(*p); }
+  static FR_HD void store(S* p, A v) { *p = store1<S>(v); }
+};
+template <> struct Lanes<vfloat, float> {  // a vector of units
+  static FR_HD vfloat load(const float* p) { return load_vec(p); }
+  static FR_HD vfloat load_s(const float* p) { return load_vec(p); }
+  static FR_HD void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+};
+template <typename S> constexpr bool kVecUnits = std::is_same<S, float>::value && sizeof(vfloat) == 64;
+constexpr int kVecLanes = sizeof(vfloat) / sizeof(float);
+
+template <bool SAVE, bool BIAS, typename F, typename S, typename A>
+FR_HD void lstm_forward_unit(const A* pre, const S* bx, const S* bh, const S* c, S* h_out, S* c_out, S* gates,
+                             int64_t H, int64_t j) {
+  using L = Lanes<F, S>;
+  F p[4];
+  for (int k = 0; k < 4; ++k) {
+    p[k] = L::load(pre + k * H + j);
+    if constexpr (BIAS) p[k] += L::load_s(bx + k * H + j) + L::load_s(bh + k * H + j);
+  }
+  F i, f, g, o, cn, hn;
+  lstm_step_forward<F>(p[0], p[1], p[2], p[3], L::load_s(c + j), i, f, g, o, cn, hn);
+  L::store(h_out + j, hn);
+  L::store(c_out + j, cn);
+  if constexpr (SAVE) {
+    L::store(gates + j, i);
+    L::store(gates + H + j, f);
+    L::store(gates + 2 * H + j, g);
+    L::store(gates + 3 * H + j, o);
   }
 }
 
-template <bool SAVE, typename S, typename A = typename AccT<S>::type>
-FR_HD void gru_forward_row(const A* __restrict__ px, const A* __restrict__ ph, const S* __restrict__ h,
-                           S* __restrict__ h_out, S* __restrict__ gates, int64_t H, int64_t j0, int64_t j1) {
+template <bool SAVE, bool BIAS, typename S, typename A = typename AccT<S>::type>
+FR_HD void lstm_forward_row(const A* __restrict__ pre, const S* __restrict__ bx, const S* __restrict__ bh,
+                            const S* __restrict__ c, S* __restrict__ h_out, S* __restrict__ c_out,
+                            S* __restrict__ gates, int64_t H, int64_t j0, int64_t j1) {
+  int64_t j = j0;
+  if constexpr (kVecUnits<S>)
+    for (; j + kVecLanes <= j1; j += kVecLanes)
+      lstm_forward_unit<SAVE, BIAS, vfloat, S>(pre, bx, bh, c, h_out, c_out, gates, H, j);
+  for (; j < j1; ++j) lstm_forward_unit<SAVE, BIAS, A, S>(pre, bx, bh, c, h_out, c_out, gates, H, j);
+}
+
+// pre[at] + b[at] when BIAS (b is then not null), else pre[at].
+template <bool BIAS, typename S, typename A> FR_HD A with_bias(const A* pre, const S* b, int64_t at) {
+  if constexpr (BIAS) return pre[at] + load1(b[at]);
+  return pre[at];
+}
+
+template <bool SAVE, bool BIAS, typename S, typename A = typename AccT<S>::type>
+FR_HD void gru_forward_row(const A* __restrict__ px, const A* __restrict__ ph, const S* __restrict__ bx,
+                           const S* __restrict__ bh, const S* __restrict__ h, S* __restrict__ h_out,
+                           S* __restrict__ gates, int64_t H, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; ++j) {
     A r, z, n, hn;
-    gru_step_forward<A>(px[j], px[H + j], px[2 * H + j], ph[j], ph[H + j], ph[2 * H + j], load1(h[j]), r, z, n, hn);
+    const A ph_n = with_bias<BIAS>(ph, bh, 2 * H + j);
+    gru_step_forward<A>(with_bias<BIAS>(px, bx, j), with_bias<BIAS>(px, bx, H + j), with_bias<BIAS>(px, bx, 2 * H + j),
+                        with_bias<BIAS>(ph, bh, j), with_bias<BIAS>(ph, bh, H + j), ph_n, load1(h[j]), r, z, n, hn);
     h_out[j] = store1<S>(hn);
     if constexpr (SAVE) {
       gates[j] = store1<S>(r);
       gates[H + j] = store1<S>(z);
       gates[2 * H + j] = store1<S>(n);
-      gates[3 * H + j] = store1<S>(ph[2 * H + j]);
+      gates[3 * H + j] = store1<S>(ph_n);
     }
   }
 }
 
-template <bool RELU, typename S, typename A = typename AccT<S>::type>
-FR_HD void rnn_forward_row(const A* __restrict__ pre, S* __restrict__ h_out, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) h_out[j] = store1<S>(rnn_step_forward<RELU, A>(pre[j]));
+template <bool RELU, bool BIAS, typename S, typename A = typename AccT<S>::type>
+FR_HD void rnn_forward_row(const A* __restrict__ pre, const S* __restrict__ bx, const S* __restrict__ bh,
+                           S* __restrict__ h_out, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    A v = with_bias<BIAS>(pre, bx, j);
+    if constexpr (BIAS) v += load1(bh[j]);
+    h_out[j] = store1<S>(rnn_step_forward<RELU, A>(v));
+  }
 }
 
 template <Cell C, bool SAVE, typename S>
@@ -238,15 +288,23 @@ void forward_row(const CellForwardParams& p, int64_t b, int64_t j0, int64_t j1) 
   const A* pre_x = static_cast<const A*>(p.pre_x) + b * GH;
   S* h_out = static_cast<S*>(p.h_out) + b * H;
   S* gates = SAVE ? static_cast<S*>(p.gates) + b * 4 * H : nullptr;
-  if constexpr (C == Cell::LSTM) {
-    lstm_forward_row<SAVE, S>(pre_x, static_cast<const S*>(p.c) + b * H, h_out, static_cast<S*>(p.c_out) + b * H,
-                              gates, H, j0, j1);
-  } else if constexpr (C == Cell::GRU) {
-    gru_forward_row<SAVE, S>(pre_x, static_cast<const A*>(p.pre_h) + b * GH, static_cast<const S*>(p.h) + b * H,
-                             h_out, gates, H, j0, j1);
-  } else {
-    rnn_forward_row<C == Cell::RNN_RELU, S>(pre_x, h_out, j0, j1);
-  }
+  const S* bx = static_cast<const S*>(p.b_ih);
+  const S* bh = static_cast<const S*>(p.b_hh);
+  const A* pre_h = C == Cell::GRU ? static_cast<const A*>(p.pre_h) + b * GH : nullptr;
+  const auto rows = [&](auto bias) {
+    constexpr bool BIAS = decltype(bias)::value;
+    if constexpr (C == Cell::LSTM)
+      lstm_forward_row<SAVE, BIAS, S>(pre_x, bx, bh, static_cast<const S*>(p.c) + b * H, h_out,
+                                      static_cast<S*>(p.c_out) + b * H, gates, H, j0, j1);
+    else if constexpr (C == Cell::GRU)
+      gru_forward_row<SAVE, BIAS, S>(pre_x, pre_h, bx, bh, static_cast<const S*>(p.h) + b * H, h_out, gates, H, j0, j1);
+    else
+      rnn_forward_row<C == Cell::RNN_RELU, BIAS, S>(pre_x, bx, bh, h_out, j0, j1);
+  };
+  if (bias_in_epilogue(p))
+    rows(std::true_type{});
+  else
+    rows(std::false_type{});
 }
 
 template <Cell C, typename S, typename A = typename AccT<S>::type>

@@ -183,6 +183,38 @@ void prefetch_own(const T* block, int64_t B, int64_t nseg, int64_t H, int64_t u0
     }
 }
 
+// One vector of floats from / to unaligned memory (q[at...]).
+FR_HD VecF load(const float* q) {
+  VecF v;
+  std::memcpy(&v, q, sizeof v);
+  return v;
+}
+FR_HD void store(void* q, int64_t at, const VecF& v) { std::memcpy(static_cast<float*>(q) + at, &v, sizeof v); }
+
+// The LSTM cell math on one vector of W hidden units [u, u + W) of a valid batch row b, fp32,
+// right after the GEMM wrote their gh (still in L1): the vector twin of lstm_forward_loop
+// (recurrence_step.h), with the lanes of lstm_step_forward (cell_math.h) as one vector. When
+// `save` is false nothing but the state and y is written.
+inline void lstm_forward_vec(const ForwardStepParams& p, int64_t b, int64_t u, bool save) {
+  const int64_t H = p.H, GH = 4 * H;
+  const float* gx = static_cast<const float*>(p.gx) + b * GH + u;
+  const float* gh = static_cast<const float*>(p.gh) + b * GH + u;
+  const float* bias = static_cast<const float*>(p.b_hh) + u;
+  VecF pre[4];
+  for (int g = 0; g < 4; ++g) pre[g] = load(gx + g * H) + load(gh + g * H) + load(bias + g * H);
+  float* c = static_cast<float*>(p.c) + b * H + u;
+  VecF i, f, g, o, cn, hn;
+  lstm_step_forward<VecF>(pre[0], pre[1], pre[2], pre[3], load(c), i, f, g, o, cn, hn);
+  std::memcpy(c, &cn, sizeof cn);
+  store(p.y, b * p.Hout + u, hn);
+  store(p.h, b * p.Hout + u, hn);
+  if (save) {
+    store(p.cells, b * H + u, cn);
+    const VecF saved[4] = {i, f, g, o};
+    for (int k = 0; k < 4; ++k) store(p.gates, b * GH + k * H + u, saved[k]);
+  }
+}
+
 // Step k of T visits t = k (or T-1-k when reverse); pointers to x[t] of a [T, ...] array.
 template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return base == nullptr ? nullptr : base + t * stride; }
 
@@ -191,6 +223,9 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   constexpr int G = static_cast<int>(gates_of<C>());
   constexpr int W = lanes<A>();
   const int64_t T = q.T, B = q.step.B, H = q.step.H, GH = G * H;
+  // fp32 LSTM: the cell math runs per block of W units right after that block's GEMM, on whole
+  // vectors (lstm_forward_vec); otherwise per row over the own units after all GEMMs.
+  constexpr bool kVecLstm = C == Cell::LSTM && std::is_same<S, float>::value && W > 1;
   const Split split(H, W);
   const S* w_hh = static_cast<const S*>(q.w_hh);
   const S* gx = static_cast<const S*>(q.gx);
@@ -226,19 +261,39 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
       const S* h_prev = hbuf.get() + (k & 1) * B * H;
       S* h_next = hbuf.get() + ((k + 1) & 1) * B * H;
       const A* x = as_acc<S, A>(h_prev, B * H, h_acc.get());
-      prefetch_own(gx + t * B * GH, B, G, H, u0, u1);  // this step's gx, read after the GEMM
-      for (int64_t blk = blk0; blk < blk1; ++blk)
-        gemm_block<G, false, A>(x, H, B, panel.get() + blk * H * G * W, H, gh.get() + blk * W, GH, H,
-                                split.nvalid(blk));
+      if constexpr (!kVecLstm) prefetch_own(gx + t * B * GH, B, G, H, u0, u1);  // this step's gx, read after the GEMM
       p.t = t;
       p.gx = gx + t * B * GH;
       p.y = y + t * B * H;
       p.h = h_next;
       p.gates = at_step(gates, q.save ? t : 0, B * 4 * H);
       p.cells = at_step(cells, q.save ? t : 0, B * H);
-      for (int64_t b = 0; b < B; ++b) {
-        std::memcpy(h_next + b * H + u0, h_prev + b * H + u0, sizeof(S) * (u1 - u0));  // frozen rows keep it
-        forward_row<C, S>(p, b, u0, u1);
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const int nv = split.nvalid(blk);
+        gemm_block<G, false, A>(x, H, B, panel.get() + blk * H * G * W, H, gh.get() + blk * W, GH, H, nv);
+        if constexpr (kVecLstm) {  // the cell math of this block while its gh is in L1
+          const int64_t u = blk * W;
+          // gx of the block after this one (or of the next step's first): one row's 4 lines per
+          // row here, so they arrive during the next block's GEMM without a burst of misses.
+          const int64_t t_next = blk + 1 < blk1 ? t : q.reverse ? t - 1 : t + 1;
+          const S* gx_next = t_next >= 0 && t_next < T ? gx + t_next * B * GH + (blk + 1 < blk1 ? u + W : u0) : nullptr;
+          for (int64_t b = 0; b < B; ++b) {
+            if (gx_next != nullptr)
+              for (int g = 0; g < G; ++g) __builtin_prefetch(gx_next + b * GH + g * H, 0, 3);
+            if (nv == W && row_valid(p.lengths, b, t)) {
+              lstm_forward_vec(p, b, u, q.save);
+            } else {
+              std::memcpy(h_next + b * H + u, h_prev + b * H + u, sizeof(S) * nv);  // frozen rows keep it
+              forward_row<C, S>(p, b, u, u + nv);
+            }
+          }
+        }
+      }
+      if constexpr (!kVecLstm) {
+        for (int64_t b = 0; b < B; ++b) {
+          std::memcpy(h_next + b * H + u0, h_prev + b * H + u0, sizeof(S) * (u1 - u0));  // frozen rows keep it
+          forward_row<C, S>(p, b, u0, u1);
+        }
       }
       barrier.arrive_and_wait(p1 - p0, split.parts * (k + 1));
     }
@@ -255,16 +310,26 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
   const S* w_hh = static_cast<const S*>(q.w_hh);
   A* dh = static_cast<A*>(q.step.dh);
 
-  Buffer<A> panel(split.blocks * GH * W);  // [block][r][W] = w_hh[r, block*W + l]
+  // dh_prev's GEMM reads NB unit blocks per panel, [group][r][NB][W] = w_hh[r, (group*NB + j)*W + l]
+  // (NB weight vectors per broadcast of dG instead of 1: the load ports, not the FMAs, bounded the
+  // one-block kernel); a part's blocks past its last whole group, and a partial block, go one by
+  // one as [block][r][W].
+  constexpr int NB = 4;
+  Buffer<A> panel(split.blocks * GH * W);
   StepBarrier barrier;
   at::parallel_for(0, split.parts, 1, [&](int64_t p0, int64_t p1) {
     const int64_t blk0 = split.block_begin(p0), blk1 = split.block_begin(p1);
     const int64_t u0 = blk0 * W, u1 = std::min(H, blk1 * W);
+    const int64_t whole = blk1 - blk0 - (split.nvalid(blk1 - 1) < W ? 1 : 0);  // blocks of W valid units
+    const int64_t grouped_end = blk0 + whole / NB * NB;                        // blocks in groups of NB
     for (int64_t blk = blk0; blk < blk1; ++blk) {
-      A* pb = panel.get() + blk * GH * W;
+      const bool grouped = blk < grouped_end;
+      const int64_t first = grouped ? blk0 + (blk - blk0) / NB * NB : blk, j = blk - first, nb = grouped ? NB : 1;
+      A* pb = panel.get() + first * GH * W;
       const int nv = split.nvalid(blk);
       for (int64_t r = 0; r < GH; ++r)
-        for (int l = 0; l < W; ++l) pb[r * W + l] = l < nv ? Conv<S>::load(w_hh[r * H + blk * W + l]) : A(0);
+        for (int l = 0; l < W; ++l)
+          pb[(r * nb + j) * W + l] = l < nv ? Conv<S>::load(w_hh[r * H + blk * W + l]) : A(0);
     }
     std::unique_ptr<A[]> dg_acc(std::is_same<S, A>::value ? nullptr : new A[B * GH]);
     BackwardStepParams p = q.step;
@@ -288,7 +353,9 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
         prefetch_own(static_cast<const S*>(q.dy) + prev * B * H, B, 1, H, u0, u1);
       }
       const A* x = as_acc<S, A>(static_cast<const S*>(p.dgh), B * GH, dg_acc.get());
-      for (int64_t blk = blk0; blk < blk1; ++blk)
+      for (int64_t blk = blk0; blk < grouped_end; blk += NB)
+        gemm_block<NB, true, A>(x, GH, B, panel.get() + blk * GH * W, GH, dh + blk * W, H, W, W);
+      for (int64_t blk = grouped_end; blk < blk1; ++blk)
         gemm_block<1, true, A>(x, GH, B, panel.get() + blk * GH * W, GH, dh + blk * W, H, 0, split.nvalid(blk));
     }
   });
