@@ -94,7 +94,10 @@ def choose_config(B: int, H: int, G: int, device: torch.device, whole_row: bool 
     whole_row (layer norm): one program holds all hidden units of its rows, so that the per-row
     mean and variance are a reduction inside the program, with no extra exchange between programs."""
     if whole_row and not interpreting():
-        return LaunchConfig(block_b=16, block_h=max(16, triton.next_power_of_2(H)), block_k=32, num_warps=4)
+        # ptxas (sm_90): a whole row of 32 or 64 units over 4 warps spills (up to ~700 B of stack in the
+        # LSTM backward); over 8 warps at most 48 B. Wider rows spill more (README.md).
+        block_h = max(16, triton.next_power_of_2(H))
+        return LaunchConfig(block_b=16, block_h=block_h, block_k=32, num_warps=8 if block_h >= 32 else 4)
     if interpreting():
         # one program per batch block covers the whole hidden size: no inter-program waits, which the
         # interpreter (programs run one after the other) could not serve
