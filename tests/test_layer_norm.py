@@ -22,7 +22,7 @@ SHAPES = {  # (T, B, H, lengths, reverse)
     "T6-B3-H5": (6, 3, 5, None, False),
     "T7-B5-H6-len": (7, 5, 6, [7, 3, 1, 7, 5], False),
     "T7-B5-H6-len-rev": (7, 5, 6, [2, 7, 7, 1, 4], True),
-    "T4-B3-H3-len-rev": (4, 3, 3, [2, 4, 1], True),  # small: gradcheck in the Triton interpreter
+    "T3-B2-H3-len-rev": (3, 2, 3, [1, 3], True),  # small: gradcheck in the Triton interpreter
 }
 
 
@@ -47,11 +47,20 @@ def differentiable(args, ln):
     return [a for a in list(args[:6]) + list(ln) if a is not None]
 
 
-@pytest.mark.parametrize("zoneout", ["plain", "zoneout-train", "zoneout-eval"])
-@pytest.mark.parametrize("shape", list(SHAPES))
+def match_cases():
+    """Every shape with and without zoneout on the torch backend; on the triton backend (slow in the
+    interpreter) every shape plain, and each zoneout mode on a shape with lengths."""
+    for b in BACKENDS:
+        for shape in SHAPES:
+            for zoneout in ("plain", "zoneout-train", "zoneout-eval"):
+                if b.id == "torch" or zoneout == "plain" or (shape, zoneout) in (
+                        ("T7-B5-H6-len-rev", "zoneout-train"), ("T7-B5-H6-len", "zoneout-eval")):
+                    yield pytest.param(*b.values, shape, zoneout, id=f"{b.id}-{shape}-{zoneout}", marks=b.marks)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_backend_matches_reference(backend, device, cell, shape, zoneout):
+@pytest.mark.parametrize("backend,device,shape,zoneout", list(match_cases()))
+def test_backend_matches_reference(backend, device, shape, zoneout, cell):
     args, ln = make(cell, *SHAPES[shape], device=device)
     T, B, H = SHAPES[shape][:3]
     keep = None if zoneout == "plain" else functional.zoneout_keep(0.3, zoneout == "zoneout-train", cell, T, B, H,
@@ -68,7 +77,7 @@ def test_backend_matches_reference(backend, device, cell, shape, zoneout):
 
 # the interpreter's gradchecks stay on the smallest shape
 GRADCHECK = [pytest.param(*b.values, shape, id=f"{b.id}-{shape}", marks=b.marks) for b in BACKENDS
-             for shape in (["T6-B3-H5", "T4-B3-H3-len-rev"] if b.id == "torch" else ["T4-B3-H3-len-rev"])]
+             for shape in (["T6-B3-H5", "T3-B2-H3-len-rev"] if b.id == "torch" else ["T3-B2-H3-len-rev"])]
 
 
 @pytest.mark.parametrize("zoneout", [None, "eval"])

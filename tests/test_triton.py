@@ -404,24 +404,31 @@ def test_empty_batch():
 
 # -- registration ----------------------------------------------------------------------------------
 
-def _op_args(cell, lengths, reverse, device):
-    gx, h0, c0, w_hh, b_hh, _, lens = make_inputs(cell, 3, 2, 4, torch.float64, device, lengths=lengths)
-    gh0 = (h0 @ w_hh.t()).detach().requires_grad_() if cell == "lstm" else None  # the projected LSTM's input
-    return (cell, gx, h0, c0, w_hh, b_hh, lens, reverse, True, gh0)
+def _op_args(cell, lengths, reverse, device, options=False):
+    """forward_op's arguments: the projected LSTM's gh0, or (options) zoneout masks and the layer norm."""
+    T, B, H = 3, 2, 4
+    gx, h0, c0, w_hh, b_hh, _, lens = make_inputs(cell, T, B, H, torch.float64, device, lengths=lengths)
+    gh0 = (h0 @ w_hh.t()).detach().requires_grad_() if cell == "lstm" and not options else None
+    opts = make_options(cell, T, B, H, torch.float64, device, zoneout="train", layer_norm=True) if options else {}
+    keep_h, keep_c = opts.get("zoneout") or (None, None)
+    ln = opts.get("layer_norm") or (None, None, None)
+    return (cell, gx, h0, c0, w_hh, b_hh, lens, reverse, True, gh0, keep_h, keep_c, *ln)
 
 
-@pytest.mark.parametrize("cell,lengths,reverse", [("lstm", [3, 1], True), ("gru", None, False),
-                                                  ("rnn_relu", [2, 3], False)])
-def test_opcheck(cell, lengths, reverse):
-    args = _op_args(cell, lengths, reverse, DEVICE)
+@pytest.mark.parametrize("cell,lengths,reverse,options", [("lstm", [3, 1], True, False), ("gru", None, False, False),
+                                                          ("rnn_relu", [2, 3], False, False),
+                                                          ("lstm", [3, 1], True, True), ("gru", [2, 3], False, True)])
+def test_opcheck(cell, lengths, reverse, options):
+    args = _op_args(cell, lengths, reverse, DEVICE, options)
     torch.library.opcheck(op.forward_op, args)
-    _, _, h0, c0, w_hh, _, lens, _, _, _ = args
+    _, _, h0, c0, w_hh, _, lens, _, _, _, keep_h, keep_c, *ln = args
     with torch.no_grad():
-        y, h_n, c_n, saved, c_all = op.forward_op(*args)
+        y, h_n, c_n, saved, c_all, ln_hat, ln_rstd = op.forward_op(*args)
     dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
     torch.library.opcheck(op.backward_op, (cell, reverse, torch.randn_like(y), torch.randn_like(h_n), dc_n,
-                                           h0.detach(), None if c0 is None else c0.detach(), w_hh.detach(),
-                                           lens, y, saved, c_all))
+                                           h0.detach(), detach(c0), w_hh.detach(), lens, y, saved, c_all,
+                                           keep_h, keep_c, *map(detach, ln), ln_hat, ln_rstd))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -142,7 +142,7 @@ def rnn_forward_kernel(
     gain_c_ptr,  # [H]   (LAYER_NORM, LSTM) gain of the normalised c_t
     bias_c_ptr,  # [H]   (LAYER_NORM, LSTM) bias of the normalised c_t
     lnhat_ptr,   # [T, B, NLN*H] compute dtype (LAYER_NORM, SAVE): normalised recurrent part, then c_t (LSTM)
-    lnrstd_ptr,  # [T, B, 2]   compute dtype (LAYER_NORM, SAVE): their 1/std
+    lnrstd_ptr,  # [T, B, NLN-G+1] compute dtype (LAYER_NORM, SAVE): their 1/std (1 per row, 2 for the LSTM)
     T, B, H, step_begin, step_end, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_GH0: tl.constexpr,
@@ -258,7 +258,7 @@ def rnn_forward_kernel(
                 if G > 3:
                     _store_tile(p_lnhat + 3 * H, NLN * H, offs_b, offs_h, mask_b, mask_h, acc3)
                 if pid_h == 0:
-                    _store_row(lnrstd_ptr + t * B * 2, 2, offs_b, mask_b, rstd)
+                    _store_row(lnrstd_ptr + t * B * (NLN - G + 1), NLN - G + 1, offs_b, mask_b, rstd)
             acc0 = acc0 * gain0
             acc1 = acc1 * gain1
             acc2 = acc2 * gain2
@@ -275,7 +275,7 @@ def rnn_forward_kernel(
                 if SAVE:
                     _store_tile(p_lnhat + G * H, NLN * H, offs_b, offs_h, mask_b, mask_h, c_hat)
                     if pid_h == 0:
-                        _store_row(lnrstd_ptr + t * B * 2 + 1, 2, offs_b, mask_b, c_rstd)
+                        _store_row(lnrstd_ptr + t * B * (NLN - G + 1) + 1, NLN - G + 1, offs_b, mask_b, c_rstd)
             if ZONEOUT != 0:  # c_t keeps c_{t-1} where zoned out (the backward recomputes c~_t)
                 c_new = zone_out(_load_keep(keep_c_ptr, t, B, H, offs_b, offs_h, mask_b, mask_h, ZONEOUT, CDT),
                                  c, c_new, ZONEOUT == 1)
@@ -341,7 +341,7 @@ def rnn_backward_kernel(
     gain_c_ptr,   # [H]    (LAYER_NORM, LSTM) gain and bias of the normalised c_t
     bias_c_ptr,
     lnhat_ptr,    # [T, B, NLN*H] (LAYER_NORM) the forward's normalised recurrent part, then c_t (LSTM)
-    lnrstd_ptr,   # [T, B, 2]     (LAYER_NORM) their 1/std
+    lnrstd_ptr,   # [T, B, NLN-G+1] (LAYER_NORM) their 1/std
     dmm_ptr,      # [T, B, G*H]   out (LAYER_NORM): grad of h @ w_hh.T before the layer norm
     dcout_ptr,    # [T, B, H]     out (LAYER_NORM, LSTM): grad of LN(c_t) * gain_c + bias_c
     T, B, H, step_begin, step_end, spin_limit,
@@ -445,7 +445,7 @@ def rnn_backward_kernel(
                     dc = dc - dc_keep
                 if LAYER_NORM:  # h_t = o tanh(LN(c~_t) * gain_c + bias_c)
                     c_hat = _load_tile(lnhat_ptr + t * B * NLN * H + G * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
-                    c_rstd = _load_row(lnrstd_ptr + t * B * 2 + 1, 2, offs_b, mask_b)
+                    c_rstd = _load_row(lnrstd_ptr + t * B * (NLN - G + 1) + 1, NLN - G + 1, offs_b, mask_b)
                     tanh_out = tanh(c_hat * gain_c + bias_c)
                     d_cout = tl.where(valid, dh * o * (1 - tanh_out * tanh_out), 0)
                     _store_tile(dcout_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h, d_cout)
@@ -515,7 +515,7 @@ def rnn_backward_kernel(
                     v2 = _load_tile(p_lnhat + 2 * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
                 if G > 3:
                     v3 = _load_tile(p_lnhat + 3 * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
-                rstd = _load_row(lnrstd_ptr + t * B * 2, 2, offs_b, mask_b)
+                rstd = _load_row(lnrstd_ptr + t * B * (NLN - G + 1), NLN - G + 1, offs_b, mask_b)
                 e0, e1, e2, e3 = layer_norm_backward(e0 * gain0, e1 * gain1, e2 * gain2, e3 * gain3,
                                                      v0, v1, v2, v3, rstd, mask_h, G)
                 p_dmm = dmm_ptr + t * B * GH

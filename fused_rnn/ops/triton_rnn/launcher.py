@@ -254,7 +254,7 @@ def _forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | N
              gain_c: torch.Tensor | None = None, bias_c: torch.Tensor | None = None,
              config: LaunchConfig | None = None):
     """-> y [T,B,H], h_n [B,H], c_n [B,H] (LSTM, else [0]), saved gates [T,B,NSAVE*H] (save, else [0]),
-    c_all [T,B,H] (LSTM and save, else [0]), ln_hat [T,B,NLN*H] and ln_rstd [T,B,2] (layer norm and
+    c_all [T,B,H] (LSTM and save, else [0]), ln_hat [T,B,NLN*H] and ln_rstd [T,B,1|2] (layer norm and
     save, else [0]). Inputs must be contiguous. gh0 [B,G*H], if given, is used instead of
     h @ w_hh.T at each sequence's first step. keep_h/keep_c: zoneout (see zoneout_operands);
     gain_hh [G*H] (gain_c, bias_c [H] for the LSTM): the layer-normalised recurrence."""
@@ -269,7 +269,7 @@ def _forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | N
     dev = gx.device
     zoneout, keep_h, keep_c = zoneout_operands(keep_h, keep_c, cdt)
     ln_hat = _new(T, B, nln * H, device=dev, dtype=cdt) if (ln and save) else _new(0, device=dev, dtype=cdt)
-    ln_rstd = _new(T, B, 2, device=dev, dtype=cdt) if (ln and save) else _new(0, device=dev, dtype=cdt)
+    ln_rstd = _new(T, B, nln - G + 1, device=dev, dtype=cdt) if (ln and save) else _new(0, device=dev, dtype=cdt)
     y = _new(T, B, H, device=dev, dtype=gx.dtype)
     hbuf = _new(2, B, H, device=dev, dtype=w_hh.dtype)  # ping-pong h exchange, in the dot's operand dtype
     hbuf[0].copy_(h0)

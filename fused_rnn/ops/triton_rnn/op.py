@@ -45,7 +45,7 @@ def _(cell, gx, h0, c0, w_hh, b_hh, lengths, reverse, save, gh0, keep_h, keep_c,
     saved = gx.new_empty(T, B, NUM_SAVED[cell] * H, dtype=cdt) if save else gx.new_empty(0, dtype=cdt)
     c_all = gx.new_empty(T, B, H, dtype=cdt) if (save and lstm) else gx.new_empty(0, dtype=cdt)
     ln_hat = gx.new_empty(T, B, (G + lstm) * H, dtype=cdt) if ln else gx.new_empty(0, dtype=cdt)
-    ln_rstd = gx.new_empty(T, B, 2, dtype=cdt) if ln else gx.new_empty(0, dtype=cdt)
+    ln_rstd = gx.new_empty(T, B, 1 + lstm, dtype=cdt) if ln else gx.new_empty(0, dtype=cdt)
     return y, h_n, c_n, saved, c_all, ln_hat, ln_rstd
 
 
