@@ -10,7 +10,8 @@ and, in the backward pass:
   the weights, h0/c0), so training memory and time are what they were;
 - with create_graph=True (gradient penalties, Hessian-vector products, meta-learning): recomputes
   the layer in plain differentiable PyTorch ops (the reference's recurrence, written with
-  cell_math's pointwise steps so that its graph is small) from those saved inputs and
+  cell_math's pointwise steps and torch's layer_norm for the layer-normalised layers, input side
+  included, so that its graph is small) from those saved inputs and
   differentiates it with `torch.autograd.grad(create_graph=True)`, so the returned gradients are
   ordinary autograd graphs that can be differentiated again, on any device. It hands None to the
   backend's node, whose backward then returns at once (each backend's autograd short-circuits when

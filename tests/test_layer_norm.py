@@ -95,7 +95,9 @@ def test_gradcheck_float64(backend, device, shape, cell, zoneout):
         full = [next(it) if present else None for present in slots]
         out = get(backend).recurrence(cell, *full[:6], *args[6:], zoneout=keep, layer_norm=tuple(full[6:]))
         return tuple(o for o in out if o is not None)
-    assert torch.autograd.gradcheck(f, inputs)
+    # the interpreter takes seconds per evaluation: the triton backend checks a random projection of
+    # the Jacobian (fast_mode), the torch backend every element
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=backend == "triton")
 
 
 def textbook(module, x):

@@ -88,7 +88,9 @@ def test_gradcheck_float64(backend, device, cell, shape, mode):
         for i, x in zip(slots, xs):
             full[i] = x
         return tuple(o for o in get(backend).recurrence(cell, *full, zoneout=keep) if o is not None)
-    assert torch.autograd.gradcheck(f, inputs)
+    # the interpreter takes seconds per evaluation: the triton backend checks a random projection of
+    # the Jacobian (fast_mode), the torch backend every element
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=backend == "triton")
 
 
 def test_training_masks_keep_a_fraction_p_of_units():
