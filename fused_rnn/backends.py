@@ -18,6 +18,8 @@ A backend is a module with two functions (the contract every kernel implements):
         argument of its recurrence: ("zoneout",) takes zoneout=(keep_h [T,B,Hout], keep_c [T,B,H]
         or None) as in fused_rnn/reference.py. A backend without an option is never handed it:
         asked for explicitly it refuses with that reason, and `auto` passes over it.
+    unavailable_option_reason(options, cell, has_proj) (optional) -> None, or why the backend cannot
+        run these OPTIONS in this configuration (routed like a missing option).
 
 Layers, directions, dropout, PackedSequence, batch_first and unbatched input are handled above,
 in fused_rnn/functional.py and fused_rnn/modules.py; a backend never sees them.
@@ -77,6 +79,10 @@ def unavailable_reason(name, device, dtype, cell="lstm", has_proj=False, options
     missing = [o for o in options if o not in getattr(module, "OPTIONS", ())]
     if missing:
         return f"the {name} backend does not implement {', '.join(missing)} (the torch backend does)"
+    option_reason = getattr(module, "unavailable_option_reason", None)  # optional: options x configuration
+    reason = option_reason(options, cell, has_proj) if options and option_reason else None
+    if reason is not None:
+        return reason
     return module.unavailable_reason(torch.device(device), dtype, cell, has_proj)
 
 

@@ -10,7 +10,8 @@ and, in the backward pass:
   the weights, h0/c0), so training memory and time are what they were;
 - with create_graph=True (gradient penalties, Hessian-vector products, meta-learning): recomputes
   the layer in plain differentiable PyTorch ops (the reference's recurrence, written with
-  cell_math's pointwise steps so that its graph is small) from those saved inputs and
+  cell_math's pointwise steps and torch's layer_norm for the layer-normalised layers, input side
+  included, so that its graph is small) from those saved inputs and
   differentiates it with `torch.autograd.grad(create_graph=True)`, so the returned gradients are
   ordinary autograd graphs that can be differentiated again, on any device. It hands None to the
   backend's node, whose backward then returns at once (each backend's autograd short-circuits when
@@ -34,8 +35,7 @@ from . import cell_math
 
 REFUSAL = ("fused_rnn: this backend's analytic backward is not differentiable (create_graph=True); "
            "call it through fused_rnn.functional or the modules, which recompute the layer through "
-           "the differentiable reference for higher-order gradients (the layer-normalised layers: "
-           "only with backend='reference')")
+           "the differentiable reference for higher-order gradients")
 
 
 def _compute_dtype(dtype):
@@ -46,15 +46,16 @@ class _SecondOrderThroughReference(torch.autograd.Function):
     """Identity on (y, h_n, c_n); see the module docstring for its backward."""
 
     @staticmethod
-    def forward(ctx, cell, reverse, lengths, zoneout, y, h_n, c_n, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
+    def forward(ctx, cell, reverse, lengths, zoneout, y, h_n, c_n, x, w_ih, b_ih, gain_ih, h0, c0, w_hh, b_hh, w_hr,
+                gain_hh, gain_c, bias_c):
         ctx.cell, ctx.reverse, ctx.has_c = cell, reverse, c_n is not None
         ctx.zoneout = zoneout  # non-differentiable masks (or None)
-        ctx.save_for_backward(lengths, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)
+        ctx.save_for_backward(lengths, x, w_ih, b_ih, gain_ih, h0, c0, w_hh, b_hh, w_hr, gain_hh, gain_c, bias_c)
         return y, h_n, c_n
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        n_inputs = 8  # x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr
+        n_inputs = 12  # x, w_ih, b_ih, gain_ih, h0, c0, w_hh, b_hh, w_hr, gain_hh, gain_c, bias_c
         if not torch.is_grad_enabled():  # first order: the backend's analytic backward does it
             return (None, None, None, None, dy, dh_n, dc_n if ctx.has_c else None) + (None,) * n_inputs
         lengths, *inputs = ctx.saved_tensors
@@ -71,27 +72,42 @@ class _SecondOrderThroughReference(torch.autograd.Function):
 def _reference_layer(cell, reverse, lengths, zoneout, inputs, grads):
     """The layer recomputed through the reference, with autograd recording, and the matching
     output gradients: ([y, h_n, c_n present], [dy, dh_n, dc_n cast to match])."""
-    x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr = inputs
+    x, w_ih, b_ih, gain_ih, h0, c0, w_hh, b_hh, w_hr, gain_hh, gain_c, bias_c = inputs
     acc = _compute_dtype(x.dtype)
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731 - differentiable casts
     with torch.autocast(x.device.type, enabled=False):
-        gx = cast(x) if w_ih is None else F.linear(cast(x), cast(w_ih), cast(b_ih))
+        if w_ih is None:
+            gx = cast(x)
+        elif gain_ih is None:
+            gx = F.linear(cast(x), cast(w_ih), cast(b_ih))
+        else:  # the layer-normalised layers' input side: LN(x W_ih^T) * gain_ih + b_ih
+            gx = F.layer_norm(F.linear(cast(x), cast(w_ih)), (w_ih.shape[0],), cast(gain_ih), cast(b_ih),
+                              cell_math.LAYER_NORM_EPS)
+        layer_norm = None if gain_hh is None else (cast(gain_hh), cast(gain_c), cast(bias_c))
         out = _differentiable_recurrence(cell, gx, cast(h0), cast(c0), cast(w_hh), cast(b_hh), cast(w_hr),
-                                         lengths, reverse, zoneout)
+                                         lengths, reverse, zoneout, layer_norm)
     pairs = [(o, g.to(acc)) for o, g in zip(out, grads) if o is not None and g is not None]
     return [o for o, _ in pairs], [g for _, g in pairs]
 
 
-def _differentiable_recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout):
+def _differentiable_recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout, layer_norm=None):
     """reference.recurrence's result in fewer autograd nodes (one GEMM per step for all gates, the
-    pointwise steps of cell_math), so the graph a create_graph=True backward builds is smaller."""
+    pointwise steps of cell_math, torch's layer_norm), so the graph a create_graph=True backward
+    builds is smaller. layer_norm: None or (gain_hh, gain_c, bias_c) as the reference's."""
     h, c = h0, c0
     ys = [None] * gx.shape[0]
+    eps = cell_math.LAYER_NORM_EPS
     for t in (range(gx.shape[0] - 1, -1, -1) if reverse else range(gx.shape[0])):
-        gh = F.linear(h, w_hh, b_hh)
+        if layer_norm is None:
+            gh = F.linear(h, w_hh, b_hh)
+        else:  # LN(h W_hh^T) * gain_hh + b_hh over all G*H
+            gh = F.layer_norm(F.linear(h, w_hh), (w_hh.shape[0],), layer_norm[0], b_hh, eps)
         c_new = None
         if cell == "lstm":
-            h_new, c_new, _ = cell_math.lstm_step_forward(gx[t] + gh, c)
+            h_new, c_new, gates = cell_math.lstm_step_forward(gx[t] + gh, c)
+            if layer_norm is not None:  # h = o tanh(LN(c') gain_c + bias_c)
+                H = c_new.shape[1]
+                h_new = gates[:, 3 * H:] * torch.tanh(F.layer_norm(c_new, (H,), layer_norm[1], layer_norm[2], eps))
             h_new = h_new if w_hr is None else h_new @ w_hr.t()
         elif cell == "gru":
             h_new, _ = cell_math.gru_step_forward(gx[t], gh, h)
@@ -110,14 +126,17 @@ def _differentiable_recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reve
     return torch.stack(ys), h, c
 
 
-def attach(cell, outputs, source, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None):
+def attach(cell, outputs, source, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):
     """Make a backend's (y, h_n, c_n) twice differentiable (see the module docstring).
 
-    source: (x, w_ih, b_ih) with gx = x @ w_ih.T + b_ih, or (gx, None, None). Passing the layer's
-    input rather than gx keeps nothing alive that the first-order backward would not keep.
+    source: (x, w_ih, b_ih) with gx = x @ w_ih.T + b_ih, (x, w_ih, b_ih, gain_ih) with
+    gx = LN(x @ w_ih.T) * gain_ih + b_ih (the layer-normalised layers), or (gx, None, None).
+    Passing the layer's input rather than gx keeps nothing alive that the first-order backward
+    would not keep. layer_norm: None or (gain_hh, gain_c, bias_c) as the reference's.
     """
-    x, w_ih, b_ih = source
-    tensors = (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)
+    x, w_ih, b_ih, gain_ih = (tuple(source) + (None,))[:4]
+    gain_hh, gain_c, bias_c = (None, None, None) if layer_norm is None else layer_norm
+    tensors = (x, w_ih, b_ih, gain_ih, h0, c0, w_hh, b_hh, w_hr, gain_hh, gain_c, bias_c)
     if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
             or not any(t is not None and t.requires_grad for t in tensors)):
         return outputs

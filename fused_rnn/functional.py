@@ -27,21 +27,18 @@ def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend, s
                 layer_norm=None):
     """recurrence() on inputs already validated (rnn() checks the lengths once for every layer).
 
-    source: (x, w_ih, b_ih) when gx = F.linear(x, w_ih, b_ih), so that double backward
-    (fused_rnn/double_backward.py) recomputes gx from tensors that are alive anyway rather than
-    keeping gx alive. zoneout: None or the keep masks (see zoneout_keep); only backends whose
+    source: (x, w_ih, b_ih) when gx = F.linear(x, w_ih, b_ih) ((x, w_ih, b_ih, gain_ih) when gx is
+    LN(x W_ih^T) * gain_ih + b_ih), so that double backward (fused_rnn/double_backward.py)
+    recomputes gx from tensors that are alive anyway rather than keeping gx alive. zoneout: None or the keep masks (see zoneout_keep); only backends whose
     OPTIONS include "zoneout" are chosen then (backends.py). layer_norm: None or (gain_hh, gain_c,
     bias_c) of a layer-normalised LSTM/GRU (fused_rnn/layer_norm.py), likewise routed."""
     extra = {k: v for k, v in (("zoneout", zoneout), ("layer_norm", layer_norm)) if v is not None}
     name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None, tuple(extra))
     out = backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, **extra)
-    if name == "reference" or layer_norm is not None:
-        # the reference is plain autograd: differentiable any number of times already. The
-        # layer-normalised recurrence has no double backward on other backends (the torch
-        # backend's analytic backward refuses create_graph=True and says so).
+    if name == "reference":  # plain autograd: differentiable any number of times already
         return out
     return double_backward.attach(cell, out, source or (gx, None, None), h0, c0, w_hh, b_hh, w_hr,
-                                  lengths, reverse, zoneout)
+                                  lengths, reverse, zoneout, layer_norm)
 
 
 def check_zoneout(p):
@@ -174,8 +171,9 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
             else:                                                   # LN(x W_ih^T) * gain_ih + b_ih
                 gx = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln[0], b_ih, LAYER_NORM_EPS)
             keep = zoneout_keep(zoneout, training, cell, T, B, hx.shape[2], w_hh.shape[0] // GATES[cell], x.device)
+            source = (x, w_ih, b_ih) if ln is None else (x, w_ih, b_ih, ln[0])
             y, h, c = _recurrence(cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr,
-                                  lengths, direction == 1, backend, source=(x, w_ih, b_ih), zoneout=keep,
+                                  lengths, direction == 1, backend, source=source, zoneout=keep,
                                   layer_norm=None if ln is None else tuple(ln[1:]))
             outputs.append(y)
             h_n.append(h)

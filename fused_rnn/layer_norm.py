@@ -18,8 +18,11 @@ backend already implements (gh computed once per step, n reading gh_n).
 
 The input-side LN runs over all steps at once, outside the recurrence (one GEMM, one layer_norm);
 the recurrent LN is a per-row reduction inside each step of the `torch` backend's recurrence and
-its analytic backward (ops/torch_bptt). The other backends do not implement it (`auto` takes
-`torch`; `reference` is the oracle). Double backward: backend='reference' only.
+its analytic backward (ops/torch_bptt), and inside the `triton` backend's fused step kernels and
+their backward (ops/triton_rnn; one program holds a whole row). The `cpu` and `cuda` backends do
+not implement it (`auto` passes over them; `reference` is the oracle). Double backward on every
+backend that runs it: fused_rnn/double_backward.py recomputes the layer, input-side LN included,
+in differentiable ops when the backward runs with create_graph=True.
 
 Parameters: torch.nn's (weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}, same shapes and
 initialisation) plus, per layer and direction, ln_gain_ih_l{k} [G*H], ln_gain_hh_l{k} [G*H] and for

@@ -1,13 +1,17 @@
-"""Layer-normalised LSTM and GRU: the torch backend's analytic backward (recurrent LN inside the
-step) against the textbook reference and finite differences, the modules against a from-scratch
-loop, the drop-in options, initialisation, and the backends that refuse it."""
+"""Layer-normalised LSTM and GRU: the torch and triton backends' analytic backwards (recurrent LN
+inside the step) against the textbook reference and finite differences, double backward on both,
+the modules against a from-scratch loop, the drop-in options, initialisation, and the backends
+that refuse it. The triton backend runs in the Triton interpreter without a GPU (conftest)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import functional, reference
-from fused_rnn.backends import get
+from fused_rnn.backends import get, unavailable_reason
 
 import drop_in
 from helpers import assert_close, grads_of
@@ -18,14 +22,23 @@ SHAPES = {  # (T, B, H, lengths, reverse)
     "T6-B3-H5": (6, 3, 5, None, False),
     "T7-B5-H6-len": (7, 5, 6, [7, 3, 1, 7, 5], False),
     "T7-B5-H6-len-rev": (7, 5, 6, [2, 7, 7, 1, 4], True),
+    "T3-B2-H3-len-rev": (3, 2, 3, [1, 3], True),  # small: gradcheck in the Triton interpreter
 }
 
 
-def make(cell, T, B, H, lengths, reverse):
+TRITON_REASON = unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu", F64)
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"  # as test_triton.py
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
+# (backend, device): the triton backend on the GPU, or on CPU tensors in the interpreter
+BACKENDS = [pytest.param("torch", "cpu", id="torch"),
+            pytest.param("triton", "cuda" if ON_GPU else "cpu", id="triton", marks=needs_triton)]
+
+
+def make(cell, T, B, H, lengths, reverse, device="cpu"):
     G = 4 if cell == "lstm" else 3
-    new = lambda *s, k=1.0: (torch.randn(*s, dtype=F64) * k).requires_grad_()  # noqa: E731
+    new = lambda *s, k=1.0: (torch.randn(*s, dtype=F64) * k).to(device).requires_grad_()  # noqa: E731
     args = [new(T, B, G * H), new(B, H), new(B, H) if cell == "lstm" else None, new(G * H, H, k=H ** -0.5),
-            new(G * H), None, None if lengths is None else torch.tensor(lengths), reverse]
+            new(G * H), None, None if lengths is None else torch.tensor(lengths, device=device), reverse]
     ln = (new(G * H, k=0.5), new(H, k=0.5), new(H)) if cell == "lstm" else (new(G * H, k=0.5), None, None)
     return args, ln
 
@@ -34,14 +47,25 @@ def differentiable(args, ln):
     return [a for a in list(args[:6]) + list(ln) if a is not None]
 
 
-@pytest.mark.parametrize("zoneout", [False, True], ids=["plain", "zoneout"])
-@pytest.mark.parametrize("shape", list(SHAPES))
+def match_cases():
+    """Every shape with and without zoneout on the torch backend; on the triton backend (slow in the
+    interpreter) every shape plain, and each zoneout mode on a shape with lengths."""
+    for b in BACKENDS:
+        for shape in SHAPES:
+            for zoneout in ("plain", "zoneout-train", "zoneout-eval"):
+                if b.id == "torch" or zoneout == "plain" or (shape, zoneout) in (
+                        ("T7-B5-H6-len-rev", "zoneout-train"), ("T7-B5-H6-len", "zoneout-eval")):
+                    yield pytest.param(*b.values, shape, zoneout, id=f"{b.id}-{shape}-{zoneout}", marks=b.marks)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_torch_backend_matches_reference(cell, shape, zoneout):
-    args, ln = make(cell, *SHAPES[shape])
+@pytest.mark.parametrize("backend,device,shape,zoneout", list(match_cases()))
+def test_backend_matches_reference(backend, device, shape, zoneout, cell):
+    args, ln = make(cell, *SHAPES[shape], device=device)
     T, B, H = SHAPES[shape][:3]
-    keep = functional.zoneout_keep(0.3, True, cell, T, B, H, H, "cpu") if zoneout else None
-    out = get("torch").recurrence(cell, *args, zoneout=keep, layer_norm=ln)
+    keep = None if zoneout == "plain" else functional.zoneout_keep(0.3, zoneout == "zoneout-train", cell, T, B, H,
+                                                                  H, device)
+    out = get(backend).recurrence(cell, *args, zoneout=keep, layer_norm=ln)
     ref = reference.recurrence(cell, *args, zoneout=keep, layer_norm=ln)
     for name, a, b in zip(("y", "h_n", "c_n"), out, ref):
         if b is not None:
@@ -51,19 +75,29 @@ def test_torch_backend_matches_reference(cell, shape, zoneout):
         assert_close(a, b, F64, f"grad {k}")
 
 
-@pytest.mark.parametrize("shape", ["T6-B3-H5", "T7-B5-H6-len-rev"])
+# the interpreter's gradchecks stay on the smallest shape
+GRADCHECK = [pytest.param(*b.values, shape, id=f"{b.id}-{shape}", marks=b.marks) for b in BACKENDS
+             for shape in (["T6-B3-H5", "T3-B2-H3-len-rev"] if b.id == "torch" else ["T3-B2-H3-len-rev"])]
+
+
+@pytest.mark.parametrize("zoneout", [None, "eval"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_gradcheck_float64(cell, shape):
-    args, ln = make(cell, *SHAPES[shape])
+@pytest.mark.parametrize("backend,device,shape", GRADCHECK)
+def test_gradcheck_float64(backend, device, shape, cell, zoneout):
+    args, ln = make(cell, *SHAPES[shape], device=device)
+    T, B, H = SHAPES[shape][:3]
+    keep = None if zoneout is None else functional.zoneout_keep(0.3, False, cell, T, B, H, H, device)
     inputs = differentiable(args, ln)
     slots = [a is not None for a in list(args[:6]) + list(ln)]
 
     def f(*xs):
         it = iter(xs)
         full = [next(it) if present else None for present in slots]
-        out = get("torch").recurrence(cell, *full[:6], *args[6:], layer_norm=tuple(full[6:]))
+        out = get(backend).recurrence(cell, *full[:6], *args[6:], zoneout=keep, layer_norm=tuple(full[6:]))
         return tuple(o for o in out if o is not None)
-    assert torch.autograd.gradcheck(f, inputs)
+    # the interpreter takes seconds per evaluation: the triton backend checks a random projection of
+    # the Jacobian (fast_mode), the torch backend every element
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=backend == "triton")
 
 
 def textbook(module, x):
@@ -111,6 +145,17 @@ def test_drop_in_options_match_the_reference_backend(cls, option):
     drop_in.assert_torch_backend_matches_reference(make, OPTIONS[option], perturb=0.1)
 
 
+@pytest.mark.skipif(TRITON_REASON is not None or ON_GPU, reason="the interpreter run (CPU tensors) of the triton backend")
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
+def test_triton_backend_modules_match_the_reference_backend(cls):
+    """Packed, bidirectional, with zoneout, in training on the triton backend (drop_in's check,
+    with the triton backend standing in for the torch one)."""
+    def make(backend, **kw):
+        return getattr(fused_rnn, cls)(3, 4, backend="triton" if backend == "torch" else backend, **kw).double()
+    drop_in.assert_torch_backend_matches_reference(make, dict(OPTIONS["zoneout-bidirectional"], packed=True),
+                                                   perturb=0.1)
+
+
 @pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
 def test_parameters_initialisation_and_state_dict(cls):
     m = getattr(fused_rnn, cls)(3, 4, num_layers=2, bidirectional=True)
@@ -131,19 +176,49 @@ def test_parameters_initialisation_and_state_dict(cls):
 def test_proj_size_and_other_backends_are_refused():
     with pytest.raises(ValueError, match="proj_size is not supported by LayerNormLSTM"):
         fused_rnn.LayerNormLSTM(3, 4, proj_size=2)
-    for backend in ("cpu", "triton", "cuda"):
+    for backend in ("cpu", "cuda"):
         with pytest.raises(RuntimeError, match=f"the {backend} backend does not implement layer_norm"):
             fused_rnn.LayerNormGRU(3, 4, backend=backend)(torch.randn(2, 1, 3))
     assert fused_rnn.LayerNormLSTM(3, 4)(torch.randn(2, 1, 3))[0].grad_fn is not None  # auto: torch
 
 
-def test_double_backward_on_the_reference_and_a_clear_refusal_elsewhere():
-    x = torch.randn(4, 2, 2, dtype=F64, requires_grad=True)
-    ours = fused_rnn.LayerNormLSTM(2, 3, backend="torch").double()
-    with pytest.raises(RuntimeError, match="backend='reference'"):
-        torch.autograd.grad(ours(x)[0].square().sum(), x, create_graph=True)
-    ref = fused_rnn.LayerNormLSTM(2, 3, backend="reference").double()
-    assert torch.autograd.gradgradcheck(lambda x: ref(x)[0], [x], fast_mode=True)
+# (class, constructor kwargs, packed lengths or None)
+DOUBLE_BACKWARD = {
+    "LayerNormLSTM": ("LayerNormLSTM", {}, None),
+    "LayerNormLSTM-bi-packed-zoneout": ("LayerNormLSTM", {"bidirectional": True, "zoneout": 0.3}, [3, 1]),
+    "LayerNormGRU-bi-packed": ("LayerNormGRU", {"bidirectional": True}, [3, 1]),
+    "LayerNormGRU-zoneout": ("LayerNormGRU", {"zoneout": 0.3}, None),
+}
+
+
+@pytest.mark.parametrize("config", list(DOUBLE_BACKWARD))
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *BACKENDS])
+def test_double_backward_gradgradcheck(backend, device, config):
+    """gradgradcheck in float64 of every output in every input and parameter (layer-norm gains
+    perturbed away from 1 and 0, so that they matter); zoneout in training with a seeded mask."""
+    cls, kwargs, lengths = DOUBLE_BACKWARD[config]
+    m = getattr(fused_rnn, cls)(2, 3, backend=backend, device=device, dtype=F64, **kwargs)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(torch.randn_like(p) * 0.3)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, *params):
+        torch.manual_seed(11)  # the same zoneout masks at every evaluation
+        inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, hidden = torch.func.functional_call(m, dict(zip(names, params)), (inp,))
+        return ((out if lengths is None else out.data),) + (tuple(hidden) if isinstance(hidden, tuple) else (hidden,))
+    x = torch.randn(3, 2, 2, dtype=F64, device=device, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    assert torch.autograd.gradgradcheck(f, [x] + params, fast_mode=True)
+
+
+def test_backend_op_called_directly_refuses_create_graph():
+    args, ln = make("lstm", *SHAPES["T6-B3-H5"])
+    y = get("torch").recurrence("lstm", *args, layer_norm=ln)[0]
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
 
 
 def test_input_side_layer_norm_runs_once_for_all_steps(monkeypatch):

@@ -73,19 +73,35 @@ def as_reference(args):
             for a in args]
 
 
-def run_both(cell, args, reverse):
-    """(outputs, gradients) of the triton backend and of the float64 reference on the same inputs."""
+def make_options(cell, T, B, H, dtype, device, zoneout=None, layer_norm=False):
+    """The options beyond torch.nn's: zoneout masks ("train") or p ("eval"), and layer-norm
+    parameters (gain_hh, gain_c, bias_c) away from 1 and 0, requiring grad."""
+    from fused_rnn.functional import zoneout_keep
+
+    keep = None if zoneout is None else zoneout_keep(0.35, zoneout == "train", cell, T, B, H, H, device)
+    if not layer_norm:
+        return {"zoneout": keep} if keep is not None else {}
+    rnd = lambda n, base: (base + 0.3 * torch.randn(n, dtype=torch.float64)).to(device, dtype).requires_grad_()  # noqa: E731
+    ln = (rnd(GATES[cell] * H, 1.0), rnd(H, 1.0), rnd(H, 0.0)) if cell == "lstm" else (rnd(GATES[cell] * H, 1.0), None, None)
+    return {"zoneout": keep, "layer_norm": ln}
+
+
+def run_both(cell, args, reverse, options=None):
+    """(outputs, gradients) of the triton backend and of the float64 reference on the same inputs;
+    options: zoneout= and layer_norm= (make_options), the layer norm's parameters differentiated too."""
     cell = cell.replace("-proj", "")
-    ref_args = as_reference(args)
-    out = triton_rnn.recurrence(cell, *args, reverse)
-    ref = reference.recurrence(cell, *ref_args, reverse)
-    diff = [a for a in args[:6] if a is not None]
-    ref_diff = [a for a in ref_args[:6] if a is not None]
+    options = options or {}
+    ln = options.get("layer_norm") or ()
+    ref_args, ref_ln = as_reference(args), as_reference(ln)
+    out = triton_rnn.recurrence(cell, *args, reverse, **options)
+    ref = reference.recurrence(cell, *ref_args, reverse, **dict(options, **({"layer_norm": ref_ln} if ln else {})))
+    diff = [a for a in list(args[:6]) + list(ln) if a is not None]
+    ref_diff = [a for a in list(ref_args[:6]) + list(ref_ln) if a is not None]
     return (out, grads_of(out, diff)), (ref, grads_of(ref, ref_diff))
 
 
-def check_against_reference(cell, args, reverse, dtype, check_grads=True):
-    (out, grads), (ref, ref_grads) = run_both(cell, args, reverse)
+def check_against_reference(cell, args, reverse, dtype, check_grads=True, options=None):
+    (out, grads), (ref, ref_grads) = run_both(cell, args, reverse, options)
     for o, r, name in zip(out, ref, ["y", "h_n", "c_n"]):
         assert (o is None) == (r is None), name
         if r is not None:
@@ -93,7 +109,9 @@ def check_against_reference(cell, args, reverse, dtype, check_grads=True):
             assert_close(o, r, dtype, name)
     if not check_grads:
         return
-    names = [n for n, a in zip(["gx", "h0", "c0", "w_hh", "b_hh", "w_hr"], args[:6]) if a is not None]
+    ln = (options or {}).get("layer_norm") or (None,) * 3
+    names = [n for n, a in zip(["gx", "h0", "c0", "w_hh", "b_hh", "w_hr", "gain_hh", "gain_c", "bias_c"],
+                               list(args[:6]) + list(ln)) if a is not None]
     for g, r, name in zip(grads, ref_grads, names):
         assert g is not None, f"no gradient for {name}"
         assert g.dtype == dtype, name
@@ -129,6 +147,27 @@ def test_launch_configurations_match_reference(cell, config, monkeypatch):
     lengths = [4, 1, 3] + [4, 2] * 7
     args = make_inputs(cell, T, B, H, torch.float64, DEVICE, lengths=lengths)
     check_against_reference(cell, args, reverse=config != "persistent-kchunk", dtype=torch.float64)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_in_launch_configurations_matches_reference(cell, config, monkeypatch):
+    """Zoneout's masks tile like the state (the layer norm needs one hidden tile: see below)."""
+    monkeypatch.setattr(launcher, "choose_config", lambda *a, **k: LaunchConfig(**CONFIGS[config]))
+    T, B, H = 3, 17, 20
+    args = make_inputs(cell, T, B, H, torch.float64, DEVICE, lengths=[3, 1, 2] + [3, 2] * 7)
+    options = make_options(cell, T, B, H, torch.float64, DEVICE, zoneout="train",
+                           layer_norm=config != "stepwise-2tiles")
+    check_against_reference(cell, args, reverse=config != "persistent-kchunk", dtype=torch.float64, options=options)
+
+
+def test_layer_norm_needs_one_hidden_tile(monkeypatch):
+    """Its per-row mean and variance are a reduction inside one program: a split row is refused."""
+    monkeypatch.setattr(launcher, "choose_config", lambda *a, **k: LaunchConfig(**CONFIGS["stepwise-2tiles"]))
+    args = make_inputs("gru", 2, 3, 20, torch.float64, DEVICE)
+    with pytest.raises(ValueError, match="one hidden tile per row"):
+        triton_rnn.recurrence("gru", *args, False, **make_options("gru", 2, 3, 20, torch.float64, DEVICE,
+                                                                  layer_norm=True))
 
 
 @needs_gpu
@@ -317,6 +356,19 @@ def test_precisions_match_float64_reference(cell, dtype):
     check_against_reference(cell, args, reverse=cell in ("gru", "rnn_relu"), dtype=dtype, check_grads=check_grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("options", ["zoneout-train", "layer_norm-zoneout-eval"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_options_precisions_match_float64_reference(cell, options, dtype):
+    """Zoneout and the layer norm in fp32 / bf16 (fp32 compute, statistics and state): dtype tolerances."""
+    T, B, H = small_or_large((5, 3, 16), (64, 33, 256))
+    lengths = small_or_large([5, 2, 4], [64, 17, 1] * 11)
+    args = make_inputs(cell, T, B, H, dtype, DEVICE, lengths=lengths)
+    opts = make_options(cell, T, B, H, dtype, DEVICE, zoneout=options.split("-")[-1],
+                        layer_norm=options.startswith("layer_norm"))
+    check_against_reference(cell, args, reverse=cell == "gru", dtype=dtype, options=opts)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
                          ids=["f64", "f32", "f16", "bf16"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
@@ -352,24 +404,31 @@ def test_empty_batch():
 
 # -- registration ----------------------------------------------------------------------------------
 
-def _op_args(cell, lengths, reverse, device):
-    gx, h0, c0, w_hh, b_hh, _, lens = make_inputs(cell, 3, 2, 4, torch.float64, device, lengths=lengths)
-    gh0 = (h0 @ w_hh.t()).detach().requires_grad_() if cell == "lstm" else None  # the projected LSTM's input
-    return (cell, gx, h0, c0, w_hh, b_hh, lens, reverse, True, gh0)
+def _op_args(cell, lengths, reverse, device, options=False):
+    """forward_op's arguments: the projected LSTM's gh0, or (options) zoneout masks and the layer norm."""
+    T, B, H = 3, 2, 4
+    gx, h0, c0, w_hh, b_hh, _, lens = make_inputs(cell, T, B, H, torch.float64, device, lengths=lengths)
+    gh0 = (h0 @ w_hh.t()).detach().requires_grad_() if cell == "lstm" and not options else None
+    opts = make_options(cell, T, B, H, torch.float64, device, zoneout="train", layer_norm=True) if options else {}
+    keep_h, keep_c = opts.get("zoneout") or (None, None)
+    ln = opts.get("layer_norm") or (None, None, None)
+    return (cell, gx, h0, c0, w_hh, b_hh, lens, reverse, True, gh0, keep_h, keep_c, *ln)
 
 
-@pytest.mark.parametrize("cell,lengths,reverse", [("lstm", [3, 1], True), ("gru", None, False),
-                                                  ("rnn_relu", [2, 3], False)])
-def test_opcheck(cell, lengths, reverse):
-    args = _op_args(cell, lengths, reverse, DEVICE)
+@pytest.mark.parametrize("cell,lengths,reverse,options", [("lstm", [3, 1], True, False), ("gru", None, False, False),
+                                                          ("rnn_relu", [2, 3], False, False),
+                                                          ("lstm", [3, 1], True, True), ("gru", [2, 3], False, True)])
+def test_opcheck(cell, lengths, reverse, options):
+    args = _op_args(cell, lengths, reverse, DEVICE, options)
     torch.library.opcheck(op.forward_op, args)
-    _, _, h0, c0, w_hh, _, lens, _, _, _ = args
+    _, _, h0, c0, w_hh, _, lens, _, _, _, keep_h, keep_c, *ln = args
     with torch.no_grad():
-        y, h_n, c_n, saved, c_all = op.forward_op(*args)
+        y, h_n, c_n, saved, c_all, ln_hat, ln_rstd = op.forward_op(*args)
     dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
     torch.library.opcheck(op.backward_op, (cell, reverse, torch.randn_like(y), torch.randn_like(h_n), dc_n,
-                                           h0.detach(), None if c0 is None else c0.detach(), w_hh.detach(),
-                                           lens, y, saved, c_all))
+                                           h0.detach(), detach(c0), w_hh.detach(), lens, y, saved, c_all,
+                                           keep_h, keep_c, *map(detach, ln), ln_hat, ln_rstd))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -405,7 +464,8 @@ def test_unavailable_reason(monkeypatch):
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles and runs the kernels")
 def test_kernels_compile_for_sm90():
     """The interpreter never runs Triton's compiler: compile every cell (bf16, fp32, with the grid
-    barrier) for sm_90 in a subprocess with the interpreter off, so compiled-only errors show here."""
+    barrier, and the zoneout / layer-norm variants) for sm_90 in a subprocess with the interpreter
+    off, so compiled-only errors show here."""
     import subprocess
     import sys
 
@@ -413,4 +473,5 @@ def test_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, "-m", "fused_rnn.ops.triton_rnn.compile_check", "--arch", "90", "--quick"],
                          check=False, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok ") == 16, run.stdout
+    # every cell with the barrier (bf16, fp32), then LSTM and GRU with zoneout and the layer norm
+    assert run.stdout.count(" ok ") == 16 + 32, run.stdout

@@ -1,13 +1,16 @@
-"""Zoneout (Krueger et al. 2016) on LSTM and GRU: the torch backend's analytic backward against the
-textbook reference, float64 gradcheck, masks that a seed reproduces, the eval-mode expectation,
-frozen states past each sequence's length, the drop-in options, and backends that refuse it."""
+"""Zoneout (Krueger et al. 2016) on LSTM and GRU: the torch and triton backends' analytic backwards
+against the textbook reference, float64 gradcheck, masks that a seed reproduces, the eval-mode
+expectation, frozen states past each sequence's length, the drop-in options, and backends that
+refuse it. The triton backend runs in the Triton interpreter without a GPU (conftest)."""
+import os
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
 from fused_rnn import functional, reference
-from fused_rnn.backends import get
+from fused_rnn.backends import get, unavailable_reason
 from fused_rnn.cell_math import GATES
 
 import drop_in
@@ -21,7 +24,16 @@ SHAPES = {
     "T7-B5-H6-len": (7, 5, 6, 0, [7, 3, 1, 7, 5], False),
     "T7-B5-H6-len-rev": (7, 5, 6, 0, [2, 7, 7, 1, 4], True),
     "T6-B3-H7-proj3-len-rev": (6, 3, 7, 3, [6, 2, 4], True),
+    "T3-B2-H3-len-rev": (3, 2, 3, 0, [1, 3], True),  # small: gradcheck in the Triton interpreter
 }
+
+
+TRITON_REASON = unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu", F64)
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"  # as test_triton.py
+# (backend, device): the triton backend on the GPU, or on CPU tensors in the interpreter
+BACKENDS = [pytest.param("torch", "cpu", id="torch"),
+            pytest.param("triton", "cuda" if ON_GPU else "cpu", id="triton", marks=pytest.mark.skipif(
+                TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}"))]
 
 
 def cases():
@@ -32,20 +44,28 @@ def cases():
                     yield pytest.param(cell, shape, mode, id=f"{cell}-{name}-{mode}")
 
 
-def make(cell, T, B, H, proj, lengths, reverse, mode, p=0.35):
+def backend_cases(select=lambda backend, case: True):
+    """cases() on each backend; the triton backend has no zoneout with a projection (refused below)."""
+    for backend in BACKENDS:
+        for case in cases():
+            if select(backend.id, case.id) and not (backend.id == "triton" and "proj" in case.id):
+                yield pytest.param(*backend.values, *case.values, id=f"{backend.id}-{case.id}", marks=backend.marks)
+
+
+def make(cell, T, B, H, proj, lengths, reverse, mode, p=0.35, device="cpu"):
     G, Hout = GATES[cell], proj or H
-    new = lambda *s, k=1.0: (torch.randn(*s, dtype=F64) * k).requires_grad_()  # noqa: E731
+    new = lambda *s, k=1.0: (torch.randn(*s, dtype=F64) * k).to(device).requires_grad_()  # noqa: E731
     args = [new(T, B, G * H), new(B, Hout), new(B, H) if cell == "lstm" else None,
             new(G * H, Hout, k=Hout ** -0.5), new(G * H), new(Hout, H, k=H ** -0.5) if proj else None,
-            None if lengths is None else torch.tensor(lengths), reverse]
-    keep = functional.zoneout_keep(p, mode == "train", cell, T, B, Hout, H, "cpu")
+            None if lengths is None else torch.tensor(lengths, device=device), reverse]
+    keep = functional.zoneout_keep(p, mode == "train", cell, T, B, Hout, H, device)
     return args, keep
 
 
-@pytest.mark.parametrize("cell,shape,mode", list(cases()))
-def test_torch_backend_matches_reference(cell, shape, mode):
-    args, keep = make(cell, *shape, mode)
-    out = get("torch").recurrence(cell, *args, zoneout=keep)
+@pytest.mark.parametrize("backend,device,cell,shape,mode", list(backend_cases()))
+def test_backend_matches_reference(backend, device, cell, shape, mode):
+    args, keep = make(cell, *shape, mode, device=device)
+    out = get(backend).recurrence(cell, *args, zoneout=keep)
     ref = reference.recurrence(cell, *args, zoneout=keep)
     inputs = [a for a in args[:6] if a is not None]
     for name, a, b in zip(("y", "h_n", "c_n"), out, ref):
@@ -55,9 +75,11 @@ def test_torch_backend_matches_reference(cell, shape, mode):
         assert_close(a, b, F64, f"grad {k}")
 
 
-@pytest.mark.parametrize("cell,shape,mode", [c for c in cases() if "len-rev" in c.id or "T6-B3-H5" in c.id])
-def test_gradcheck_float64(cell, shape, mode):
-    args, keep = make(cell, *shape, mode)
+@pytest.mark.parametrize("backend,device,cell,shape,mode",
+                         list(backend_cases(lambda backend, case: "T3-B2-H3" in case or (
+                             backend == "torch" and ("len-rev" in case or "T6-B3-H5" in case)))))
+def test_gradcheck_float64(backend, device, cell, shape, mode):
+    args, keep = make(cell, *shape, mode, device=device)
     inputs = [a for a in args[:6] if a is not None]
     slots = [i for i, a in enumerate(args[:6]) if a is not None]
 
@@ -65,8 +87,10 @@ def test_gradcheck_float64(cell, shape, mode):
         full = list(args)
         for i, x in zip(slots, xs):
             full[i] = x
-        return tuple(o for o in get("torch").recurrence(cell, *full, zoneout=keep) if o is not None)
-    assert torch.autograd.gradcheck(f, inputs)
+        return tuple(o for o in get(backend).recurrence(cell, *full, zoneout=keep) if o is not None)
+    # the interpreter takes seconds per evaluation: the triton backend checks a random projection of
+    # the Jacobian (fast_mode), the torch backend every element
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=backend == "triton")
 
 
 def test_training_masks_keep_a_fraction_p_of_units():
@@ -142,6 +166,17 @@ def test_drop_in_options_match_the_reference_backend(cls, option):
     drop_in.assert_torch_backend_matches_reference(make, OPTIONS[option])
 
 
+@pytest.mark.skipif(TRITON_REASON is not None or ON_GPU, reason="the interpreter run (CPU tensors) of the triton backend")
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_triton_backend_modules_match_the_reference_backend(cls):
+    """A packed bidirectional layer in training on the triton backend (drop_in's check, with the
+    triton backend standing in for the torch one)."""
+    def make(backend, **kw):
+        return getattr(fused_rnn, cls)(3, 4, zoneout=0.25, backend="triton" if backend == "torch" else backend,
+                                       **kw).double()
+    drop_in.assert_torch_backend_matches_reference(make, drop_in.OPTIONS["bidirectional-packed"])
+
+
 def test_double_backward_with_zoneout():
     m = fused_rnn.LSTM(2, 3, zoneout=0.3, bidirectional=True, backend="torch").double()
     x = torch.randn(4, 2, 2, dtype=F64, requires_grad=True)
@@ -154,11 +189,20 @@ def test_double_backward_with_zoneout():
     assert torch.autograd.gradgradcheck(f, [x] + params, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
 def test_other_backends_refuse_zoneout_with_their_reason(backend):
     m = fused_rnn.LSTM(3, 4, zoneout=0.1, backend=backend)
     with pytest.raises(RuntimeError, match=f"the {backend} backend does not implement zoneout"):
         m(torch.randn(2, 1, 3))
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
+def test_triton_refuses_zoneout_with_a_projection_and_auto_passes_over_it(monkeypatch):
+    device = "cuda" if ON_GPU else "cpu"
+    with pytest.raises(RuntimeError, match="not implemented for a projected LSTM"):
+        fused_rnn.LSTM(3, 4, proj_size=2, zoneout=0.1, backend="triton", device=device)(torch.randn(2, 1, 3, device=device))
+    assert unavailable_reason("triton", device, F64, "lstm", True, ("zoneout",)) is not None
+    assert unavailable_reason("triton", device, F64, "lstm", False, ("zoneout",)) is None
 
 
 def test_auto_takes_the_torch_backend_and_zero_is_the_plain_layer(monkeypatch):

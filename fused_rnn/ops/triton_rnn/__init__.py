@@ -48,11 +48,26 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, cell: str, has_
     return f"triton runs on CUDA devices (or on the CPU in the interpreter), not {device.type}"
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
-    """One layer, one direction (see the contract): -> y [T,B,H], h_n [B,H], c_n [B,H] | None."""
+# options beyond torch.nn's that this backend implements (fused_rnn/backends.py routes by them)
+OPTIONS = ("zoneout", "layer_norm")
+# the projected LSTM runs as an LSTM on m_t with h_t = m_t @ w_hr.T outside the kernels (op.py):
+# zoneout of h_t and the layer norm do not fit that split
+OPTIONS_WITH_PROJ_REASON = "zoneout and layer norm are not implemented for a projected LSTM (proj_size > 0)"
+
+
+def unavailable_option_reason(options, cell: str, has_proj: bool) -> str | None:
+    """Why these OPTIONS cannot run with this configuration, or None (see backends.unavailable_reason)."""
+    if options and has_proj:
+        return OPTIONS_WITH_PROJ_REASON
+    return None
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):
+    """One layer, one direction (see the contract): -> y [T,B,H], h_n [B,H], c_n [B,H] | None.
+    zoneout: None or (keep_h, keep_c); layer_norm: None or (gain_hh, gain_c, bias_c), as the reference's."""
     reason = unavailable_reason(gx.device, gx.dtype, cell, w_hr is not None)
     if reason is not None:
         raise RuntimeError(f"fused_rnn triton backend: {reason}")
     from .op import recurrence as _recurrence  # decorates the kernels on first use
 
-    return _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    return _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout, layer_norm)

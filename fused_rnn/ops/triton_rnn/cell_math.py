@@ -37,11 +37,17 @@ def lstm_cell_forward(pre_i, pre_f, pre_g, pre_o, c):
 def lstm_cell_backward(i, f, g, o, c_prev, c, dh, dc):
     """Saved gates, c_{t-1}, c_t and incoming dh_t, dc_t -> (d pre_i, d pre_f, d pre_g, d pre_o, dc_{t-1})."""
     tc = tanh(c)
-    dc = dc + dh * o * (1 - tc * tc)
+    return lstm_gates_backward(i, f, g, o, c_prev, tc, dh, dc + dh * o * (1 - tc * tc))
+
+
+@triton.jit
+def lstm_gates_backward(i, f, g, o, c_prev, tanh_out, dh, dc):
+    """h_t = o * tanh_out; dc is the whole grad of c_t (from later steps and through h_t)
+    -> (d pre_i, d pre_f, d pre_g, d pre_o, dc_{t-1})."""
     d_i = dc * g * i * (1 - i)
     d_f = dc * c_prev * f * (1 - f)
     d_g = dc * i * (1 - g * g)
-    d_o = dh * tc * o * (1 - o)
+    d_o = dh * tanh_out * o * (1 - o)
     return d_i, d_f, d_g, d_o, dc * f
 
 
@@ -83,3 +89,68 @@ def rnn_cell_backward(h, dh, RELU: tl.constexpr):
     else:
         d = dh * (1 - h * h)
     return d
+
+
+@triton.jit
+def zone_out(keep, previous, new, MASK: tl.constexpr):
+    """Zoneout: keep is a 0/1 mask (MASK: 1 keeps the previous value exactly) or the probability p
+    (eval: the mask's expectation, p * previous + (1 - p) * new), as fused_rnn/cell_math.py."""
+    if MASK:
+        out = tl.where(keep != 0, previous, new)
+    else:
+        out = new + keep * (previous - new)
+    return out
+
+
+@triton.jit
+def layer_norm_forward(a0, a1, a2, a3, mask_h, G: tl.constexpr, EPS: tl.constexpr):
+    """Layer norm of each row of a [BLOCK_B, G*H] block held as G tiles a0..a(G-1) of [BLOCK_B, BLOCK_H]
+    (unused tiles ignored; lanes outside mask_h are padding) -> the G normalised tiles (zero in the
+    padding) and 1/std [BLOCK_B, 1]. Two passes (mean, then the centred variance) as
+    fused_rnn/cell_math.py: the row is in registers anyway."""
+    n = tl.sum(mask_h.to(tl.int32), 0) * G
+    total = tl.sum(tl.where(mask_h[None, :], a0, 0), 1)
+    if G > 1:
+        total += tl.sum(tl.where(mask_h[None, :], a1, 0), 1) + tl.sum(tl.where(mask_h[None, :], a2, 0), 1)
+    if G > 3:
+        total += tl.sum(tl.where(mask_h[None, :], a3, 0), 1)
+    mean = (total / n)[:, None]
+    c0 = tl.where(mask_h[None, :], a0 - mean, 0)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    var = tl.sum(c0 * c0, 1)
+    if G > 1:
+        c1 = tl.where(mask_h[None, :], a1 - mean, 0)
+        c2 = tl.where(mask_h[None, :], a2 - mean, 0)
+        var += tl.sum(c1 * c1, 1) + tl.sum(c2 * c2, 1)
+    if G > 3:
+        c3 = tl.where(mask_h[None, :], a3 - mean, 0)
+        var += tl.sum(c3 * c3, 1)
+    rstd = (1 / tl.sqrt(var / n + EPS))[:, None]
+    return c0 * rstd, c1 * rstd, c2 * rstd, c3 * rstd, rstd
+
+
+@triton.jit
+def layer_norm_backward(d0, d1, d2, d3, v0, v1, v2, v3, rstd, mask_h, G: tl.constexpr):
+    """out = v_hat * gain (+ bias): d_k = d out * gain and v_k = v_hat of tile k, rstd [BLOCK_B, 1]
+    -> grad of the row before normalisation, tile by tile (zero in the padding):
+    rstd * (d - mean(d) - v_hat * mean(d * v_hat)), the means over the G*H lanes of the row."""
+    n = tl.sum(mask_h.to(tl.int32), 0) * G
+    d0 = tl.where(mask_h[None, :], d0, 0)
+    s1 = tl.sum(d0, 1)
+    s2 = tl.sum(d0 * v0, 1)
+    if G > 1:
+        d1 = tl.where(mask_h[None, :], d1, 0)
+        d2 = tl.where(mask_h[None, :], d2, 0)
+        s1 += tl.sum(d1, 1) + tl.sum(d2, 1)
+        s2 += tl.sum(d1 * v1, 1) + tl.sum(d2 * v2, 1)
+    if G > 3:
+        d3 = tl.where(mask_h[None, :], d3, 0)
+        s1 += tl.sum(d3, 1)
+        s2 += tl.sum(d3 * v3, 1)
+    m1 = (s1 / n)[:, None]
+    m2 = (s2 / n)[:, None]
+    keep = mask_h[None, :]
+    return (tl.where(keep, rstd * (d0 - m1 - v0 * m2), 0), tl.where(keep, rstd * (d1 - m1 - v1 * m2), 0),
+            tl.where(keep, rstd * (d2 - m1 - v2 * m2), 0), tl.where(keep, rstd * (d3 - m1 - v3 * m2), 0))

@@ -39,25 +39,41 @@ def _precision(dtype, tf32):
     return "tf32" if tf32 and dtype == "fp32" else "ieee"
 
 
-def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, arch=90, tf32=False):
+def _option_pointers(dtype, cdt, zoneout):
+    """The zoneout and layer-norm pointers shared by both kernels (uint8 masks, or p in cdt)."""
+    keep = "u8" if zoneout == K.ZONEOUT_MODES["mask"] else cdt
+    return {"keep_h_ptr": keep, "keep_c_ptr": keep, "gain_hh_ptr": dtype, "gain_c_ptr": dtype, "bias_c_ptr": dtype,
+            "lnhat_ptr": cdt, "lnrstd_ptr": cdt}
+
+
+def _option_consts(cell, zoneout, layer_norm):
+    return {"ZONEOUT": zoneout, "LAYER_NORM": layer_norm, "NLN": K.NUM_GATES[cell] + (cell == "lstm")}
+
+
+def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, arch=90, tf32=False,
+                    zoneout=0, layer_norm=False):
     cdt = "fp64" if dtype == "fp64" else "fp32"
     pointers = {"gx_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "len_ptr": "i64", "y_ptr": dtype, "hbuf_ptr": dtype,
-                "hstate_ptr": cdt, "cstate_ptr": cdt, "saved_ptr": cdt, "call_ptr": cdt, "cnt_ptr": "i32", "gh0_ptr": dtype}
+                "hstate_ptr": cdt, "cstate_ptr": cdt, "saved_ptr": cdt, "call_ptr": cdt, "cnt_ptr": "i32", "gh0_ptr": dtype,
+                **_option_pointers(dtype, cdt, zoneout)}
     consts = {"CELL": K.CELL_IDS[cell], "G": K.NUM_GATES[cell], "NSAVE": K.NUM_SAVED[cell], "HAS_BIAS": True,
-              "HAS_LENGTHS": True, "REVERSE": False, "HAS_GH0": cell == "lstm", "SAVE": True, "SYNC": sync,
-              "CDT": _TL[cdt],
-              "DOT_DT": _TL[dtype], "DOT_PREC": _precision(dtype, tf32), "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
+              "HAS_LENGTHS": True, "REVERSE": False, "HAS_GH0": cell == "lstm" and not (zoneout or layer_norm),
+              "SAVE": True, "SYNC": sync, "CDT": _TL[cdt],
+              "DOT_DT": _TL[dtype], "DOT_PREC": _precision(dtype, tf32), **_option_consts(cell, zoneout, layer_norm),
+              "EPS": 1e-5, "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
     return _compile(K.rnn_forward_kernel, pointers, consts, arch, num_warps)
 
 
-def compile_backward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, arch=90, tf32=False):
+def compile_backward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, arch=90, tf32=False,
+                     zoneout=0, layer_norm=False):
     cdt = "fp64" if dtype == "fp64" else "fp32"
     pointers = {"dy_ptr": dtype, "w_ptr": dtype, "len_ptr": "i64", "h0_ptr": dtype, "y_ptr": dtype, "c0_ptr": dtype,
                 "saved_ptr": cdt, "call_ptr": cdt, "dgx_ptr": dtype, "dgh_ptr": dtype, "dgbuf_ptr": dtype,
-                "dhstate_ptr": cdt, "dcstate_ptr": cdt, "cnt_ptr": "i32"}
+                "dhstate_ptr": cdt, "dcstate_ptr": cdt, "cnt_ptr": "i32", **_option_pointers(dtype, cdt, zoneout),
+                "dmm_ptr": dtype, "dcout_ptr": dtype}
     consts = {"CELL": K.CELL_IDS[cell], "G": K.NUM_GATES[cell], "NSAVE": K.NUM_SAVED[cell], "HAS_LENGTHS": True,
               "REVERSE": True, "SYNC": sync, "CDT": _TL[cdt], "DOT_DT": _TL[dtype],
-              "DOT_PREC": _precision(dtype, tf32),
+              "DOT_PREC": _precision(dtype, tf32), **_option_consts(cell, zoneout, layer_norm),
               "BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": block_k}
     return _compile(K.rnn_backward_kernel, pointers, consts, arch, num_warps)
 
@@ -103,6 +119,19 @@ def main(argv=None) -> int:
                 failed += 1
                 print(f"sm_{args.arch} {name:8s} {cell:8s} {dtype} sync={sync!s:5s} FAIL {type(e).__name__}: {e}",
                       flush=True)
+    # zoneout (masks; eval's p) and the layer norm (one program holds the whole row: block_h = H = 64,
+    # 8 warps as launcher.choose_config) on the cells that have them, bf16 and fp32
+    for cell, dtype, zoneout, layer_norm in itertools.product(("lstm", "gru"), ["bf16", "fp32"], (1, 2), (False, True)):
+        for name, fn in (("forward", compile_forward), ("backward", compile_backward)):
+            what = f"sm_{args.arch} {name:8s} {cell:8s} {dtype} zoneout={zoneout} layer_norm={layer_norm!s:5s}"
+            try:
+                compiled = fn(cell, dtype, False, block_h=64 if layer_norm else 16,
+                              num_warps=8 if layer_norm else args.num_warps,  # the launcher's whole-row choice
+                              arch=args.arch, zoneout=zoneout, layer_norm=layer_norm)
+                print(f"{what} ok   {resource_usage(compiled)}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report every variant, fail at the end
+                failed += 1
+                print(f"{what} FAIL {type(e).__name__}: {e}", flush=True)
     return 1 if failed else 0
 
 

@@ -20,16 +20,23 @@ import triton.language as tl
 from .cell_math import (
     gru_cell_backward,
     gru_cell_forward,
+    layer_norm_backward,
+    layer_norm_forward,
     lstm_cell_backward,
     lstm_cell_forward,
+    lstm_gates_backward,
     rnn_cell_backward,
     rnn_cell_forward,
+    tanh,
+    zone_out,
 )
 
 CELL_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 # Values saved per hidden unit and step for the backward: LSTM i,f,g,o; GRU r,z,n,gh_n; RNN h.
 NUM_SAVED = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
+# Zoneout modes (constexpr ZONEOUT): off; per-unit 0/1 masks [T, B, H]; one probability p (eval).
+ZONEOUT_MODES = {"off": 0, "mask": 1, "constant": 2}
 
 
 @triton.jit
@@ -87,6 +94,32 @@ def _load_bias(b_ptr, gate, H, offs_h, mask_h, HAS_BIAS: tl.constexpr, CDT: tl.c
     return b[None, :]
 
 
+@triton.jit
+def _load_gain(ptr, gate, H, offs_h, mask_h, CDT: tl.constexpr):
+    return tl.load(ptr + gate * H + offs_h, mask=mask_h, other=0).to(CDT)[None, :]
+
+
+@triton.jit
+def _load_keep(keep_ptr, t, B, H, offs_b, offs_h, mask_b, mask_h, ZONEOUT: tl.constexpr, CDT: tl.constexpr):
+    """This step's zoneout keep values: a [BLOCK_B, BLOCK_H] tile of the masks, or the scalar p."""
+    if ZONEOUT == 1:
+        k = _load_tile(keep_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h).to(CDT)
+    else:
+        k = tl.load(keep_ptr).to(CDT)
+    return k
+
+
+@triton.jit
+def _store_row(ptr, row_stride, offs_b, mask_b, value):
+    """value [BLOCK_B, 1] -> ptr[b * row_stride] (a per-row statistic such as 1/std)."""
+    tl.store(ptr + offs_b[:, None] * row_stride, value.to(ptr.dtype.element_ty), mask=mask_b[:, None])
+
+
+@triton.jit
+def _load_row(ptr, row_stride, offs_b, mask_b):
+    return tl.load(ptr + offs_b[:, None] * row_stride, mask=mask_b[:, None], other=1)
+
+
 # T, B, the step range and the spin limit change from call to call: one compiled variant for all their
 # values (B only masks rows and offsets whole steps, so its divisibility buys nothing; H stays specialised).
 @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "spin_limit"])
@@ -103,12 +136,21 @@ def rnn_forward_kernel(
     call_ptr,    # [T, B, H]    compute dtype (LSTM, SAVE): c_t after each step
     cnt_ptr,     # [num batch blocks + 1] int32 barrier counters (zero at launch), then the timeout flag
     gh0_ptr,     # [B, G*H]     (HAS_GH0) replaces h_{t-1} @ w_hh.T at each sequence's first step
+    keep_h_ptr,  # zoneout of h: [T, B, H] 0/1 masks (ZONEOUT 1) or [1] probability p (ZONEOUT 2)
+    keep_c_ptr,  # the same for c (LSTM)
+    gain_hh_ptr,  # [G*H] (LAYER_NORM) gain of the normalised recurrent part; b_hh is its bias
+    gain_c_ptr,  # [H]   (LAYER_NORM, LSTM) gain of the normalised c_t
+    bias_c_ptr,  # [H]   (LAYER_NORM, LSTM) bias of the normalised c_t
+    lnhat_ptr,   # [T, B, NLN*H] compute dtype (LAYER_NORM, SAVE): normalised recurrent part, then c_t (LSTM)
+    lnrstd_ptr,  # [T, B, NLN-G+1] compute dtype (LAYER_NORM, SAVE): their 1/std (1 per row, 2 for the LSTM)
     T, B, H, step_begin, step_end, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, HAS_GH0: tl.constexpr,
     SAVE: tl.constexpr, SYNC: tl.constexpr, CDT: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ZONEOUT: tl.constexpr, LAYER_NORM: tl.constexpr, NLN: tl.constexpr, EPS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """LAYER_NORM needs the whole row in one program (one hidden tile): the launcher sees to it."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     num_h = tl.num_programs(1)
@@ -135,6 +177,19 @@ def rnn_forward_kernel(
         b2 = _load_bias(b_ptr, 2, H, offs_h, mask_h, HAS_BIAS, CDT)
     if G > 3:
         b3 = _load_bias(b_ptr, 3, H, offs_h, mask_h, HAS_BIAS, CDT)
+    if LAYER_NORM:
+        gain0 = _load_gain(gain_hh_ptr, 0, H, offs_h, mask_h, CDT)
+        gain1 = gain0
+        gain2 = gain0
+        gain3 = gain0
+        if G > 1:
+            gain1 = _load_gain(gain_hh_ptr, 1, H, offs_h, mask_h, CDT)
+            gain2 = _load_gain(gain_hh_ptr, 2, H, offs_h, mask_h, CDT)
+        if G > 3:
+            gain3 = _load_gain(gain_hh_ptr, 3, H, offs_h, mask_h, CDT)
+        if CELL == 0:
+            gain_c = _load_gain(gain_c_ptr, 0, H, offs_h, mask_h, CDT)
+            bias_c = _load_gain(bias_c_ptr, 0, H, offs_h, mask_h, CDT)
 
     # carried state of this program's tile, fp32 (fp64) registers for the whole loop
     h = _load_tile(hstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
@@ -192,11 +247,38 @@ def rnn_forward_kernel(
                 acc3 = tl.where(is_first, _load_tile(gh0_ptr + 3 * H, GH, offs_b, offs_h, mask_b, mask_h).to(CDT),
                                 acc3)
 
+        p_lnhat = lnhat_ptr + t * B * NLN * H
+        if LAYER_NORM:  # the recurrent part, normalised over all its G*H values: LN(h W_hh^T) * gain_hh
+            acc0, acc1, acc2, acc3, rstd = layer_norm_forward(acc0, acc1, acc2, acc3, mask_h, G, EPS)
+            if SAVE:
+                _store_tile(p_lnhat, NLN * H, offs_b, offs_h, mask_b, mask_h, acc0)
+                if G > 1:
+                    _store_tile(p_lnhat + H, NLN * H, offs_b, offs_h, mask_b, mask_h, acc1)
+                    _store_tile(p_lnhat + 2 * H, NLN * H, offs_b, offs_h, mask_b, mask_h, acc2)
+                if G > 3:
+                    _store_tile(p_lnhat + 3 * H, NLN * H, offs_b, offs_h, mask_b, mask_h, acc3)
+                if pid_h == 0:
+                    _store_row(lnrstd_ptr + t * B * (NLN - G + 1), NLN - G + 1, offs_b, mask_b, rstd)
+            acc0 = acc0 * gain0
+            acc1 = acc1 * gain1
+            acc2 = acc2 * gain2
+            acc3 = acc3 * gain3
+
         valid = (t < seq_len)[:, None]
         p_save = saved_ptr + t * B * NSAVE * H
         if CELL == 0:
             i, f, g, o, c_new, h_new = lstm_cell_forward(x0 + acc0 + b0, x1 + acc1 + b1,
                                                          x2 + acc2 + b2, x3 + acc3 + b3, c)
+            if LAYER_NORM:  # h_t = o tanh(LN(c_t) * gain_c + bias_c)
+                c_hat, _, _, _, c_rstd = layer_norm_forward(c_new, c_new, c_new, c_new, mask_h, 1, EPS)
+                h_new = o * tanh(c_hat * gain_c + bias_c)
+                if SAVE:
+                    _store_tile(p_lnhat + G * H, NLN * H, offs_b, offs_h, mask_b, mask_h, c_hat)
+                    if pid_h == 0:
+                        _store_row(lnrstd_ptr + t * B * (NLN - G + 1) + 1, NLN - G + 1, offs_b, mask_b, c_rstd)
+            if ZONEOUT != 0:  # c_t keeps c_{t-1} where zoned out (the backward recomputes c~_t)
+                c_new = zone_out(_load_keep(keep_c_ptr, t, B, H, offs_b, offs_h, mask_b, mask_h, ZONEOUT, CDT),
+                                 c, c_new, ZONEOUT == 1)
             c = tl.where(valid, c_new, c)
             if SAVE:
                 _store_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h, i)
@@ -216,6 +298,9 @@ def rnn_forward_kernel(
             h_new = rnn_cell_forward(x0 + acc0 + b0, CELL == 3)
             if SAVE:
                 _store_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h, h_new)
+        if ZONEOUT != 0:  # h_t keeps h_{t-1} where zoned out; the output is the zoned-out h_t
+            h_new = zone_out(_load_keep(keep_h_ptr, t, B, H, offs_b, offs_h, mask_b, mask_h, ZONEOUT, CDT),
+                             h, h_new, ZONEOUT == 1)
         # past its length a sequence's state stays frozen and its output is zero
         h = tl.where(valid, h_new, h)
         _store_tile(y_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h, tl.where(valid, h_new, 0))
@@ -250,15 +335,27 @@ def rnn_backward_kernel(
     dhstate_ptr,  # [B, H]         compute dtype: carried dh at entry / exit (dh_n in, dh0 out)
     dcstate_ptr,  # [B, H]         compute dtype (LSTM): carried dc at entry / exit
     cnt_ptr,      # [num batch blocks + 1] int32 barrier counters (zero at launch), then the timeout flag
+    keep_h_ptr,   # zoneout of h: [T, B, H] 0/1 masks (ZONEOUT 1) or [1] probability p (ZONEOUT 2)
+    keep_c_ptr,   # the same for c (LSTM)
+    gain_hh_ptr,  # [G*H]  (LAYER_NORM) gain of the normalised recurrent part
+    gain_c_ptr,   # [H]    (LAYER_NORM, LSTM) gain and bias of the normalised c_t
+    bias_c_ptr,
+    lnhat_ptr,    # [T, B, NLN*H] (LAYER_NORM) the forward's normalised recurrent part, then c_t (LSTM)
+    lnrstd_ptr,   # [T, B, NLN-G+1] (LAYER_NORM) their 1/std
+    dmm_ptr,      # [T, B, G*H]   out (LAYER_NORM): grad of h @ w_hh.T before the layer norm
+    dcout_ptr,    # [T, B, H]     out (LAYER_NORM, LSTM): grad of LN(c_t) * gain_c + bias_c
     T, B, H, step_begin, step_end, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, NSAVE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SYNC: tl.constexpr,
     CDT: tl.constexpr, DOT_DT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ZONEOUT: tl.constexpr, LAYER_NORM: tl.constexpr, NLN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Processing step s in [0, T] walks t backwards through the forward's order. Step s first adds
     dG_{s-1} @ w_hh (all programs' gate grads, s > 0) to the carried dh, then (s < T) turns dh and dc
-    into this step's gate grads. Step T only finishes dh0, so a full backward is steps [0, T + 1)."""
+    into this step's gate grads. Step T only finishes dh0, so a full backward is steps [0, T + 1).
+    Zoneout sends the kept share of dh_t (dc_t) straight to h_{t-1} (c_{t-1}); the layer norm of the
+    recurrent part turns its gate grads into the grad of h @ w_hh.T (what dgbuf then exchanges)."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     num_h = tl.num_programs(1)
@@ -275,6 +372,20 @@ def rnn_backward_kernel(
         first_t = seq_len - 1  # where each sequence's forward recurrence started from h0/c0
     else:
         first_t = tl.zeros([BLOCK_B], dtype=tl.int64)
+
+    if LAYER_NORM:
+        gain0 = _load_gain(gain_hh_ptr, 0, H, offs_h, mask_h, CDT)
+        gain1 = gain0
+        gain2 = gain0
+        gain3 = gain0
+        if G > 1:
+            gain1 = _load_gain(gain_hh_ptr, 1, H, offs_h, mask_h, CDT)
+            gain2 = _load_gain(gain_hh_ptr, 2, H, offs_h, mask_h, CDT)
+        if G > 3:
+            gain3 = _load_gain(gain_hh_ptr, 3, H, offs_h, mask_h, CDT)
+        if CELL == 0:
+            gain_c = _load_gain(gain_c_ptr, 0, H, offs_h, mask_h, CDT)
+            bias_c = _load_gain(bias_c_ptr, 0, H, offs_h, mask_h, CDT)
 
     dh = _load_tile(dhstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
     if CELL == 0:
@@ -312,23 +423,47 @@ def rnn_backward_kernel(
             p_dgbuf = dgbuf_ptr + (s % 2) * B * GH
             # t_prev is in [0, T) only at valid steps after each sequence's first: read nothing elsewhere
             mask_prev = mask_b & (t < seq_len) & (t != first_t)
+            # zoneout: the kept share of dh_t (dc_t) goes straight to h_{t-1} (c_{t-1}), the rest to h~_t
+            dh_in = dh
+            dh_keep = tl.zeros([BLOCK_B, BLOCK_H], dtype=CDT)
+            if ZONEOUT != 0:
+                dh_keep = _load_keep(keep_h_ptr, t, B, H, offs_b, offs_h, mask_b, mask_h, ZONEOUT, CDT) * dh
+                dh = dh - dh_keep
             if CELL == 0:
                 i = _load_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
                 f = _load_tile(p_save + H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
                 g = _load_tile(p_save + 2 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
                 o = _load_tile(p_save + 3 * H, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
-                c_t = _load_tile(call_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h)
                 c_prev = tl.where(
                     is_first,
                     _load_tile(c0_ptr, H, offs_b, offs_h, mask_b, mask_h).to(CDT),
                     _load_tile(call_ptr + t_prev * B * H, H, offs_b, offs_h, mask_prev, mask_h))
-                d0, d1, d2, d3, dc_prev = lstm_cell_backward(i, f, g, o, c_prev, c_t, dh, dc)
+                dc_in = dc
+                dc_keep = tl.zeros([BLOCK_B, BLOCK_H], dtype=CDT)
+                if ZONEOUT != 0:
+                    dc_keep = _load_keep(keep_c_ptr, t, B, H, offs_b, offs_h, mask_b, mask_h, ZONEOUT, CDT) * dc
+                    dc = dc - dc_keep
+                if LAYER_NORM:  # h_t = o tanh(LN(c~_t) * gain_c + bias_c)
+                    c_hat = _load_tile(lnhat_ptr + t * B * NLN * H + G * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
+                    c_rstd = _load_row(lnrstd_ptr + t * B * (NLN - G + 1) + 1, NLN - G + 1, offs_b, mask_b)
+                    tanh_out = tanh(c_hat * gain_c + bias_c)
+                    d_cout = tl.where(valid, dh * o * (1 - tanh_out * tanh_out), 0)
+                    _store_tile(dcout_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h, d_cout)
+                    dc_ln, _, _, _ = layer_norm_backward(d_cout * gain_c, d_cout, d_cout, d_cout,
+                                                         c_hat, c_hat, c_hat, c_hat, c_rstd, mask_h, 1)
+                    d0, d1, d2, d3, dc_prev = lstm_gates_backward(i, f, g, o, c_prev, tanh_out, dh, dc + dc_ln)
+                else:
+                    if ZONEOUT != 0:  # c~_t, before zoneout (the saved c_t is after it)
+                        c_t = f * c_prev + i * g
+                    else:
+                        c_t = _load_tile(call_ptr + t * B * H, H, offs_b, offs_h, mask_b, mask_h)
+                    d0, d1, d2, d3, dc_prev = lstm_cell_backward(i, f, g, o, c_prev, c_t, dh, dc)
                 d0 = tl.where(valid, d0, 0)
                 d1 = tl.where(valid, d1, 0)
                 d2 = tl.where(valid, d2, 0)
                 d3 = tl.where(valid, d3, 0)
-                dc = tl.where(valid, dc_prev, dc)
-                dh = tl.where(valid, 0, dh)
+                dc = tl.where(valid, dc_prev + dc_keep, dc_in)
+                dh = tl.where(valid, dh_keep, dh_in)
                 for_h2 = d2
             elif CELL == 1:
                 r = _load_tile(p_save, NSAVE * H, offs_b, offs_h, mask_b, mask_h)
@@ -345,7 +480,7 @@ def rnn_backward_kernel(
                 d2 = tl.where(valid, d2, 0)
                 for_h2 = tl.where(valid, for_h2, 0)
                 d3 = d2
-                dh = tl.where(valid, dh_direct, dh)
+                dh = tl.where(valid, dh_direct + dh_keep, dh_in)
                 p_dgh = dgh_ptr + t * B * GH
                 _store_tile(p_dgh, GH, offs_b, offs_h, mask_b, mask_h, d0)
                 _store_tile(p_dgh + H, GH, offs_b, offs_h, mask_b, mask_h, d1)
@@ -359,15 +494,43 @@ def rnn_backward_kernel(
                 for_h2 = d0
                 dh = tl.where(valid, 0, dh)
             _store_tile(p_dgx, GH, offs_b, offs_h, mask_b, mask_h, d0)
-            _store_tile(p_dgbuf, GH, offs_b, offs_h, mask_b, mask_h, d0)
             if G > 1:
                 _store_tile(p_dgx + H, GH, offs_b, offs_h, mask_b, mask_h, d1)
                 _store_tile(p_dgx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, d2)
-                _store_tile(p_dgbuf + H, GH, offs_b, offs_h, mask_b, mask_h, d1)
-                _store_tile(p_dgbuf + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, for_h2)
             if G > 3:
                 _store_tile(p_dgx + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, d3)
-                _store_tile(p_dgbuf + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, d3)
+            # the h-side gate grads: grad of the recurrent part h @ w_hh.T (+ b_hh)
+            e0 = d0
+            e1 = d1
+            e2 = for_h2
+            e3 = d3
+            if LAYER_NORM:  # ... of LN(h @ w_hh.T) * gain_hh + b_hh: through the layer norm to h @ w_hh.T
+                p_lnhat = lnhat_ptr + t * B * NLN * H
+                v0 = _load_tile(p_lnhat, NLN * H, offs_b, offs_h, mask_b, mask_h)
+                v1 = v0
+                v2 = v0
+                v3 = v0
+                if G > 1:
+                    v1 = _load_tile(p_lnhat + H, NLN * H, offs_b, offs_h, mask_b, mask_h)
+                    v2 = _load_tile(p_lnhat + 2 * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
+                if G > 3:
+                    v3 = _load_tile(p_lnhat + 3 * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
+                rstd = _load_row(lnrstd_ptr + t * B * (NLN - G + 1), NLN - G + 1, offs_b, mask_b)
+                e0, e1, e2, e3 = layer_norm_backward(e0 * gain0, e1 * gain1, e2 * gain2, e3 * gain3,
+                                                     v0, v1, v2, v3, rstd, mask_h, G)
+                p_dmm = dmm_ptr + t * B * GH
+                _store_tile(p_dmm, GH, offs_b, offs_h, mask_b, mask_h, e0)
+                if G > 1:
+                    _store_tile(p_dmm + H, GH, offs_b, offs_h, mask_b, mask_h, e1)
+                    _store_tile(p_dmm + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, e2)
+                if G > 3:
+                    _store_tile(p_dmm + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, e3)
+            _store_tile(p_dgbuf, GH, offs_b, offs_h, mask_b, mask_h, e0)
+            if G > 1:
+                _store_tile(p_dgbuf + H, GH, offs_b, offs_h, mask_b, mask_h, e1)
+                _store_tile(p_dgbuf + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, e2)
+            if G > 3:
+                _store_tile(p_dgbuf + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, e3)
             if SYNC:
                 timed_out |= _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h,
                                            tl.where(timed_out != 0, 0, spin_limit))

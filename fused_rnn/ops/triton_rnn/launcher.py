@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import CELL_IDS, NUM_GATES, NUM_SAVED, rnn_backward_kernel, rnn_forward_kernel
+from ...cell_math import LAYER_NORM_EPS
+from .kernels import CELL_IDS, NUM_GATES, NUM_SAVED, ZONEOUT_MODES, rnn_backward_kernel, rnn_forward_kernel
 
 # Polls of the grid barrier per step before a program gives up waiting: seconds of polling, while
 # a legitimate wait (the slowest program's step) is microseconds. A timeout is an error, never a hang.
@@ -87,9 +88,16 @@ class LaunchConfig:
     force_sync: bool = False
 
 
-def choose_config(B: int, H: int, G: int, device: torch.device) -> LaunchConfig:
+def choose_config(B: int, H: int, G: int, device: torch.device, whole_row: bool = False) -> LaunchConfig:
     """Block sizes per shape: fixed small blocks in the interpreter, a heuristic on a GPU. Whether a
-    multi-tile persistent launch fits is settled per compiled kernel (see _settle_mode)."""
+    multi-tile persistent launch fits is settled per compiled kernel (see _settle_mode).
+    whole_row (layer norm): one program holds all hidden units of its rows, so that the per-row
+    mean and variance are a reduction inside the program, with no extra exchange between programs."""
+    if whole_row and not interpreting():
+        # ptxas (sm_90): a whole row of 32 or 64 units over 4 warps spills (up to ~700 B of stack in the
+        # LSTM backward); over 8 warps at most 48 B. Wider rows spill more (README.md).
+        block_h = max(16, triton.next_power_of_2(H))
+        return LaunchConfig(block_b=16, block_h=block_h, block_k=32, num_warps=8 if block_h >= 32 else 4)
     if interpreting():
         # one program per batch block covers the whole hidden size: no inter-program waits, which the
         # interpreter (programs run one after the other) could not serve
@@ -114,12 +122,15 @@ def blocks_per_sm(n_regs: int, shared: int, num_warps: int, props) -> int:
     return max(0, min(by_regs, by_threads, by_shared, 32))
 
 
-def _check_config(cfg: LaunchConfig, B: int, G: int, H: int, nsave: int) -> None:
+def _check_config(cfg: LaunchConfig, B: int, G: int, H: int, nsave: int, whole_row: bool = False) -> None:
     # offsets inside one step (b * row + unit over the exchange's two buffers, the saved row stride
     # NSAVE*H, gate rows of w_hh) are int32 in the kernels
     if 2 * B * max(G, nsave) * H >= 2**31 or G * H * H >= 2**31:
         raise ValueError(f"fused_rnn triton: B={B}, H={H} too large for the kernels' int32 offsets")
     n_h = triton.cdiv(H, cfg.block_h)
+    if whole_row and n_h > 1:
+        raise ValueError(f"fused_rnn triton: the layer norm needs one hidden tile per row (block_h >= H={H}), "
+                         f"got block_h={cfg.block_h}")
     if cfg.mode == "persistent" and n_h > 1 and interpreting():
         raise ValueError("the interpreter runs programs one after another: a persistent launch with "
                          f"{n_h} hidden tiles would wait forever; use mode='stepwise'")
@@ -206,31 +217,59 @@ def _launch(kernel, args, consts, total_steps, G, nsave, config):
     """args: the kernel's tensor and size arguments by name (T, B, H among them); consts: its
     constexprs except the block sizes and SYNC."""
     B, H, device = args["B"], args["H"], args["y_ptr"].device
-    cfg = config or choose_config(B, H, G, device)
+    whole_row = consts["LAYER_NORM"]
+    cfg = config or choose_config(B, H, G, device, whole_row)
     grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
     consts = dict(consts, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k)
     key = _plan_key(kernel, device, cfg, B, H, consts)
     if key not in _PLANS:
-        _check_config(cfg, B, G, H, nsave)
+        _check_config(cfg, B, G, H, nsave, whole_row)
         probe = dict(args, cnt_ptr=_new_counters(grid[0], device), step_begin=0, step_end=total_steps,
                      spin_limit=SPIN_LIMIT)
         _PLANS[key] = _settle_mode(kernel, probe, consts, grid, cfg, device)
     _run(kernel, args, consts, total_steps, _PLANS[key], grid, device, key)
 
 
+def zoneout_operands(keep_h: torch.Tensor | None, keep_c: torch.Tensor | None, cdt: torch.dtype):
+    """The zoneout keep values as the kernels read them: (mode, keep_h, keep_c).
+    Training masks (bool [T,B,n]) -> "mask", as uint8; eval's probability p (a float expanded to
+    [T,B,n] without memory, see fused_rnn.functional.zoneout_keep) -> "constant", a [1] tensor of p."""
+    if keep_h is None:
+        return ZONEOUT_MODES["off"], None, None
+    if keep_h.dtype == torch.bool:
+        to_kernel = lambda k: None if k is None else k.contiguous().view(torch.uint8)  # noqa: E731
+        return ZONEOUT_MODES["mask"], to_kernel(keep_h), to_kernel(keep_c)
+    for k in (keep_h, keep_c):
+        if k is not None and any(st != 0 for st in k.stride()):
+            raise ValueError("fused_rnn triton: zoneout takes bool masks or one probability p expanded "
+                             "over [T, B, n] (stride 0), not per-unit float values")
+    to_kernel = lambda k: None if k is None else k.reshape(-1)[:1].to(cdt)  # noqa: E731
+    return ZONEOUT_MODES["constant"], to_kernel(keep_h), to_kernel(keep_c)
+
+
 def _forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor,
              b_hh: torch.Tensor | None, lengths: torch.Tensor | None, reverse: bool, save: bool,
-             gh0: torch.Tensor | None = None, config: LaunchConfig | None = None):
+             gh0: torch.Tensor | None = None, keep_h: torch.Tensor | None = None,
+             keep_c: torch.Tensor | None = None, gain_hh: torch.Tensor | None = None,
+             gain_c: torch.Tensor | None = None, bias_c: torch.Tensor | None = None,
+             config: LaunchConfig | None = None):
     """-> y [T,B,H], h_n [B,H], c_n [B,H] (LSTM, else [0]), saved gates [T,B,NSAVE*H] (save, else [0]),
-    c_all [T,B,H] (LSTM and save, else [0]). Inputs must be contiguous. gh0 [B,G*H], if given, is
-    used instead of h @ w_hh.T at each sequence's first step."""
+    c_all [T,B,H] (LSTM and save, else [0]), ln_hat [T,B,NLN*H] and ln_rstd [T,B,1|2] (layer norm and
+    save, else [0]). Inputs must be contiguous. gh0 [B,G*H], if given, is used instead of
+    h @ w_hh.T at each sequence's first step. keep_h/keep_c: zoneout (see zoneout_operands);
+    gain_hh [G*H] (gain_c, bias_c [H] for the LSTM): the layer-normalised recurrence."""
     T, B, GH = gx.shape
     G = NUM_GATES[cell]
     H = GH // G
     nsave = NUM_SAVED[cell]
     lstm = cell == "lstm"
+    ln = gain_hh is not None
+    nln = G + 1 if lstm else G
     cdt = compute_dtype(gx.dtype)
     dev = gx.device
+    zoneout, keep_h, keep_c = zoneout_operands(keep_h, keep_c, cdt)
+    ln_hat = _new(T, B, nln * H, device=dev, dtype=cdt) if (ln and save) else _new(0, device=dev, dtype=cdt)
+    ln_rstd = _new(T, B, nln - G + 1, device=dev, dtype=cdt) if (ln and save) else _new(0, device=dev, dtype=cdt)
     y = _new(T, B, H, device=dev, dtype=gx.dtype)
     hbuf = _new(2, B, H, device=dev, dtype=w_hh.dtype)  # ping-pong h exchange, in the dot's operand dtype
     hbuf[0].copy_(h0)
@@ -242,26 +281,46 @@ def _forward(cell: str, gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | N
         args = dict(gx_ptr=gx, w_ptr=w_hh, b_ptr=b_hh if b_hh is not None else gx,
                     len_ptr=lengths if lengths is not None else gx, y_ptr=y, hbuf_ptr=hbuf, hstate_ptr=hstate,
                     cstate_ptr=cstate, saved_ptr=saved, call_ptr=c_all, gh0_ptr=gh0 if gh0 is not None else gx,
-                    T=T, B=B, H=H)
+                    **_option_args(gx, keep_h, keep_c, gain_hh, gain_c, bias_c), lnhat_ptr=ln_hat,
+                    lnrstd_ptr=ln_rstd, T=T, B=B, H=H)
         consts = dict(CELL=CELL_IDS[cell], G=G, NSAVE=nsave, HAS_BIAS=b_hh is not None,
                       HAS_LENGTHS=lengths is not None, REVERSE=reverse, HAS_GH0=gh0 is not None, SAVE=save,
-                      CDT=_TL_DTYPES[cdt], DOT_DT=_dot_dtype(w_hh.dtype), DOT_PREC=_dot_precision(w_hh.dtype))
+                      CDT=_TL_DTYPES[cdt], DOT_DT=_dot_dtype(w_hh.dtype), DOT_PREC=_dot_precision(w_hh.dtype),
+                      ZONEOUT=zoneout, LAYER_NORM=ln, NLN=nln, EPS=LAYER_NORM_EPS)
         _launch(rnn_forward_kernel, args, consts, T, G, nsave, config)
     h_n = hstate.to(gx.dtype)
     c_n = cstate.to(gx.dtype) if lstm else _new(0, device=dev, dtype=gx.dtype)
-    return y, h_n, c_n, saved, c_all
+    return y, h_n, c_n, saved, c_all, ln_hat, ln_rstd
+
+
+def _option_args(dummy, keep_h, keep_c, gain_hh, gain_c, bias_c):
+    """The zoneout and layer-norm pointer arguments of both kernels (`dummy` for those not used)."""
+    pick = lambda t: dummy if t is None else t  # noqa: E731
+    return dict(keep_h_ptr=pick(keep_h), keep_c_ptr=pick(keep_c), gain_hh_ptr=pick(gain_hh),
+                gain_c_ptr=pick(gain_c), bias_c_ptr=pick(bias_c))
 
 
 def _backward(cell: str, reverse: bool, dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor | None,
               h0: torch.Tensor, c0: torch.Tensor | None, w_hh: torch.Tensor, lengths: torch.Tensor | None,
-              y: torch.Tensor, saved: torch.Tensor, c_all: torch.Tensor, config: LaunchConfig | None = None):
-    """-> d gx [T,B,G*H], d gh [T,B,G*H] (GRU, else [0]), dh0 [B,H], dc0 [B,H] (LSTM, else [0]).
-    d gh is the grad of h @ w_hh.T + b_hh, equal to d gx except for GRU's n gate."""
+              y: torch.Tensor, saved: torch.Tensor, c_all: torch.Tensor, keep_h: torch.Tensor | None = None,
+              keep_c: torch.Tensor | None = None, gain_hh: torch.Tensor | None = None,
+              gain_c: torch.Tensor | None = None, bias_c: torch.Tensor | None = None,
+              ln_hat: torch.Tensor | None = None, ln_rstd: torch.Tensor | None = None,
+              config: LaunchConfig | None = None):
+    """-> d gx [T,B,G*H], d gh [T,B,G*H] (GRU, else [0]), dh0 [B,H], dc0 [B,H] (LSTM, else [0]),
+    d mm [T,B,G*H] (layer norm, else [0]), d c_out [T,B,H] (layer-normalised LSTM, else [0]).
+    d gh is the grad of h @ w_hh.T + b_hh (of LN(h @ w_hh.T) * gain_hh + b_hh with the layer norm),
+    equal to d gx except for GRU's n gate; d mm the grad of h @ w_hh.T itself; d c_out the grad of
+    LN(c_t) * gain_c + bias_c. The options as in _forward, with its ln_hat and ln_rstd."""
     T, B, H = y.shape
     G = NUM_GATES[cell]
     lstm, gru = cell == "lstm", cell == "gru"
+    ln = gain_hh is not None
     cdt = saved.dtype
     dev = y.device
+    zoneout, keep_h, keep_c = zoneout_operands(keep_h, keep_c, cdt)
+    dmm = _new(T, B, G * H, device=dev, dtype=y.dtype) if ln else _new(0, device=dev, dtype=y.dtype)
+    dcout = _new(T, B, H, device=dev, dtype=y.dtype) if (ln and lstm) else _new(0, device=dev, dtype=y.dtype)
     dgx = _new(T, B, G * H, device=dev, dtype=y.dtype)
     dgh = _new(T, B, G * H, device=dev, dtype=y.dtype) if gru else _new(0, device=dev, dtype=y.dtype)
     dgbuf = _new(2, B, G * H, device=dev, dtype=w_hh.dtype)  # exchange in the dot's operand dtype
@@ -271,14 +330,17 @@ def _backward(cell: str, reverse: bool, dy: torch.Tensor, dh_n: torch.Tensor, dc
         args = dict(dy_ptr=dy, w_ptr=w_hh, len_ptr=lengths if lengths is not None else dy, h0_ptr=h0, y_ptr=y,
                     c0_ptr=c0 if lstm else h0, saved_ptr=saved, call_ptr=c_all if lstm else saved,
                     dgx_ptr=dgx, dgh_ptr=dgh if gru else dgx, dgbuf_ptr=dgbuf, dhstate_ptr=dhstate,
-                    dcstate_ptr=dcstate if lstm else dhstate, T=T, B=B, H=H)
+                    dcstate_ptr=dcstate if lstm else dhstate, **_option_args(dy, keep_h, keep_c, gain_hh, gain_c, bias_c),
+                    lnhat_ptr=ln_hat if ln else dy, lnrstd_ptr=ln_rstd if ln else dy, dmm_ptr=dmm if ln else dy,
+                    dcout_ptr=dcout if (ln and lstm) else dy, T=T, B=B, H=H)
         consts = dict(CELL=CELL_IDS[cell], G=G, NSAVE=NUM_SAVED[cell], HAS_LENGTHS=lengths is not None,
                       REVERSE=reverse, CDT=_TL_DTYPES[cdt], DOT_DT=_dot_dtype(w_hh.dtype),
-                      DOT_PREC=_dot_precision(w_hh.dtype))
+                      DOT_PREC=_dot_precision(w_hh.dtype), ZONEOUT=zoneout, LAYER_NORM=ln,
+                      NLN=G + 1 if lstm else G)
         _launch(rnn_backward_kernel, args, consts, T + 1, G, NUM_SAVED[cell], config)
     dh0 = dhstate.to(h0.dtype)
     dc0 = dcstate.to(h0.dtype) if lstm else _new(0, device=dev, dtype=h0.dtype)
-    return dgx, dgh, dh0, dc0
+    return dgx, dgh, dh0, dc0, dmm, dcout
 
 
 def _device_of(t: torch.Tensor):
