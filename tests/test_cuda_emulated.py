@@ -322,13 +322,16 @@ def persistent_cases(mode):
             # fp32 TF32: (2,4,4), one and two batch groups of 32 rows, lengths, reverse
             yield f"{cell}-f32-tf32-H100-H37", dict(cell=cell, dtype=torch.float32, T=5, B=3, H=37, device="H100",
                                                     tf32=True, kernel=2)
-            yield f"{cell}-f32-tf32-H100-H133-B37-len-rev", dict(
-                cell=cell, dtype=torch.float32, T=3, B=37, H=133, device="H100", lengths=[3, 1, 2, 2] * 9 + [3],
-                reverse=True, tf32=True, kernel=2)
-            # 8 SMs: 8 blocks of 5 units, the last one of 2; three runs, the same bits
+            # (not RNN ReLU at this size: among its 15k pre-activations some lie within TF32's rounding of 0,
+            # where the ReLU's derivative switches between 0 and 1 and no tolerance covers the gradients)
+            yield f"{cell}-f32-tf32-H100-{'H45' if cell == 'rnn_relu' else 'H133'}-B37-len-rev", dict(
+                cell=cell, dtype=torch.float32, T=3, B=37, H=45 if cell == "rnn_relu" else 133, device="H100",
+                lengths=[3, 1, 2, 2] * 9 + [3], reverse=True, tf32=True, kernel=2)
+            # 8 SMs, three runs, the same bits: LSTM v1, 8 blocks of 5 units, the last one of 2 (3xTF32 (1,4,8)
+            # needs 10 CTAs); GRU, RNN v2 3xTF32, 8 and 3 CTAs
             yield f"{cell}-f32-small-H37-rev-nobias-repeat", dict(
                 cell=cell, dtype=torch.float32, T=5, B=5, H=37, device="small", reverse=True, bias=False, repeats=3,
-                kernel=1)
+                kernel=1 if cell == "lstm" else 2)
             # three v2 runs, the same bits
             yield f"{cell}-bf16-H100-H45-len-repeat", dict(cell=cell, dtype=torch.bfloat16, T=5, B=5, H=45,
                                                           device="H100", lengths=[5, 2, 4, 1, 5], repeats=3, kernel=2)
