@@ -8,8 +8,9 @@ host compiler and launch them as csrc/recurrence.cpp and the .cu launchers would
 - kernels_persistent: the persistent forward and backward, chosen and launched cooperatively as
   csrc/cuda/persistent.cu does, with the plans of csrc/cuda/persistent_plan.h computed for a fake
   device (132 SMs as H100/H200, 108 as A100, 24 and 8 to force larger tilings or blocks that own
-  several units): v2 (tensor cores, flags; bf16/fp16, launched through persistent.cu's own
-  persistent_v2_launch.cuh) where its plan fits, else v1; and both plans themselves for fake devices.
+  several units): v2 (tensor cores, flags; bf16/fp16, and fp32 as TF32 or 3xTF32 by the param
+  allow_tf32, launched through persistent.cu's own persistent_v2_launch.cuh) where its plan fits, else
+  v1; and both plans themselves for fake devices.
 Inputs are random (never zeros), every output is NaN-poisoned before the kernels run, tolerances come
 from the dtype (helpers.TOL), and each driver repeats some runs and requires identical bits.
 
@@ -22,8 +23,9 @@ Time (clang 16, 2 shared cores at load average 10-28; wall / CPU seconds incl. b
 program), each part alone: plain 136 / 49, tsan 84 / 26, asan 114 / 40, mutations 89 / 38, plan 24 / 7;
 the whole file at once 270 / 123 (load 12-16): about 2 minutes on an idle 2-core runner. With the v2
 cases and the v2 instances in every build: the whole file 557 s wall from an empty build/emu/ at load
-6-14 (plain persistent cases alone 136-165 s incl. the build). Details in csrc/README.md, "CUDA
-kernels on the CPU".
+6-14 (plain persistent cases alone 136-165 s incl. the build). With the fp32 v2 cases (load 5-31): the
+plain fp32 persistent cases 57-68 s, the fp32 sanitizer cases 726 s incl. the tsan and asan builds.
+Details in csrc/README.md, "CUDA kernels on the CPU".
 Limits: not a model of the GPU's memory ordering (a __threadfence is a full fence here) nor of its
 speed; host expf/tanhf differ from the device's in the last ulp (hence tolerances); shapes stay tiny.
 """
