@@ -34,7 +34,8 @@ KERNELS = {"per-step": (("elementwise_kernel",), ("persistent_",)),
            "persistent": (("persistent_forward_kernel", "persistent_backward_kernel"), ("persistent_v2_",)),
            "triton": (("rnn_forward_kernel", "rnn_backward_kernel"), ())}
 # bf16 runs the v2 persistent kernels (tensor cores) where v2's plan fits the device at (H, B): every
-# configuration here on an H100/H200 (csrc/cuda/persistent_plan.h); fp32 runs v1.
+# configuration here on an H100/H200 (csrc/cuda/persistent_plan.h); fp32 runs v2 too (3xTF32 MMAs: torch's
+# TF32 flag is off here) up to H=512, v1 above (its A fragments would exceed the register budget).
 PERSISTENT_V2 = (("persistent_v2_forward_kernel", "persistent_v2_backward_kernel"),
                  ("persistent_forward_kernel", "persistent_backward_kernel"))
 T = 7
@@ -76,7 +77,8 @@ def run_one(cell, H, B, mode, dtype_name, backend):
         torch.cuda.synchronize()
     if check_kernels:
         names = {e.name for e in prof.events()}
-        must, must_not = PERSISTENT_V2 if backend == "persistent" and dtype != torch.float32 else KERNELS[backend]
+        v2 = backend == "persistent" and (dtype != torch.float32 or H <= 512)
+        must, must_not = PERSISTENT_V2 if v2 else KERNELS[backend]
         missing = [k for k in must if not any(k in n for n in names)]
         unwanted = [n for n in names for k in must_not if k in n]
         if missing or unwanted:

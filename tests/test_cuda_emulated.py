@@ -8,8 +8,9 @@ host compiler and launch them as csrc/recurrence.cpp and the .cu launchers would
 - kernels_persistent: the persistent forward and backward, chosen and launched cooperatively as
   csrc/cuda/persistent.cu does, with the plans of csrc/cuda/persistent_plan.h computed for a fake
   device (132 SMs as H100/H200, 108 as A100, 24 and 8 to force larger tilings or blocks that own
-  several units): v2 (tensor cores, flags; bf16/fp16, launched through persistent.cu's own
-  persistent_v2_launch.cuh) where its plan fits, else v1; and both plans themselves for fake devices.
+  several units): v2 (tensor cores, flags; bf16/fp16, and fp32 as TF32 or 3xTF32 by the param
+  allow_tf32, launched through persistent.cu's own persistent_v2_launch.cuh) where its plan fits, else
+  v1; and both plans themselves for fake devices.
 Inputs are random (never zeros), every output is NaN-poisoned before the kernels run, tolerances come
 from the dtype (helpers.TOL), and each driver repeats some runs and requires identical bits.
 
@@ -22,8 +23,9 @@ Time (clang 16, 2 shared cores at load average 10-28; wall / CPU seconds incl. b
 program), each part alone: plain 136 / 49, tsan 84 / 26, asan 114 / 40, mutations 89 / 38, plan 24 / 7;
 the whole file at once 270 / 123 (load 12-16): about 2 minutes on an idle 2-core runner. With the v2
 cases and the v2 instances in every build: the whole file 557 s wall from an empty build/emu/ at load
-6-14 (plain persistent cases alone 136-165 s incl. the build). Details in csrc/README.md, "CUDA
-kernels on the CPU".
+6-14 (plain persistent cases alone 136-165 s incl. the build). With the fp32 v2 cases (load 5-31): the
+plain fp32 persistent cases 57-68 s, the fp32 sanitizer cases 726 s incl. the tsan and asan builds.
+Details in csrc/README.md, "CUDA kernels on the CPU".
 Limits: not a model of the GPU's memory ordering (a __threadfence is a full fence here) nor of its
 speed; host expf/tanhf differ from the device's in the last ulp (hence tolerances); shapes stay tiny.
 """
@@ -58,8 +60,12 @@ DEVICES = {
 # 109-172): one 256-thread CTA per SM, which the fake devices' occupancy model and the emulator's
 # co-residency check then assume.
 V2_REGS = 168
-# csrc/cuda/persistent_plan.h kV2Tilings: (MT, KT, NT)
-V2_TILINGS = [(1, 2, 2), (4, 4, 2), (2, 6, 2), (2, 8, 2)]
+# csrc/cuda/persistent_plan.h kV2Tilings: (MT, KT, NT, fp32), and the A-fragment registers per 16x16 tile of
+# each V2Math (Mma16 for bf16/fp16, Tf32, Tf32x3) with their budget kV2MaxARegisters
+V2_TILINGS = [(1, 2, 2, 0), (4, 4, 2, 0), (2, 6, 2, 0), (2, 8, 2, 0), (2, 4, 4, 1), (1, 4, 8, 1)]
+V2_A_REGS = {"mma16": 4, "tf32": 8, "3xtf32": 16}
+V2_MAX_A_REGS = 64
+MATH_ID = {"mma16": 0, "tf32": 1, "3xtf32": 2}
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
@@ -175,8 +181,9 @@ def weight_grads(dgh, y, h0, lengths, reverse):
     return d_w_hh, dgh.sum((0, 1))
 
 
-def check(cell, args, grads, arrays, dtype, backward=True, acc=torch.float32):
-    """Every output and gradient of a driver run against the reference."""
+def check(cell, args, grads, arrays, dtype, backward=True, acc=torch.float32, tol_dtype=None):
+    """Every output and gradient of a driver run against the reference, with the tolerance of `tol_dtype`
+    (default: of `dtype`)."""
     gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse = args
     T, B, GH = gx.shape
     H, Hout = GH // {"lstm": 4, "gru": 3}.get(cell, 1), h0.shape[1]
@@ -205,7 +212,7 @@ def check(cell, args, grads, arrays, dtype, backward=True, acc=torch.float32):
             got["d_w_hr"] = dh_all.reshape(-1, Hout).t() @ proj_in.reshape(-1, H)
     assert set(got) == {k for k, v in exp.items() if v is not None}, (sorted(got), sorted(exp))
     for name, value in got.items():
-        assert_close(value, exp[name], dtype, name)
+        assert_close(value, exp[name], tol_dtype or dtype, name)
 
 
 # ---------------------------------------------------------------- per-step kernels
@@ -261,13 +268,14 @@ def test_pointwise_kernels(compiler, tmp_path, mode, kw):
 
 # ---------------------------------------------------------------- persistent kernels
 
-def persistent_params(cell, dtype, T, B, H, reverse, device, save=True, repeats=1):
+def persistent_params(cell, dtype, T, B, H, reverse, device, save=True, repeats=1, tf32=False):
     return {"cell": CELL_ID[cell], "dtype": DTYPE_ID[dtype], "T": T, "B": B, "H": H, "reverse": reverse,
-            "save": save, "repeats": repeats, "compute_capability": 90, "v2_regs": V2_REGS, **DEVICES[device]}
+            "save": save, "repeats": repeats, "compute_capability": 90, "v2_regs": V2_REGS, "allow_tf32": tf32,
+            **DEVICES[device]}
 
 
 def run_persistent(tmp_path, mode, cell, dtype, T, B, H, device, lengths=None, reverse=False, bias=True,
-                   save=True, repeats=1, exe=None, expect_ok=True, kernel=None):
+                   save=True, repeats=1, exe=None, expect_ok=True, kernel=None, tf32=False):
     """Runs the persistent kernels with `device`'s plan: the driver's CompletedProcess, its output
     (None when it failed) and a function that compares that output with the reference."""
     args, grads = layer_inputs(cell, T, B, H, 0, lengths, reverse, bias, dtype)
@@ -276,9 +284,12 @@ def run_persistent(tmp_path, mode, cell, dtype, T, B, H, device, lengths=None, r
     arrays = {"gx": gx, "h0": h0, "w_hh": w_hh, "dy": dy, "dh_n": dh_n}
     arrays.update({k: v for k, v in (("c0", c0), ("dc_n", dc_n), ("b_hh", b_hh), ("lengths", lens)) if v is not None})
     exe = exe or driver(mode)
-    proc, out = run_driver(tmp_path, exe, persistent_params(cell, dtype, T, B, H, reverse, device, save, repeats),
-                           arrays, command=("persistent", "run"), expect_ok=expect_ok)
-    return proc, out, lambda: check(cell, args, grads, out[1], dtype, backward=save)
+    proc, out = run_driver(tmp_path, exe, persistent_params(cell, dtype, T, B, H, reverse, device, save, repeats,
+                                                            tf32), arrays, command=("persistent", "run"),
+                           expect_ok=expect_ok)
+    # TF32 operands keep 10 mantissa bits, as fp16: fp16's tolerance (3xTF32 keeps fp32's)
+    tol = torch.float16 if tf32 and dtype == torch.float32 else None
+    return proc, out, lambda: check(cell, args, grads, out[1], dtype, backward=save, tol_dtype=tol)
 
 
 def persistent_cases(mode):
@@ -287,12 +298,13 @@ def persistent_cases(mode):
     if mode == "plain":
         for cell in CELLS:
             for dtype in (torch.float32, *half):
-                v = 2 if dtype in half else 1
-                # 132 SMs: v1 37 blocks of one unit each; v2 tiling (1,2,2), 3-10 CTAs
+                v = 2
+                # 132 SMs: v2 tiling (1,2,2) (bf16/fp16), 3-10 CTAs; fp32 3xTF32 (1,4,8), 3-10 CTAs
                 yield f"{cell}-{SHORT[dtype]}-H100-H37", dict(cell=cell, dtype=dtype, T=5, B=3, H=37, device="H100",
                                                                kernel=v)
                 # 8 SMs: v1 8 blocks of 17 units, the last one of 14; 16-bit LSTM: no v2 grid fits 8 SMs,
-                # v1 runs; GRU v2 (4,4,2), 7 CTAs of 21 units; RNN v2 (4,4,2), 3 CTAs of 64 units
+                # v1 runs; GRU v2 (4,4,2), 7 CTAs of 21 units; RNN v2 (4,4,2), 3 CTAs of 64 units; fp32
+                # 3xTF32 (1,4,8): 34 (LSTM) to 9 (RNN) CTAs do not fit 8 SMs, v1
                 yield f"{cell}-{SHORT[dtype]}-small-H133-len-rev", dict(
                     cell=cell, dtype=dtype, T=4, B=3, H=133, device="small", lengths=[4, 1, 3], reverse=True,
                     kernel=2 if dtype in half and cell != "lstm" else 1)
@@ -302,13 +314,26 @@ def persistent_cases(mode):
                 yield f"{cell}-{SHORT[dtype]}-mid-H133-B19-len-rev-nobias", dict(
                     cell=cell, dtype=dtype, T=4, B=19, H=133, device="mid", lengths=[4, 1, 3, 2] * 4 + [4, 3, 1],
                     reverse=True, bias=False, kernel=2)
-            # 108 SMs: 67 blocks of 2 units, the last one of 1
+            # 108 SMs: fp32 3xTF32 v2 (1,4,8), 34 (LSTM) to 9 (RNN) CTAs, 9 k-tiles
             yield f"{cell}-f32-A100-H133-len", dict(cell=cell, dtype=torch.float32, T=4, B=2, H=133, device="A100",
-                                                    lengths=[4, 2], kernel=1)
-            # 8 SMs: 8 blocks of 5 units, the last one of 2; three runs, the same bits
+                                                    lengths=[4, 2], kernel=2)
+            # fp32 3xTF32 with two batch groups of 64 rows (B=70), odd H, lengths, reverse, no bias
+            yield f"{cell}-f32-H100-H45-B70-len-rev-nobias", dict(
+                cell=cell, dtype=torch.float32, T=3, B=70, H=45, device="H100", lengths=[3, 1, 2, 3, 2] * 14,
+                reverse=True, bias=False, kernel=2)
+            # fp32 TF32: (2,4,4), one and two batch groups of 32 rows, lengths, reverse
+            yield f"{cell}-f32-tf32-H100-H37", dict(cell=cell, dtype=torch.float32, T=5, B=3, H=37, device="H100",
+                                                    tf32=True, kernel=2)
+            # (not RNN ReLU at this size: among its 15k pre-activations some lie within TF32's rounding of 0,
+            # where the ReLU's derivative switches between 0 and 1 and no tolerance covers the gradients)
+            yield f"{cell}-f32-tf32-H100-{'H45' if cell == 'rnn_relu' else 'H133'}-B37-len-rev", dict(
+                cell=cell, dtype=torch.float32, T=3, B=37, H=45 if cell == "rnn_relu" else 133, device="H100",
+                lengths=[3, 1, 2, 2] * 9 + [3], reverse=True, tf32=True, kernel=2)
+            # 8 SMs, three runs, the same bits: LSTM v1, 8 blocks of 5 units, the last one of 2 (3xTF32 (1,4,8)
+            # needs 10 CTAs); GRU, RNN v2 3xTF32, 8 and 3 CTAs
             yield f"{cell}-f32-small-H37-rev-nobias-repeat", dict(
                 cell=cell, dtype=torch.float32, T=5, B=5, H=37, device="small", reverse=True, bias=False, repeats=3,
-                kernel=1)
+                kernel=1 if cell == "lstm" else 2)
             # three v2 runs, the same bits
             yield f"{cell}-bf16-H100-H45-len-repeat", dict(cell=cell, dtype=torch.bfloat16, T=5, B=5, H=45,
                                                           device="H100", lengths=[5, 2, 4, 1, 5], repeats=3, kernel=2)
@@ -322,7 +347,12 @@ def persistent_cases(mode):
         yield "rnn_tanh-f16-small-H37-len", dict(cell="rnn_tanh", dtype=torch.float16, T=4, B=3, H=37,
                                                  device="small", lengths=[4, 1, 3], kernel=2)
         yield "rnn_relu-f32-small-H37-rev", dict(cell="rnn_relu", dtype=torch.float32, T=4, B=2, H=37,
-                                                 device="small", reverse=True, kernel=1)
+                                                 device="small", reverse=True, kernel=2)  # 3xTF32 (1,4,8), 3 CTAs
+        for cell in CELLS:  # fp32 v2, both maths, lengths and reverse, odd H
+            yield f"{cell}-f32-H100-H37-len-rev", dict(cell=cell, dtype=torch.float32, T=3, B=3, H=37, device="H100",
+                                                       lengths=[3, 1, 2], reverse=True, kernel=2)
+            yield f"{cell}-f32-tf32-H100-H45-len", dict(cell=cell, dtype=torch.float32, T=3, B=3, H=45,
+                                                        device="H100", lengths=[3, 1, 2], tf32=True, kernel=2)
         yield "lstm-bf16-small-H37-nosave", dict(cell="lstm", dtype=torch.bfloat16, T=4, B=2, H=37, device="small",
                                                  save=False, kernel=2)
         # v2 with two batch groups, lengths, reverse, odd H; and 16-bit v1 where no v2 grid fits
@@ -347,7 +377,10 @@ def test_persistent_kernels(compiler, tmp_path, mode, kw):
     if kernel == 1:
         assert params["units"] == -(-H // dev["sms"]) and params["blocks"] == -(-H // params["units"])
     else:
-        mt, kt, nt = V2_TILINGS[params["tiling"]]
+        mt, kt, nt, fp32 = V2_TILINGS[params["tiling"]]
+        math = "mma16" if kw["dtype"] != torch.float32 else "tf32" if kw.get("tf32") else "3xtf32"
+        assert fp32 == (kw["dtype"] == torch.float32) and params["math"] == MATH_ID[math], params
+        assert mt * kt * V2_A_REGS[math] <= V2_MAX_A_REGS, params
         assert params["units"] == min(16 * mt // G, H) and 8 * kt >= -(-H // 16), params
         assert params["grid_x"] == -(-H // params["units"]) and params["grid_y"] == -(-B // (8 * nt)), params
         assert params["grid_x"] * params["grid_y"] <= dev["sms"], params
@@ -411,18 +444,20 @@ def test_plan_invariants(compiler, tmp_path):
 
 def plans_v2(tmp_path, lines):
     """plan_persistent_v2's answers for `lines` of (cell, dtype, H, B, proj, device, cooperative, regs/thread,
-    compute capability), as (verdict, tiling, units, k_tiles, grid_x, grid_y, smem_forward, smem_backward)."""
+    compute capability[, allow_tf32]), as (verdict, tiling, units, k_tiles, grid_x, grid_y, smem_forward,
+    smem_backward)."""
     text = ""
-    for c, d, H, B, proj, dev, coop, regs, cc in lines:
+    for c, d, H, B, proj, dev, coop, regs, cc, *tf32 in lines:
         dev = DEVICES[dev] if isinstance(dev, str) else dev
         text += (f"{CELL_ID[c]} {DTYPE_ID[d]} {H} {B} {int(proj)} {dev['sms']} {int(coop)} {dev['smem_optin']} "
-                 f"{dev['smem_per_sm']} {regs} {cc}\n")
+                 f"{dev['smem_per_sm']} {regs} {cc} {int(bool(tf32 and tf32[0]))}\n")
     return [(v, *map(int, rest)) for v, *rest in plan_lines(tmp_path, "plan2", text, len(lines))]
 
 
-def v2_smem(mt, nt, k_tiles):
-    """persistent_plan.h's v2 shared memory: forward h tile + partial sums, backward dG_h tile."""
-    return 8 * nt * (16 * k_tiles + 8) * 2 + 8 * 16 * mt * 8 * nt * 4, 8 * nt * (16 * mt + 8) * 2
+def v2_smem(mt, nt, k_tiles, elem=2):
+    """persistent_plan.h's v2 shared memory for `elem`-byte storage: forward h tile (rows padded by 16
+    bytes) + partial sums, backward dG_h tile."""
+    return 8 * nt * (16 * k_tiles * elem + 16) + 8 * 16 * mt * 8 * nt * 4, 8 * nt * (16 * mt * elem + 16)
 
 
 def test_plan_v2_for_fake_devices(compiler, tmp_path):
@@ -443,7 +478,15 @@ def test_plan_v2_for_fake_devices(compiler, tmp_path):
         (("lstm", bf16, 133, 3, 0, "small", 1, R, 90), ("not-co-resident", -1, 0, 0, 0, 0, 0, 0)),
         (("lstm", bf16, 2048, 16, 0, "H100", 1, R, 90), ("hidden-too-large", -1, 0, 0, 0, 0, 0, 0)),
         (("lstm", bf16, 1024, 16, 0, optin48, 1, R, 90), ("slice-too-large", -1, 0, 0, 0, 0, 0, 0)),  # 49,408 B
-        (("lstm", f32, 512, 64, 0, "H100", 1, R, 90), ("float32", -1, 0, 0, 0, 0, 0, 0)),   # fp32 keeps v1
+        # fp32 (shape 3): 3xTF32 one batch group of 64 rows, (1,4,8); TF32 two of 32, (2,4,4) (the budget's (b'))
+        (("lstm", f32, 512, 64, 0, "H100", 1, R, 90), ("persistent", 5, 4, 32, 128, 1, 164864, 5120)),
+        (("lstm", f32, 512, 64, 0, "H100", 1, R, 90, 1), ("persistent", 4, 8, 32, 64, 2, 98816, 4608)),
+        # 3xTF32 holds 16 registers per 16x16 tile, TF32 8: only the fp32 tilings' KT=4, H <= 512, fit the
+        # budget of 64; the 16-bit tilings that cover larger H would need 128-192
+        (("lstm", f32, 768, 16, 0, "H100", 1, R, 90), ("register-budget", -1, 0, 0, 0, 0, 0, 0)),
+        (("lstm", f32, 1024, 16, 0, "H100", 1, R, 90, 1), ("register-budget", -1, 0, 0, 0, 0, 0, 0)),
+        (("lstm", f32, 2048, 16, 0, "H100", 1, R, 90, 1), ("hidden-too-large", -1, 0, 0, 0, 0, 0, 0)),
+        (("lstm", f32, 512, 128, 0, "H100", 1, R, 90), ("not-co-resident", -1, 0, 0, 0, 0, 0, 0)),
         (("lstm", torch.float64, 64, 4, 0, "H100", 1, R, 90), ("float64", -1, 0, 0, 0, 0, 0, 0)),
         (("lstm", bf16, 64, 4, 32, "H100", 1, R, 90), ("projection", -1, 0, 0, 0, 0, 0, 0)),  # per-step
         (("gru", bf16, 64, 4, 0, "H100", 1, R, 75), ("old-architecture", -1, 0, 0, 0, 0, 0, 0)),
@@ -455,25 +498,28 @@ def test_plan_v2_for_fake_devices(compiler, tmp_path):
 def test_plan_v2_invariants(compiler, tmp_path):
     """Over many sizes: the first compiled tiling whose warps cover H, whose shared memory fits and whose
     grid is co-resident wins; its CTAs cover every unit and batch row exactly once; no fit, no v2."""
-    lines = [(c, d, H, B, 0, dev, 1, V2_REGS, 90) for dev in DEVICES for c in CELLS
-             for d in (torch.bfloat16, torch.float16) for H in [1, 7, 16, 17, 37, 133, 255, 512, 640, 1024, 1025]
-             for B in (1, 16, 17, 64, 100)]
-    for (c, d, H, B, _, dev, _, _, _), got in zip(lines, plans_v2(tmp_path, lines)):
+    lines = [(c, d, H, B, 0, dev, 1, V2_REGS, 90, tf32) for dev in DEVICES for c in CELLS
+             for d, tf32 in ((torch.bfloat16, 0), (torch.float16, 0), (torch.float32, 0), (torch.float32, 1))
+             for H in [1, 7, 16, 17, 37, 133, 255, 512, 640, 1024, 1025] for B in (1, 16, 17, 64, 100)]
+    for (c, d, H, B, _, dev, _, _, _, tf32), got in zip(lines, plans_v2(tmp_path, lines)):
         G, D, k_tiles = GATES[c], DEVICES[dev], -(-H // 16)
+        math = "mma16" if d != torch.float32 else "tf32" if tf32 else "3xtf32"
         first = None
-        for i, (mt, kt, nt) in enumerate(V2_TILINGS):
+        for i, (mt, kt, nt, fp32) in enumerate(V2_TILINGS):
             U = min(16 * mt // G, H)
             gx, gy = -(-H // U), -(-B // (8 * nt))
-            f, b = v2_smem(mt, nt, k_tiles)
-            if 8 * kt >= k_tiles and max(f, b) <= D["smem_optin"] and gx * gy <= D["sms"]:
+            f, b = v2_smem(mt, nt, k_tiles, 4 if fp32 else 2)
+            if (fp32 == (d == torch.float32) and 8 * kt >= k_tiles and mt * kt * V2_A_REGS[math] <= V2_MAX_A_REGS
+                    and max(f, b) <= D["smem_optin"] and gx * gy <= D["sms"]):
                 first = ("persistent", i, U, k_tiles, gx, gy, f, b)
                 break
         if first is None:
-            assert got[0] in ("not-co-resident", "hidden-too-large", "slice-too-large"), (c, d, H, B, dev, got)
+            assert got[0] in ("not-co-resident", "hidden-too-large", "slice-too-large", "register-budget"), \
+                (c, d, H, B, dev, got)
         else:
             assert got == first, (c, d, H, B, dev, got)
             _, i, U, _, gx, gy, _, _ = got
-            mt, kt, nt = V2_TILINGS[i]
+            mt, kt, nt, _ = V2_TILINGS[i]
             assert G * U <= 16 * mt and (gx - 1) * U < H <= gx * U and (gy - 1) * 8 * nt < B <= gy * 8 * nt
 
 

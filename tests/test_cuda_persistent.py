@@ -1,6 +1,7 @@
 """The persistent CUDA kernels (csrc/cuda/persistent.cu) against the reference: every cell, lengths,
 reverse, hidden sizes that do and do not divide over the SMs, fp32 and bf16 (bf16/fp16 run v2, the
-tensor-core kernels, where its plan fits: every case here on an H100/H200). GPU only."""
+tensor-core kernels, where its plan fits: every case here on an H100/H200; fp32 runs v2 up to H=512 —
+3xTF32 MMAs, or TF32 when torch.backends.cuda.matmul.allow_tf32 is on — and v1 above). GPU only."""
 import pytest
 import torch
 
@@ -56,6 +57,21 @@ def test_persistent_v2_batch_groups_match_reference(cell, H, dtype):
     lengths = [(7 * b) % 9 + 1 for b in range(37)]
     args = make_inputs(cell, 9, 37, H, 0, lengths, True, True, dtype, device="cuda")
     _check_against_reference(cell, args, dtype)
+
+
+@pytest.mark.parametrize("H", [45, 133, 512])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_persistent_fp32_tf32_matches_reference(cell, H, monkeypatch):
+    """torch.backends.cuda.matmul.allow_tf32 on: the fp32 v2 kernels multiply TF32 operands (10-bit
+    mantissas, as fp16), so fp16's tolerance; off (the default), 3xTF32 keeps fp32's (the tests above).
+    B=37: two batch groups of 32 rows; lengths, reversed. (Not RNN ReLU: a pre-activation within TF32's
+    rounding of 0 flips the ReLU's derivative, which no tolerance covers.)"""
+    from fused_rnn.ops.cpp import cuda_backend
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert cuda_backend.kernel_for(cell, torch.float32, H) == "persistent"
+    lengths = [(7 * b) % 9 + 1 for b in range(37)]
+    args = make_inputs(cell, 9, 37, H, 0, lengths, True, True, torch.float32, device="cuda")
+    _check_against_reference(cell, args, torch.float16)
 
 
 def _outputs_and_grads(cell, args):

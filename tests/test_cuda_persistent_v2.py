@@ -14,7 +14,7 @@
   comparisons, and bitwise repeatability over repeated launches.
 - nvcc for sm_90 (tests/emu/v2_forward_sm90.cu, the tilings of benchmarks/PERSISTENT_V2.md): no
   local-memory spills, registers within one CTA per SM, and SASS with exactly MT*KT*NT tensor-core
-  MMAs (HMMA) per step.
+  MMAs (HMMA) per step; fp32 instances (TF32, 3xTF32) with HMMA.1688.F32.TF32.
 
 Limits (see ../shared/CUDA_EMU.md): the emulator is no model of the GPU's weaker memory model (a
 missing fence can pass here) nor of speed; the emulated MMA adds in double. The fragment layouts are
@@ -319,20 +319,42 @@ def sm90_object(tmp_path_factory):
 
 
 def _tiling_of(mangled):
-    """(MT, KT, NT) from a mangled persistent_v2_{forward,backward}_kernel<C, S, MT, KT, NT> name."""
+    """(MT, KT, NT) from a mangled persistent_v2_{forward,backward}_kernel<C, S, MT, KT, NT, M> name."""
     return tuple(int(v) for v in re.findall(r"Li(\d+)E", mangled)[-3:])
+
+
+# persistent_plan.h V2Math (the last template argument): A registers per 16x16 w_hh tile, and the SASS MMA
+# instructions per 16x16x8 block of one step: one HMMA.16816 (bf16/fp16); two HMMA.1688 TF32 (its two k8
+# halves); six for 3xTF32 (big*big, big*small, small*big per half)
+MATHS = {0: (4, r"\bHMMA\.16816\.F32\b", 1), 1: (8, r"\bHMMA\.1688\.F32\.TF32\b", 2),
+         2: (16, r"\bHMMA\.1688\.F32\.TF32\b", 6)}
+
+
+def _math_of(mangled):
+    """The V2Math of a mangled v2 kernel name: (A registers per tile, HMMA pattern, HMMA per block)."""
+    return MATHS[int(re.search(r"V2MathE(\d)E", mangled).group(1))]
+
+
+def _check_hmma(name, sass):
+    """MT*KT*NT blocks per step, each with the HMMA of its math, and no other MMA."""
+    mt, kt, nt = _tiling_of(name)
+    _, pattern, per_block = _math_of(name)
+    assert len(re.findall(pattern, sass)) == per_block * mt * kt * nt, name
+    assert len(re.findall(r"\bHMMA\.", sass)) == per_block * mt * kt * nt, f"{name}: other MMAs"
 
 
 def test_sm90_no_spills_and_registers(sm90_object):
     _, log = sm90_object
     entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads.*?Used (\d+) registers", log, re.S)
-    assert len(entries) == 12, log  # 6 tilings x forward, backward
+    assert len(entries) == 20, log  # 10 instances (6 bf16/fp16, 4 fp32) x forward, backward
     for name, stack, st, ld, regs in entries:
         assert (int(stack), int(st), int(ld)) == (0, 0, 0), f"{name}: local memory used\n{log}"
         mt, kt, nt = _tiling_of(name)
-        # the A fragments alone take MT*KT*4 registers; all of them must stay under one CTA of 256 threads per SM
-        assert mt * kt * 4 < int(regs) <= 255, f"{name}: {regs} registers"
+        a_regs = _math_of(name)[0] * mt * kt
+        # the A fragments alone take MT*KT*4 (fp32: *8, *16) registers; all of them must stay under one CTA of
+        # 256 threads per SM
+        assert a_regs < int(regs) <= 255, f"{name}: {regs} registers"
 
 
 def test_sm90_sass_has_one_hmma_per_mma(sm90_object):
@@ -342,11 +364,10 @@ def test_sm90_sass_has_one_hmma_per_mma(sm90_object):
     obj, _ = sm90_object
     sass = subprocess.run([cuobjdump, "--dump-sass", str(obj)], capture_output=True, text=True, check=True).stdout
     functions = re.split(r"\n\s*Function : ", sass)[1:]
-    assert len(functions) == 12
+    assert len(functions) == 20
     for f in functions:
         name = f.split()[0]
-        mt, kt, nt = _tiling_of(name)
-        assert len(re.findall(r"\bHMMA\.16816\.F32", f)) == mt * kt * nt, name
+        _check_hmma(name, f)
         assert "LDSM" in f, f"{name}: no ldmatrix in the SASS"
         if "forward" in name:
             assert "LDGSTS" in f, f"{name}: h not copied with cp.async"
@@ -376,7 +397,8 @@ def test_fp32_3xtf32_is_fp32_accurate(K):
 # ---------------------------------------------------------------------------------------------------
 def test_built_extension_v2_kernels_use_tensor_cores():
     """cuobjdump of fused_rnn/_C*.so (built with CUDA): every persistent_v2 kernel of the launcher, for
-    every architecture it was built for, issues MT*KT*NT HMMA per step and uses no local memory."""
+    every architecture it was built for, issues MT*KT*NT HMMA.16816 per step (fp32: 2 or 6 times as many
+    HMMA.1688.F32.TF32) and uses no local memory."""
     so = next((ROOT / "fused_rnn").glob("_C*.so"), None)
     if so is None:
         pytest.skip("fused_rnn/_C is not built in this tree (python setup.py build_ext --inplace)")
@@ -388,10 +410,13 @@ def test_built_extension_v2_kernels_use_tensor_cores():
     if r.returncode != 0 or not functions:
         pytest.skip(f"{so.name} holds no CUDA kernels (a CPU-only build): {r.stderr.strip()[:200]}")
     archs = set(re.findall(r"arch = (sm_\d+)", r.stdout))
-    # 4 cells x 2 dtypes x 4 tilings (persistent_plan.h kV2Tilings) x forward/backward, per architecture
-    assert len(functions) == 64 * len(archs), (len(functions), archs)
+    # 4 cells x (2 dtypes x 4 tilings + fp32 TF32 x 2 tilings + fp32 3xTF32 x 1 tiling: persistent_plan.h
+    # v2_tiling_for) x forward/backward, per architecture
+    assert len(functions) == 88 * len(archs), (len(functions), archs)
+    maths = set()
     for f in functions:
         name = f.split()[0]
-        mt, kt, nt = _tiling_of(name)
-        assert len(re.findall(r"\bHMMA\.16816\.F32", f)) == mt * kt * nt, name
+        _check_hmma(name, f)
+        maths.add(int(re.search(r"V2MathE(\d)E", name).group(1)))
         assert not re.search(r"\b(LDL|STL)\b", f), f"{name}: local memory in the SASS"
+    assert maths == {0, 1, 2}

@@ -4,8 +4,11 @@
 // csrc/recurrence.cpp asks persistent_plan (v1's plan: it depends on H only) whether a layer runs
 // persistently, then calls persistent_forward / persistent_backward. Those launch v2
 // (persistent_v2_kernels.cuh, through persistent_v2_launch.cuh) when v2's plan, which depends on the
-// batch size too, fits the layer — bf16/fp16 without a projection on sm_80+ — and v1
-// (persistent_kernels.cuh) otherwise: fp32, and 16-bit layers whose v2 grid is not co-resident.
+// batch size too, fits the layer — bf16/fp16/fp32 without a projection on sm_80+; fp32 through TF32 when
+// torch's TF32 matmul flag allows it, else 3xTF32 — and v1 (persistent_kernels.cuh) otherwise: layers
+// whose v2 tiling does not fit the registers or whose v2 grid is not co-resident.
+#include <ATen/Context.h>
+
 #include "persistent_kernels.cuh"
 #include "persistent_v2_launch.cuh"
 
@@ -88,11 +91,11 @@ int resident_blocks(const KernelPair& k, const PersistentDevice& dev, int thread
   return fewest;
 }
 
-// The v2 kernel instances of (cell, dtype, tiling); nullptr where none is compiled.
-KernelPair v2_kernels_of(Cell cell, DType dtype, int tiling) {
+// The v2 kernel instances of (cell, dtype, math, tiling); nullptr where none is compiled.
+KernelPair v2_kernels_of(Cell cell, DType dtype, V2Math math, int tiling) {
   KernelPair k;
-  dispatch_v2(cell, dtype, tiling, [&](auto c, auto s, auto i) {
-    using K = V2Kernels<decltype(c)::value, decltype(s), decltype(i)::value>;
+  dispatch_v2(cell, dtype, math, tiling, [&](auto c, auto s, auto i, auto m) {
+    using K = V2Kernels<decltype(c)::value, decltype(s), decltype(i)::value, decltype(m)::value>;
     k = {reinterpret_cast<const void*>(K::forward), reinterpret_cast<const void*>(K::backward)};
   });
   return k;
@@ -135,30 +138,35 @@ bool persistent_plan(Cell cell, DType dtype, int64_t H, int device, PersistentPl
 
 namespace {
 
-// v2's plan of (device, cell, dtype, H, B), computed once (v2 takes no projection: recurrence.cpp
-// never calls here with one).
+// v2's plan of (device, cell, dtype, H, B, TF32 allowed), computed once (v2 takes no projection:
+// recurrence.cpp never calls here with one).
 struct V2PlanCache {
   std::mutex mutex;
-  std::map<std::tuple<int, Cell, DType, int64_t, int64_t>, std::pair<bool, PersistentV2Plan>> plans;
+  std::map<std::tuple<int, Cell, DType, int64_t, int64_t, bool>, std::pair<bool, PersistentV2Plan>> plans;
 };
 
 bool v2_plan(Cell cell, DType dtype, int64_t H, int64_t B, PersistentV2Plan* plan) {
-  if (dtype != DType::BFloat16 && dtype != DType::Float16) return false;  // fp32 keeps v1
+  if (dtype == DType::Float64) return false;
   int device = 0;
   if (!query_ok(cudaGetDevice(&device))) return false;
+  // fp32: TF32 MMAs when torch.backends.cuda.matmul.allow_tf32 says so (read at every call: it may change
+  // between calls), else 3xTF32.
+  const bool allow_tf32 = dtype == DType::Float32 && at::globalContext().allowTF32CuBLAS();
   static V2PlanCache cache;
   const std::lock_guard<std::mutex> lock(cache.mutex);
-  const auto key = std::make_tuple(device, cell, dtype, H, B);
+  const auto key = std::make_tuple(device, cell, dtype, H, B, allow_tf32);
   auto it = cache.plans.find(key);
   if (it == cache.plans.end()) {
     PersistentV2Plan p;
     PersistentDevice dev;
     bool ok = false;
     if (query_device(device, &dev)) {
+      const V2Math math = v2_math_of(dtype, allow_tf32);
       auto resident = [&](int tiling, size_t smem_forward, size_t smem_backward) {
-        return resident_blocks(v2_kernels_of(cell, dtype, tiling), dev, kV2Threads, smem_forward, smem_backward);
+        return resident_blocks(v2_kernels_of(cell, dtype, math, tiling), dev, kV2Threads, smem_forward,
+                               smem_backward);
       };
-      ok = plan_persistent_v2(cell, dtype, H, B, false, dev, resident, &p) == PlanVerdict::Persistent;
+      ok = plan_persistent_v2(cell, dtype, H, B, false, dev, resident, &p, allow_tf32) == PlanVerdict::Persistent;
     }
     it = cache.plans.emplace(key, std::make_pair(ok, p)).first;
   }

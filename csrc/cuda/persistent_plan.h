@@ -6,10 +6,11 @@
 //
 // Which kernels run a layer (persistent.cu, in this order):
 //   1. v2 (persistent_v2_kernels.cuh: tensor cores, w_hh in registers, per-step flags) — bf16/fp16
-//      without a projection on sm_80+, where plan_persistent_v2 finds a compiled tiling whose grid
-//      is co-resident (the choice depends on the batch size B);
+//      (m16n8k16) and fp32 (TF32 m16n8k8, or 3xTF32 when torch's TF32 flag is off) without a
+//      projection on sm_80+, where plan_persistent_v2 finds a compiled tiling whose A fragments fit
+//      the register budget and whose grid is co-resident (the choice depends on the batch size B);
 //   2. else v1 (persistent_kernels.cuh: w_hh slices in shared memory, one grid barrier per step) —
-//      fp32, and bf16/fp16 where v2 does not fit, when plan_persistent says its slices fit;
+//      where v2 does not fit, when plan_persistent says its slices fit;
 //   3. else the per-step kernels (float64, a projection, and whatever fits neither).
 #pragma once
 
@@ -41,7 +42,7 @@ enum class PlanVerdict {
   NotCoResident,        // the grid would not fit on the device at once
   QueryFailed,          // a CUDA attribute or occupancy query returned an error
   // v2 only (plan_persistent_v2): these layers keep v1 or the per-step kernels
-  Float32,              // v2's MMAs take bf16/fp16; fp32 keeps v1 (TF32/3xTF32 v2: benchmarks/PERSISTENT_V2.md)
+  RegisterBudget,       // the tilings that cover H hold more A-fragment registers than kV2MaxARegisters
   Projection,           // proj_size > 0 runs the per-step kernels, as before
   OldArchitecture,      // mma.sync bf16 needs sm_80 or newer
   HiddenTooLarge,       // no compiled tiling covers ceil(H/16) k-tiles with its 8 warps
@@ -56,7 +57,7 @@ inline const char* verdict_name(PlanVerdict v) {
     case PlanVerdict::SliceTooLarge: return "slice-too-large";
     case PlanVerdict::NotCoResident: return "not-co-resident";
     case PlanVerdict::QueryFailed: return "query-failed";
-    case PlanVerdict::Float32: return "float32";
+    case PlanVerdict::RegisterBudget: return "register-budget";
     case PlanVerdict::Projection: return "projection";
     case PlanVerdict::OldArchitecture: return "old-architecture";
     case PlanVerdict::HiddenTooLarge: return "hidden-too-large";
@@ -101,24 +102,62 @@ PlanVerdict plan_persistent(Cell cell, DType dtype, int64_t H, const PersistentD
 constexpr int kV2Threads = 256;
 constexpr int kV2Warps = kV2Threads / 32;
 
+// The arithmetic of the MMAs, by storage type: bf16/fp16 run mma.m16n8k16 (Mma16); fp32 runs
+// mma.m16n8k8 on tf32 operands, once (Tf32: torch's TF32 flag on, ~1e-4 relative error) or three times
+// on a big + small split of each operand (Tf32x3: the flag off, fp32-level error; the measurement and
+// the choice over FFMA: benchmarks/PERSISTENT_V2.md, shape 3).
+enum class V2Math : int { Mma16 = 0, Tf32 = 1, Tf32x3 = 2 };
+inline const char* v2_math_name(V2Math m) {
+  return m == V2Math::Mma16 ? "mma16" : m == V2Math::Tf32 ? "tf32" : "3xtf32";
+}
+
+// The math of a layer of `dtype` (not float64); `allow_tf32`: torch.backends.cuda.matmul.allow_tf32.
+inline V2Math v2_math_of(DType dtype, bool allow_tf32) {
+  return dtype != DType::Float32 ? V2Math::Mma16 : allow_tf32 ? V2Math::Tf32 : V2Math::Tf32x3;
+}
+
+// Registers per thread that hold one 16x16 (rows x k) tile of w_hh as A fragments: 4 packed 16-bit pairs,
+// 8 tf32 values (two k8 halves), or 16 (the big and the small part of each).
+constexpr int v2_a_registers_per_tile(V2Math m) { return m == V2Math::Mma16 ? 4 : m == V2Math::Tf32 ? 8 : 16; }
+// The most A-fragment registers a compiled instance holds: 64, what the largest bf16 tilings hold at
+// 118-172 registers in all and no spills (ptxas, benchmarks/PERSISTENT_V2.md); more would leave too few
+// of the 255 for the accumulators, the B fragments and the pointwise state.
+constexpr int kV2MaxARegisters = 64;
+
 struct V2Tiling {
   int mt, kt, nt;
+  bool fp32;  // a tiling of fp32 layers (Tf32, Tf32x3) rather than of bf16/fp16 ones
 };
-// The tilings compiled into the launcher, in the order the plan tries them: the first whose warps cover
-// H and whose grid is co-resident wins. Fewer k-tiles per warp first (fewer idle A registers and MMAs),
-// then more rows per CTA (fewer CTAs, so more batch groups fit). They are the tilings of
-// benchmarks/PERSISTENT_V2.md's shapes: (1,2,2) B=16 H=256; (4,4,2) B=64 H=512 (4 batch groups);
-// (2,6,2) B=16 H=768; (2,8,2) B=16 H=1024 (and anything up to H=1024 that the others do not fit).
-constexpr V2Tiling kV2Tilings[] = {{1, 2, 2}, {4, 4, 2}, {2, 6, 2}, {2, 8, 2}};
+// The tilings compiled into the launcher, in the order the plan tries them: the first of the layer's kind
+// whose warps cover H, whose A fragments fit kV2MaxARegisters and whose grid is co-resident wins. Fewer
+// k-tiles per warp first (fewer idle A registers and MMAs), then more rows per CTA (fewer CTAs, so more
+// batch groups fit). They are the tilings of benchmarks/PERSISTENT_V2.md's shapes. bf16/fp16: (1,2,2)
+// B=16 H=256; (4,4,2) B=64 H=512 (4 batch groups); (2,6,2) B=16 H=768; (2,8,2) B=16 H=1024 (and anything
+// up to H=1024 that the others do not fit). fp32: (2,4,4) B=64 H=512 TF32 (2 batch groups: 64 A
+// registers); (1,4,8) B=64 H=512 3xTF32 (one batch group of 64 rows: 64 A registers, the most 3xTF32 can
+// hold, so exact fp32 runs v2 up to H=512), and TF32 where (2,4,4)'s grid is not co-resident. fp32 LSTM
+// and GRU layers above H=512 would need 128 A registers per thread (w_hh is 8-16 MB in fp32, over 132
+// SMs): v1 or the per-step kernels.
+constexpr V2Tiling kV2Tilings[] = {{1, 2, 2, false}, {4, 4, 2, false}, {2, 6, 2, false}, {2, 8, 2, false},
+                                   {2, 4, 4, true},  {1, 4, 8, true}};
 constexpr int kV2TilingCount = int(sizeof(kV2Tilings) / sizeof(kV2Tilings[0]));
 
-// Dynamic shared memory of one v2 CTA. Forward: the h tile [8*NT][16*k_tiles + 8] of 16-bit values
-// (rows padded by 16 bytes: the 8 row addresses of one ldmatrix fall in different banks), then the
-// partial sums [warps][16*MT][8*NT] fp32. Backward: the dG_h tile [8*NT][16*MT + 8] of 16-bit values.
-constexpr size_t v2_forward_smem_bytes(int mt, int nt, int k_tiles) {
-  return size_t(8 * nt) * size_t(16 * k_tiles + 8) * 2 + size_t(kV2Warps) * 16 * mt * 8 * nt * 4;
+constexpr int v2_a_registers(const V2Tiling& t, V2Math m) { return t.mt * t.kt * v2_a_registers_per_tile(m); }
+// Whether the plan may choose tiling i for math m; exactly these instances are compiled (dispatch_v2).
+constexpr bool v2_tiling_for(int i, V2Math m) {
+  return kV2Tilings[i].fp32 == (m != V2Math::Mma16) && v2_a_registers(kV2Tilings[i], m) <= kV2MaxARegisters;
 }
-constexpr size_t v2_backward_smem_bytes(int mt, int nt) { return size_t(8 * nt) * size_t(16 * mt + 8) * 2; }
+
+// Dynamic shared memory of one v2 CTA, for `elem`-byte storage (2: bf16/fp16, 4: fp32). Forward: the h
+// tile [8*NT][16*k_tiles + pad] (rows padded by 16 bytes: the 8 row addresses of one ldmatrix fall in
+// different banks), then the partial sums [warps][16*MT][8*NT] fp32. Backward: the dG_h tile
+// [8*NT][16*MT + pad].
+constexpr size_t v2_forward_smem_bytes(int mt, int nt, int k_tiles, size_t elem = 2) {
+  return size_t(8 * nt) * (size_t(16 * k_tiles) * elem + 16) + size_t(kV2Warps) * 16 * mt * 8 * nt * 4;
+}
+constexpr size_t v2_backward_smem_bytes(int mt, int nt, size_t elem = 2) {
+  return size_t(8 * nt) * (size_t(16 * mt) * elem + 16);
+}
 
 // A v2 launch: grid (grid_x, grid_y) of kV2Threads; CTA (x, y) owns units [x*units, x*units + units) for
 // batch rows [y*8*NT, y*8*NT + 8*NT). Its workspace (the launcher allocates it per launch):
@@ -128,13 +167,15 @@ constexpr size_t v2_backward_smem_bytes(int mt, int nt) { return size_t(8 * nt) 
 //   partials  backward only: fp32 [2][grid_y][grid_x][8*NT][16*k_tiles], each CTA's partial dh.
 struct PersistentV2Plan {
   int tiling = -1;  // index into kV2Tilings
+  V2Math math = V2Math::Mma16;
   int units = 0, k_tiles = 0;
   int grid_x = 0, grid_y = 0;
   size_t smem_forward = 0, smem_backward = 0;
   size_t h_buf_bytes = 0, flag_bytes = 0, partial_bytes = 0;
 };
 
-// The v2 plan of a layer (fp32 keeps v1 and a projection the per-step kernels: the verdicts say why).
+// The v2 plan of a layer (a projection keeps the per-step kernels: the verdicts say why). `allow_tf32`
+// (torch.backends.cuda.matmul.allow_tf32) picks Tf32 over Tf32x3 for fp32 layers.
 // `resident_blocks(tiling, smem_forward, smem_backward)` says how many CTAs of that tiling's forward and
 // backward kernels (the smaller count) one SM holds, or a negative number when it could not tell. The
 // flag waits spin on other CTAs, so every CTA must be resident at once: a cooperative launch, and a
@@ -142,9 +183,10 @@ struct PersistentV2Plan {
 template <typename ResidentBlocks>
 PlanVerdict plan_persistent_v2(Cell cell, DType dtype, int64_t H, int64_t B, bool projection,
                                const PersistentDevice& dev, ResidentBlocks&& resident_blocks,
-                               PersistentV2Plan* plan) {
+                               PersistentV2Plan* plan, bool allow_tf32 = false) {
   if (dtype == DType::Float64) return PlanVerdict::Float64;
-  if (dtype == DType::Float32) return PlanVerdict::Float32;
+  const V2Math math = v2_math_of(dtype, allow_tf32);
+  const size_t elem = storage_bytes(dtype);
   if (projection) return PlanVerdict::Projection;
   if (H <= 0 || B <= 0) return PlanVerdict::EmptyLayer;
   if (dev.compute_capability < 80) return PlanVerdict::OldArchitecture;
@@ -155,10 +197,16 @@ PlanVerdict plan_persistent_v2(Cell cell, DType dtype, int64_t H, int64_t B, boo
   for (int i = 0; i < kV2TilingCount; ++i) {
     const V2Tiling t = kV2Tilings[i];
     if (int64_t(kV2Warps) * t.kt < k_tiles) continue;
+    if (!v2_tiling_for(i, math)) {
+      // a tiling that covers H, but whose A fragments in this math exceed the budget (fp32 above H=512)
+      if (v2_a_registers(t, math) > kV2MaxARegisters && why == PlanVerdict::HiddenTooLarge)
+        why = PlanVerdict::RegisterBudget;
+      continue;
+    }
     const int64_t units = 16 * t.mt / G < H ? 16 * t.mt / G : H;  // U = floor(16*MT / G): G*U rows in MT m-tiles
     const int64_t grid_x = (H + units - 1) / units, grid_y = (B + 8 * t.nt - 1) / (8 * t.nt);
-    const size_t smem_f = v2_forward_smem_bytes(t.mt, t.nt, int(k_tiles));
-    const size_t smem_b = v2_backward_smem_bytes(t.mt, t.nt);
+    const size_t smem_f = v2_forward_smem_bytes(t.mt, t.nt, int(k_tiles), elem);
+    const size_t smem_b = v2_backward_smem_bytes(t.mt, t.nt, elem);
     if ((smem_f > smem_b ? smem_f : smem_b) > dev.smem_optin) {
       why = PlanVerdict::SliceTooLarge;
       continue;
@@ -171,6 +219,7 @@ PlanVerdict plan_persistent_v2(Cell cell, DType dtype, int64_t H, int64_t B, boo
     }
     PersistentV2Plan p;
     p.tiling = i;
+    p.math = math;
     p.units = int(units);
     p.k_tiles = int(k_tiles);
     p.grid_x = int(grid_x);

@@ -6,10 +6,12 @@
 // Ownership. CTA (x, y) owns hidden units [x*U, x*U + U) with all G gate rows of them — so the cell
 // state and the gate pointwise stay in the CTA — for batch rows [y*8*NT, y*8*NT + 8*NT). Its G*U
 // rows of w_hh, gate-major (row g*U + ul is w_hh[g*H + x*U + ul, :]), padded with zeros to MT
-// m-tiles of 16, are the A operand of mma.sync.m16n8k16 (bf16 or fp16 in, fp32 accumulation).
+// m-tiles of 16, are the A operand of the MMAs (fp32 accumulation). The MMA is the template parameter M
+// (V2Mma below): mma.m16n8k16 for bf16/fp16; for fp32 mma.m16n8k8 on tf32 operands, once (TF32) or
+// three times on a big + small split of each operand (3xTF32, fp32-accurate).
 //
-// Warps split K. Warp w owns k-tiles [w*KT, w*KT + KT) of the ceil(H/16) k-tiles: its A fragments
-// (MT*KT*4 registers per thread) are loaded once and stay in registers for all T steps. Per step it
+// Warps split K. Warp w owns k-tiles [w*KT, w*KT + KT) of 16 of the ceil(H/16) k-tiles: its A fragments
+// (MT*KT*4, *8 or *16 registers per thread) are loaded once and stay in registers for all T steps. Per step it
 //   1. polls, with acquire, the flags of just the CTAs that produce its K slice of h_{t-1};
 //   2. copies that slice of its batch rows from the exchange buffer into shared memory (cp.async,
 //      zero-filled past H and past B) and reads it back with ldmatrix as B fragments;
@@ -152,17 +154,98 @@ FR_DEVICE void load_b_fragments(uint32_t (&bf)[NT][2], const S* tile, int64_t st
   }
 }
 
+FR_DEVICE float float_of_bits(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// The MMAs of one 16x16 (rows x k) tile of A times a 16 (k) x 8 (n) tile of B into fp32 accumulators,
+// for storage S and math M (persistent_plan.h V2Math): the one thing the kernels below do differently per
+// dtype. load_a fills the kA registers of one A tile from at(row, k) (row, k in 0..15 of the tile);
+// load_b fills kB registers per n-tile from a shared [n][k] tile (rows `stride` elements, 16-byte
+// aligned) at column k0; mma accumulates.
+template <typename S, V2Math M> struct V2Mma;
+
+// bf16/fp16: one m16n8k16. a[i] = A[gq + 8(i&1)][2tq + 8(i>>1) + {0,1}].
+template <typename S> struct V2Mma<S, V2Math::Mma16> {
+  static_assert(std::is_same<S, __nv_bfloat16>::value || std::is_same<S, __half>::value,
+                "mma.m16n8k16 takes bf16 or fp16 storage");
+  static constexpr int kA = 4, kB = 2;
+  template <typename At> FR_DEVICE static void load_a(uint32_t (&a)[kA], int gq, int tq, At&& at) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = gq + 8 * (i & 1), k = 2 * tq + 8 * (i >> 1);
+      a[i] = pack_pair(at(r, k), at(r, k + 1));
+    }
+  }
+  template <int NT> FR_DEVICE static void load_b(uint32_t (&bf)[NT][kB], const S* tile, int64_t stride, int64_t k0,
+                                                 int lane) {
+    load_b_fragments<NT>(bf, tile, stride, k0, lane);
+  }
+  FR_DEVICE static void mma(float (&acc)[4], const uint32_t (&a)[kA], const uint32_t (&b)[kB]) {
+    fr_ptx::mma_m16n8k16<S>(acc, a, b, acc);
+  }
+};
+
+// fp32: two k8 halves of mma.m16n8k8 tf32 per 16x16 tile; operands rounded to tf32 (cvt.rna). With Tf32x3
+// each fp32 x is split into big = tf32(x) and small = tf32(x - big), and a*b ~ big*big' + big*small' +
+// small*big' (small*small', ~2^-22 relative, dropped): registers p*8 + h*4 + i hold part p (0 big,
+// 1 small) of k-half h. A: a[i] = A[gq + 8(i&1)][8h + tq + 4(i>>1)]; B: b[j] = B[8h + tq + 4j][gq].
+template <V2Math M> struct V2Mma<float, M> {
+  static_assert(M == V2Math::Tf32 || M == V2Math::Tf32x3, "fp32 storage takes the tf32 MMAs");
+  static constexpr int kParts = M == V2Math::Tf32x3 ? 2 : 1;
+  static constexpr int kA = 8 * kParts, kB = 4 * kParts;
+  // parts[0], parts[kParts * 4 ...]: the tf32 big (and small) part of x at register index j (stride 8 for A, 4 for B)
+  template <int kStride, int N> FR_DEVICE static void split(uint32_t (&r)[N], int j, float x) {
+    const uint32_t big = fr_ptx::cvt_tf32(x);
+    r[j] = big;
+    if constexpr (kParts == 2) r[kStride + j] = fr_ptx::cvt_tf32(x - float_of_bits(big));
+  }
+  template <typename At> FR_DEVICE static void load_a(uint32_t (&a)[kA], int gq, int tq, At&& at) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) split<8>(a, h * 4 + i, at(gq + 8 * (i & 1), 8 * h + tq + 4 * (i >> 1)));
+  }
+  // ldmatrix of 8x8 b16 matrices on fp32 data: matrix j = rows n, columns k0 + 4j .. k0 + 4j + 3 (fp32), and
+  // lane 4gq + tq receives row gq, fp32 column tq: B[k0 + 4j + tq][n] — the tf32 B fragment of k-half j/2.
+  template <int NT> FR_DEVICE static void load_b(uint32_t (&bf)[NT][kB], const float* tile, int64_t stride,
+                                                 int64_t k0, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t r4[4];
+      fr_ptx::ldmatrix<4>(r4, tile + (nt * 8 + lane % 8) * stride + k0 + (lane / 8) * 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) split<4>(bf[nt], j, float_of_bits(r4[j]));
+    }
+  }
+  FR_DEVICE static void mma(float (&acc)[4], const uint32_t (&a)[kA], const uint32_t (&b)[kB]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a_big[4] = {a[4 * h], a[4 * h + 1], a[4 * h + 2], a[4 * h + 3]};
+      const uint32_t b_big[2] = {b[2 * h], b[2 * h + 1]};
+      if constexpr (kParts == 2) {  // the small products first, so that they are not lost beside the big one
+        const uint32_t a_small[4] = {a[8 + 4 * h], a[8 + 4 * h + 1], a[8 + 4 * h + 2], a[8 + 4 * h + 3]};
+        const uint32_t b_small[2] = {b[4 + 2 * h], b[4 + 2 * h + 1]};
+        fr_ptx::mma_m16n8k8_tf32(acc, a_small, b_big, acc);
+        fr_ptx::mma_m16n8k8_tf32(acc, a_big, b_small, acc);
+      }
+      fr_ptx::mma_m16n8k8_tf32(acc, a_big, b_big, acc);
+    }
+  }
+};
+
 // Spins until flags[j] >= target (acquire) for j = me, me + stride, ... < n.
 FR_DEVICE void wait_flags(const unsigned* flags, int n, unsigned target, int me, int stride) {
   for (int j = me; j < n; j += stride) fr_ptx::wait_flag_geq_gpu(flags + j, target);
 }
 
-template <Cell C, typename S, int MT, int KT, int NT>
+template <Cell C, typename S, int MT, int KT, int NT, V2Math M = V2Math::Mma16>
 FR_KERNEL void FR_V2_LAUNCH_BOUNDS
     persistent_v2_forward_kernel(PersistentForwardParams p, PersistentV2Layout lay) {
-  static_assert(std::is_same<S, __nv_bfloat16>::value || std::is_same<S, __half>::value,
-                "the tensor-core forward takes bf16 or fp16 storage");
   using L = Conv<S>;
+  using Mma = V2Mma<S, M>;
   constexpr int G = static_cast<int>(gates_of<C>());
   constexpr int NB = 8 * NT;                                    // batch rows per CTA
   constexpr int MR = 16 * MT;                                   // w_hh rows per CTA, padded
@@ -171,7 +254,8 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
   const int64_t T = p.T, B = p.B, H = p.H, GH = G * H;
   const int U = lay.units, KTILES = lay.k_tiles;
   if (U <= 0 || G * U > MR || KTILES != (H + 15) / 16 || KTILES > kV2Warps * KT) v2_trap();
-  const int64_t Hs = 16 * int64_t(KTILES), RS = Hs + 8;  // exchange-buffer row, shared-tile row
+  constexpr int kVec = 16 / int(sizeof(S));  // elements per 16 bytes: one cp.async, and the row padding
+  const int64_t Hs = 16 * int64_t(KTILES), RS = Hs + kVec;  // exchange-buffer row, shared-tile row
   const V2Slice sl = v2_slice<NB>(H, B, U);
   const int64_t u0 = sl.u0, b0 = sl.b0;
   const int warp = sl.warp, lane = sl.lane, gq = sl.gq, tq = sl.tq;
@@ -186,18 +270,15 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
   S* h_buf = static_cast<S*>(p.h_buf);
   unsigned* my_flag = lay.flags + blockIdx.y * gridDim.x + blockIdx.x;
 
-  // ---- w_hh rows -> A fragments: a[i] = A[gq + 8(i&1)][2tq + 8(i>>1) + {0,1}] of each 16x16 tile
-  uint32_t a[MT][KT][4];
+  // ---- w_hh rows -> A fragments of each 16x16 tile (row, k), as V2Mma lays them out
+  uint32_t a[MT][KT][Mma::kA];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = mt * 16 + gq + 8 * (i & 1);
-        const int64_t k = int64_t(warp * KT + kt) * 16 + 2 * tq + 8 * (i >> 1);
-        a[mt][kt][i] = pack_pair(w_slice_at<G>(W, H, U, sl, row, k), w_slice_at<G>(W, H, U, sl, row, k + 1));
-      }
+    for (int kt = 0; kt < KT; ++kt) {
+      const int64_t k0 = int64_t(warp * KT + kt) * 16;
+      Mma::load_a(a[mt][kt], gq, tq, [&](int r, int k) { return w_slice_at<G>(W, H, U, sl, mt * 16 + r, k0 + k); });
+    }
 
   // This warp's K slice and the CTAs that produce it (all in this CTA's batch group).
   const int64_t k_lo = int64_t(warp) * KT * 16;
@@ -243,16 +324,16 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
       // 1. wait for epoch s of exactly the units this warp reads
       if (FR_PERSISTENT_V2_MUTATION != 1) wait_flags(producer_flags, n_producers, unsigned(s + 1), lane, 32);
       __syncwarp();
-      // 2. its K slice of the batch tile, h_{t-1}, into shared memory: 16-byte chunks of 8 values
+      // 2. its K slice of the batch tile, h_{t-1}, into shared memory: 16-byte chunks of kVec values
       const S* h_prev = h_buf + (s & 1) * B * Hs;
-      constexpr int kChunks = 2 * KT;  // per batch row
+      constexpr int kChunks = 16 * KT / kVec;  // per batch row
       for (int c = lane; c < NB * kChunks; c += 32) {
         const int r = c / kChunks;
-        const int64_t k = k_lo + (c % kChunks) * 8;
+        const int64_t k = k_lo + (c % kChunks) * kVec;
         if (k >= Hs) continue;  // past the last k-tile: never read
         const int64_t b = b0 + r;
-        const int64_t valid = b < B ? (H - k < 8 ? (H - k > 0 ? H - k : 0) : 8) : 0;
-        fr_ptx::cp_async_cg16(hs + r * RS + k, h_prev + (b < B ? b : 0) * Hs + k, unsigned(valid * 2));
+        const int64_t valid = b < B ? (H - k < kVec ? (H - k > 0 ? H - k : 0) : kVec) : 0;
+        fr_ptx::cp_async_cg16(hs + r * RS + k, h_prev + (b < B ? b : 0) * Hs + k, unsigned(valid * sizeof(S)));
       }
       fr_ptx::cp_async_wait_all();
       __syncwarp();
@@ -262,12 +343,12 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
       for (int kt = 0; kt < KT; ++kt) {
         const int kg = warp * KT + kt;
         if (kg >= KTILES) break;
-        uint32_t bf[NT][2];
-        load_b_fragments<NT>(bf, hs, RS, kg * 16, lane);
+        uint32_t bf[NT][Mma::kB];
+        Mma::template load_b<NT>(bf, hs, RS, kg * 16, lane);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) fr_ptx::mma_m16n8k16<S>(acc[mt][nt], a[mt][kt], bf[nt], acc[mt][nt]);
+          for (int nt = 0; nt < NT; ++nt) Mma::mma(acc[mt][nt], a[mt][kt], bf[nt]);
       }
     }
     // partial sums: c[i] = C[gq + 8(i>>1)][2tq + (i&1)] -> part[warp][row][n]
@@ -363,14 +444,13 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
 // in registers. Partial slots are double-buffered by step parity, safe for the forward's reason.
 // d w_hh (one GEMM over all steps) and d b_hh (a sum of dgh) stay outside.
 // ------------------------------------------------------------------------------------------------
-template <Cell C, typename S, int MT, int KT, int NT>
+template <Cell C, typename S, int MT, int KT, int NT, V2Math M = V2Math::Mma16>
 FR_KERNEL void FR_V2_LAUNCH_BOUNDS
     persistent_v2_backward_kernel(PersistentBackwardParams p, PersistentV2Layout lay) {
-  static_assert(std::is_same<S, __nv_bfloat16>::value || std::is_same<S, __half>::value,
-                "the tensor-core backward takes bf16 or fp16 storage");
   using L = Conv<S>;
+  using Mma = V2Mma<S, M>;
   constexpr int G = static_cast<int>(gates_of<C>());
-  constexpr int NB = 8 * NT, MR = 16 * MT, MRS = MR + 8;
+  constexpr int NB = 8 * NT, MR = 16 * MT, MRS = MR + 16 / int(sizeof(S));  // rows padded by 16 bytes
   constexpr int PP = ((MR / G) * NB + kV2Threads - 1) / kV2Threads;
 
   const int64_t T = p.T, B = p.B, H = p.H, GH = G * H;
@@ -384,19 +464,16 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
   FR_SHARED_DYNAMIC(S, dgs);  // [NB][MRS]: dG_h of this CTA's rows, batch-major
   for (int i = int(threadIdx.x); i < NB * MRS; i += kV2Threads) dgs[i] = L::store(0.f);  // padding stays 0
 
-  // ---- W_rows^T -> A fragments: a[i] = A[gq + 8(i&1)][2tq + 8(i>>1) + {0,1}], A[m = k][kk = row] = W[row][k]
+  // ---- W_rows^T -> A fragments of each 16x16 tile, A[m = k][kk = row] = W[row][k]
   const S* W = static_cast<const S*>(p.w_hh);
-  uint32_t a[KT][MT][4];
+  uint32_t a[KT][MT][Mma::kA];
 #pragma unroll
   for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t k = int64_t(warp * KT + kt) * 16 + gq + 8 * (i & 1);
-        const int row = mt * 16 + 2 * tq + 8 * (i >> 1);
-        a[kt][mt][i] = pack_pair(w_slice_at<G>(W, H, U, sl, row, k), w_slice_at<G>(W, H, U, sl, row + 1, k));
-      }
+    for (int mt = 0; mt < MT; ++mt) {
+      const int64_t k0 = int64_t(warp * KT + kt) * 16;
+      Mma::load_a(a[kt][mt], gq, tq, [&](int m, int kk) { return w_slice_at<G>(W, H, U, sl, mt * 16 + kk, k0 + m); });
+    }
 
   float dh_reg[PP], dc_reg[PP];
 #pragma unroll
@@ -477,10 +554,10 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
       float acc[NT][4] = {};
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        uint32_t bf[NT][2];  // B[kk = row][n = b] = dG_h[b][row]
-        load_b_fragments<NT>(bf, dgs, MRS, mt * 16, lane);
+        uint32_t bf[NT][Mma::kB];  // B[kk = row][n = b] = dG_h[b][row]
+        Mma::template load_b<NT>(bf, dgs, MRS, mt * 16, lane);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) fr_ptx::mma_m16n8k16<S>(acc[nt], a[kt][mt], bf[nt], acc[nt]);
+        for (int nt = 0; nt < NT; ++nt) Mma::mma(acc[nt], a[kt][mt], bf[nt]);
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)  // d[i] = D[m = k: gq + 8(i>>1)][n = b: 2tq + (i&1)]

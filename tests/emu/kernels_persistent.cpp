@@ -5,13 +5,13 @@
 // Driven by tests/test_cuda_emulated.py:
 //
 //   kernels persistent run <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>;
-//                                       params "kernel" (1 or 2), "tiling", "units", "grid_x", "grid_y"
-//                                       say what ran
+//                                       params "kernel" (1 or 2), "tiling", "math", "units", "grid_x",
+//                                       "grid_y" say what ran; param "allow_tf32" picks fp32's v2 math
 //   kernels persistent plan <lines>     one v1 plan per line "cell dtype H sms coop optin smem_per_sm
 //                                       regs_per_thread" of <lines>, printed as "verdict blocks threads
 //                                       units smem"
 //   kernels persistent plan2 <lines>    one v2 plan per line "cell dtype H B proj sms coop optin
-//                                       smem_per_sm regs_per_thread compute_capability", printed as
+//                                       smem_per_sm regs_per_thread compute_capability allow_tf32", printed as
 //                                       "verdict tiling units k_tiles grid_x grid_y smem_forward
 //                                       smem_backward"
 //
@@ -187,17 +187,19 @@ int run_command(const char* in_path, const char* out_path) {
   // as persistent.cu: v2 where its plan fits the layer, else v1 where its plan does
   PersistentV2Plan v2;
   const int v2_regs = int(in.param("v2_regs"));
-  if (plan_persistent_v2(cell, dtype, in.param("H"), in.param("B"), false, pdev, v2_resident(sm, v2_regs), &v2) ==
-      PlanVerdict::Persistent) {
+  const bool allow_tf32 = in.param("allow_tf32") != 0;  // torch.backends.cuda.matmul.allow_tf32, for fp32
+  if (plan_persistent_v2(cell, dtype, in.param("H"), in.param("B"), false, pdev, v2_resident(sm, v2_regs), &v2,
+                         allow_tf32) == PlanVerdict::Persistent) {
     const EmuV2Launch launcher{dev, v2_regs};
     bool ran = false;  // dispatch_v2 calls nothing for the instances FR_INSTANCES leaves out
-    cuda::dispatch_v2(cell, dtype, v2.tiling, [&](auto c, auto s, auto) {
+    cuda::dispatch_v2(cell, dtype, v2.math, v2.tiling, [&](auto c, auto s, auto, auto) {
       first = run_repeated(repeats, [&] { return run_v2<decltype(c)::value, decltype(s)>(in, launcher, v2); });
       ran = true;
     });
     if (!ran) fail("this build leaves these kernels out (FR_INSTANCES)");
     first.params["kernel"] = 2;
     first.params["tiling"] = v2.tiling;
+    first.params["math"] = int(v2.math);
     first.params["units"] = v2.units;
     first.params["grid_x"] = v2.grid_x;
     first.params["grid_y"] = v2.grid_y;
@@ -245,13 +247,13 @@ int plan_command(const char* path) {
 
 int plan2_command(const char* path) {
   std::ifstream lines(path);
-  int cell, dtype, proj, coop, cc;
+  int cell, dtype, proj, coop, cc, tf32;
   long long H, B, sms, optin, smem_per_sm, regs;
-  while (lines >> cell >> dtype >> H >> B >> proj >> sms >> coop >> optin >> smem_per_sm >> regs >> cc) {
+  while (lines >> cell >> dtype >> H >> B >> proj >> sms >> coop >> optin >> smem_per_sm >> regs >> cc >> tf32) {
     const PersistentDevice dev{int(sms), coop != 0, size_t(optin), cc};
     PersistentV2Plan plan;
     const PlanVerdict v = plan_persistent_v2(Cell(cell), DType(dtype), H, B, proj != 0, dev,
-                                             v2_resident(sm_limits(smem_per_sm), int(regs)), &plan);
+                                             v2_resident(sm_limits(smem_per_sm), int(regs)), &plan, tf32 != 0);
     std::cout << verdict_name(v) << ' ' << plan.tiling << ' ' << plan.units << ' ' << plan.k_tiles << ' '
               << plan.grid_x << ' ' << plan.grid_y << ' ' << plan.smem_forward << ' ' << plan.smem_backward << '\n';
   }

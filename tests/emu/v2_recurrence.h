@@ -110,7 +110,7 @@ void run(Dev& dev, const std::string& dir, int64_t T, int64_t B, int64_t H, bool
   void* flags = dev.fresh(n_flags);
   const PersistentV2Layout fwd{units, k_tiles, static_cast<unsigned*>(flags), nullptr};
   repeat_launch(dev, "forward", T, flags, n_flags, p.y, tbh, [&] {
-    return dev.launch(persistent_v2_forward_kernel<C, S, MT, KT, NT>, grid, v2_forward_smem_bytes(MT, NT, k_tiles),
+    return dev.launch(persistent_v2_forward_kernel<C, S, MT, KT, NT>, grid, v2_forward_smem_bytes(MT, NT, k_tiles, sizeof(S)),
                       p, fwd);
   });
 
@@ -150,7 +150,7 @@ void run(Dev& dev, const std::string& dir, int64_t T, int64_t B, int64_t H, bool
   float* partials = static_cast<float*>(dev.fresh(size_t(2) * grid_x * grid_y * 8 * NT * Hs * 4));
   const PersistentV2Layout bwd{units, k_tiles, static_cast<unsigned*>(flags), partials};
   repeat_launch(dev, "backward", T, flags, n_flags, q.dgx, tbgh, [&] {
-    return dev.launch(persistent_v2_backward_kernel<C, S, MT, KT, NT>, grid, v2_backward_smem_bytes(MT, NT), q,
+    return dev.launch(persistent_v2_backward_kernel<C, S, MT, KT, NT>, grid, v2_backward_smem_bytes(MT, NT, sizeof(S)), q,
                       bwd);
   });
   out("dgx", q.dgx, tbgh);

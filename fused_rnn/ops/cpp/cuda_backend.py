@@ -3,8 +3,11 @@ float16/bfloat16 (16-bit inputs compute in fp32 and keep the cell state in fp32)
 
 With FUSED_RNN_CUDA_PERSISTENT=1 it runs the persistent kernels (csrc/cuda/persistent.cu: one
 launch for all steps, w_hh on chip) wherever they fit; `kernel_for` says which kernels a layer gets.
-Inside "persistent", the launcher runs v2 (tensor cores, per-step flags) for bf16/fp16 layers whose
-v2 grid fits the device at the batch size given, and v1 otherwise (csrc/cuda/persistent_plan.h).
+Inside "persistent", the launcher runs v2 (tensor cores, per-step flags) for bf16/fp16 layers and fp32
+layers up to H=512 whose v2 grid fits the device at the batch size given, and v1 otherwise
+(csrc/cuda/persistent_plan.h). fp32 follows torch.backends.cuda.matmul.allow_tf32, read at each call:
+on, TF32 MMAs (10-bit mantissas, like torch's own TF32 matmuls); off (torch's default), 3xTF32, whose
+error stays at fp32 FFMA's level (benchmarks/PERSISTENT_V2.md, shape 3).
 They stay opt-in until a GPU run has verified them (benchmarks/PERSISTENT_V2.md, NOTES.md)."""
 import os
 
