@@ -48,7 +48,7 @@ def build_parser():
 
 
 CPU = dict(corpus="hamlet", embed=64, hidden=256, seq_len=64, batch_size=32, epochs=20, lr=3e-3,
-           dropout=0.25, prompt="HAMLET\n", threads=1)
+           lr_schedule="cosine", dropout=0.25, prompt="HAMLET\n", threads=1)
 QUICK = dict(corpus="hamlet", embed=32, hidden=128, seq_len=64, batch_size=16, epochs=4, lr=5e-3,
              sample_len=200, prompt="HAMLET\n", threads=1)
 
