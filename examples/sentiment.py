@@ -224,7 +224,7 @@ def main(argv=None):
         png = common.plot_curves(os.path.join(args.out, "curves.png"), f"sentiment ({common.describe(args)})", {
             "training loss": {f"seed {s}": (list(range(1, len(r.epoch_loss) + 1)), r.epoch_loss)
                               for s, r in zip(seeds, runs)},
-            "validation accuracy (test: x)": {
+            "validation accuracy": {
                 f"seed {s}, test {r.test_acc:.3f}": (list(range(1, len(r.val_acc) + 1)), r.val_acc)
                 for s, r in zip(seeds, runs)}})
         print(f"plot: {png}")
