@@ -47,13 +47,15 @@ def build_parser():
     return p
 
 
+CPU = dict(corpus="hamlet", embed=64, hidden=256, seq_len=64, batch_size=32, epochs=20, lr=3e-3,
+           lr_schedule="cosine", dropout=0.25, prompt="HAMLET\n", threads=1)
 QUICK = dict(corpus="hamlet", embed=32, hidden=128, seq_len=64, batch_size=16, epochs=4, lr=5e-3,
              sample_len=200, prompt="HAMLET\n", threads=1)
 
 
 def parse_args(argv=None):
     p = build_parser()
-    return common.apply_quick(p.parse_args(argv), p, QUICK)
+    return common.apply_preset(p.parse_args(argv), p, {"cpu": CPU, "quick": QUICK})
 
 
 def load_text(args):
@@ -196,6 +198,7 @@ def train(args, text, chars=None, state=None):
     res = Result(model=common.unwrap(model), chars=chars, train_text=train_text, val_text=val_text)
     timer = common.EpochTimer(device)
     steps_per_epoch = math.ceil((stream.size(1) - 1) / args.seq_len)
+    sched = common.lr_scheduler(opt, args, steps_per_epoch)
     step = 0
     for epoch in range(args.epochs):
         timer.start()
@@ -210,6 +213,7 @@ def train(args, text, chars=None, state=None):
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
+            sched.step()
             res.losses.append(loss.item())
             res.grad_norms.append(float(norm))
             total, n, step = total + res.losses[-1], n + 1, step + 1

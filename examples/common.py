@@ -19,11 +19,17 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs, batch_size, lr, out):
                    help="recurrent layers from torch.nn or from fused_rnn (same weights, same state_dict)")
     g.add_argument("--backend", default="auto", choices=["auto", *fused_rnn.BACKENDS],
                    help="fused_rnn backend (with --rnn fused)")
-    g.add_argument("--quick", action="store_true", help="small data and model: about a minute on a CPU")
+    g.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="sizes of data, model and training: gpu (the defaults shown here), cpu (a result worth "
+                        "showing in <= 15 min on a 2-core CPU, one thread), quick (about a minute, for tests); "
+                        "auto: gpu when the device is a GPU, else cpu")
+    g.add_argument("--quick", action="store_true", help="same as --preset quick")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--batch-size", type=int, default=batch_size)
     g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: the learning rate falls from --lr to 0 along a half cosine over all the steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
     g.add_argument("--data-file", default=None, help="use this file instead of the downloaded data set")
@@ -33,18 +39,42 @@ def add_common_args(p: argparse.ArgumentParser, *, epochs, batch_size, lr, out):
     g.add_argument("--no-save", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default; --quick uses 1: small models on a shared CPU "
-                        "run far faster on one thread than on oversubscribed ones)")
+                   help="torch CPU threads (0: torch's default; the cpu and quick presets use 1: small models "
+                        "on a shared CPU run as fast on one thread as on oversubscribed ones)")
     return p
 
 
-def apply_quick(args, parser, quick: dict):
-    """With --quick, replace the defaults named in `quick` unless given on the command line."""
+PRESETS = ("gpu", "cpu", "quick")
+
+
+def preset_name(args):
+    """--quick, else --preset, where auto means gpu on a CUDA device and cpu otherwise."""
     if args.quick:
-        for k, v in quick.items():
-            if getattr(args, k) == parser.get_default(k):
-                setattr(args, k, v)
+        return "quick"
+    if args.preset != "auto":
+        return args.preset
+    device = args.device
+    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        device = "cuda"
+    return "gpu" if pick_device(device).type == "cuda" else "cpu"
+
+
+def apply_preset(args, parser, presets: dict):
+    """Replace the parser's defaults (the gpu preset) with those of the chosen preset, presets[name],
+    except the ones given on the command line; args.preset says which preset was applied."""
+    args.preset = preset_name(args)
+    for k, v in presets.get(args.preset, {}).items():
+        if getattr(args, k) == parser.get_default(k):
+            setattr(args, k, v)
     return args
+
+
+def lr_scheduler(opt, args, steps_per_epoch):
+    """Called after every optimizer step: --lr-schedule over --epochs x steps_per_epoch steps."""
+    total = max(args.epochs * steps_per_epoch, 1)
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
 def pick_device(name="auto"):
@@ -167,6 +197,7 @@ def final_line(example, args, metric_name, metric, epoch_times, extra=""):
     per_epoch = (sum(epoch_times[1:]) / len(epoch_times[1:]) if len(epoch_times) > 1
                  else (epoch_times[0] if epoch_times else float("nan")))
     line = (f"FINAL {example} rnn={args.rnn} backend={args.backend} device={args.device_obj.type} "
+            f"preset={getattr(args, 'preset', 'n/a')} "
             f"{metric_name}={metric:.4g} time/epoch={f'{per_epoch:.2f}s' if epoch_times else 'n/a'} "
             f"epochs={len(epoch_times)}"
             + (f" {extra}" if extra else ""))

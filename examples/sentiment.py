@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -40,16 +40,22 @@ def build_parser():
     p.add_argument("--min-freq", type=int, default=2, help="rarer training words become <unk>")
     p.add_argument("--max-len", type=int, default=80, help="truncate snippets to this many tokens")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train this many times, from --seed on, and report the mean and std of the test accuracy")
+    p.add_argument("--pool", choices=["last", "max"], default="last",
+                   help="snippet vector: the top layer's final states, or the maximum over time of its outputs")
     common.add_common_args(p, epochs=8, batch_size=64, lr=1e-3, out="runs/sentiment")
     return p
 
 
+CPU = dict(embed=128, hidden=128, layers=1, dropout=0.5, epochs=5, lr=3e-3, max_len=60, pool="max", seeds=3,
+           threads=1)
 QUICK = dict(embed=64, hidden=64, dropout=0.3, epochs=3, batch_size=64, lr=4e-3, max_len=40, threads=1)
 
 
 def parse_args(argv=None):
     p = build_parser()
-    return common.apply_quick(p.parse_args(argv), p, QUICK)
+    return common.apply_preset(p.parse_args(argv), p, {"cpu": CPU, "quick": QUICK})
 
 
 def load_rows(args):
@@ -102,13 +108,18 @@ class Classifier(nn.Module):
         self.rnn = common.rnn_layer(args, "LSTM", args.embed, args.hidden, args.layers, batch_first=True,
                                     bidirectional=True, dropout=args.dropout if args.layers > 1 else 0.0)
         self.head = nn.Linear(2 * args.hidden, classes)
+        self.pool = args.pool
 
     def forward(self, x, lengths):                       # x [B, T] padded ids, lengths [B] (CPU)
         packed = pack_padded_sequence(self.drop(self.embed(x)), lengths.cpu(), batch_first=True,
                                       enforce_sorted=False)
-        _, (h_n, _) = self.rnn(packed)                   # h_n [layers*2, B, H], in the batch's order
-        last = torch.cat([h_n[-2], h_n[-1]], dim=-1)     # top layer: forward end, backward start
-        return self.head(self.drop(last))
+        out, (h_n, _) = self.rnn(packed)                 # h_n [layers*2, B, H], in the batch's order
+        if self.pool == "max":                           # every position votes, not only the ends
+            y, _ = pad_packed_sequence(out, batch_first=True, padding_value=float("-inf"))
+            vec = y.max(dim=1).values                    # [B, 2H]
+        else:
+            vec = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # top layer: forward end, backward start
+        return self.head(self.drop(vec))
 
 
 @torch.no_grad()
@@ -153,6 +164,7 @@ def train(args, rows, vocab=None, state=None):
     timer = common.EpochTimer(device)
     step = 0
     n_batches = (len(train_ex) + args.batch_size - 1) // args.batch_size
+    sched = common.lr_scheduler(opt, args, n_batches)
     for epoch in range(args.epochs):
         timer.start()
         total, n = 0.0, 0
@@ -163,6 +175,7 @@ def train(args, rows, vocab=None, state=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             res.losses.append(loss.item())
             total, n, step = total + res.losses[-1], n + 1, step + 1
             if hasattr(bar, "set_postfix"):
@@ -191,20 +204,33 @@ def main(argv=None):
     rows = load_rows(args)
     common.log(f"sentiment: {len(rows):,} labelled snippets ({sum(l for _, l in rows):,} positive), "
                f"biLSTM {args.layers}x{args.hidden} on {common.describe(args)}, device {device}")
-    res = train(args, rows, vocab=ckpt["vocab"] if ckpt else None, state=ckpt["model"] if ckpt else None)
+    seeds = [args.seed + i for i in range(1 if ckpt else args.seeds)]
+    runs = []
+    for seed in seeds:                       # the same split every time; the seed draws weights, order, dropout
+        args.seed = seed
+        runs.append(train(args, rows, vocab=ckpt["vocab"] if ckpt else None, state=ckpt["model"] if ckpt else None))
+        common.log(f"seed {seed}: test accuracy {runs[-1].test_acc:.4f}")
+    args.seed = seeds[0]
+    res = runs[0]
+    accs = torch.tensor([r.test_acc for r in runs], dtype=torch.float64)
+    mean, std = float(accs.mean()), float(accs.std()) if len(runs) > 1 else 0.0
     test_labels = [label for _, label in split_rows(rows)[2]]
     majority = max(sum(test_labels), len(test_labels) - sum(test_labels)) / max(len(test_labels), 1)
-    common.log(f"test accuracy {res.test_acc:.4f}  (majority class: {majority:.4f})")
+    common.log(f"test accuracy {mean:.4f} ± {std:.4f} over seeds {seeds}  (majority class: {majority:.4f})")
     if not args.no_save:
         path = common.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), res.model, args, vocab=res.vocab)
-        print(f"checkpoint: {path}")
+        print(f"checkpoint: {path} (seed {seeds[0]})")
     if not args.no_plot and res.epoch_loss:
-        epochs = list(range(1, len(res.epoch_loss) + 1))
         png = common.plot_curves(os.path.join(args.out, "curves.png"), f"sentiment ({common.describe(args)})", {
-            "training loss": {"train": (epochs, res.epoch_loss)},
-            "accuracy": {"validation": (epochs, res.val_acc), "test (best epoch)": ([epochs[-1]], [res.test_acc])}})
+            "training loss": {f"seed {s}": (list(range(1, len(r.epoch_loss) + 1)), r.epoch_loss)
+                              for s, r in zip(seeds, runs)},
+            "validation accuracy": {
+                f"seed {s}, test {r.test_acc:.3f}": (list(range(1, len(r.val_acc) + 1)), r.val_acc)
+                for s, r in zip(seeds, runs)}})
         print(f"plot: {png}")
-    line = common.final_line("sentiment", args, "test_acc", res.test_acc, res.epoch_times)
+    line = common.final_line("sentiment", args, "test_acc", mean, [t for r in runs for t in r.epoch_times],
+                             extra=f"test_acc_std={std:.3g} seeds={len(seeds)} "
+                                   f"per_seed={','.join(f'{r.test_acc:.4f}' for r in runs)}")
     return res, line
 
 

@@ -7,14 +7,18 @@
     python examples/seq2seq.py --load runs/seq2seq/checkpoint.pt --epochs 0 --rnn nn   # decode + BLEU only
 
 Data: whole-sentence pairs from Frank Richter's German-English dictionary (Debian trans-de-en),
-split 90 / 5 / 5 (train / validation / test) with a fixed shuffle. BLEU is sacrebleu's corpus BLEU
-on the test split, lowercased references, detokenized hypotheses.
+split 90 / 5 / 5 (train / validation / test) with a fixed shuffle. Text is lowercased and cut into
+words (--tokenizer word) or into sentencepiece subword units trained on the training split, one
+model per language (--tokenizer spm). BLEU is sacrebleu's corpus BLEU (its default 13a
+tokenisation) of the detokenized hypotheses on the test split against the lowercased references.
 """
 import argparse
+import io
 import os
 import random
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,24 +43,34 @@ def build_parser():
     p.add_argument("--layers", type=int, default=2, help="encoder layers")
     p.add_argument("--attn", type=int, default=256, help="attention size")
     p.add_argument("--dropout", type=float, default=0.3)
-    p.add_argument("--max-len", type=int, default=25, help="keep pairs with at most this many tokens a side")
-    p.add_argument("--min-freq", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=25, help="keep pairs with at most this many words a side")
+    p.add_argument("--tokenizer", choices=["word", "spm"], default="word",
+                   help="units the model reads and writes: lowercased words, or sentencepiece subwords")
+    p.add_argument("--vocab-size", type=int, default=4000, help="sentencepiece vocabulary per language")
+    p.add_argument("--spm-type", choices=["unigram", "bpe"], default="unigram", help="sentencepiece model type")
+    p.add_argument("--min-freq", type=int, default=2, help="rarer training units become <unk>")
     p.add_argument("--teacher-forcing", type=float, default=1.0,
                    help="probability of feeding the reference token (else the model's own) at each step")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--eval-size", type=int, default=0, help="translate at most this many test sentences (0: all)")
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--tie-embeddings", action="store_true",
+                   help="read out through a tanh layer of --embed units and score words with the target "
+                        "embedding matrix (tied weights: fewer parameters, faster output layer)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss")
     common.add_common_args(p, epochs=20, batch_size=128, lr=1e-3, out="runs/seq2seq")
     return p
 
 
+CPU = dict(embed=128, hidden=256, layers=1, attn=128, dropout=0.2, max_len=15, epochs=8, batch_size=64, lr=3e-3,
+           lr_schedule="cosine", tokenizer="spm", vocab_size=2000, tie_embeddings=True, beam=5, threads=1)
 QUICK = dict(embed=64, hidden=128, layers=1, attn=64, dropout=0.2, max_len=8, epochs=4, batch_size=64,
              lr=3e-3, beam=4, eval_size=400, threads=1)
 
 
 def parse_args(argv=None):
     p = build_parser()
-    return common.apply_quick(p.parse_args(argv), p, QUICK)
+    return common.apply_preset(p.parse_args(argv), p, {"cpu": CPU, "quick": QUICK})
 
 
 def load_pairs(args):
@@ -66,8 +80,12 @@ def load_pairs(args):
 TOKEN = re.compile(r"\w+(?:'\w+)?|[^\s\w]")
 
 
+def normalize(s):
+    return s.lower().replace("’", "'")
+
+
 def tokenize(s):
-    return TOKEN.findall(s.lower().replace("’", "'"))
+    return TOKEN.findall(normalize(s))
 
 
 def detokenize(tokens):
@@ -76,13 +94,64 @@ def detokenize(tokens):
     return re.sub(r"([(]) ", r"\1", s)
 
 
+class WordTokenizer:
+    """Lowercased words and punctuation marks; decode joins them back into text."""
+    kind = "word"
+
+    def encode(self, text):
+        return tokenize(text)
+
+    def decode(self, tokens):
+        return detokenize(tokens)
+
+
+class SubwordTokenizer:
+    """A sentencepiece model (unigram or BPE) over lowercased text: rare words become several
+    frequent pieces instead of <unk>, and decode restores the text exactly."""
+    kind = "spm"
+
+    def __init__(self, proto: bytes):
+        import sentencepiece as spm
+        self.proto = proto
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+
+    @classmethod
+    def train(cls, texts, vocab_size, model_type="unigram"):
+        import sentencepiece as spm
+        texts = [normalize(t) for t in texts]
+        buf = io.BytesIO()
+        # hard_vocab_limit off: a small corpus may support fewer pieces than asked for
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+                                       model_type=model_type, character_coverage=1.0, hard_vocab_limit=False,
+                                       bos_id=-1, eos_id=-1, num_threads=1, minloglevel=2)
+        return cls(buf.getvalue())
+
+    def encode(self, text):
+        return self.sp.encode(normalize(text), out_type=str)
+
+    def decode(self, pieces):
+        return self.sp.decode_pieces(list(pieces))
+
+
+def make_tokenizers(args, train_pairs):
+    if args.tokenizer == "word":
+        return WordTokenizer(), WordTokenizer()
+    return tuple(SubwordTokenizer.train([p[side] for p in train_pairs], args.vocab_size, args.spm_type)
+                 for side in (0, 1))
+
+
+def tokenizer_state(tok):
+    """What a checkpoint keeps of a tokenizer: nothing for words, the sentencepiece model as bytes."""
+    return None if tok.kind == "word" else torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)
+
+
+def tokenizer_from_state(state):
+    return WordTokenizer() if state is None else SubwordTokenizer(bytes(state.numpy().tobytes()))
+
+
 def prepare(pairs, max_len):
-    out = []
-    for de, en in pairs:
-        d, e = tokenize(de), tokenize(en)
-        if 1 <= len(d) <= max_len and 1 <= len(e) <= max_len:
-            out.append((d, e, en))
-    return out
+    """The pairs with 1 to max_len words a side (the same pairs whatever the tokenizer)."""
+    return [(de, en) for de, en in pairs if 1 <= len(tokenize(de)) <= max_len and 1 <= len(tokenize(en)) <= max_len]
 
 
 def split(items, seed=0):
@@ -128,7 +197,13 @@ class Seq2Seq(nn.Module):
         self.attn_s = nn.Linear(H, A, bias=False)       # e_tj = v . tanh(W s_{t-1} + U h_j)
         self.attn_h = nn.Linear(2 * H, A)
         self.attn_v = nn.Linear(A, 1, bias=False)
-        self.out = nn.Linear(H + 2 * H + E, tgt_vocab)  # readout from s_t, context_t, y_{t-1}
+        if args.tie_embeddings:                         # readout from s_t, context_t, y_{t-1}
+            self.readout = nn.Sequential(nn.Linear(H + 2 * H + E, E), nn.Tanh())
+            self.out = nn.Linear(E, tgt_vocab)
+            self.out.weight = self.tgt_embed.weight
+        else:
+            self.readout = nn.Identity()
+            self.out = nn.Linear(H + 2 * H + E, tgt_vocab)
 
     def encode(self, src, lengths):
         packed = pack_padded_sequence(self.drop(self.src_embed(src)), lengths.cpu(), batch_first=True,
@@ -149,7 +224,7 @@ class Seq2Seq(nn.Module):
         emb = self.drop(self.tgt_embed(prev))
         state = self.decoder(torch.cat([emb, context], -1), state)
         s = state[0] if self.is_lstm else state
-        return self.out(self.drop(torch.cat([s, context, emb], -1))), state, weights
+        return self.out(self.drop(self.readout(torch.cat([s, context, emb], -1)))), state, weights
 
     def forward(self, src, lengths, tgt_in, teacher_forcing=1.0, generator=None):
         """Logits [B, T, V] for decoder inputs tgt_in [B, T] (starting with <bos>)."""
@@ -229,36 +304,57 @@ def bleu(hyps, refs):
     return sacrebleu.corpus_bleu(hyps, [refs]).score
 
 
-def translate(model, items, src_index, tgt_vocab, args, beam=0):
-    """Detokenized translations of items [(src tokens, tgt tokens, reference)], greedy or beam."""
+def translate(model, items, src_index, tgt_vocab, tgt_tok, args, beam=0):
+    """Detokenized translations of items [(src tokens, tgt tokens, reference)], greedy (batches of
+    256 sentences) or beam search (one sentence at a time, the beam is the batch)."""
     model.eval()
     dev, out = args.device_obj, []
     if beam:
         for src_toks, _, _ in items:
             src, lengths = pad([ids(src_toks, src_index)])
-            out.append(beam_search(model, src.to(dev), lengths, beam, args.max_len + 2))
+            out.append(beam_search(model, src.to(dev), lengths, beam, args.decode_len))
     else:
         for i in range(0, len(items), 256):
             src, lengths = pad([ids(s, src_index) for s, _, _ in items[i:i + 256]])
-            out += greedy(model, src.to(dev), lengths, args.max_len + 2)[0]
+            out += greedy(model, src.to(dev), lengths, args.decode_len)[0]
     model.train()
-    return [detokenize([tgt_vocab[t] for t in seq]) for seq in out]
+    return [tgt_tok.decode([tgt_vocab[t] for t in seq]) for seq in out]
 
 
-def batches(examples, batch_size, shuffle, generator=None):
-    order = torch.randperm(len(examples), generator=generator).tolist() if shuffle else list(range(len(examples)))
-    for i in range(0, len(order), batch_size):
-        chunk = [examples[j] for j in order[i:i + batch_size]]
+def timed_translate(model, items, src_index, tgt_vocab, tgt_tok, args, beam=0):
+    """translate() and its speed in sentences per second (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if args.device_obj.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    hyps = translate(model, items, src_index, tgt_vocab, tgt_tok, args, beam)
+    sync()
+    return hyps, len(items) / max(time.perf_counter() - t0, 1e-9)
+
+
+def batches(examples, batch_size, shuffle, generator=None, pool=50):
+    """Padded (src, lengths, tgt) batches. Shuffled: random pools of `pool` batches, each sorted by
+    length and cut into batches served in random order, so that a batch wastes little on padding."""
+    if not shuffle:
+        order = [list(range(i, min(i + batch_size, len(examples)))) for i in range(0, len(examples), batch_size)]
+    else:
+        perm, order = torch.randperm(len(examples), generator=generator).tolist(), []
+        for i in range(0, len(perm), pool * batch_size):
+            part = sorted(perm[i:i + pool * batch_size], key=lambda j: len(examples[j][0]) + len(examples[j][1]))
+            order += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+        order = [order[k] for k in torch.randperm(len(order), generator=generator).tolist()]
+    for rows in order:
+        chunk = [examples[j] for j in rows]
         src, lengths = pad([s for s, _ in chunk])
         tgt, _ = pad([[BOS] + t + [EOS] for _, t in chunk])
         yield src, lengths, tgt
 
 
-def batch_loss(model, batch, device, teacher_forcing=1.0, generator=None):
+def batch_loss(model, batch, device, teacher_forcing=1.0, generator=None, label_smoothing=0.0):
     src, lengths, tgt = batch
     src, tgt = src.to(device), tgt.to(device)
     logits = model(src, lengths, tgt[:, :-1], teacher_forcing, generator)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=PAD)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=PAD,
+                           label_smoothing=label_smoothing)
 
 
 @dataclass
@@ -271,18 +367,25 @@ class Result:
     model: nn.Module = None
     src_vocab: list = None
     tgt_vocab: list = None
+    src_tok: object = None
+    tgt_tok: object = None
     test: list = None                              # [(src tokens, tgt tokens, reference)]
+    test_sources: list = None                      # the German sentences of `test`
 
 
-def train(args, pairs, vocabs=None, state=None):
+def train(args, pairs, vocabs=None, state=None, tokenizers=None):
     """Train on [(german, english)] pairs (split 90/5/5 here) and return a Result; `losses` holds
     every step's training loss."""
     device = getattr(args, "device_obj", None) or common.pick_device(args.device)
     args.device_obj = device
     common.seed_everything(args.seed)
-    train_items, val_items, test_items = split(prepare(pairs, args.max_len), seed=0)
-    if not train_items:
-        raise SystemExit(f"no sentence pairs with at most {args.max_len} tokens a side")
+    train_pairs, val_pairs, test_pairs = split(prepare(pairs, args.max_len), seed=0)
+    if not train_pairs:
+        raise SystemExit(f"no sentence pairs with at most {args.max_len} words a side")
+    src_tok, tgt_tok = tokenizers or make_tokenizers(args, train_pairs)
+    train_items, val_items, test_items = ([(src_tok.encode(d), tgt_tok.encode(e), e) for d, e in ps]
+                                          for ps in (train_pairs, val_pairs, test_pairs))
+    args.decode_len = max(len(t) for _, t, _ in train_items) + 2     # longest training target, and <eos>
     src_vocab, tgt_vocab = vocabs or (build_vocab([s for s, _, _ in train_items], args.min_freq),
                                       build_vocab([t for _, t, _ in train_items], args.min_freq))
     si, ti = ({w: i for i, w in enumerate(v)} for v in (src_vocab, tgt_vocab))
@@ -293,24 +396,27 @@ def train(args, pairs, vocabs=None, state=None):
     if state is not None:
         model.load_state_dict(state, strict=True)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    res = Result(model=model, src_vocab=src_vocab, tgt_vocab=tgt_vocab, test=test_items)
+    res = Result(model=model, src_vocab=src_vocab, tgt_vocab=tgt_vocab, src_tok=src_tok, tgt_tok=tgt_tok,
+                 test=test_items, test_sources=[d for d, _ in test_pairs])
     gen = torch.Generator().manual_seed(args.seed)
     tf_gen = torch.Generator().manual_seed(args.seed + 1)
     timer = common.EpochTimer(device)
     step = 0
     n_batches = (len(train_ex) + args.batch_size - 1) // args.batch_size
     val_subset = val_items[:args.eval_size] if args.eval_size else val_items
+    sched = common.lr_scheduler(opt, args, n_batches)
     for epoch in range(args.epochs):
         timer.start()
         total, n = 0.0, 0
         bar = common.progress(batches(train_ex, args.batch_size, True, gen), args, total=n_batches,
                               desc=f"epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
-            loss = batch_loss(model, batch, device, args.teacher_forcing, tf_gen)
+            loss = batch_loss(model, batch, device, args.teacher_forcing, tf_gen, args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
+            sched.step()
             res.losses.append(loss.item())
             total, n, step = total + res.losses[-1], n + 1, step + 1
             if hasattr(bar, "set_postfix"):
@@ -324,7 +430,7 @@ def train(args, pairs, vocabs=None, state=None):
             vl = [(batch_loss(model, b, device).item(), b[0].size(0)) for b in batches(val_ex, 256, False)]
         model.train()
         res.val_loss.append(sum(l * k for l, k in vl) / max(sum(k for _, k in vl), 1))
-        res.val_bleu.append(bleu(translate(model, val_subset, si, tgt_vocab, args),
+        res.val_bleu.append(bleu(translate(model, val_subset, si, tgt_vocab, tgt_tok, args),
                                  [r.lower() for _, _, r in val_subset]))
         common.log(f"epoch {epoch + 1}: train loss {res.epoch_loss[-1]:.4f}  val loss {res.val_loss[-1]:.4f}  "
                    f"val BLEU (greedy) {res.val_bleu[-1]:.2f}  {res.epoch_times[-1]:.1f}s")
@@ -356,21 +462,29 @@ def main(argv=None):
     pairs = load_pairs(args)
     common.log(f"seq2seq: {len(pairs):,} sentence pairs, {args.cell.upper()} encoder {args.layers}x{args.hidden} "
                f"(bidirectional) + attention decoder on {common.describe(args, args.cell)}, device {device}")
+    tokenizers = (tuple(tokenizer_from_state(ckpt[k]) for k in ("src_spm", "tgt_spm")) if ckpt else None)
     res = train(args, pairs, vocabs=(ckpt["src_vocab"], ckpt["tgt_vocab"]) if ckpt else None,
-                state=ckpt["model"] if ckpt else None)
+                state=ckpt["model"] if ckpt else None, tokenizers=tokenizers)
     model, si = res.model, {w: i for i, w in enumerate(res.src_vocab)}
     test = res.test[:args.eval_size] if args.eval_size else res.test
     refs = [r.lower() for _, _, r in test]
-    greedy_bleu = bleu(translate(model, test, si, res.tgt_vocab, args), refs)
-    hyps = translate(model, test, si, res.tgt_vocab, args, beam=args.beam)
-    beam_bleu = bleu(hyps, refs)
+    greedy_hyps, greedy_speed = timed_translate(model, test, si, res.tgt_vocab, res.tgt_tok, args)
+    hyps, beam_speed = timed_translate(model, test, si, res.tgt_vocab, res.tgt_tok, args, beam=args.beam)
+    greedy_bleu, beam_bleu = bleu(greedy_hyps, refs), bleu(hyps, refs)
     common.log(f"test BLEU on {len(test)} sentences: greedy {greedy_bleu:.2f}, beam {args.beam} {beam_bleu:.2f}")
-    for (s, _, r), h in list(zip(test, hyps))[:5]:
-        common.log(f"  DE {' '.join(s)}\n  EN {r}\n  -> {h}")
+    common.log(f"decoding speed ({common.describe(args, args.cell)} {args.cell.upper()}Cell steps): "
+               f"greedy {greedy_speed:.1f} sentences/s (batches of 256), beam {args.beam} {beam_speed:.1f} sentences/s")
+    samples = [f"DE  {src}\nREF {r.lower()}\nOUT {h}\n" for (_, _, r), h, src in
+               zip(test, hyps, res.test_sources)]
+    common.log("\n".join(samples[:5]))
     if not args.no_save:
         path = common.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, args,
-                                      src_vocab=res.src_vocab, tgt_vocab=res.tgt_vocab)
+                                      src_vocab=res.src_vocab, tgt_vocab=res.tgt_vocab,
+                                      src_spm=tokenizer_state(res.src_tok), tgt_spm=tokenizer_state(res.tgt_tok))
         print(f"checkpoint: {path}")
+        with open(os.path.join(args.out, "translations.txt"), "w", encoding="utf-8") as f:
+            f.write(f"# test split, beam {args.beam}: German source, lowercased English reference, output\n\n"
+                    + "\n".join(samples))
     if not args.no_plot:
         epochs = list(range(1, len(res.epoch_loss) + 1))
         if epochs:
@@ -383,13 +497,14 @@ def main(argv=None):
         src_toks = test[0][0]
         src, lengths = pad([ids(src_toks, si)])
         model.eval()
-        out, attn = greedy(model, src.to(device), lengths, args.max_len + 2)
+        out, attn = greedy(model, src.to(device), lengths, args.decode_len)
         out_toks = [res.tgt_vocab[t] for t in out[0]] + ["<eos>"]
         png = plot_attention(os.path.join(args.out, "attention.png"), src_toks, out_toks,
                              attn[0, :len(out_toks), :len(src_toks)].float().cpu().numpy())
         print(f"attention plot: {png}")
     line = common.final_line("seq2seq", args, "test_bleu", beam_bleu, res.epoch_times,
-                             extra=f"greedy_bleu={greedy_bleu:.4g}")
+                             extra=f"greedy_bleu={greedy_bleu:.4g} greedy_sent/s={greedy_speed:.4g} "
+                                   f"beam_sent/s={beam_speed:.4g}")
     return res, line
 
 

@@ -1,6 +1,8 @@
 """The example scripts (examples/): each one's --quick mode end to end on tiny data generated here
-(plots, checkpoint, reloading the checkpoint into the other --rnn choice), and 20 training steps
-from one seed giving the same losses with --rnn nn and --rnn fused. No downloads, CPU only."""
+(plots, checkpoint, reloading the checkpoint into the other --rnn choice), 20 training steps from
+one seed giving the same losses with --rnn nn and --rnn fused, the choice of preset (gpu on a GPU,
+cpu otherwise), and the translator's subword tokenizer and decoders (beam 1 is greedy, fused_rnn
+cells decode as torch.nn's). No downloads, CPU only."""
 import math
 import os
 import random
@@ -124,27 +126,37 @@ def test_char_lm_quick_and_checkpoint_across_rnn(tmp_path, play_file):
 
 
 def test_sentiment_quick_and_checkpoint_across_rnn(tmp_path, reviews_file):
-    argv = ["--data-file", reviews_file, "--epochs", "3", "--hidden", "16", "--embed", "16", "--batch-size", "16",
+    argv = ["--data-file", reviews_file, "--epochs", "6", "--hidden", "16", "--embed", "16", "--batch-size", "16",
             "--min-freq", "1"]
-    _, line = sentiment.main(common_argv(tmp_path, "nn", *argv))
-    acc = final_metric(line, "test_acc")
-    assert acc >= 0.7                                                   # the toy task is easy
+    _, line = sentiment.main(common_argv(tmp_path, "nn", *argv, "--seeds", "2", "--pool", "max"))
+    acc = final_metric(line, "test_acc")                                # the mean over the two seeds
+    per_seed = [float(a) for a in line.split("per_seed=")[1].split()[0].split(",")]
+    assert len(per_seed) == 2 and acc == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+    assert final_metric(line, "test_acc_std") == pytest.approx(float(torch.tensor(per_seed).std()), abs=1e-3)
+    assert min(per_seed) >= 0.7                                         # the toy task is easy
+    acc = per_seed[0]                                                   # the checkpoint is the first seed's
     run = tmp_path / "run_nn"
     assert (run / "curves.png").stat().st_size > 0
-    _, line_fused = sentiment.main(common_argv(tmp_path, "fused", *argv, "--epochs", "0",
+    _, line_fused = sentiment.main(common_argv(tmp_path, "fused", *argv, "--epochs", "0", "--pool", "max",
                                                "--load", str(run / "checkpoint.pt")))
     assert final_metric(line_fused, "test_acc") == pytest.approx(acc)
 
 
-def test_seq2seq_quick_and_checkpoint_across_rnn(tmp_path, pairs_file):
+@pytest.mark.parametrize("tokenizer", ["word", "spm"])
+def test_seq2seq_quick_and_checkpoint_across_rnn(tmp_path, pairs_file, tokenizer):
     pytest.importorskip("sacrebleu", reason="the seq2seq example needs sacrebleu (pip install -e '.[test]')")
+    if tokenizer == "spm":
+        pytest.importorskip("sentencepiece", reason="--tokenizer spm needs sentencepiece (pip install -e '.[test]')")
     argv = ["--data-file", pairs_file, "--epochs", "2", "--hidden", "32", "--embed", "16", "--attn", "16",
-            "--min-freq", "1", "--beam", "3"]
+            "--min-freq", "1", "--beam", "3", "--tokenizer", tokenizer, "--vocab-size", "40"]
     _, line = seq2seq.main(common_argv(tmp_path, "fused", *argv))
     bleu = final_metric(line, "test_bleu")
     assert 0 <= bleu <= 100 and math.isfinite(final_metric(line, "greedy_bleu"))
+    assert final_metric(line, "greedy_sent/s") > 0 and final_metric(line, "beam_sent/s") > 0
     run = tmp_path / "run_fused"
     assert (run / "curves.png").stat().st_size > 0 and (run / "attention.png").stat().st_size > 0
+    assert (run / "translations.txt").read_text(encoding="utf-8").count("\nREF ") > 0
+    # the checkpoint carries the sentencepiece models: the torch.nn model decodes the same
     _, line_nn = seq2seq.main(common_argv(tmp_path, "nn", *argv, "--epochs", "0",
                                           "--load", str(run / "checkpoint.pt")))
     assert final_metric(line_nn, "test_bleu") == pytest.approx(bleu, abs=1e-6)
@@ -169,7 +181,7 @@ def assert_same_training(module, argv, data):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_char_lm_nn_and_fused_train_alike(cell):
     argv = ["--quick", "--cell", cell, "--max-steps", "20", "--hidden", "32", "--seq-len", "16",
-            "--batch-size", "8", "--no-progress"]
+            "--batch-size", "8", "--lr-schedule", "cosine", "--no-progress"]
     assert_same_training(char_lm, argv, tiny_play())
 
 
@@ -187,6 +199,105 @@ def test_seq2seq_nn_and_fused_train_alike(cell):
     argv = ["--quick", "--cell", cell, "--max-steps", "20", "--hidden", "16", "--embed", "16", "--attn", "16",
             "--batch-size", "8", "--min-freq", "1", "--teacher-forcing", "0.8", "--no-progress"]
     assert_same_training(seq2seq, argv, tiny_pairs())
+
+
+# ------------------------------------------------------------------------------- presets
+
+@pytest.mark.parametrize("module", [char_lm, sentiment, seq2seq], ids=lambda m: m.__name__)
+def test_preset_follows_the_device(module, monkeypatch):
+    """No GPU: the cpu preset (one thread); a GPU: the parser's defaults; --quick and explicit
+    options win; --device cpu on a GPU machine takes the cpu preset."""
+    parser = module.build_parser()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = module.parse_args([])
+    assert args.preset == "cpu" and args.threads == 1
+    assert all(getattr(args, k) == v for k, v in module.CPU.items())
+    assert module.parse_args(["--quick"]).preset == "quick"
+    assert all(getattr(module.parse_args(["--quick"]), k) == v for k, v in module.QUICK.items())
+    assert module.parse_args(["--epochs", "1"]).epochs == 1
+    assert module.parse_args(["--preset", "gpu"]).epochs == parser.get_default("epochs")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = module.parse_args([])
+    assert args.preset == "gpu"
+    assert all(getattr(args, a.dest) == a.default for a in parser._actions if a.dest not in ("help", "preset"))
+    assert module.parse_args(["--device", "cpu"]).preset == "cpu"
+    assert module.parse_args(["--preset", "cpu", "--device", "cuda"]).preset == "cpu"
+
+
+# ------------------------------------------------------------------------------- the translator's parts
+
+def test_sentencepiece_round_trip():
+    pytest.importorskip("sentencepiece", reason="--tokenizer spm needs sentencepiece (pip install -e '.[test]')")
+    pairs = tiny_pairs() + [("Ich weiß es nicht.", "I don't know, “really”!")]
+    for side in (0, 1):
+        tok = seq2seq.SubwordTokenizer.train([p[side] for p in pairs], vocab_size=40)
+        again = seq2seq.tokenizer_from_state(seq2seq.tokenizer_state(tok))        # through a checkpoint
+        for p in pairs:
+            pieces = tok.encode(p[side])
+            assert again.encode(p[side]) == pieces and len(pieces) >= len(p[side].split())
+            assert tok.decode(pieces) == seq2seq.normalize(p[side])
+    assert seq2seq.tokenizer_from_state(seq2seq.tokenizer_state(seq2seq.WordTokenizer())).kind == "word"
+
+
+def tiny_translator(rnn, cell, state=None):
+    args = seq2seq.parse_args(["--quick", "--rnn", rnn, "--cell", cell, "--hidden", "24", "--embed", "12",
+                               "--attn", "10", "--layers", "2"])
+    torch.manual_seed(0)
+    model = seq2seq.Seq2Seq(args, 30, 25).eval()
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def tiny_sources(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 30, (1, int(torch.randint(2, 9, (1,), generator=g))), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_beam_of_one_is_greedy(cell):
+    """A beam of one keeps the best word at every step, as greedy decoding does; raising the <eos>
+    score covers translations that end early and ones cut at the length limit."""
+    lengths_seen = set()
+    for eos_bias in (0.0, 1.0, 2.0, 3.0):
+        model = tiny_translator("fused", cell)
+        with torch.no_grad():
+            model.out.weight.mul_(8)                 # sharper, more varied choices than at initialisation
+            model.out.bias[seq2seq.EOS] += eos_bias
+        for src in tiny_sources():
+            lengths = torch.tensor([src.size(1)])
+            tokens = seq2seq.greedy(model, src, lengths, 12)[0][0]
+            assert seq2seq.beam_search(model, src, lengths, 1, 12) == tokens
+            lengths_seen.add(len(tokens))
+    assert 12 in lengths_seen and any(0 < n < 12 for n in lengths_seen)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_fused_cells_decode_as_nn_cells(cell):
+    """Greedy and beam search step the decoder with fused_rnn's GRUCell / LSTMCell under --rnn fused
+    and with torch.nn's under --rnn nn: same weights, same step outputs, same translations."""
+    import fused_rnn
+    nn_model = tiny_translator("nn", cell)
+    fused_model = tiny_translator("fused", cell, nn_model.state_dict())
+    assert isinstance(fused_model.decoder, (fused_rnn.GRUCell, fused_rnn.LSTMCell))
+    assert not isinstance(nn_model.decoder, (fused_rnn.GRUCell, fused_rnn.LSTMCell))
+    srcs = tiny_sources(8, seed=1)
+    batch, lengths = seq2seq.pad([s[0].tolist() for s in srcs])
+    with torch.no_grad():
+        enc = [m.encode(batch, lengths) for m in (nn_model, fused_model)]
+        prev = torch.full((batch.size(0),), seq2seq.BOS)
+        out_nn, state_nn, w_nn = nn_model.step(prev, *enc[0][3:], *enc[0][:3])
+        out_f, state_f, w_f = fused_model.step(prev, *enc[1][3:], *enc[1][:3])
+    torch.testing.assert_close(out_f, out_nn)
+    torch.testing.assert_close(state_f, state_nn)
+    torch.testing.assert_close(w_f, w_nn)
+    greedy_nn, attn_nn = seq2seq.greedy(nn_model, batch, lengths, 10)
+    greedy_f, attn_f = seq2seq.greedy(fused_model, batch, lengths, 10)
+    assert greedy_f == greedy_nn
+    torch.testing.assert_close(attn_f, attn_nn)
+    for src in srcs:
+        n = torch.tensor([src.size(1)])
+        assert (seq2seq.beam_search(fused_model, src, n, 3, 10) == seq2seq.beam_search(nn_model, src, n, 3, 10))
 
 
 # ------------------------------------------------------------------------------- the data helper, offline
