@@ -27,7 +27,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, sys; sy
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   timeout 1200 "$VENV/bin/python" -m pip install -q "torch==$VERSION" "setuptools<82" wheel ninja numpy \
-    pytest pytest-benchmark matplotlib tqdm sacrebleu
+    pytest pytest-benchmark matplotlib tqdm sacrebleu sentencepiece
 fi
 "$VENV/bin/python" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 
