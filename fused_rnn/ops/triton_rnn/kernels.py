@@ -100,6 +100,28 @@ def _load_gain(ptr, gate, H, offs_h, mask_h, CDT: tl.constexpr):
 
 
 @triton.jit
+def _load_ln_params(gain_hh_ptr, gain_c_ptr, bias_c_ptr, H, offs_h, mask_h, G: tl.constexpr, CELL: tl.constexpr,
+                    CDT: tl.constexpr):
+    """The layer norm's per-gate gains of the recurrent part (unused gates repeat gate 0's) and, for the LSTM,
+    the gain and bias of LN(c'); for other cells those two repeat gate 0's gain and are never read."""
+    gain0 = _load_gain(gain_hh_ptr, 0, H, offs_h, mask_h, CDT)
+    gain1 = gain0
+    gain2 = gain0
+    gain3 = gain0
+    if G > 1:
+        gain1 = _load_gain(gain_hh_ptr, 1, H, offs_h, mask_h, CDT)
+        gain2 = _load_gain(gain_hh_ptr, 2, H, offs_h, mask_h, CDT)
+    if G > 3:
+        gain3 = _load_gain(gain_hh_ptr, 3, H, offs_h, mask_h, CDT)
+    gain_c = gain0
+    bias_c = gain0
+    if CELL == 0:
+        gain_c = _load_gain(gain_c_ptr, 0, H, offs_h, mask_h, CDT)
+        bias_c = _load_gain(bias_c_ptr, 0, H, offs_h, mask_h, CDT)
+    return gain0, gain1, gain2, gain3, gain_c, bias_c
+
+
+@triton.jit
 def _load_keep(keep_ptr, t, B, H, offs_b, offs_h, mask_b, mask_h, ZONEOUT: tl.constexpr, CDT: tl.constexpr):
     """This step's zoneout keep values: a [BLOCK_B, BLOCK_H] tile of the masks, or the scalar p."""
     if ZONEOUT == 1:
@@ -178,18 +200,8 @@ def rnn_forward_kernel(
     if G > 3:
         b3 = _load_bias(b_ptr, 3, H, offs_h, mask_h, HAS_BIAS, CDT)
     if LAYER_NORM:
-        gain0 = _load_gain(gain_hh_ptr, 0, H, offs_h, mask_h, CDT)
-        gain1 = gain0
-        gain2 = gain0
-        gain3 = gain0
-        if G > 1:
-            gain1 = _load_gain(gain_hh_ptr, 1, H, offs_h, mask_h, CDT)
-            gain2 = _load_gain(gain_hh_ptr, 2, H, offs_h, mask_h, CDT)
-        if G > 3:
-            gain3 = _load_gain(gain_hh_ptr, 3, H, offs_h, mask_h, CDT)
-        if CELL == 0:
-            gain_c = _load_gain(gain_c_ptr, 0, H, offs_h, mask_h, CDT)
-            bias_c = _load_gain(bias_c_ptr, 0, H, offs_h, mask_h, CDT)
+        gain0, gain1, gain2, gain3, gain_c, bias_c = _load_ln_params(gain_hh_ptr, gain_c_ptr, bias_c_ptr, H, offs_h,
+                                                                     mask_h, G, CELL, CDT)
 
     # carried state of this program's tile, fp32 (fp64) registers for the whole loop
     h = _load_tile(hstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
@@ -374,18 +386,8 @@ def rnn_backward_kernel(
         first_t = tl.zeros([BLOCK_B], dtype=tl.int64)
 
     if LAYER_NORM:
-        gain0 = _load_gain(gain_hh_ptr, 0, H, offs_h, mask_h, CDT)
-        gain1 = gain0
-        gain2 = gain0
-        gain3 = gain0
-        if G > 1:
-            gain1 = _load_gain(gain_hh_ptr, 1, H, offs_h, mask_h, CDT)
-            gain2 = _load_gain(gain_hh_ptr, 2, H, offs_h, mask_h, CDT)
-        if G > 3:
-            gain3 = _load_gain(gain_hh_ptr, 3, H, offs_h, mask_h, CDT)
-        if CELL == 0:
-            gain_c = _load_gain(gain_c_ptr, 0, H, offs_h, mask_h, CDT)
-            bias_c = _load_gain(bias_c_ptr, 0, H, offs_h, mask_h, CDT)
+        gain0, gain1, gain2, gain3, gain_c, bias_c = _load_ln_params(gain_hh_ptr, gain_c_ptr, bias_c_ptr, H, offs_h,
+                                                                     mask_h, G, CELL, CDT)
 
     dh = _load_tile(dhstate_ptr, H, offs_b, offs_h, mask_b, mask_h)
     if CELL == 0:
