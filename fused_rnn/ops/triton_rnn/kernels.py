@@ -95,6 +95,32 @@ def _load_bias(b_ptr, gate, H, offs_h, mask_h, HAS_BIAS: tl.constexpr, CDT: tl.c
 
 
 @triton.jit
+def _store_gates(p, ld, H, offs_b, offs_h, mask_b, mask_h, g0, g1, g2, g3, G: tl.constexpr):
+    """Store a step's G gate tiles (gate k at column k*H of rows with stride ld); unused gates are skipped."""
+    _store_tile(p, ld, offs_b, offs_h, mask_b, mask_h, g0)
+    if G > 1:
+        _store_tile(p + H, ld, offs_b, offs_h, mask_b, mask_h, g1)
+        _store_tile(p + 2 * H, ld, offs_b, offs_h, mask_b, mask_h, g2)
+    if G > 3:
+        _store_tile(p + 3 * H, ld, offs_b, offs_h, mask_b, mask_h, g3)
+
+
+@triton.jit
+def _load_gates(p, ld, H, offs_b, offs_h, mask_b, mask_h, G: tl.constexpr):
+    """The inverse of _store_gates; unused gates repeat gate 0."""
+    g0 = _load_tile(p, ld, offs_b, offs_h, mask_b, mask_h)
+    g1 = g0
+    g2 = g0
+    g3 = g0
+    if G > 1:
+        g1 = _load_tile(p + H, ld, offs_b, offs_h, mask_b, mask_h)
+        g2 = _load_tile(p + 2 * H, ld, offs_b, offs_h, mask_b, mask_h)
+    if G > 3:
+        g3 = _load_tile(p + 3 * H, ld, offs_b, offs_h, mask_b, mask_h)
+    return g0, g1, g2, g3
+
+
+@triton.jit
 def _load_gain(ptr, gate, H, offs_h, mask_h, CDT: tl.constexpr):
     return tl.load(ptr + gate * H + offs_h, mask=mask_h, other=0).to(CDT)[None, :]
 
@@ -263,12 +289,7 @@ def rnn_forward_kernel(
         if LAYER_NORM:  # the recurrent part, normalised over all its G*H values: LN(h W_hh^T) * gain_hh
             acc0, acc1, acc2, acc3, rstd = layer_norm_forward(acc0, acc1, acc2, acc3, mask_h, G, EPS)
             if SAVE:
-                _store_tile(p_lnhat, NLN * H, offs_b, offs_h, mask_b, mask_h, acc0)
-                if G > 1:
-                    _store_tile(p_lnhat + H, NLN * H, offs_b, offs_h, mask_b, mask_h, acc1)
-                    _store_tile(p_lnhat + 2 * H, NLN * H, offs_b, offs_h, mask_b, mask_h, acc2)
-                if G > 3:
-                    _store_tile(p_lnhat + 3 * H, NLN * H, offs_b, offs_h, mask_b, mask_h, acc3)
+                _store_gates(p_lnhat, NLN * H, H, offs_b, offs_h, mask_b, mask_h, acc0, acc1, acc2, acc3, G)
                 if pid_h == 0:
                     _store_row(lnrstd_ptr + t * B * (NLN - G + 1), NLN - G + 1, offs_b, mask_b, rstd)
             acc0 = acc0 * gain0
@@ -495,12 +516,7 @@ def rnn_backward_kernel(
                 d3 = d0
                 for_h2 = d0
                 dh = tl.where(valid, 0, dh)
-            _store_tile(p_dgx, GH, offs_b, offs_h, mask_b, mask_h, d0)
-            if G > 1:
-                _store_tile(p_dgx + H, GH, offs_b, offs_h, mask_b, mask_h, d1)
-                _store_tile(p_dgx + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, d2)
-            if G > 3:
-                _store_tile(p_dgx + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, d3)
+            _store_gates(p_dgx, GH, H, offs_b, offs_h, mask_b, mask_h, d0, d1, d2, d3, G)
             # the h-side gate grads: grad of the recurrent part h @ w_hh.T (+ b_hh)
             e0 = d0
             e1 = d1
@@ -508,31 +524,13 @@ def rnn_backward_kernel(
             e3 = d3
             if LAYER_NORM:  # ... of LN(h @ w_hh.T) * gain_hh + b_hh: through the layer norm to h @ w_hh.T
                 p_lnhat = lnhat_ptr + t * B * NLN * H
-                v0 = _load_tile(p_lnhat, NLN * H, offs_b, offs_h, mask_b, mask_h)
-                v1 = v0
-                v2 = v0
-                v3 = v0
-                if G > 1:
-                    v1 = _load_tile(p_lnhat + H, NLN * H, offs_b, offs_h, mask_b, mask_h)
-                    v2 = _load_tile(p_lnhat + 2 * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
-                if G > 3:
-                    v3 = _load_tile(p_lnhat + 3 * H, NLN * H, offs_b, offs_h, mask_b, mask_h)
+                v0, v1, v2, v3 = _load_gates(p_lnhat, NLN * H, H, offs_b, offs_h, mask_b, mask_h, G)
                 rstd = _load_row(lnrstd_ptr + t * B * (NLN - G + 1), NLN - G + 1, offs_b, mask_b)
                 e0, e1, e2, e3 = layer_norm_backward(e0 * gain0, e1 * gain1, e2 * gain2, e3 * gain3,
                                                      v0, v1, v2, v3, rstd, mask_h, G)
                 p_dmm = dmm_ptr + t * B * GH
-                _store_tile(p_dmm, GH, offs_b, offs_h, mask_b, mask_h, e0)
-                if G > 1:
-                    _store_tile(p_dmm + H, GH, offs_b, offs_h, mask_b, mask_h, e1)
-                    _store_tile(p_dmm + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, e2)
-                if G > 3:
-                    _store_tile(p_dmm + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, e3)
-            _store_tile(p_dgbuf, GH, offs_b, offs_h, mask_b, mask_h, e0)
-            if G > 1:
-                _store_tile(p_dgbuf + H, GH, offs_b, offs_h, mask_b, mask_h, e1)
-                _store_tile(p_dgbuf + 2 * H, GH, offs_b, offs_h, mask_b, mask_h, e2)
-            if G > 3:
-                _store_tile(p_dgbuf + 3 * H, GH, offs_b, offs_h, mask_b, mask_h, e3)
+                _store_gates(p_dmm, GH, H, offs_b, offs_h, mask_b, mask_h, e0, e1, e2, e3, G)
+            _store_gates(p_dgbuf, GH, H, offs_b, offs_h, mask_b, mask_h, e0, e1, e2, e3, G)
             if SYNC:
                 timed_out |= _grid_barrier(cnt_ptr + pid_b, (s - step_begin + 1) * num_h,
                                            tl.where(timed_out != 0, 0, spin_limit))
