@@ -1,10 +1,11 @@
-// Parameters of the persistent CUDA kernels (csrc/cuda/persistent_kernels.cuh): one cooperative launch runs
-// every time step of one layer and direction, each block keeping its slice of w_hh in shared memory
-// for the whole sequence and exchanging h through global memory with one grid-wide barrier per step.
-// No torch types (DESIGN.md, build time). Shapes as in recurrence_params.h; no projection (proj
-// falls back to the per-step kernels). S = storage dtype, A = float (fp32 accumulation and state).
+// Parameters of the persistent CUDA kernels (csrc/cuda/persistent_v2_kernels.cuh): one cooperative launch
+// runs every time step of one layer and direction, each CTA keeping its rows of w_hh in registers for the
+// whole sequence and exchanging h through global memory, each CTA waiting on per-step flags of only the
+// CTAs it reads. No torch types (DESIGN.md, build time). Shapes as in recurrence_params.h; no projection
+// (proj runs the per-step kernels). S = storage dtype, A = float (fp32 accumulation and state).
 #pragma once
 
+#include "cuda/persistent_plan.h"
 #include "recurrence_params.h"
 
 namespace fused_rnn {
@@ -26,8 +27,6 @@ struct PersistentForwardParams {
   void* gates;             // S [T, B, 4*H] saved for the backward (LSTM i,f,g,o; GRU r,z,n,gh_n);
                            //   valid rows written; nullptr for RNN
   void* cells;             // A [T, B, H] saved c after each step (LSTM), valid rows written
-  void* h_buf;             // S [2, B, H] workspace: h exchanged between blocks, double-buffered
-  void* c_state;           // A [B, H] workspace: the running cell state (LSTM)
 };
 
 struct PersistentBackwardParams {
@@ -49,26 +48,23 @@ struct PersistentBackwardParams {
   void* dgh;               // S [T, B, G*H] grad of h_prev @ w_hh.T + b_hh (== dgx except GRU)
   void* dh0;               // S [B, H]
   void* dc0;               // S [B, H] (LSTM)
-  void* dh_state;          // A [B, H] workspace: the gradient carried to the previous step
-  void* dc_state;          // A [B, H] workspace (LSTM)
-};
-
-// How a persistent launch is laid out: `blocks` blocks of `threads` threads, each owning `units`
-// consecutive hidden units (all G gate rows of them) and `smem_bytes` of shared memory.
-struct PersistentPlan {
-  int blocks, threads, units;
-  size_t smem_bytes;
 };
 
 namespace cuda {
-// Whether the persistent kernels can run this layer on `device`; fills `plan` when they can.
-// They cannot in float64, when w_hh's slices do not fit in shared memory, when the device lacks
-// cooperative launch or cannot hold the grid at once, or when a device query fails
-// (csrc/cuda/persistent_plan.h). Computed once per (device, cell, dtype, H), then cached.
-bool persistent_plan(Cell cell, DType dtype, int64_t H, int device, PersistentPlan* plan);
-// Launch on `stream` (a cudaStream_t); asynchronous. `plan` must come from persistent_plan.
-void persistent_forward(const PersistentForwardParams& p, const PersistentPlan& plan, void* stream);
-void persistent_backward(const PersistentBackwardParams& p, const PersistentPlan& plan, void* stream);
+// Whether the persistent kernels run a layer of (cell, dtype, H, B, projection) on `device`:
+// PlanVerdict::Persistent with `plan` filled, or why the per-step kernels run it instead
+// (csrc/cuda/persistent_plan.h, plan_persistent_v2, with the device's attributes and occupancy). fp32
+// layers follow torch.backends.cuda.matmul.allow_tf32 (TF32 or 3xTF32 MMAs), read at every call.
+// Computed once per (device, cell, dtype, H, B, TF32 allowed), then cached.
+PlanVerdict persistent_plan(Cell cell, DType dtype, int64_t H, int64_t B, bool proj, int device,
+                            PersistentV2Plan* plan);
+// Launch on `stream` (a cudaStream_t); asynchronous. `plan` comes from persistent_plan; `workspace` is
+// v2_workspace_offsets(plan, backward).total bytes of device memory (at least 256-byte aligned) that
+// stays allocated until the kernel finishes on `stream`: the launcher zeroes its flags first.
+void persistent_forward(const PersistentForwardParams& p, const PersistentV2Plan& plan, void* workspace,
+                        void* stream);
+void persistent_backward(const PersistentBackwardParams& p, const PersistentV2Plan& plan, void* workspace,
+                         void* stream);
 }  // namespace cuda
 
 }  // namespace fused_rnn

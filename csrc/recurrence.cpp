@@ -190,18 +190,21 @@ const int64_t* lengths_ptr(const optional<Tensor>& l) { return l.has_value() ? l
 
 // The persistent kernels (csrc/cuda/persistent.cu) run all T steps in one cooperative launch with
 // w_hh kept on chip. They are opt-in (FUSED_RNN_CUDA_PERSISTENT=1) until verified on a GPU
-// (benchmarks/NOTES.md); without a projection, in fp32/fp16/bf16, and where the weights fit on chip,
-// else the per-step kernels below run. Forward and backward save and read the same tensors as the
-// per-step kernels, so either backward can follow either forward.
-bool use_persistent(Cell cell, bool proj, const Tensor& like, int64_t H, PersistentPlan* plan) {
+// (benchmarks/PERSISTENT_V2.md); where their plan (csrc/cuda/persistent_plan.h) does not fit the layer —
+// float64, a projection, fp32 above H=512, a grid the device cannot hold at once — the per-step kernels
+// below run. Forward and backward save and read the same tensors as the per-step kernels, so either
+// backward can follow either forward. Returns nullptr when the persistent kernels run the layer (`plan`
+// filled), else why the per-step kernels run it.
+const char* why_not_persistent(Cell cell, bool proj, const Tensor& like, int64_t H, int64_t B, PersistentV2Plan* plan) {
 #ifdef WITH_CUDA
   const char* flag = std::getenv("FUSED_RNN_CUDA_PERSISTENT");
-  if (!like.is_cuda() || proj || like.scalar_type() == at::kDouble || flag == nullptr || std::string(flag) != "1")
-    return false;
-  return cuda::persistent_plan(cell, to_dtype(like.scalar_type()), H, like.device().index(), plan);
+  if (!like.is_cuda()) return "not a CUDA tensor";
+  if (flag == nullptr || std::string(flag) != "1") return "opt-in: FUSED_RNN_CUDA_PERSISTENT=1";
+  const PlanVerdict v = cuda::persistent_plan(cell, to_dtype(like.scalar_type()), H, B, proj, like.device().index(), plan);
+  return v == PlanVerdict::Persistent ? nullptr : verdict_name(v);
 #else
-  (void)cell, (void)proj, (void)like, (void)H, (void)plan;
-  return false;
+  (void)cell, (void)proj, (void)like, (void)H, (void)B, (void)plan;
+  return "built without CUDA";
 #endif
 }
 
@@ -235,8 +238,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor y = at::empty({T, B, Hout}, opts);
 
 #ifdef WITH_CUDA
-  PersistentPlan plan;
-  if (use_persistent(s.cell, s.proj, gx, H, &plan)) {  // reads w_hh, h0, c0 as given: no copies
+  PersistentV2Plan plan;
+  if (why_not_persistent(s.cell, s.proj, gx, H, B, &plan) == nullptr) {  // reads w_hh, h0, c0 as given: no copies
     const Tensor w_hh = w_hh_in.contiguous();
     const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : Tensor();
     const Tensor h0 = h0_in.contiguous();
@@ -245,15 +248,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     Tensor c_n = lstm ? at::empty({B, H}, opts) : at::empty({0}, opts);
     Tensor gates = save && has_gates ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
     Tensor cells = save && lstm ? at::empty({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
-    Tensor h_buf = at::empty({2, B, H}, opts);                    // h exchanged between blocks
-    Tensor c_state = lstm ? at::empty({B, H}, acc_opts) : Tensor();  // the running cell state
+    // h exchanged between CTAs and their flags: from the caching allocator, on the current stream
+    const Tensor workspace = at::empty({int64_t(v2_workspace_offsets(plan, false).total)}, opts.dtype(at::kByte));
     PersistentForwardParams q{s.cell, to_dtype(gx.scalar_type()), T, B, H, reverse, lengths_ptr(lengths),
                               gx.data_ptr(), w_hh.data_ptr(), b_hh.defined() ? b_hh.data_ptr() : nullptr,
                               h0.data_ptr(), lstm ? c0.data_ptr() : nullptr, y.data_ptr(), h_n.data_ptr(),
                               lstm ? c_n.data_ptr() : nullptr, save && has_gates ? gates.data_ptr() : nullptr,
-                              save && lstm ? cells.data_ptr() : nullptr, h_buf.data_ptr(),
-                              lstm ? c_state.data_ptr() : nullptr};
-    cuda::persistent_forward(q, plan, pw.stream);
+                              save && lstm ? cells.data_ptr() : nullptr};
+    cuda::persistent_forward(q, plan, workspace.data_ptr(), pw.stream);
     return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
   }
 #endif
@@ -366,8 +368,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor dgh = cell == Cell::GRU ? at::empty({T, B, GH}, opts) : dgx;  // grads of gx / of h @ w_hh.T + b_hh
   Tensor dh_all = proj ? at::empty({T, B, Hout}, opts) : Tensor();  // grads of the projected h
   Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
-  PersistentPlan plan;
-  const bool persistent = use_persistent(cell, proj, y, H, &plan);
+  PersistentV2Plan plan;
+  const bool persistent = why_not_persistent(cell, proj, y, H, B, &plan) == nullptr;
 #ifdef WITH_CUDA
   if (persistent) {
     const Tensor w_hh_c = w_hh.contiguous();
@@ -375,17 +377,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     const Tensor dc_n_s = lstm ? (dc_n.has_value() ? dc_n->to(y.scalar_type()).contiguous() : at::zeros({B, H}, opts))
                                : Tensor();
     const Tensor c0_s = lstm ? c0_in->to(y.scalar_type()).contiguous() : Tensor();
-    Tensor dh_state = at::empty({B, H}, opts.dtype(at::kFloat));
-    Tensor dc_state = lstm ? at::empty({B, H}, opts.dtype(at::kFloat)) : Tensor();
+    // the CTAs' partial dh and their flags: from the caching allocator, on the current stream
+    const Tensor workspace = at::empty({int64_t(v2_workspace_offsets(plan, true).total)}, opts.dtype(at::kByte));
     dh = at::empty({B, H}, opts);
     dc = lstm ? at::empty({B, H}, opts) : dc;
     PersistentBackwardParams q{cell, to_dtype(y.scalar_type()), T, B, H, reverse, lengths_ptr(lengths), w_hh_c.data_ptr(),
                                dy.data_ptr(), dh_n_s.data_ptr(), lstm ? dc_n_s.data_ptr() : nullptr,
                                has_gates ? gates.data_ptr() : nullptr, lstm ? cells.data_ptr() : nullptr,
                                y.data_ptr(), h0.data_ptr(), lstm ? c0_s.data_ptr() : nullptr, dgx.data_ptr(),
-                               dgh.data_ptr(), dh.data_ptr(), lstm ? dc.data_ptr() : nullptr, dh_state.data_ptr(),
-                               lstm ? dc_state.data_ptr() : nullptr};
-    cuda::persistent_backward(q, plan, pw.stream);
+                               dgh.data_ptr(), dh.data_ptr(), lstm ? dc.data_ptr() : nullptr};
+    cuda::persistent_backward(q, plan, workspace.data_ptr(), pw.stream);
   }
 #endif
 
@@ -458,18 +459,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   return {dgx, dh.to(y.scalar_type()), d_c0, d_w_hh, d_b_hh, d_w_hr};
 }
 
-// Whether the persistent kernels would run this layer (FUSED_RNN_CUDA_PERSISTENT=1 set, CUDA, no
-// projection, weights fit on chip); `like` gives the device and dtype.
-bool persistent_supported(c10::string_view cell, const Tensor& like, int64_t H, bool proj) {
-  PersistentPlan plan;
+// Which kernels the cuda backend runs a layer with (fused_rnn/ops/cpp/cuda_backend.py kernel_for):
+// "persistent (tiling MTxKTxNT, math, grid XxY)" or "per-step (why)"; `like` gives the device and dtype.
+std::string persistent_plan(c10::string_view cell, const Tensor& like, int64_t H, int64_t B, bool proj) {
+  PersistentV2Plan plan;
   const c10::DeviceGuard guard(like.device());
-  return use_persistent(parse_cell(cell), proj, like, H, &plan);
+  const char* why = why_not_persistent(parse_cell(cell), proj, like, H, B, &plan);
+  if (why != nullptr) return std::string("per-step (") + why + ")";
+  const V2Tiling t = kV2Tilings[plan.tiling];
+  return "persistent (tiling " + std::to_string(t.mt) + "x" + std::to_string(t.kt) + "x" + std::to_string(t.nt) +
+         ", " + v2_math_name(plan.math) + ", grid " + std::to_string(plan.grid_x) + "x" +
+         std::to_string(plan.grid_y) + ")";
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fused_rnn, m) {
-  m.def("persistent_supported(str cell, Tensor like, int H, bool proj) -> bool", &persistent_supported);
+  m.def("persistent_plan(str cell, Tensor like, int H, int B, bool proj) -> str", &persistent_plan);
   m.def(
       "recurrence_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
       "Tensor? lengths, bool reverse, bool save) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, "

@@ -29,15 +29,13 @@ BS = (1, 5, 16)
 MODES = ("fwd", "rev", "len")
 DTYPES = ("fp32", "bf16")
 BACKENDS = ("per-step", "persistent", "triton")
-# kernel names the profiler must see (forward and backward) for each backend, and must not see
+# kernel names the profiler must see (forward and backward) for each backend, and must not see. The
+# persistent backend runs a configuration only where kernel_for says the persistent kernels take it (their
+# plan, csrc/cuda/persistent_plan.h: every bf16 configuration here on an H100/H200, fp32 up to H=512 —
+# 3xTF32 MMAs, torch's TF32 flag is off here); the others are skipped with the plan's reason.
 KERNELS = {"per-step": (("elementwise_kernel",), ("persistent_",)),
-           "persistent": (("persistent_forward_kernel", "persistent_backward_kernel"), ("persistent_v2_",)),
+           "persistent": (("persistent_v2_forward_kernel", "persistent_v2_backward_kernel"), ()),
            "triton": (("rnn_forward_kernel", "rnn_backward_kernel"), ())}
-# bf16 runs the v2 persistent kernels (tensor cores) where v2's plan fits the device at (H, B): every
-# configuration here on an H100/H200 (csrc/cuda/persistent_plan.h); fp32 runs v2 too (3xTF32 MMAs: torch's
-# TF32 flag is off here) up to H=512, v1 above (its A fragments would exceed the register budget).
-PERSISTENT_V2 = (("persistent_v2_forward_kernel", "persistent_v2_backward_kernel"),
-                 ("persistent_forward_kernel", "persistent_backward_kernel"))
 T = 7
 
 
@@ -58,7 +56,7 @@ def run_one(cell, H, B, mode, dtype_name, backend):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     os.environ["FUSED_RNN_CUDA_PERSISTENT"] = "1" if backend == "persistent" else "0"
     if backend != "triton":
-        chosen = cuda_backend.kernel_for(cell, dtype, H)
+        chosen = cuda_backend.kernel_for(cell, dtype, H, B)
         want = "persistent" if backend == "persistent" else "per-step"
         if not chosen.startswith(want):
             return f"SKIP  cuda chooses {chosen!r}"
@@ -77,8 +75,7 @@ def run_one(cell, H, B, mode, dtype_name, backend):
         torch.cuda.synchronize()
     if check_kernels:
         names = {e.name for e in prof.events()}
-        v2 = backend == "persistent" and (dtype != torch.float32 or H <= 512)
-        must, must_not = PERSISTENT_V2 if v2 else KERNELS[backend]
+        must, must_not = KERNELS[backend]
         missing = [k for k in must if not any(k in n for n in names)]
         unwanted = [n for n in names for k in must_not if k in n]
         if missing or unwanted:

@@ -413,6 +413,10 @@ def test_built_extension_v2_kernels_use_tensor_cores():
     # 4 cells x (2 dtypes x 4 tilings + fp32 TF32 x 2 tilings + fp32 3xTF32 x 1 tiling: persistent_plan.h
     # v2_tiling_for) x forward/backward, per architecture
     assert len(functions) == 88 * len(archs), (len(functions), archs)
+    # one persistent design: no other persistent kernel in the extension
+    others = {f.split()[0] for f in re.split(r"\n\s*Function : ", r.stdout)[1:]
+              if "persistent" in f.split()[0] and "persistent_v2_" not in f.split()[0]}
+    assert not others, sorted(others)[:4]
     maths = set()
     for f in functions:
         name = f.split()[0]

@@ -1,28 +1,25 @@
 // The layout of a persistent launch as a pure function of the layer and of a few device numbers, so
 // that the launcher (persistent.cu) runs it with the real device's attributes and occupancy, and the
 // emulated tests (tests/test_cuda_emulated.py) run the very same function for fake devices: 132 SMs
-// (H100/H200), 108 (A100), and small ones that force several units per block or the fallback to the
-// per-step kernels. Plain C++: no CUDA headers, no torch.
+// (H100/H200), 108 (A100), and small ones whose grids do not fit, which sends the layer to the per-step
+// kernels. Plain C++: no CUDA headers, no torch.
 //
-// Which kernels run a layer (persistent.cu, in this order):
-//   1. v2 (persistent_v2_kernels.cuh: tensor cores, w_hh in registers, per-step flags) — bf16/fp16
-//      (m16n8k16) and fp32 (TF32 m16n8k8, or 3xTF32 when torch's TF32 flag is off) without a
-//      projection on sm_80+, where plan_persistent_v2 finds a compiled tiling whose A fragments fit
-//      the register budget and whose grid is co-resident (the choice depends on the batch size B);
-//   2. else v1 (persistent_kernels.cuh: w_hh slices in shared memory, one grid barrier per step) —
-//      where v2 does not fit, when plan_persistent says its slices fit;
-//   3. else the per-step kernels (float64, a projection, and whatever fits neither).
+// Which kernels run a layer (csrc/recurrence.cpp asks persistent.cu's persistent_plan, which runs
+// plan_persistent_v2 below with the device's numbers):
+//   - the persistent kernels (persistent_v2_kernels.cuh: tensor cores, w_hh in registers, per-step
+//     flags) — bf16/fp16 (m16n8k16) and fp32 (TF32 m16n8k8, or 3xTF32 when torch's TF32 flag is off)
+//     without a projection on sm_80+, where plan_persistent_v2 finds a compiled tiling whose A fragments
+//     fit the register budget and whose grid is co-resident (the choice depends on the batch size B);
+//   - else the per-step kernels, for the reason the plan's verdict gives (float64, a projection, fp32
+//     above H=512, a grid that does not fit the device, ...).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
-#include "../persistent_params.h"
+#include "../recurrence_params.h"
 
 namespace fused_rnn {
-
-// Threads per block of both persistent kernels (their __launch_bounds__).
-constexpr int kPersistentThreads = 256;
 
 // What the plan needs to know about a device (cudaDeviceGetAttribute).
 struct PersistentDevice {
@@ -37,13 +34,12 @@ enum class PlanVerdict {
   Persistent,
   Float64,              // the persistent kernels accumulate in fp32 only
   EmptyLayer,           // H <= 0
-  NoCooperativeLaunch,  // the device cannot guarantee co-resident blocks (needed by the grid barrier)
-  SliceTooLarge,        // a block's slice of w_hh does not fit in shared memory
+  NoCooperativeLaunch,  // the device cannot guarantee co-resident CTAs (the flag waits need them)
+  SliceTooLarge,        // a CTA's shared memory exceeds the device's per-block opt-in limit
   NotCoResident,        // the grid would not fit on the device at once
   QueryFailed,          // a CUDA attribute or occupancy query returned an error
-  // v2 only (plan_persistent_v2): these layers keep v1 or the per-step kernels
   RegisterBudget,       // the tilings that cover H hold more A-fragment registers than kV2MaxARegisters
-  Projection,           // proj_size > 0 runs the per-step kernels, as before
+  Projection,           // proj_size > 0: the kernels keep no projection
   OldArchitecture,      // mma.sync bf16 needs sm_80 or newer
   HiddenTooLarge,       // no compiled tiling covers ceil(H/16) k-tiles with its 8 warps
 };
@@ -66,34 +62,6 @@ inline const char* verdict_name(PlanVerdict v) {
 }
 
 inline size_t storage_bytes(DType d) { return d == DType::Float64 ? 8 : d == DType::Float32 ? 4 : 2; }
-
-// ---- v1 (persistent_kernels.cuh) --------------------------------------------------------------------
-// The plan. Block k owns hidden units [k*units, k*units + units) with all G gate rows of them; the
-// units are spread over every SM (units = ceil(H / SMs)), so the last block may own fewer. Its
-// slice of w_hh — G*units rows of H (forward) or units columns of G*H (backward), the same bytes —
-// stays in dynamic shared memory for the whole sequence.
-//
-// `resident_blocks(smem_bytes)` says how many blocks of the persistent kernels (the smaller count
-// of forward and backward) one SM holds with `smem_bytes` of dynamic shared memory, or a negative
-// number when it could not tell: the CUDA occupancy query on a GPU, resident_blocks_model() in
-// tests. A cooperative launch needs every block resident at once, else the grid barrier would wait
-// forever: the plan falls back when blocks > resident_blocks * SMs.
-template <typename ResidentBlocks>
-PlanVerdict plan_persistent(Cell cell, DType dtype, int64_t H, const PersistentDevice& dev,
-                            ResidentBlocks&& resident_blocks, PersistentPlan* plan) {
-  if (dtype == DType::Float64) return PlanVerdict::Float64;
-  if (H <= 0) return PlanVerdict::EmptyLayer;
-  if (!dev.cooperative_launch || dev.sm_count <= 0) return PlanVerdict::NoCooperativeLaunch;
-  const int64_t units = (H + dev.sm_count - 1) / dev.sm_count;
-  const int64_t blocks = (H + units - 1) / units;
-  const size_t smem = size_t(num_gates(cell) * units * H) * storage_bytes(dtype);
-  if (smem > dev.smem_optin) return PlanVerdict::SliceTooLarge;
-  const int per_sm = resident_blocks(smem);
-  if (per_sm < 0) return PlanVerdict::QueryFailed;
-  if (int64_t(per_sm) * dev.sm_count < blocks) return PlanVerdict::NotCoResident;
-  *plan = PersistentPlan{int(blocks), kPersistentThreads, int(units), smem};
-  return PlanVerdict::Persistent;
-}
 
 // ---- v2 (persistent_v2_kernels.cuh) --------------------------------------------------------------------
 // Threads per CTA of the v2 kernels (8 warps that split K) and what one CTA computes: MT m-tiles of 16
@@ -137,7 +105,7 @@ struct V2Tiling {
 // registers); (1,4,8) B=64 H=512 3xTF32 (one batch group of 64 rows: 64 A registers, the most 3xTF32 can
 // hold, so exact fp32 runs v2 up to H=512), and TF32 where (2,4,4)'s grid is not co-resident. fp32 LSTM
 // and GRU layers above H=512 would need 128 A registers per thread (w_hh is 8-16 MB in fp32, over 132
-// SMs): v1 or the per-step kernels.
+// SMs): the per-step kernels.
 constexpr V2Tiling kV2Tilings[] = {{1, 2, 2, false}, {4, 4, 2, false}, {2, 6, 2, false}, {2, 8, 2, false},
                                    {2, 4, 4, true},  {1, 4, 8, true}};
 constexpr int kV2TilingCount = int(sizeof(kV2Tilings) / sizeof(kV2Tilings[0]));
@@ -160,7 +128,7 @@ constexpr size_t v2_backward_smem_bytes(int mt, int nt, size_t elem = 2) {
 }
 
 // A v2 launch: grid (grid_x, grid_y) of kV2Threads; CTA (x, y) owns units [x*units, x*units + units) for
-// batch rows [y*8*NT, y*8*NT + 8*NT). Its workspace (the launcher allocates it per launch):
+// batch rows [y*8*NT, y*8*NT + 8*NT). Its workspace (allocated per launch: v2_workspace_offsets below):
 //   h_buf     S [2, B, 16*k_tiles]  h exchanged between CTAs, double-buffered by step parity, rows padded
 //                                   to whole k-tiles so that every 16-byte cp.async is aligned;
 //   flags     unsigned [grid_y * grid_x], zeroed before every launch (each CTA counts its published steps);
@@ -233,6 +201,21 @@ PlanVerdict plan_persistent_v2(Cell cell, DType dtype, int64_t H, int64_t B, boo
     return PlanVerdict::Persistent;
   }
   return why;
+}
+
+// The workspace of one launch as one allocation (csrc/recurrence.cpp takes it from torch's caching
+// allocator): byte offsets of h_buf, the flags and (backward) the partials, each 256-byte aligned, and
+// the total. persistent.cu and the emulated driver place the pointers with the same numbers.
+struct V2WorkspaceOffsets {
+  size_t h_buf = 0, flags = 0, partials = 0, total = 0;
+};
+inline V2WorkspaceOffsets v2_workspace_offsets(const PersistentV2Plan& plan, bool backward) {
+  auto align = [](size_t n) { return (n + 255) / 256 * 256; };
+  V2WorkspaceOffsets o;
+  o.flags = align(plan.h_buf_bytes);
+  o.partials = o.flags + align(plan.flag_bytes);
+  o.total = o.partials + (backward ? plan.partial_bytes : 0);
+  return o;
 }
 
 // A streaming multiprocessor's limits, for the occupancy model below (defaults: H100/H200, sm_90).

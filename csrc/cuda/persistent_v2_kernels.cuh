@@ -66,13 +66,14 @@ namespace cuda {
 #define FR_V2_LAUNCH_BOUNDS
 #endif
 
-// What the launch adds to PersistentForwardParams. h_buf there is S [2, B, 16*k_tiles] (rows padded
-// to whole k-tiles, so that every 16-byte copy is aligned; the padding is never read).
+// What the launch adds to the parameters: the plan's layout and the workspace (persistent_plan.h).
 struct PersistentV2Layout {
   int units;        // U: hidden units per CTA (G*U <= 16*MT)
   int k_tiles;      // ceil(H / 16) (<= 8*KT)
   unsigned* flags;  // [gridDim.y * gridDim.x], zero at launch
   float* partials;  // backward only: [2][gridDim.y][gridDim.x][8*NT][16*k_tiles] partial dh of each CTA
+  void* h_buf;      // forward only: S [2, B, 16*k_tiles], rows padded to whole k-tiles so that every
+                    // 16-byte copy is aligned (the padding is never read)
 };
 
 // Dynamic shared memory: v2_forward_smem_bytes / v2_backward_smem_bytes (persistent_plan.h).
@@ -267,7 +268,7 @@ FR_KERNEL void FR_V2_LAUNCH_BOUNDS
   const S* W = static_cast<const S*>(p.w_hh);
   const S* gx = static_cast<const S*>(p.gx);
   S* y = static_cast<S*>(p.y);
-  S* h_buf = static_cast<S*>(p.h_buf);
+  S* h_buf = static_cast<S*>(lay.h_buf);
   unsigned* my_flag = lay.flags + blockIdx.y * gridDim.x + blockIdx.x;
 
   // ---- w_hh rows -> A fragments of each 16x16 tile (row, k), as V2Mma lays them out

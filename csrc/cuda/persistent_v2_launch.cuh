@@ -20,6 +20,17 @@ struct V2Workspace {
   float* partials = nullptr;  // backward only
 };
 
+// The workspace's pointers in one allocation of v2_workspace_offsets(plan, backward).total bytes at `base`.
+inline V2Workspace v2_workspace_at(const PersistentV2Plan& plan, bool backward, void* base) {
+  const V2WorkspaceOffsets o = v2_workspace_offsets(plan, backward);
+  unsigned char* bytes = static_cast<unsigned char*>(base);
+  V2Workspace ws;
+  ws.h_buf = bytes + o.h_buf;
+  ws.flags = reinterpret_cast<unsigned*>(bytes + o.flags);
+  ws.partials = backward ? reinterpret_cast<float*>(bytes + o.partials) : nullptr;
+  return ws;
+}
+
 // FR_V2_INSTANCES (a define, default all): the (cell, dtype) instances compiled, bit cell * 4 + dtype
 // in the numbering of recurrence_params.h, as tests/emu/kernels_io.h's FR_INSTANCES: the emulated
 // sanitizer builds compile only the kernels their tests run.
@@ -76,25 +87,20 @@ template <Cell C, typename S, int I, V2Math M> struct V2Kernels {
 template <typename Launch>
 void launch_v2_forward(const PersistentForwardParams& p, const PersistentV2Plan& plan, const V2Workspace& ws,
                        Launch&& launch) {
-  PersistentForwardParams q = p;
-  q.h_buf = ws.h_buf;    // [2, B, 16*k_tiles], not the caller's [2, B, H]
-  q.c_state = nullptr;   // c stays in registers
-  const PersistentV2Layout lay{plan.units, plan.k_tiles, ws.flags, nullptr};
+  const PersistentV2Layout lay{plan.units, plan.k_tiles, ws.flags, nullptr, ws.h_buf};
   dispatch_v2(p.cell, p.dtype, plan.math, plan.tiling, [&](auto c, auto s, auto i, auto m) {
     launch(V2Kernels<decltype(c)::value, decltype(s), decltype(i)::value, decltype(m)::value>::forward,
-           dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), 1), plan.smem_forward, q, lay);
+           dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), 1), plan.smem_forward, p, lay);
   });
 }
 
 template <typename Launch>
 void launch_v2_backward(const PersistentBackwardParams& p, const PersistentV2Plan& plan, const V2Workspace& ws,
                         Launch&& launch) {
-  PersistentBackwardParams q = p;
-  q.dh_state = q.dc_state = nullptr;  // the carried dh and dc stay in registers
-  const PersistentV2Layout lay{plan.units, plan.k_tiles, ws.flags, ws.partials};
+  const PersistentV2Layout lay{plan.units, plan.k_tiles, ws.flags, ws.partials, nullptr};
   dispatch_v2(p.cell, p.dtype, plan.math, plan.tiling, [&](auto c, auto s, auto i, auto m) {
     launch(V2Kernels<decltype(c)::value, decltype(s), decltype(i)::value, decltype(m)::value>::backward,
-           dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), 1), plan.smem_backward, q, lay);
+           dim3(unsigned(plan.grid_x), unsigned(plan.grid_y), 1), plan.smem_backward, p, lay);
   });
 }
 

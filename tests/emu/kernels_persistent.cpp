@@ -1,16 +1,15 @@
 // Runs the persistent forward and backward kernels on CPU threads under the emulator, chosen and laid
-// out by the plans of csrc/cuda/persistent_plan.h computed for a fake device, as csrc/recurrence.cpp +
-// persistent.cu would on a GPU: v2 (persistent_v2_kernels.cuh, launched through persistent.cu's own
-// persistent_v2_launch.cuh) where plan_persistent_v2 fits the layer, else v1 (persistent_kernels.cuh).
-// Driven by tests/test_cuda_emulated.py:
+// out by the plan of csrc/cuda/persistent_plan.h computed for a fake device, as csrc/recurrence.cpp +
+// persistent.cu would on a GPU: persistent_v2_kernels.cuh, launched through persistent.cu's own
+// persistent_v2_launch.cuh, where plan_persistent_v2 fits the layer; where it does not, the per-step
+// kernels run (the pointwise driver, kernels_pointwise.cpp). Driven by tests/test_cuda_emulated.py:
 //
 //   kernels persistent run <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>;
-//                                       params "kernel" (1 or 2), "tiling", "math", "units", "grid_x",
-//                                       "grid_y" say what ran; param "allow_tf32" picks fp32's v2 math
-//   kernels persistent plan <lines>     one v1 plan per line "cell dtype H sms coop optin smem_per_sm
-//                                       regs_per_thread" of <lines>, printed as "verdict blocks threads
-//                                       units smem"
-//   kernels persistent plan2 <lines>    one v2 plan per line "cell dtype H B proj sms coop optin
+//                                       params "verdict" (PlanVerdict: 0 = the kernels ran), "tiling",
+//                                       "math", "units", "grid_x", "grid_y" say what ran; param
+//                                       "allow_tf32" picks fp32's math. Any other verdict writes no
+//                                       arrays: the caller runs the per-step kernels instead
+//   kernels persistent plan2 <lines>    one plan per line "cell dtype H B proj sms coop optin
 //                                       smem_per_sm regs_per_thread compute_capability allow_tf32", printed as
 //                                       "verdict tiling units k_tiles grid_x grid_y smem_forward
 //                                       smem_backward"
@@ -19,13 +18,11 @@
 #ifdef FR_INSTANCES
 #define FR_V2_INSTANCES FR_INSTANCES
 #endif
-// FR_PERSISTENT_KERNELS and FR_PERSISTENT_V2_LAUNCH (defines) replace the kernel headers by copies
-// (one copied tree of csrc/), for the mutation tests.
-#ifdef FR_PERSISTENT_KERNELS
-#include FR_PERSISTENT_KERNELS
+// FR_PERSISTENT_V2_LAUNCH (a define) replaces the launch header, and with it the kernel header beside
+// it, by a copy (one copied tree of csrc/), for the mutation tests.
+#ifdef FR_PERSISTENT_V2_LAUNCH
 #include FR_PERSISTENT_V2_LAUNCH
 #else
-#include "cuda/persistent_kernels.cuh"
 #include "cuda/persistent_v2_launch.cuh"
 #endif
 
@@ -69,12 +66,10 @@ File run(File& in, Forward&& forward, Backward&& backward) {
   Array* c_n = lstm ? &out.add("c_n", s, B * H) : nullptr;
   Array* gates = save && has_gates ? &out.add("gates", s, T * B * 4 * H) : nullptr;
   Array* cells = save && lstm ? &out.add("cells", a, T * B * H) : nullptr;
-  Array& h_buf = work.add("h_buf", s, 2 * B * H);
-  Array* c_state = lstm ? &work.add("c_state", a, B * H) : nullptr;
   const int64_t* len = lengths ? lengths->as<int64_t>() : nullptr;
   const PersistentForwardParams fwd{C, dtype, T, B, H, reverse, len, ptr(&in.get("gx")), ptr(&in.get("w_hh")),
                                     ptr(b_hh), ptr(&in.get("h0")), ptr(c0), ptr(&y), ptr(&h_n), ptr(c_n),
-                                    ptr(gates), ptr(cells), ptr(&h_buf), ptr(c_state)};
+                                    ptr(gates), ptr(cells)};
   forward(fwd, work);
   if (!save) return out;
 
@@ -83,31 +78,12 @@ File run(File& in, Forward&& forward, Backward&& backward) {
   Array* dgh = C == Cell::GRU ? &out.add("dgh", s, T * B * GH) : &dgx;
   Array& dh0 = out.add("dh0", s, B * H);
   Array* dc0 = lstm ? &out.add("dc0", s, B * H) : nullptr;
-  Array& dh_state = work.add("dh_state", a, B * H);
-  Array* dc_state = lstm ? &work.add("dc_state", a, B * H) : nullptr;
   const PersistentBackwardParams bwd{C, dtype, T, B, H, reverse, len, ptr(&in.get("w_hh")), ptr(&in.get("dy")),
                                      ptr(&in.get("dh_n")), lstm ? ptr(&in.get("dc_n")) : nullptr, ptr(gates),
                                      ptr(cells), ptr(&y), ptr(&in.get("h0")), ptr(c0), ptr(&dgx), ptr(dgh),
-                                     ptr(&dh0), ptr(dc0), ptr(&dh_state), ptr(dc_state)};
+                                     ptr(&dh0), ptr(dc0)};
   backward(bwd, work);
   return out;
-}
-
-// v1: blocks of plan.units units, launched cooperatively on `dev`.
-template <Cell C, typename S> File run_v1(File& in, const fr_emu::Device& dev, const PersistentPlan& plan) {
-  fr_emu::LaunchConfig cfg;
-  cfg.grid = dim3(unsigned(plan.blocks));
-  cfg.block = dim3(unsigned(plan.threads));
-  cfg.dynamic_smem = plan.smem_bytes;
-  cfg.cooperative = true;
-  cfg.device = dev;
-  return run<C, S>(
-      in, [&](const PersistentForwardParams& p, File&) {
-        fr_emu::launch(cfg, cuda::persistent_forward_kernel<C, S>, p, plan.units);
-      },
-      [&](const PersistentBackwardParams& p, File&) {
-        fr_emu::launch(cfg, cuda::persistent_backward_kernel<C, S>, p, plan.units);
-      });
 }
 
 // The cooperative launches of launch_v2_forward / launch_v2_backward, on the emulator.
@@ -129,25 +105,23 @@ struct EmuV2Launch {
   }
 };
 
-// v2 through persistent.cu's own launch code: the workspace arrays sized by the plan (recurrence.cpp's
-// h_buf and c_state stay poisoned: v2 reads neither), the flags zeroed before each launch as persistent.cu
-// does.
+// Through persistent.cu's own launch code: each launch's workspace one poisoned allocation of the plan's
+// size, as recurrence.cpp allocates it, its flags zeroed before the launch as persistent.cu does.
 template <Cell C, typename S> File run_v2(File& in, const EmuV2Launch& launcher, const PersistentV2Plan& plan) {
-  cuda::V2Workspace ws;
-  auto flags_zeroed = [&](File& work) {
-    ws.flags = work.add("flags", 1, plan.flag_bytes).as<unsigned>();
+  auto workspace = [&](File& work, bool backward) {
+    Array& bytes = work.add(backward ? "workspace_backward" : "workspace_forward", 1,
+                            v2_workspace_offsets(plan, backward).total);
+    const cuda::V2Workspace ws = cuda::v2_workspace_at(plan, backward, bytes.bytes.get());
     std::memset(ws.flags, 0, plan.flag_bytes);
+    return ws;
   };
   return run<C, S>(
-      in, [&](const PersistentForwardParams& p, File& work) {
-        ws.h_buf = ptr(&work.add("v2_h_buf", 1, plan.h_buf_bytes));
-        flags_zeroed(work);
-        cuda::launch_v2_forward(p, plan, ws, launcher);
+      in,
+      [&](const PersistentForwardParams& p, File& work) {
+        cuda::launch_v2_forward(p, plan, workspace(work, false), launcher);
       },
       [&](const PersistentBackwardParams& p, File& work) {
-        ws.partials = work.add("partials", 1, plan.partial_bytes).as<float>();
-        flags_zeroed(work);
-        cuda::launch_v2_backward(p, plan, ws, launcher);
+        cuda::launch_v2_backward(p, plan, workspace(work, true), launcher);
       });
 }
 
@@ -184,12 +158,13 @@ int run_command(const char* in_path, const char* out_path) {
   const SmLimits sm = sm_limits(in.param("smem_per_sm"));
   const int64_t repeats = in.param("repeats");
   File first;
-  // as persistent.cu: v2 where its plan fits the layer, else v1 where its plan does
+  // as recurrence.cpp + persistent.cu: the persistent kernels where the plan fits the layer
   PersistentV2Plan v2;
   const int v2_regs = int(in.param("v2_regs"));
   const bool allow_tf32 = in.param("allow_tf32") != 0;  // torch.backends.cuda.matmul.allow_tf32, for fp32
-  if (plan_persistent_v2(cell, dtype, in.param("H"), in.param("B"), false, pdev, v2_resident(sm, v2_regs), &v2,
-                         allow_tf32) == PlanVerdict::Persistent) {
+  const PlanVerdict verdict = plan_persistent_v2(cell, dtype, in.param("H"), in.param("B"), false, pdev,
+                                                 v2_resident(sm, v2_regs), &v2, allow_tf32);
+  if (verdict == PlanVerdict::Persistent) {
     const EmuV2Launch launcher{dev, v2_regs};
     bool ran = false;  // dispatch_v2 calls nothing for the instances FR_INSTANCES leaves out
     cuda::dispatch_v2(cell, dtype, v2.math, v2.tiling, [&](auto c, auto s, auto, auto) {
@@ -197,51 +172,14 @@ int run_command(const char* in_path, const char* out_path) {
       ran = true;
     });
     if (!ran) fail("this build leaves these kernels out (FR_INSTANCES)");
-    first.params["kernel"] = 2;
     first.params["tiling"] = v2.tiling;
     first.params["math"] = int(v2.math);
     first.params["units"] = v2.units;
     first.params["grid_x"] = v2.grid_x;
     first.params["grid_y"] = v2.grid_y;
-    kernels_io::write(out_path, first);
-    return 0;
   }
-  PersistentPlan plan{};
-  const PlanVerdict v = plan_persistent(
-      cell, dtype, in.param("H"), pdev,
-      [&](size_t smem) { return resident_blocks_model(sm, kPersistentThreads, 0, smem); }, &plan);
-  if (v != PlanVerdict::Persistent) fail(std::string("the plan says ") + verdict_name(v));
-  cuda::dispatch_persistent(cell, dtype, [&](auto c, auto s) {
-    constexpr Cell C = decltype(c)::value;
-    using S = decltype(s);
-    if constexpr (kernels_io::built<C, S>()) {
-      first = run_repeated(repeats, [&] { return run_v1<C, S>(in, dev, plan); });
-    } else {
-      fail("this build leaves these kernels out (FR_INSTANCES)");
-    }
-  });
-  first.params["kernel"] = 1;
-  first.params["blocks"] = plan.blocks;
-  first.params["units"] = plan.units;
-  first.params["smem_bytes"] = int64_t(plan.smem_bytes);
+  first.params["verdict"] = int(verdict);
   kernels_io::write(out_path, first);
-  return 0;
-}
-
-int plan_command(const char* path) {
-  std::ifstream lines(path);
-  int cell, dtype, coop;
-  long long H, sms, optin, smem_per_sm, regs;
-  while (lines >> cell >> dtype >> H >> sms >> coop >> optin >> smem_per_sm >> regs) {
-    const PersistentDevice dev{int(sms), coop != 0, size_t(optin)};
-    const SmLimits sm = sm_limits(smem_per_sm);
-    PersistentPlan plan{};
-    const PlanVerdict v = plan_persistent(
-        Cell(cell), DType(dtype), H, dev,
-        [&](size_t smem) { return resident_blocks_model(sm, kPersistentThreads, int(regs), smem); }, &plan);
-    std::cout << verdict_name(v) << ' ' << plan.blocks << ' ' << plan.threads << ' ' << plan.units << ' '
-              << plan.smem_bytes << '\n';
-  }
   return 0;
 }
 
@@ -265,7 +203,6 @@ int plan2_command(const char* path) {
 int persistent_main(int argc, char** argv) {
   const std::string cmd = argc > 2 ? argv[2] : "";
   if (cmd == "run" && argc == 5) return run_command(argv[3], argv[4]);
-  if (cmd == "plan" && argc == 4) return plan_command(argv[3]);
   if (cmd == "plan2" && argc == 4) return plan2_command(argv[3]);
-  fail("usage: kernels persistent run <in> <out> | persistent plan <lines> | persistent plan2 <lines>");
+  fail("usage: kernels persistent run <in> <out> | persistent plan2 <lines>");
 }

@@ -105,10 +105,9 @@ void run(Dev& dev, const std::string& dir, int64_t T, int64_t B, int64_t H, bool
   p.c_n = lstm ? dev.fresh(bh) : nullptr;
   p.gates = saved ? dev.fresh(size_t(T * B * 4 * H) * 2) : nullptr;
   p.cells = lstm ? dev.fresh(size_t(T * B * H) * 4) : nullptr;
-  p.h_buf = dev.fresh(size_t(2 * B * Hs) * 2);
-  p.c_state = nullptr;  // v2 keeps c in registers
+  void* h_buf = dev.fresh(size_t(2 * B * Hs) * 2);
   void* flags = dev.fresh(n_flags);
-  const PersistentV2Layout fwd{units, k_tiles, static_cast<unsigned*>(flags), nullptr};
+  const PersistentV2Layout fwd{units, k_tiles, static_cast<unsigned*>(flags), nullptr, h_buf};
   repeat_launch(dev, "forward", T, flags, n_flags, p.y, tbh, [&] {
     return dev.launch(persistent_v2_forward_kernel<C, S, MT, KT, NT>, grid, v2_forward_smem_bytes(MT, NT, k_tiles, sizeof(S)),
                       p, fwd);
@@ -148,7 +147,7 @@ void run(Dev& dev, const std::string& dir, int64_t T, int64_t B, int64_t H, bool
   q.dh0 = dev.fresh(bh);
   q.dc0 = lstm ? dev.fresh(bh) : nullptr;
   float* partials = static_cast<float*>(dev.fresh(size_t(2) * grid_x * grid_y * 8 * NT * Hs * 4));
-  const PersistentV2Layout bwd{units, k_tiles, static_cast<unsigned*>(flags), partials};
+  const PersistentV2Layout bwd{units, k_tiles, static_cast<unsigned*>(flags), partials, nullptr};
   repeat_launch(dev, "backward", T, flags, n_flags, q.dgx, tbgh, [&] {
     return dev.launch(persistent_v2_backward_kernel<C, S, MT, KT, NT>, grid, v2_backward_smem_bytes(MT, NT, sizeof(S)), q,
                       bwd);

@@ -2,15 +2,14 @@
 float16/bfloat16 (16-bit inputs compute in fp32 and keep the cell state in fp32).
 
 With FUSED_RNN_CUDA_PERSISTENT=1 it runs the persistent kernels (csrc/cuda/persistent.cu: one
-launch for all steps, w_hh on chip) wherever they fit; `kernel_for` says which kernels a layer gets.
-Inside "persistent", the launcher runs v2 (tensor cores, per-step flags) for bf16/fp16 layers and fp32
-layers up to H=512 whose v2 grid fits the device at the batch size given, and v1 otherwise
-(csrc/cuda/persistent_plan.h). fp32 follows torch.backends.cuda.matmul.allow_tf32, read at each call:
-on, TF32 MMAs (10-bit mantissas, like torch's own TF32 matmuls); off (torch's default), 3xTF32, whose
-error stays at fp32 FFMA's level (benchmarks/PERSISTENT_V2.md, shape 3).
-They stay opt-in until a GPU run has verified them (benchmarks/PERSISTENT_V2.md, NOTES.md)."""
-import os
-
+launch for all steps, w_hh in registers, tensor cores, per-step flags between CTAs) wherever their
+plan fits the layer (csrc/cuda/persistent_plan.h): bf16/fp16, and fp32 up to H=512, without a
+projection on sm_80+, whose grid the device holds at once at the batch size given; elsewhere the
+per-step kernels. `kernel_for` says which kernels a layer gets and why. fp32 follows
+torch.backends.cuda.matmul.allow_tf32, read at each call: on, TF32 MMAs (10-bit mantissas, like torch's
+own TF32 matmuls); off (torch's default), 3xTF32, whose error stays at fp32 FFMA's level
+(benchmarks/PERSISTENT_V2.md, shape 3). They stay opt-in until a GPU run has verified them
+(benchmarks/PERSISTENT_V2.md, NOTES.md)."""
 import torch
 
 from . import ops
@@ -23,14 +22,16 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
     return ops.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
 
 
-def kernel_for(cell, dtype, H, has_proj=False, device="cuda"):
-    """'persistent' or 'per-step' (with the reason) for a layer of hidden size H on `device`."""
-    if os.environ.get("FUSED_RNN_CUDA_PERSISTENT") != "1":
-        return "per-step (persistent kernels are opt-in: FUSED_RNN_CUDA_PERSISTENT=1)"
+def kernel_for(cell, dtype, H, B, has_proj=False, device="cuda"):
+    """Which kernels run a layer of hidden size H at batch size B on `device`, and why:
+    "persistent (tiling MTxKTxNT, math, grid XxY)" — the persistent kernels with their plan — or
+    "per-step (reason)": the opt-in flag unset, or the plan's verdict (float64, projection,
+    register-budget, not-co-resident, ...: csrc/cuda/persistent_plan.h PlanVerdict)."""
+    err = ops.load_error()  # loads fused_rnn._C, which registers the op
+    if err is not None:
+        raise RuntimeError(err)
     like = torch.empty(0, dtype=dtype, device=device)
-    if torch.ops.fused_rnn.persistent_supported(cell, like, H, has_proj):
-        return "persistent"
-    return "per-step (no projection, float32/16-bit only, and w_hh's slices must fit in shared memory)"
+    return torch.ops.fused_rnn.persistent_plan(cell, like, H, B, has_proj)
 
 
 def unavailable_reason(device, dtype, cell, has_proj):
