@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for fused_rnn in stages, each one call of the device tool (<= 8 minutes); see scripts/README.md.
 #
-#   scripts/gpu_check.sh stage1      build for this GPU (or use a carried build), smoke test of every
-#                                    kernel vs the float64 reference, persistent-kernel tests, the CUDA
-#                                    tests of test_cpp_ops.py, Triton's GPU tests, timings vs cuDNN
-#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the v2
-#                                    kernels' GPU program and ptx.cuh's golden tests, the other
+#   scripts/gpu_check.sh stage1      build for this GPU (or use a carried build), the v2 kernels' GPU
+#                                    program and ptx.cuh's golden tests, persistent-kernel tests, timings
+#                                    vs cuDNN, smoke test of every kernel vs the float64 reference, the
+#                                    CUDA tests of test_cpp_ops.py, Triton's GPU tests
+#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the other
 #                                    CUDA tests, the benchmark sweep's core grid
 #   scripts/gpu_check.sh --dry-run [stage1|stage2]   no GPU: syntax, tools, test selections collect
 #
@@ -134,19 +134,22 @@ if [ "$STAGE" = stage1 ]; then
     step "extension loads" 60 build_load.log "${EXT_OK[@]}" || finish
   fi
 
-  # ---------------------------------------------------------------- correctness
-  step "smoke: every kernel vs float64 reference (CUDA_LAUNCH_BLOCKING=1, NaN-filled)" 150 smoke.log \
-    env CUDA_LAUNCH_BLOCKING=1 $PY scripts/gpu_smoke.py --workers "$(( $(nproc) < 12 ? $(nproc) : 12 ))"
+  # ---------------------------------------------------------------- correctness, then timings
+  # (in order of what a first run on new hardware most needs to see: the v2 kernels' fragment layouts,
+  # the persistent kernels against the per-step path and torch.nn, their speed, then everything else)
+  step "pytest: v2 kernels' GPU program and ptx.cuh golden tests" 90 pytest_v2_gpu.log \
+    $PY -m pytest -q -rfEs "${SEL_V2_GPU[@]}"
   step "pytest: persistent kernels" 100 pytest_persistent.log \
     env FUSED_RNN_CUDA_PERSISTENT=1 $PY -m pytest -q -rfEs -x "${SEL_PERSISTENT[@]}"
-  step "pytest: CUDA tests of test_cpp_ops (no opcheck/gradcheck)" 100 pytest_cpp_cuda.log \
-    $PY -m pytest -q -rfEs "${SEL_CPP_CUDA[@]}"
-  step "pytest: Triton GPU tests (incl. co-residency probe)" 100 pytest_triton_gpu.log \
-    $PY -m pytest -q -rfEs "${SEL_TRITON_GPU[@]}"
-  # ---------------------------------------------------------------- timings
   step "timings vs cuDNN (CUDA events)" 120 timings.log \
     $PY scripts/gpu_timings.py --csv "$LOGS/timings.csv"
-  { echo; echo "timings (ms, median):"; sed -n '/^    T /,$p' "$LOGS/timings.log"; } >> "$SUMMARY"
+  { echo; echo "timings (ms, median):"; sed -n '/^cell /,$p' "$LOGS/timings.log"; } >> "$SUMMARY"
+  step "smoke: every kernel vs float64 reference (CUDA_LAUNCH_BLOCKING=1, NaN-filled)" 100 smoke.log \
+    env CUDA_LAUNCH_BLOCKING=1 $PY scripts/gpu_smoke.py --workers "$(( $(nproc) < 12 ? $(nproc) : 12 ))"
+  step "pytest: CUDA tests of test_cpp_ops (no opcheck/gradcheck)" 60 pytest_cpp_cuda.log \
+    $PY -m pytest -q -rfEs "${SEL_CPP_CUDA[@]}"
+  step "pytest: Triton GPU tests (incl. co-residency probe)" 60 pytest_triton_gpu.log \
+    $PY -m pytest -q -rfEs "${SEL_TRITON_GPU[@]}"
   { echo; grep -E "^FAIL" "$LOGS/smoke.log" | head -20; grep -E "^(FAILED|ERROR) " "$LOGS"/pytest_*.log | head -30; } >> "$SUMMARY"
   finish
 fi
@@ -162,8 +165,6 @@ if [ -x "$SAN" ]; then
 else
   note "SKIP  compute-sanitizer not found"
 fi
-step "pytest: v2 kernels' GPU program and ptx.cuh golden tests" 150 pytest_v2_gpu.log \
-  $PY -m pytest -q -rfEs "${SEL_V2_GPU[@]}"
 XDIST=()
 $PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)   # pytest-xdist is on the GPU machine's image
 step "pytest: the rest of the CUDA tests ${XDIST[*]}" 200 pytest_rest.log \

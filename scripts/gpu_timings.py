@@ -19,9 +19,12 @@ from dataclasses import replace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# (T, B, H, dtype, tf32)
-CASES = [(1024, 16, 768, "bf16", False), (1024, 16, 768, "fp16", False),
-         (512, 64, 512, "fp32", False), (512, 64, 512, "fp32", True)]
+# (cell, T, B, H, dtype, tf32): the shapes of benchmarks/PERSISTENT_V2.md's budget
+CASES = [("lstm", 1024, 16, 768, "bf16", False), ("lstm", 1024, 16, 768, "fp16", False),
+         ("lstm", 512, 64, 512, "bf16", False),
+         ("lstm", 512, 64, 512, "fp32", False), ("lstm", 512, 64, 512, "fp32", True),
+         ("lstm", 1024, 16, 256, "bf16", False), ("lstm", 1024, 16, 1024, "bf16", False),
+         ("lstm", 256, 256, 1024, "bf16", False), ("gru", 1024, 16, 768, "bf16", False)]
 PASSES = ("forward", "forward+backward")
 
 
@@ -44,12 +47,12 @@ def timed_ms(run, reset, reps, n_inputs=3, warmup=3):
     return statistics.median(times)
 
 
-def layer_for(backend, H, dtype, nn_layer):
+def layer_for(backend, cell, H, dtype, nn_layer):
     import fused_rnn
 
     if backend == "nn":
         return nn_layer
-    layer = fused_rnn.LSTM(H, H, backend="triton" if backend.startswith("triton") else "cuda",
+    layer = getattr(fused_rnn, cell.upper())(H, H, backend="triton" if backend.startswith("triton") else "cuda",
                            device="cuda", dtype=dtype)
     layer.load_state_dict(nn_layer.state_dict())
     return layer
@@ -58,12 +61,13 @@ def layer_for(backend, H, dtype, nn_layer):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--triton-warps", default="2,4,8", help="warp counts to time the Triton kernels with")
+    p.add_argument("--triton-warps", default="", help="warp counts to time the Triton kernels with, besides "
+                   "the launcher's own choice (column `triton`), e.g. 2,4,8")
     p.add_argument("--csv", default=None)
     p.add_argument("--list", action="store_true", help="print what would be timed and exit (no GPU needed)")
     args = p.parse_args()
     warps = [int(w) for w in args.triton_warps.split(",") if w]
-    backends = ["nn", "per-step", "persistent"] + [f"triton-w{w}" for w in warps]
+    backends = ["nn", "per-step", "persistent", "triton"] + [f"triton-w{w}" for w in warps]
     if args.list:
         for case in CASES:
             print(case, PASSES, backends)
@@ -76,13 +80,13 @@ def main() -> int:
 
     choose = launcher.choose_config
     rows = []
-    print(f"{'T':>5s} {'B':>4s} {'H':>5s} {'dtype':6s} {'pass':17s} " + " ".join(f"{b:>11s}" for b in backends)
+    print(f"{'cell':4s} {'T':>5s} {'B':>4s} {'H':>5s} {'dtype':6s} {'pass':17s} " + " ".join(f"{b:>11s}" for b in backends)
           + "   (ms, median)", flush=True)
-    for T, B, H, dtype_name, tf32 in CASES:
+    for cell, T, B, H, dtype_name, tf32 in CASES:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         torch.manual_seed(0)
-        nn_layer = torch.nn.LSTM(H, H, device="cuda", dtype=dtype)
+        nn_layer = getattr(torch.nn, cell.upper())(H, H, device="cuda", dtype=dtype)
         inputs = [(torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True),
                    torch.randn(T, B, H, device="cuda", dtype=dtype)) for _ in range(3)]
         label = f"{dtype_name}{'+tf32' if tf32 else ''}"
@@ -90,14 +94,18 @@ def main() -> int:
             times = []
             for backend in backends:
                 os.environ["FUSED_RNN_CUDA_PERSISTENT"] = "1" if backend == "persistent" else "0"
-                if backend == "persistent" and not cuda_backend.kernel_for("lstm", dtype, H, B).startswith("persistent"):
-                    times.append(float("nan"))
-                    continue
-                if backend.startswith("triton"):
+                if backend == "persistent":
+                    chosen = cuda_backend.kernel_for(cell, dtype, H, B)
+                    if what == PASSES[0]:
+                        print(f"# {cell} B={B} H={H} {label}: {chosen}", flush=True)
+                    if not chosen.startswith("persistent"):
+                        times.append(float("nan"))
+                        continue
+                if backend.startswith("triton-w"):
                     w = int(backend[len("triton-w"):])
                     launcher.choose_config = lambda *a, w=w, **k: replace(choose(*a, **k), num_warps=w)
                     launcher._PLANS.clear()
-                layer = layer_for(backend, H, dtype, nn_layer)
+                layer = layer_for(backend, cell, H, dtype, nn_layer)
 
                 def run(i, layer=layer, what=what):
                     y = layer(inputs[i][0])[0]
@@ -114,9 +122,9 @@ def main() -> int:
                     times.append(float("nan"))
                 finally:
                     launcher.choose_config = choose
-            rows.append(dict(T=T, B=B, H=H, dtype=label, what=what, **dict(zip(backends, times))))
-            print(f"{T:5d} {B:4d} {H:5d} {label:6s} {what:17s} " + " ".join(f"{t:11.3f}" for t in times),
-                  flush=True)
+            rows.append(dict(cell=cell, T=T, B=B, H=H, dtype=label, what=what, **dict(zip(backends, times))))
+            print(f"{cell:4s} {T:5d} {B:4d} {H:5d} {label:6s} {what:17s} " + " ".join(f"{t:11.3f}" for t in times)
+                  + "   us/step: " + " ".join(f"{1000 * t / T:.2f}" for t in times), flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
