@@ -58,10 +58,13 @@ def gru_cell(x_gates, h, w_hh, b_hh=None):
     return (1 - z) * n + z * h
 
 
-def rnn_cell(x_gates, h, w_hh, b_hh=None, nonlinearity="tanh"):
-    """One Elman RNN step: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh) (or relu)."""
+def rnn_cell(x_gates, h, w_hh, b_hh=None, nonlinearity="tanh", relu_branch=None):
+    """One Elman RNN step: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh) (or relu).
+    relu_branch: None, or [B,H] bool, the branch each ReLU takes (pre > 0 where None)."""
     pre = x_gates + _affine(h, w_hh, b_hh)
-    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+    if nonlinearity == "tanh":
+        return torch.tanh(pre)
+    return torch.relu(pre) if relu_branch is None else pre * relu_branch.to(pre.dtype)
 
 
 def layer_norm(v, gain, bias=None, eps=1e-5):
@@ -107,7 +110,8 @@ def zone_out(keep, previous, new):
     return keep * previous + (1 - keep) * new
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None,
+               state_dtype=None, relu_branch=None):
     """The recurrence contract, step by step: y [T,B,Hout], h_n [B,Hout], c_n [B,H] or None.
 
     A sequence whose length is over stops changing state and outputs zeros; running in reverse it
@@ -115,6 +119,13 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=Non
     keep_c [T,B,H] or None), see zone_out; the output at step t is the zoned-out h_t.
     layer_norm: None, or (gain_hh [G*H], gain_c [H], bias_c [H]) (LSTM) / (gain_hh, None, None) (GRU)
     for the layer-normalised cells above; gx then holds the normalised input part.
+    state_dtype: None, or the dtype h is rounded to after every step, as a kernel that carries h in
+    16 bits (its next step's matrix product reads it) does; the gradient passes straight through.
+    Tests of 16-bit kernels use it so that the reference does not drift from them where the
+    recurrence amplifies the states' rounding. relu_branch: None, or [T,B,H] bool, the branch each
+    ReLU takes (a kernel's choice, read from its outputs y > 0): a pre-activation within the
+    kernel's float32 rounding of 0 then takes the same branch here, so the gradients compare
+    element by element (the values differ by at most that rounding).
     """
     T = gx.shape[0]
     h, c = h0, c0
@@ -130,7 +141,11 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=Non
         elif cell == "gru":
             h_new, c_new = gru_cell(gx[t], h, w_hh, b_hh), None
         else:
-            h_new, c_new = rnn_cell(gx[t], h, w_hh, b_hh, "relu" if cell == "rnn_relu" else "tanh"), None
+            h_new = rnn_cell(gx[t], h, w_hh, b_hh, "relu" if cell == "rnn_relu" else "tanh",
+                             None if relu_branch is None else relu_branch[t])
+            c_new = None
+        if state_dtype is not None:
+            h_new = h_new + (h_new.to(state_dtype).to(h_new.dtype) - h_new).detach()
         if zoneout is not None:
             keep_h, keep_c = zoneout
             h_new = zone_out(keep_h[t].to(h.dtype), h, h_new)

@@ -46,3 +46,15 @@ def run_with_cpu_isa(isa, script):
     env = dict(os.environ, FUSED_RNN_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def reference_like_kernel(cell, ref_args, dtype, out):
+    """The float64 reference for a kernel that ran in `dtype` and returned `out` (y first): for
+    fp16/bf16, h rounded to `dtype` after every step as the kernel carries it, and each ReLU on
+    the branch the kernel took (y > 0) — otherwise the reference drifts where the recurrence
+    amplifies the states' rounding, and a pre-activation within float32 rounding of 0 flips a
+    ReLU's derivative, which no tolerance covers. fp32/fp64 kernels get the plain reference."""
+    from fused_rnn import reference
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    branch = (out[0].detach().cpu() > 0) if sixteen and cell == "rnn_relu" else None
+    return reference.recurrence(cell, *ref_args, state_dtype=dtype if sixteen else None, relu_branch=branch)
