@@ -3,6 +3,8 @@ per-step and persistent kernels vs the Triton kernels (per warp count), forward 
 CUDA events around each pass, median of --reps runs after warm-up, 3 rotating random input sets.
 
     python scripts/gpu_timings.py [--reps 10] [--triton-warps 2,4,8] [--csv out.csv] [--list]
+                                  [--cases lstm:1024:16:256:bf16,...] [--backends nn,persistent]
+                                  [--passes forward]
 
 fp32 rows run once with TF32 off and once on (torch.backends.cuda.matmul.allow_tf32 and
 torch.backends.cudnn.allow_tf32 both set), so every backend computes at the same precision.
@@ -65,12 +67,22 @@ def main() -> int:
                    "the launcher's own choice (column `triton`), e.g. 2,4,8")
     p.add_argument("--csv", default=None)
     p.add_argument("--list", action="store_true", help="print what would be timed and exit (no GPU needed)")
+    p.add_argument("--cases", default=None, help="comma-separated cell:T:B:H:dtype[:tf32] (dtype bf16, fp16 "
+                   "or fp32) instead of the budget's shapes")
+    p.add_argument("--backends", default=None, help="comma-separated subset of the columns to time")
+    p.add_argument("--passes", default=",".join(PASSES), help="forward and/or forward+backward")
     args = p.parse_args()
     warps = [int(w) for w in args.triton_warps.split(",") if w]
     backends = ["nn", "per-step", "persistent", "triton"] + [f"triton-w{w}" for w in warps]
+    if args.backends:
+        backends = [b for b in args.backends.split(",") if b]
+    passes = [w for w in args.passes.split(",") if w]
+    cases = CASES if args.cases is None else [
+        (c[0], int(c[1]), int(c[2]), int(c[3]), c[4], len(c) > 5 and c[5] == "tf32")
+        for c in (case.split(":") for case in args.cases.split(",") if case)]
     if args.list:
-        for case in CASES:
-            print(case, PASSES, backends)
+        for case in cases:
+            print(case, passes, backends)
         return 0
 
     import torch
@@ -82,7 +94,7 @@ def main() -> int:
     rows = []
     print(f"{'cell':4s} {'T':>5s} {'B':>4s} {'H':>5s} {'dtype':6s} {'pass':17s} " + " ".join(f"{b:>11s}" for b in backends)
           + "   (ms, median)", flush=True)
-    for cell, T, B, H, dtype_name, tf32 in CASES:
+    for cell, T, B, H, dtype_name, tf32 in cases:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         torch.manual_seed(0)
@@ -90,13 +102,13 @@ def main() -> int:
         inputs = [(torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True),
                    torch.randn(T, B, H, device="cuda", dtype=dtype)) for _ in range(3)]
         label = f"{dtype_name}{'+tf32' if tf32 else ''}"
-        for what in PASSES:
+        for what in passes:
             times = []
             for backend in backends:
                 os.environ["FUSED_RNN_CUDA_PERSISTENT"] = "1" if backend == "persistent" else "0"
                 if backend == "persistent":
                     chosen = cuda_backend.kernel_for(cell, dtype, H, B)
-                    if what == PASSES[0]:
+                    if what == passes[0]:
                         print(f"# {cell} B={B} H={H} {label}: {chosen}", flush=True)
                     if not chosen.startswith("persistent"):
                         times.append(float("nan"))
