@@ -14,10 +14,14 @@
 // pointwise derivative (cell_math.h) and then the six GEMM-shaped gradients.
 // fake kernels: fused_rnn/ops/cpp/cell_ops.py. The schemas join the TORCH_LIBRARY block of
 // csrc/recurrence.cpp as a fragment.
+#include <Python.h>
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -368,7 +372,87 @@ std::tuple<Tensor, Tensor> cell_step_autograd(c10::string_view cell, const Tenso
   return {out[0], out[1]};
 }
 
+// ---------------------------------------------------------------- eager entry from Python
+// fused_rnn._C.cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> (h', c' | [0]) or None:
+// fused_rnn::cell_step called through the dispatcher as torch.ops.fused_rnn.cell_step would
+// (autograd, fake and Python-mode kernels all apply), without torch.ops' boxed argument parsing
+// (~3 us a call, a third of a B=1 step). The modules' eager fast path calls it and checks here, in
+// C++, that the call is one torch.nn would accept; None (nothing run) sends the module down its
+// full path, whose checks raise torch.nn's errors. torch.compile traces torch.ops instead.
+struct GilReleased {
+  PyThreadState* state = PyEval_SaveThread();
+  ~GilReleased() { PyEval_RestoreThread(state); }
+};
+
+// Whether the arguments are what torch.nn's cell accepts without an error and the op runs: 2-D CPU
+// input and states of the weights' sizes, one dtype. Input and states must be plain tensors (a
+// subclass may override __torch_function__, which torch.ops honours); weights may be Parameters.
+bool fast_call_fits(PyObject* const* args, int64_t G) {
+  for (int i = 1; i < 8; ++i) {
+    PyObject* a = args[i];
+    if ((i == 3 || i >= 6) && a == Py_None) continue;
+    if (i <= 3 ? !THPVariable_CheckExact(a) : !THPVariable_Check(a)) return false;
+  }
+  const Tensor &x = THPVariable_Unpack(args[1]), &h = THPVariable_Unpack(args[2]);
+  const Tensor &w_ih = THPVariable_Unpack(args[4]), &w_hh = THPVariable_Unpack(args[5]);
+  if (x.dim() != 2 || w_ih.dim() != 2 || w_hh.dim() != 2 || !x.device().is_cpu()) return false;
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1);
+  const auto same = [&](const Tensor& t) { return t.scalar_type() == x.scalar_type() && t.device().is_cpu(); };
+  const auto state_fits = [&](const Tensor& t) { return same(t) && t.dim() == 2 && t.size(0) == B && t.size(1) == H; };
+  if (!state_fits(h) || (args[3] != Py_None) != (G == 4)) return false;  // G == 4: LSTM, which has cx
+  if (args[3] != Py_None && !state_fits(THPVariable_Unpack(args[3]))) return false;
+  if (!same(w_ih) || !same(w_hh) || w_ih.size(0) != G * H || w_ih.size(1) != I || w_hh.size(0) != G * H) return false;
+  for (int i = 6; i < 8; ++i) {
+    if (args[i] == Py_None) continue;
+    const Tensor& b = THPVariable_Unpack(args[i]);
+    if (!same(b) || b.dim() != 1 || b.size(0) != G * H) return false;
+  }
+  return true;
+}
+
+PyObject* cell_step_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8) return PyErr_Format(PyExc_TypeError, "fused_rnn._C.cell_step takes 8 arguments, got %zd", nargs);
+  Py_ssize_t length = 0;
+  const char* cell = PyUnicode_AsUTF8AndSize(args[0], &length);
+  if (cell == nullptr) return nullptr;
+  const c10::string_view cell_name(cell, length);
+  if (!fast_call_fits(args, num_gates(parse_cell(cell_name)))) Py_RETURN_NONE;
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fused_rnn::cell_step", "").typed<decltype(cell_step_cpu)>();
+  const auto optional_arg = [&](int i) {
+    return args[i] == Py_None ? optional<Tensor>() : optional<Tensor>(THPVariable_Unpack(args[i]));
+  };
+  Tensor h_new, c_new;
+  {
+    const GilReleased no_gil;
+    std::tie(h_new, c_new) = op.call(cell_name, THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
+                                     optional_arg(3), THPVariable_Unpack(args[4]), THPVariable_Unpack(args[5]),
+                                     optional_arg(6), optional_arg(7));
+  }
+  PyObject* h_py = THPVariable_Wrap(std::move(h_new));
+  PyObject* c_py = h_py == nullptr ? nullptr : THPVariable_Wrap(std::move(c_new));
+  PyObject* out = c_py == nullptr ? nullptr : PyTuple_New(2);
+  if (out == nullptr) {
+    Py_XDECREF(h_py);
+    Py_XDECREF(c_py);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(out, 0, h_py);  // the tuple takes both references
+  PyTuple_SET_ITEM(out, 1, c_py);
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef python_methods[] = {
+    {"cell_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(cell_step_py)), METH_FASTCALL,
+     "cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> (h', c' | [0]), or None where torch.nn's cell "
+     "would raise: fused_rnn::cell_step, eager"},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
+
+int add_cell_step_entry(PyObject* module) { return PyModule_AddFunctions(module, python_methods); }
 
 TORCH_LIBRARY_FRAGMENT(fused_rnn, m) {
   m.def(

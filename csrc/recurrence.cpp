@@ -500,12 +500,16 @@ TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
 
 }  // namespace fused_rnn
 
+namespace fused_rnn {
+int add_cell_step_entry(PyObject* module);  // csrc/cell_step.cpp: _C.cell_step, the modules' eager call
+}  // namespace fused_rnn
+
 // `import fused_rnn._C` loads this library, whose static initialisers register the ops above.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "fused_rnn kernels; the ops are torch.ops.fused_rnn.*", -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);
-  if (m == nullptr) return nullptr;
+  if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0) return nullptr;
   PyModule_AddIntConstant(m, "ABI_VERSION", FUSED_RNN_ABI_VERSION);
   PyModule_AddStringConstant(m, "SOURCE_HASH", FUSED_RNN_SOURCE_HASH);
 #ifdef WITH_CUDA

@@ -185,6 +185,9 @@ class _FusedCellMixin:
             raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
                                f"{_dtype_name(input.dtype)} and {_dtype_name(self.weight_ih.dtype)}")
         functional._check_same_device(input, states, [self.weight_ih, self.weight_hh])
+        if states[0].dtype != self.weight_hh.dtype:  # torch.nn's h @ w_hh.T meets it first
+            raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
+                               f"{_dtype_name(states[0].dtype)} and {_dtype_name(self.weight_hh.dtype)}")
         functional._check_hidden_dtype(input, states)
         h, c = functional.cell_step(cell, input, states[0], states[1] if cell == "lstm" else None,
                                     self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend)
@@ -196,34 +199,29 @@ class _FusedCellMixin:
     def _fused_step(self, cell, input, hx):
         """The common eager call straight into fused_rnn::cell_step: batched CPU input and a state
         of the module's sizes, dtype and device, no autocast. Anything else returns None and takes
-        the full path above, whose checks give torch.nn's errors. The checks here are the cheap
-        subset that proves the full ones would pass (a decoder pays them every step)."""
-        if (hx is None or input.dim() != 2 or not input.is_cpu or torch.is_autocast_enabled("cpu")
-                or torch.compiler.is_compiling()):
+        the full path above, whose checks give torch.nn's errors. What is checked here is what C++
+        cannot see; cell_ops.CELL_STEP checks the tensors (and returns None) in C++, since a decoder
+        pays these checks every step."""
+        if (hx is None or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+                or torch._C._is_torch_function_mode_enabled()):
             return None
         if cell == "lstm":
-            if type(hx) is not tuple or len(hx) != 2 or type(hx[1]) is not torch.Tensor:
+            if type(hx) is not tuple or len(hx) != 2:
                 return None
             h, c = hx
         else:
             h, c = hx, None
-        if type(h) is not torch.Tensor:
-            return None
         params = self._parameters
         w_ih, w_hh, b_ih, b_hh = (params.get("weight_ih"), params.get("weight_hh"),
                                   params.get("bias_ih"), params.get("bias_hh"))
         if w_ih is None or w_hh is None or (self.bias and (b_ih is None or b_hh is None)):
             return None  # parametrized weights: read through the full path
-        dtype, shape = input.dtype, (input.shape[0], self.hidden_size)
-        if input.shape[1] != self.input_size or not cell_ops.runs_on_cpu(self.backend, dtype, cell):
+        if type(input) is not torch.Tensor or not cell_ops.runs_on_cpu(self.backend, input.dtype, cell):
             return None
-        for t in (h, c, w_ih, w_hh, b_ih, b_hh):
-            if t is not None and (t.dtype != dtype or not t.is_cpu):
-                return None
-        if h.shape != shape or (c is not None and c.shape != shape):
+        out = cell_ops.CELL_STEP(cell, input, h, c, w_ih, w_hh, b_ih, b_hh)
+        if out is None:
             return None
-        h, c = cell_ops.CELL_STEP(cell, input, h, c, w_ih, w_hh, b_ih, b_hh)
-        return (h, c) if cell == "lstm" else h
+        return out if cell == "lstm" else out[0]
 
 
 def _dtype_name(dtype):

@@ -5,7 +5,9 @@ functional.cell_step.
 
 is one step of LSTMCell/GRUCell/RNNCell, input projection included; its autograd is registered
 in C++ (cell_step_forward / cell_step_backward), so a call costs no Python beyond this module's
-one line. CPU tensors only; other devices take the recurrence path (functional.cell_step).
+one line. The modules call it eagerly through CELL_STEP (fused_rnn._C.cell_step), which skips
+torch.ops' argument parsing and checks the arguments in C++. CPU tensors only; other devices take
+the recurrence path (functional.cell_step).
 """
 import os
 
@@ -15,8 +17,14 @@ from ... import backends
 from . import ops
 
 _registered = None  # None: not tried yet; else whether the ops are there
-CELL_STEP = None    # torch.ops.fused_rnn.cell_step.default once available() is True
+# fused_rnn._C.cell_step once available() is True: the modules' eager call of the op, None where
+# torch.nn's cell would raise (csrc/cell_step.cpp, "eager entry from Python")
+CELL_STEP = None
 _runs = {}          # (backend, $FUSED_RNN_BACKEND, dtype, cell) -> runs_on_cpu's answer
+# os.environ.get costs ~2 us when the variable is unset (a KeyError raised and caught inside it);
+# the mapping's own dict, which os.environ keeps in step with every change, answers in 0.1 us.
+_ENVIRON = os.environ._data
+_ENV_KEY = os.environ.encodekey(backends.ENV_VAR)
 
 
 def available():
@@ -35,7 +43,7 @@ def available():
 def runs_on_cpu(backend, dtype, cell):
     """Whether a CPU step of `cell` in `dtype` asked of `backend` runs as fused_rnn::cell_step: when
     the backend resolves to `cpu` and the build has the op. Cached: a decoder asks every step."""
-    key = (backend, os.environ.get(backends.ENV_VAR) if backend == "auto" else None, dtype, cell)
+    key = (backend, _ENVIRON.get(_ENV_KEY) if backend == "auto" else None, dtype, cell)
     runs = _runs.get(key)
     if runs is None:
         runs = _runs[key] = backends._resolve(backend, "cpu", dtype, cell, False) == "cpu" and available()
@@ -67,7 +75,7 @@ def _fake_cell_step_backward(cell, dh, dc, input, hx, cx, w_ih, w_hh, h_new, c_n
 
 def _register():
     global CELL_STEP
-    CELL_STEP = torch.ops.fused_rnn.cell_step.default
+    CELL_STEP = ops._C.cell_step
     torch.library.register_fake("fused_rnn::cell_step")(_fake_cell_step)
     torch.library.register_fake("fused_rnn::cell_step_forward")(_fake_cell_step_forward)
     torch.library.register_fake("fused_rnn::cell_step_backward")(_fake_cell_step_backward)
