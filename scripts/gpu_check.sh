@@ -5,8 +5,11 @@
 #                                    program and ptx.cuh's golden tests, persistent-kernel tests, timings
 #                                    vs cuDNN, smoke test of every kernel vs the float64 reference, the
 #                                    CUDA tests of test_cpp_ops.py, Triton's GPU tests
-#   scripts/gpu_check.sh stage2      compute-sanitizer memcheck of the persistent kernels, the other
-#                                    CUDA tests, the benchmark sweep's core grid
+#   scripts/gpu_check.sh stage2      the persistent and per-step tests in full, zoneout/layer norm/double
+#                                    backward on cuda and triton, sync costs alone, a profile of a step,
+#                                    persistent forward against H and B, compute-sanitizer memcheck of
+#                                    the persistent kernels, the other CUDA tests, the sweep's core grid
+#                                    (either stage builds when no working build is present)
 #   scripts/gpu_check.sh --dry-run [stage1|stage2]   no GPU: syntax, tools, test selections collect
 #
 # Every step runs under `timeout`, capped so that the whole stage ends within FUSED_RNN_GPU_CHECK_STAGE_S
@@ -75,6 +78,11 @@ SEL_CPP_CUDA=(tests/test_cpp_ops.py -k "TestCUDA and not opcheck and not gradche
 SEL_TRITON_GPU=(tests/test_triton.py -k "gpu")
 # the v2 persistent kernels' standalone GPU program (compiled at test time) and ptx.cuh's golden tests
 SEL_V2_GPU=(tests/test_cuda_persistent_v2.py tests/test_cuda_emu_ptx.py -k "gpu")
+# stage 2: zoneout, layer norm and double backward on the GPU backends
+SEL_OPTIONS=(tests/test_zoneout.py tests/test_layer_norm.py tests/test_double_backward.py -k "cuda or triton")
+# stage 2: persistent forward µs/step against H at B=16 and against B at H=768 (bf16, T=512)
+SCAN=lstm:512:16:64:bf16,lstm:512:16:128:bf16,lstm:512:16:256:bf16,lstm:512:16:512:bf16,lstm:512:16:768:bf16
+SCAN=$SCAN,lstm:512:16:1024:bf16,lstm:512:1:768:bf16,lstm:512:32:768:bf16,lstm:512:64:768:bf16
 # stage 2: the rest of what runs on CUDA (CPU-only tests are CI's): every backend on cuda, Triton's
 # other tests at their GPU shapes, the C++ ops' CUDA opcheck and gradcheck
 SEL_REST=(tests/test_backends.py tests/test_triton.py tests/test_cpp_ops.py
@@ -89,7 +97,8 @@ if [ $DRY = 1 ]; then
   step "scripts compile" 60 compile.log $PY -m py_compile scripts/gpu_smoke.py scripts/gpu_timings.py
   step "smoke configurations" 60 smoke.log $PY scripts/gpu_smoke.py --list
   step "timing cases" 60 timings.log $PY scripts/gpu_timings.py --list
-  for sel in SEL_PERSISTENT SEL_CPP_CUDA SEL_TRITON_GPU SEL_V2_GPU SEL_REST; do
+  step "scan cases" 60 scan.log $PY scripts/gpu_timings.py --list --backends nn,persistent --passes forward --cases "$SCAN"
+  for sel in SEL_PERSISTENT SEL_CPP_CUDA SEL_TRITON_GPU SEL_V2_GPU SEL_OPTIONS SEL_REST; do
     declare -n args=$sel
     step "collect $sel" 300 "collect_$sel.log" $PY -m pytest -q --collect-only "${args[@]}"
   done
@@ -120,20 +129,21 @@ err = ops.load_error()
 print('fused_rnn._C:', err or ('ok, CUDA' if ops.built_with_cuda() else 'built without CUDA'))
 sys.exit(0 if err is None and ops.built_with_cuda() else 1)")
 
-if [ "$STAGE" = stage1 ]; then
-  # ---------------------------------------------------------------- build (or the carried one)
-  if [ "${FUSED_RNN_GPU_CHECK_REBUILD:-0}" != 1 ] && "${EXT_OK[@]}" > "$LOGS/carried_build.log" 2>&1; then
-    note "PASS  build: the carried build loads ($(tail -1 "$LOGS/carried_build.log"))"
-  else
-    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-      export TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
-    fi
-    export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-    step "build fused_rnn._C for sm_${TORCH_CUDA_ARCH_LIST/./} with $MAX_JOBS jobs" 300 build.log \
-      $PY setup.py build_ext --inplace || finish
-    step "extension loads" 60 build_load.log "${EXT_OK[@]}" || finish
+# ------------------------------------------------------------------ build (or the carried one, or the one
+# an earlier stage left on this machine)
+if [ "${FUSED_RNN_GPU_CHECK_REBUILD:-0}" != 1 ] && "${EXT_OK[@]}" > "$LOGS/carried_build.log" 2>&1; then
+  note "PASS  build: a working build is present ($(tail -1 "$LOGS/carried_build.log"))"
+else
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    export TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
   fi
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  step "build fused_rnn._C for sm_${TORCH_CUDA_ARCH_LIST/./} with $MAX_JOBS jobs" 300 build.log \
+    $PY setup.py build_ext --inplace || finish
+  step "extension loads" 60 build_load.log "${EXT_OK[@]}" || finish
+fi
 
+if [ "$STAGE" = stage1 ]; then
   # ---------------------------------------------------------------- correctness, then timings
   # (in order of what a first run on new hardware most needs to see: the v2 kernels' fragment layouts,
   # the persistent kernels against the per-step path and torch.nn, their speed, then everything else)
@@ -155,7 +165,26 @@ if [ "$STAGE" = stage1 ]; then
 fi
 
 # ------------------------------------------------------------------ stage 2
-"${EXT_OK[@]}" > "$LOGS/build.log" 2>&1 || { note "FAIL  no working CUDA build: run stage1 first on the same machine (or carry its build)"; STATUS=1; finish; }
+# what stage 1 leaves: the persistent and per-step tests in full, the options (zoneout, layer norm,
+# double backward) on the cuda and triton backends, where a step's time goes (sync costs alone, a
+# profile, persistent forward against H), compute-sanitizer, the rest of the CUDA tests, the sweep
+step "pytest: persistent kernels (all cases)" 100 pytest_persistent.log \
+  env FUSED_RNN_CUDA_PERSISTENT=1 $PY -m pytest -q -rfEs "${SEL_PERSISTENT[@]}"
+step "pytest: CUDA tests of test_cpp_ops (no opcheck/gradcheck)" 60 pytest_cpp_cuda.log \
+  $PY -m pytest -q -rfEs "${SEL_CPP_CUDA[@]}"
+step "pytest: zoneout, layer norm, double backward on cuda and triton" 90 pytest_options.log \
+  $PY -m pytest -q -rfEs "${SEL_OPTIONS[@]}"
+step "sync costs alone (benchmarks/sync_cost.cu)" 60 sync_cost.log \
+  $PY -m benchmarks.sync_cost --out "$LOGS/sync_cost.csv"
+{ echo; echo "sync costs:"; grep -E "^\|" "$LOGS/sync_cost.log"; } >> "$SUMMARY"
+step "profile: per-step path, LSTM B=16 H=768 bf16 T=64" 40 profile_per_step.log \
+  $PY scripts/gpu_profile.py --persistent 0
+step "profile: persistent v2, LSTM B=16 H=768 bf16 T=64" 40 profile_persistent.log \
+  $PY scripts/gpu_profile.py --persistent 1
+grep -h "us/step (wall)" "$LOGS"/profile_*.log >> "$SUMMARY" 2>/dev/null
+step "timings: persistent forward against H and B (bf16)" 60 scan.log \
+  $PY scripts/gpu_timings.py --backends nn,persistent --passes forward --csv "$LOGS/scan.csv" --cases "$SCAN"
+{ echo; echo "scan (ms, median):"; sed -n '/^cell /,$p' "$LOGS/scan.log"; } >> "$SUMMARY"
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SAN" ]; then
   step "compute-sanitizer memcheck: persistent kernels, H in {8, 133}" 150 memcheck.log \
