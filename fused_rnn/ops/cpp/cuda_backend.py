@@ -8,7 +8,12 @@ layers up to H=512 whose v2 grid fits the device at the batch size given, and v1
 (csrc/cuda/persistent_plan.h). fp32 follows torch.backends.cuda.matmul.allow_tf32, read at each call:
 on, TF32 MMAs (10-bit mantissas, like torch's own TF32 matmuls); off (torch's default), 3xTF32, whose
 error stays at fp32 FFMA's level (benchmarks/PERSISTENT_V2.md, shape 3).
-They stay opt-in until a GPU run has verified them (benchmarks/PERSISTENT_V2.md, NOTES.md)."""
+They stay opt-in until a GPU run has verified them (benchmarks/PERSISTENT_V2.md, NOTES.md).
+
+Zoneout and the layer-normalised LSTM/GRU (OPTIONS) run in the per-step kernels, one block per
+batch row (the layer norm's statistics are a block reduction over the row; csrc/recurrence_step.h
+forward_row_options / backward_row_options); the persistent kernels are not chosen for them.
+Neither combines with a projection."""
 import os
 
 import torch
@@ -18,9 +23,13 @@ from . import ops
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
-    """The recurrence contract (fused_rnn/backends.py)."""
-    return ops.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+OPTIONS = ops.OPTIONS  # zoneout, layer_norm (fused_rnn/backends.py routes by them)
+unavailable_option_reason = ops.unavailable_option_reason
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):
+    """The recurrence contract (fused_rnn/backends.py); zoneout and layer_norm as the reference's."""
+    return ops.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout, layer_norm)
 
 
 def kernel_for(cell, dtype, H, has_proj=False, device="cuda"):
