@@ -7,8 +7,13 @@ from ln_hat and dcout). Plain build: each cell and dtype, odd H (37, 133: a bloc
 or several units), lengths, reverse, training masks and eval's p, a one-block grid; ThreadSanitizer
 and AddressSanitizer + UBSan builds: a subset with every option, in the kernel instances those builds
 compile (tests/test_cuda_emulated.py). Skips with the reason when no host compiler can build the
-emulator (tests/emu_build.py); nvcc is not needed here (the sm_80/sm_90 compile is test_compile.py's
-and the build's)."""
+emulator (tests/emu_build.py). With nvcc present, the launcher (csrc/cuda/pointwise_cuda.cu) is also
+compiled for sm_80 and sm_90, and ptxas must report no spills."""
+import os
+import re
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -117,3 +122,19 @@ def cases(mode):
 @pytest.mark.parametrize("mode,kw", base.mode_cases(cases))
 def test_zoneout_and_layer_norm_kernels(compiler, tmp_path, mode, kw):
     run_features(tmp_path, mode, **kw)
+
+
+NVCC = shutil.which("nvcc") or next((p for p in [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                              "bin", "nvcc")] if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed: no sm_80/sm_90 compile check")
+def test_pointwise_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
+    csrc = base.ROOT / "csrc"
+    cmd = [NVCC, "-std=c++17", "-O3", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
+           "arch=compute_90,code=sm_90", "-Xptxas", "-v", f"-I{csrc}", "-c", str(csrc / "cuda" / "pointwise_cuda.cu"),
+           "-o", str(tmp_path / "pointwise.o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    spills = [line for line in r.stderr.splitlines() if re.search(r"[1-9]\d* bytes spill", line)]
+    assert not spills, spills
