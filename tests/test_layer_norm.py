@@ -314,3 +314,18 @@ def test_opcheck_of_the_cpp_options_ops(cell, zoneout):
            None if c0 is None else c0.detach(), w_hh.detach(), None, lengths, reverse,
            *[a.detach() if torch.is_tensor(a) and a.is_floating_point() else a for a in opts], ln_hat, ln_rstd)
     torch.library.opcheck(torch.ops.fused_rnn.recurrence_backward_options.default, bwd)
+
+
+@needs_cpu
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
+def test_cpu_backend_inference_without_saving(cls):
+    """Under no_grad the op saves nothing (one step of scratch): eval with zoneout, 2 layers, both
+    directions, against the reference backend."""
+    torch.manual_seed(0)
+    cpu = getattr(fused_rnn, cls)(3, 7, num_layers=2, bidirectional=True, zoneout=0.2, backend="cpu").double().eval()
+    ref = getattr(fused_rnn, cls)(3, 7, num_layers=2, bidirectional=True, zoneout=0.2, backend="reference").double()
+    ref.load_state_dict(cpu.state_dict())
+    x = torch.randn(5, 4, 3, dtype=F64)
+    with torch.no_grad():
+        for a, b in zip(torch.utils._pytree.tree_leaves(cpu(x)), torch.utils._pytree.tree_leaves(ref.eval()(x))):
+            assert_close(a, b, F64)
