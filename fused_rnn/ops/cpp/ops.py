@@ -116,8 +116,9 @@ def _fake_forward_options(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, 
     T, B, GH = gx.shape
     H, acc = GH // GATES[cell], _acc_dtype(gx.dtype)
     ln, lstm = save and gain_hh is not None, cell == "lstm"
-    ln_hat = gx.new_empty(T, B, GH + lstm * H, dtype=acc) if ln else gx.new_empty(0, dtype=acc)
-    ln_rstd = gx.new_empty(T, B, 1 + lstm, dtype=acc) if ln else gx.new_empty(0, dtype=acc)
+    # no bool * SymInt: ints only, so that dynamic shapes trace (opcheck's aot_dispatch_dynamic)
+    ln_hat = gx.new_empty(T, B, GH + (H if lstm else 0), dtype=acc) if ln else gx.new_empty(0, dtype=acc)
+    ln_rstd = gx.new_empty(T, B, 2 if lstm else 1, dtype=acc) if ln else gx.new_empty(0, dtype=acc)
     return _fake_forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save) + (ln_hat, ln_rstd)
 
 
