@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <array>
 #include <cstdlib>
 #include <string>
 
@@ -34,7 +35,7 @@
 #endif
 
 // Bump when a schema or the meaning of an output changes: the Python side refuses a stale build.
-#define FUSED_RNN_ABI_VERSION 2
+#define FUSED_RNN_ABI_VERSION 4
 
 namespace fused_rnn {
 namespace {
@@ -188,6 +189,75 @@ Shapes check_inputs(c10::string_view cell_name, const Tensor& gx, const Tensor& 
 
 const int64_t* lengths_ptr(const optional<Tensor>& l) { return l.has_value() ? l->data_ptr<int64_t>() : nullptr; }
 
+// Zoneout and layer norm as the ops take them (fused_rnn/ops/cpp/ops.py): keep_h/keep_c bool
+// [T,B,H] training masks, or keep_p (eval's probability); gain_hh [G*H], gain_c, bias_c [H] (LSTM).
+struct Options {
+  optional<Tensor> keep_h, keep_c;
+  double keep_p = 0;
+  optional<Tensor> gain_hh, gain_c, bias_c;
+  bool zoneout() const { return keep_h.has_value() || keep_p != 0; }
+  bool layer_norm() const { return gain_hh.has_value(); }
+  bool any() const { return zoneout() || layer_norm(); }
+};
+
+void check_options(const Options& o, Cell cell, bool proj, int64_t T, int64_t B, int64_t H, const Tensor& like) {
+  if (!o.any()) return;
+  TORCH_CHECK(cell == Cell::LSTM || cell == Cell::GRU, "fused_rnn: zoneout and layer norm are for lstm and gru");
+  TORCH_CHECK(!proj, "fused_rnn: zoneout and layer norm are not implemented for a projected LSTM (proj_size > 0)");
+  TORCH_CHECK(o.keep_p >= 0 && o.keep_p < 1, "fused_rnn: keep_p must be in [0, 1), got ", o.keep_p);
+  const auto check_keep = [&](const optional<Tensor>& k, const char* name) {
+    TORCH_CHECK(k->scalar_type() == at::kBool && k->dim() == 3 && k->size(0) == T && k->size(1) == B &&
+                    k->size(2) == H && k->device() == like.device(),
+                "fused_rnn: ", name, " must be a bool [T, B, H] = [", T, ", ", B, ", ", H, "] mask on ",
+                like.device());
+  };
+  if (o.keep_h.has_value()) {
+    TORCH_CHECK(o.keep_p == 0, "fused_rnn: give either the zoneout masks or keep_p, not both");
+    check_keep(o.keep_h, "keep_h");
+    TORCH_CHECK(o.keep_c.has_value() == (cell == Cell::LSTM), "fused_rnn: keep_c goes with keep_h for lstm only");
+    if (o.keep_c.has_value()) check_keep(o.keep_c, "keep_c");
+  } else {
+    TORCH_CHECK(!o.keep_c.has_value(), "fused_rnn: keep_c without keep_h");
+  }
+  const auto check_vec = [&](const optional<Tensor>& v, int64_t n, const char* name) {
+    TORCH_CHECK(v.has_value() && v->dim() == 1 && v->size(0) == n && v->scalar_type() == like.scalar_type() &&
+                    v->device() == like.device(),
+                "fused_rnn: ", name, " must be a [", n, "] tensor like gx");
+  };
+  if (o.layer_norm()) {
+    check_vec(o.gain_hh, num_gates(cell) * H, "gain_hh");
+    if (cell == Cell::LSTM) {
+      check_vec(o.gain_c, H, "gain_c");
+      check_vec(o.bias_c, H, "bias_c");
+    }
+  }
+  TORCH_CHECK(o.layer_norm() || (!o.gain_c.has_value() && !o.bias_c.has_value()),
+              "fused_rnn: gain_c and bias_c go with gain_hh");
+  TORCH_CHECK(cell == Cell::LSTM || (!o.gain_c.has_value() && !o.bias_c.has_value()),
+              "fused_rnn: gain_c and bias_c are for lstm only");
+}
+
+// The StepOptions of step t (keep masks and saved layer-norm values at t; ts the saved step).
+StepOptions step_options(const Options& o, const optional<Tensor>& keep_h, const optional<Tensor>& keep_c,
+                         const Tensor& ln_hat, const Tensor& ln_rstd, int64_t t, int64_t ts) {
+  StepOptions s{};
+  s.keep_h = keep_h.has_value() ? static_cast<const uint8_t*>(step_ptr(*keep_h, t)) : nullptr;
+  s.keep_c = keep_c.has_value() ? static_cast<const uint8_t*>(step_ptr(*keep_c, t)) : nullptr;
+  s.keep_p = o.keep_p;
+  if (o.layer_norm()) {
+    s.gain_hh = o.gain_hh->data_ptr();
+    s.gain_c = o.gain_c.has_value() ? o.gain_c->data_ptr() : nullptr;
+    s.bias_c = o.bias_c.has_value() ? o.bias_c->data_ptr() : nullptr;
+    s.ln_hat = step_ptr(ln_hat, ts);
+    s.ln_rstd = step_ptr(ln_rstd, ts);
+  }
+  return s;
+}
+
+optional<Tensor> contiguous_opt(const optional<Tensor>& t) {
+  return t.has_value() ? optional<Tensor>(t->contiguous()) : c10::nullopt;
+}
+
 // The persistent kernels (csrc/cuda/persistent.cu) run all T steps in one cooperative launch with
 // w_hh kept on chip. They are opt-in (FUSED_RNN_CUDA_PERSISTENT=1) until verified on a GPU
 // (benchmarks/PERSISTENT_V2.md); where their plan (csrc/cuda/persistent_plan.h) does not fit the layer —
@@ -209,22 +279,26 @@ const char* why_not_persistent(Cell cell, bool proj, const Tensor& like, int64_t
 }
 
 // Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
-// without a projection (a projection runs the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
+// without a projection, zoneout or layer norm (those run the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
 // forces the per-step kernels (tests compare the two).
-bool use_cpu_fused(const Tensor& like, bool proj) {
-  if (like.is_cuda() || proj) return false;
+bool use_cpu_fused(const Tensor& like, bool proj, bool options) {
+  if (like.is_cuda() || proj || options) return false;
   const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
   return kernel == nullptr || std::string(kernel) != "per-step";
 }
 
 // Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
 // (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
-// RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
-    c10::string_view cell_name, const Tensor& gx_in, const Tensor& h0_in, const optional<Tensor>& c0_in,
-    const Tensor& w_hh_in, const optional<Tensor>& b_hh_in, const optional<Tensor>& w_hr_in,
-    const optional<Tensor>& lengths_in, bool reverse, bool save) {
+// RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection);
+// with layer norm (and save) ln_hat [T,B,(G+LSTM)*H] and ln_rstd [T,B,1+LSTM] in the accumulation
+// dtype (StepOptions), else [0].
+using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const Tensor& h0_in,
+                        const optional<Tensor>& c0_in, const Tensor& w_hh_in, const optional<Tensor>& b_hh_in,
+                        const optional<Tensor>& w_hr_in, const optional<Tensor>& lengths_in, bool reverse, bool save,
+                        const Options& o) {
   const Shapes s = check_inputs(cell_name, gx_in, h0_in, c0_in, w_hh_in, b_hh_in, w_hr_in, lengths_in);
+  check_options(o, s.cell, s.proj, s.T, s.B, s.H, gx_in);
   const c10::DeviceGuard guard(gx_in.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMMs in our dtype
   const Pointwise pw(gx_in);
@@ -239,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
 
 #ifdef WITH_CUDA
   PersistentV2Plan plan;
-  if (why_not_persistent(s.cell, s.proj, gx, H, B, &plan) == nullptr) {  // reads w_hh, h0, c0 as given: no copies
+  if (!o.any() && why_not_persistent(s.cell, s.proj, gx, H, B, &plan) == nullptr) {  // reads w_hh, h0, c0 as given: no copies
     const Tensor w_hh = w_hh_in.contiguous();
     const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : Tensor();
     const Tensor h0 = h0_in.contiguous();
@@ -256,7 +330,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
                               lstm ? c_n.data_ptr() : nullptr, save && has_gates ? gates.data_ptr() : nullptr,
                               save && lstm ? cells.data_ptr() : nullptr};
     cuda::persistent_forward(q, plan, workspace.data_ptr(), pw.stream);
-    return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
+    return {y, h_n, c_n, gates, cells, at::empty({0}, opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
 #endif
 
@@ -272,7 +346,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   p.b_hh = b_hh.data_ptr();
   p.c = lstm ? c.data_ptr() : nullptr;
 
-  if (use_cpu_fused(gx, s.proj)) {
+  if (use_cpu_fused(gx, s.proj, o.any())) {
     const Tensor w_hh = w_hh_in.contiguous();
     const Tensor h0 = h0_in.contiguous();
     Tensor h_n = at::empty({B, H}, opts);
@@ -283,7 +357,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
                          save && lstm ? cells.data_ptr() : nullptr};
     cpu::fused_forward(q);
     Tensor c_n = lstm ? c.to(gx.scalar_type()) : at::empty({0}, opts);
-    return {y, h_n, c_n, gates, cells, at::empty({0}, opts)};
+    return {y, h_n, c_n, gates, cells, at::empty({0}, opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
 
   // One copy of w_hh.T per call: MKL runs the small per-step GEMM ~20% faster on a row-major
@@ -298,6 +372,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor proj_in = s.proj ? at::empty({TS, B, H}, opts) : at::empty({0}, opts);
   Tensor tmp = s.proj ? at::empty({B, Hout}, opts) : Tensor();
   const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
+  const bool ln = o.layer_norm();
+  Tensor ln_hat = ln ? at::empty({TS, B, (s.G + lstm) * H}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor ln_rstd = ln ? at::empty({TS, B, 1 + lstm}, acc_opts) : at::empty({0}, acc_opts);
+  const Options oc{contiguous_opt(o.keep_h), contiguous_opt(o.keep_c), o.keep_p, contiguous_opt(o.gain_hh),
+                   contiguous_opt(o.gain_c), contiguous_opt(o.bias_c)};
 
   p.gh = gh.data_ptr();
   p.h = h.data_ptr();
@@ -311,6 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     p.gates = has_gates ? step_ptr(gates, ts) : nullptr;
     p.cells = lstm ? step_ptr(cells, ts) : nullptr;
     p.proj_in = s.proj ? step_ptr(proj_in, ts) : nullptr;
+    p.opt = step_options(oc, oc.keep_h, oc.keep_c, ln_hat, ln_rstd, t, ts);
     pw.forward_step(p);
     if (s.proj) {
       at::mm_out(tmp, proj_in.select(0, ts), w_hr_t);
@@ -323,17 +403,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     gates = at::empty({0}, opts);
     cells = at::empty({0}, acc_opts);
     proj_in = at::empty({0}, opts);
+    ln_hat = at::empty({0}, acc_opts);
+    ln_rstd = at::empty({0}, acc_opts);
   }
-  return {y, h, c_n, gates, cells, proj_in};
+  return {y, h, c_n, gates, cells, proj_in, ln_hat, ln_rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    c10::string_view cell, const Tensor& gx, const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_hh,
+    const optional<Tensor>& b_hh, const optional<Tensor>& w_hr, const optional<Tensor>& lengths, bool reverse,
+    bool save) {
+  auto [y, h_n, c_n, gates, cells, proj_in, ln_hat, ln_rstd] =
+      forward_impl(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, Options{});
+  return {y, h_n, c_n, gates, cells, proj_in};
+}
+
+ForwardOut recurrence_forward_options(c10::string_view cell, const Tensor& gx, const Tensor& h0,
+                                      const optional<Tensor>& c0, const Tensor& w_hh, const optional<Tensor>& b_hh,
+                                      const optional<Tensor>& w_hr, const optional<Tensor>& lengths, bool reverse,
+                                      bool save, const optional<Tensor>& keep_h, const optional<Tensor>& keep_c,
+                                      double keep_p, const optional<Tensor>& gain_hh, const optional<Tensor>& gain_c,
+                                      const optional<Tensor>& bias_c) {
+  return forward_impl(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save,
+                      Options{keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c});
 }
 
 // Analytic BPTT. Returns d_gx [T,B,G*H], d_h0 [B,Hout], d_c0 [B,H] (lstm; else [0]),
-// d_w_hh [G*H,Hout], d_b_hh [G*H], d_w_hr [Hout,H] (projection; else [0]).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
-    c10::string_view cell_name, const Tensor& dy_in, const Tensor& dh_n, const optional<Tensor>& dc_n,
-    const Tensor& y_in, const Tensor& gates_in, const Tensor& cells_in, const Tensor& proj_in_in,
-    const Tensor& h0_in, const optional<Tensor>& c0_in, const Tensor& w_hh, const optional<Tensor>& w_hr,
-    const optional<Tensor>& lengths_in, bool reverse) {
+// d_w_hh [G*H,Hout], d_b_hh [G*H], d_w_hr [Hout,H] (projection; else [0]); with layer norm
+// d_gain_hh [G*H], d_gain_c, d_bias_c [H] (LSTM), else [0].
+using BackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const Tensor& dh_n,
+                          const optional<Tensor>& dc_n, const Tensor& y_in, const Tensor& gates_in,
+                          const Tensor& cells_in, const Tensor& proj_in_in, const Tensor& h0_in,
+                          const optional<Tensor>& c0_in, const Tensor& w_hh, const optional<Tensor>& w_hr,
+                          const optional<Tensor>& lengths_in, bool reverse, const Options& o_in,
+                          const Tensor& ln_hat_in, const Tensor& ln_rstd_in) {
   const Cell cell = parse_cell(cell_name);
   TORCH_CHECK(y_in.dim() == 3, "fused_rnn: y must be [T, B, Hout]");
   const int64_t T = y_in.size(0), B = y_in.size(1), Hout = y_in.size(2);
@@ -346,6 +450,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   TORCH_CHECK(!lstm || (cells_in.dim() == 3 && cells_in.size(0) == T && c0_in.has_value()),
               "fused_rnn: the saved cell states or c0 are missing");
   TORCH_CHECK(!proj || (proj_in_in.dim() == 3 && proj_in_in.size(0) == T), "fused_rnn: the saved proj_in is missing");
+  check_options(o_in, cell, proj, T, B, H, y_in);
+  const bool ln = o_in.layer_norm();
+  TORCH_CHECK(!ln || (ln_hat_in.dim() == 3 && ln_hat_in.size(0) == T && ln_hat_in.size(1) == B &&
+                      ln_hat_in.size(2) == (G + lstm) * H && ln_rstd_in.dim() == 3 && ln_rstd_in.size(0) == T &&
+                      ln_rstd_in.size(2) == 1 + lstm && ln_hat_in.scalar_type() == acc_type(y_in.scalar_type()) &&
+                      ln_rstd_in.scalar_type() == ln_hat_in.scalar_type()),
+              "fused_rnn: the saved layer-norm values ln_hat, ln_rstd are missing or malformed");
+  const Options o{contiguous_opt(o_in.keep_h), contiguous_opt(o_in.keep_c), o_in.keep_p,
+                  contiguous_opt(o_in.gain_hh), contiguous_opt(o_in.gain_c), contiguous_opt(o_in.bias_c)};
+  const Tensor ln_hat = ln_hat_in.contiguous(), ln_rstd = ln_rstd_in.contiguous();
   const c10::DeviceGuard guard(y_in.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Pointwise pw(y_in);
@@ -368,8 +482,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor dgh = cell == Cell::GRU ? at::empty({T, B, GH}, opts) : dgx;  // grads of gx / of h @ w_hh.T + b_hh
   Tensor dh_all = proj ? at::empty({T, B, Hout}, opts) : Tensor();  // grads of the projected h
   Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
+  Tensor dmm = ln ? at::empty({T, B, GH}, opts) : dgh;  // grads of h @ w_hh.T (through the layer norm)
+  Tensor dcout = ln && lstm ? at::empty({T, B, H}, opts) : Tensor();  // grads of LN(c~) gain_c + bias_c
   PersistentV2Plan plan;
-  const bool persistent = why_not_persistent(cell, proj, y, H, B, &plan) == nullptr;
+  const bool persistent = !o.any() && why_not_persistent(cell, proj, y, H, B, &plan) == nullptr;
 #ifdef WITH_CUDA
   if (persistent) {
     const Tensor w_hh_c = w_hh.contiguous();
@@ -404,7 +520,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   p.c0 = lstm ? c0.data_ptr() : nullptr;
   p.h0 = h0.data_ptr();
   p.dr = proj ? dr.data_ptr() : nullptr;
-  const bool fused = use_cpu_fused(y, proj);
+  const bool fused = use_cpu_fused(y, proj, o.any());
   if (fused) {
     const Tensor w_hh_c = w_hh.contiguous();
     FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,
@@ -431,32 +547,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     p.y_prev = has_prev ? step_ptr(y, prev) : nullptr;
     p.dgx = step_ptr(dgx, t);
     p.dgh = step_ptr(dgh, t);
+    p.opt = step_options(o, o.keep_h, o.keep_c, ln_hat, ln_rstd, t, t);
+    p.dmm = ln ? step_ptr(dmm, t) : nullptr;
+    p.dcout = ln && lstm ? step_ptr(dcout, t) : nullptr;
     pw.backward_step(p);
-    gemm_hh->add_mm(dh, dgh.select(0, t));  // dh_prev = direct part + dG_h @ w_hh
+    gemm_hh->add_mm(dh, dmm.select(0, t));  // dh_prev = direct part + dG_h @ w_hh
   }
 
   // d w_hh = sum_t dG_h[t]^T @ h_prev[t]. h_prev is y at the previous step except at each row's
   // first step (h0); at a reverse row's first step t = len-1 the "previous" y[t+1] is 0.
+  // With layer norm w_hh's grad comes from dmm, the grad of h_prev @ w_hh.T (dmm is dgh otherwise).
   Tensor d0;  // [B, GH]: dG_h at each row's first step
   if (!reverse) {
-    d0 = dgh.select(0, 0);
+    d0 = dmm.select(0, 0);
   } else if (!lengths.has_value()) {
-    d0 = dgh.select(0, T - 1);
+    d0 = dmm.select(0, T - 1);
   } else {
     // clamped: an unchecked 0 (see check_lengths_range) must not index out of range
     const Tensor rows = (*lengths - 1).clamp_min(0) * B + at::arange(B, lengths->options());
-    d0 = dgh.view({T * B, GH}).index_select(0, rows);
+    d0 = dmm.view({T * B, GH}).index_select(0, rows);
   }
   Tensor d_w_hh = at::mm(d0.t(), h0);
   if (T > 1) {
-    const Tensor dg_rest = reverse ? dgh.narrow(0, 0, T - 1) : dgh.narrow(0, 1, T - 1);
+    const Tensor dg_rest = reverse ? dmm.narrow(0, 0, T - 1) : dmm.narrow(0, 1, T - 1);
     const Tensor y_rest = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
     d_w_hh.addmm_(dg_rest.reshape({(T - 1) * B, GH}).t(), y_rest.reshape({(T - 1) * B, Hout}));
   }
   Tensor d_b_hh = dgh.sum(at::IntArrayRef{0, 1});
   Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), proj_in.view({T * B, H})) : at::empty({0}, opts);
   Tensor d_c0 = lstm ? dc.to(y.scalar_type()) : at::empty({0}, opts);
-  return {dgx, dh.to(y.scalar_type()), d_c0, d_w_hh, d_b_hh, d_w_hr};
+  // The layer norm's gains and biases: sums over steps and rows (frozen rows hold zero grads).
+  Tensor d_gain_hh = at::empty({0}, opts), d_gain_c = at::empty({0}, opts), d_bias_c = at::empty({0}, opts);
+  if (ln) {
+    const std::array<int64_t, 2> sum_tb{0, 1};
+    d_gain_hh = (dgh.to(acc) * ln_hat.narrow(2, 0, GH)).sum(sum_tb).to(y.scalar_type());
+    if (lstm) {
+      d_gain_c = (dcout.to(acc) * ln_hat.narrow(2, GH, H)).sum(sum_tb).to(y.scalar_type());
+      d_bias_c = dcout.sum(sum_tb);
+    }
+  }
+  return {dgx, dh.to(y.scalar_type()), d_c0, d_w_hh, d_b_hh, d_w_hr, d_gain_hh, d_gain_c, d_bias_c};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    c10::string_view cell, const Tensor& dy, const Tensor& dh_n, const optional<Tensor>& dc_n, const Tensor& y,
+    const Tensor& gates, const Tensor& cells, const Tensor& proj_in, const Tensor& h0, const optional<Tensor>& c0,
+    const Tensor& w_hh, const optional<Tensor>& w_hr, const optional<Tensor>& lengths, bool reverse) {
+  auto [d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_gain_hh, d_gain_c, d_bias_c] =
+      backward_impl(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse, Options{},
+                    Tensor(), Tensor());
+  return {d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr};
+}
+
+BackwardOut recurrence_backward_options(c10::string_view cell, const Tensor& dy, const Tensor& dh_n,
+                                        const optional<Tensor>& dc_n, const Tensor& y, const Tensor& gates,
+                                        const Tensor& cells, const Tensor& proj_in, const Tensor& h0,
+                                        const optional<Tensor>& c0, const Tensor& w_hh, const optional<Tensor>& w_hr,
+                                        const optional<Tensor>& lengths, bool reverse,
+                                        const optional<Tensor>& keep_h, const optional<Tensor>& keep_c,
+                                        double keep_p, const optional<Tensor>& gain_hh,
+                                        const optional<Tensor>& gain_c, const optional<Tensor>& bias_c,
+                                        const Tensor& ln_hat, const Tensor& ln_rstd) {
+  return backward_impl(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse,
+                       Options{keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c}, ln_hat, ln_rstd);
 }
 
 // Which kernels the cuda backend runs a layer with (fused_rnn/ops/cpp/cuda_backend.py kernel_for):
@@ -484,17 +637,34 @@ TORCH_LIBRARY(fused_rnn, m) {
       "recurrence_backward(str cell, Tensor dy, Tensor dh_n, Tensor? dc_n, Tensor y, Tensor gates, Tensor cells, "
       "Tensor proj_in, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse) -> "
       "(Tensor d_gx, Tensor d_h0, Tensor d_c0, Tensor d_w_hh, Tensor d_b_hh, Tensor d_w_hr)");
+  // The same with zoneout (keep_h/keep_c masks or keep_p) and the layer-normalised LSTM/GRU
+  // (gain_hh, gain_c, bias_c; the forward's ln_hat, ln_rstd are what the backward reads).
+  m.def(
+      "recurrence_forward_options(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
+      "Tensor? w_hr, Tensor? lengths, bool reverse, bool save, Tensor? keep_h, Tensor? keep_c, float keep_p, "
+      "Tensor? gain_hh, Tensor? gain_c, Tensor? bias_c) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, "
+      "Tensor cells, Tensor proj_in, Tensor ln_hat, Tensor ln_rstd)");
+  m.def(
+      "recurrence_backward_options(str cell, Tensor dy, Tensor dh_n, Tensor? dc_n, Tensor y, Tensor gates, "
+      "Tensor cells, Tensor proj_in, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
+      "bool reverse, Tensor? keep_h, Tensor? keep_c, float keep_p, Tensor? gain_hh, Tensor? gain_c, "
+      "Tensor? bias_c, Tensor ln_hat, Tensor ln_rstd) -> (Tensor d_gx, Tensor d_h0, Tensor d_c0, "
+      "Tensor d_w_hh, Tensor d_b_hh, Tensor d_w_hr, Tensor d_gain_hh, Tensor d_gain_c, Tensor d_bias_c)");
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("recurrence_forward", &recurrence_forward);
   m.impl("recurrence_backward", &recurrence_backward);
+  m.impl("recurrence_forward_options", &recurrence_forward_options);
+  m.impl("recurrence_backward_options", &recurrence_backward_options);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
   m.impl("recurrence_forward", &recurrence_forward);
   m.impl("recurrence_backward", &recurrence_backward);
+  m.impl("recurrence_forward_options", &recurrence_forward_options);
+  m.impl("recurrence_backward_options", &recurrence_backward_options);
 }
 #endif
 

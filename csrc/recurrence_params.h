@@ -16,6 +16,27 @@ namespace fused_rnn {
 enum class Cell : int32_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
+// The layer norm's epsilon: torch.nn.LayerNorm's default, as fused_rnn.cell_math.LAYER_NORM_EPS.
+constexpr double kLayerNormEps = 1e-5;
+
+// Zoneout and the layer-normalised LSTM/GRU (fused_rnn/reference.py, recurrence()), for LSTM and
+// GRU without a projection; all null / 0 for the plain layer. Shared by the forward and backward.
+//   zoneout   h_t = keep ? h_{t-1} : h~_t (training mask) or h~_t + p (h_{t-1} - h~_t) (eval), c alike
+//   LN        gates = gx + LN(h_{t-1} @ w_hh.T) * gain_hh + b_hh, LN over each row's G*H values;
+//             LSTM: h~_t = o * tanh(LN(c~_t) * gain_c + bias_c)
+struct StepOptions {
+  const uint8_t* keep_h;  // [B, H] training mask at t (1 = keep h_{t-1}), or nullptr
+  const uint8_t* keep_c;  // [B, H] LSTM, likewise for c
+  double keep_p;          // eval's p when keep_h is nullptr (0: no zoneout)
+  const void* gain_hh;    // S [G*H] or nullptr (no layer norm)
+  const void* gain_c;     // S [H] LSTM with layer norm
+  const void* bias_c;     // S [H]
+  void* ln_hat;           // A [B, (G + LSTM)*H] at t: the normalised values (forward writes, backward reads)
+  void* ln_rstd;          // A [B, 1 + LSTM] at t: 1/std of the recurrent part (and of c~)
+};
+
+inline bool has_options(const StepOptions& o) { return o.keep_h || o.keep_p != 0 || o.gain_hh; }
+
 inline int64_t num_gates(Cell c) { return c == Cell::LSTM ? 4 : c == Cell::GRU ? 3 : 1; }
 // Columns saved per row per step in `gates`: LSTM i,f,g,o; GRU r,z,n,gh_n; RNN nothing (y is h).
 inline int64_t num_saved(Cell c) { return c == Cell::LSTM ? 4 : c == Cell::GRU ? 4 : 0; }
@@ -36,6 +57,7 @@ struct ForwardStepParams {
   void* gates;             // S [B, 4*H]   saved gates at t (LSTM, GRU); valid rows written
   void* cells;             // A [B, H]     saved c[t] (LSTM); valid rows written
   void* proj_in;           // S [B, H]     with proj: o*tanh(c) (0 on invalid rows); else nullptr
+  StepOptions opt;         // zoneout / layer norm (per-step kernels only); saved c, y are after zoneout
 };
 
 // With proj: after tmp = proj_in @ w_hr.T, valid rows take tmp as h and y; others keep h, y = 0.
@@ -73,6 +95,9 @@ struct BackwardStepParams {
   const void* h0;          // S [B, Hout]
   void* dgx;               // S [B, G*H]   grad of gx[t] (0 on invalid rows)
   void* dgh;               // S [B, G*H]   grad of (h_prev @ w_hh.T + b_hh) at t; == dgx except GRU
+  StepOptions opt;         // as the forward's; with zoneout dh's direct part is keep_h * (dy + dh)
+  void* dmm;               // S [B, G*H]   layer norm: grad of h_prev @ w_hh.T (what the GEMM takes)
+  void* dcout;             // S [B, H]     LSTM layer norm: grad of LN(c~) * gain_c + bias_c
 };
 
 // With proj, before the cell backward: valid rows: dh_all[t] = dy[t] + dh, dh = 0;

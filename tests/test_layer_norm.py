@@ -1,4 +1,4 @@
-"""Layer-normalised LSTM and GRU: the torch and triton backends' analytic backwards (recurrent LN
+"""Layer-normalised LSTM and GRU: the torch, cpu and triton backends' analytic backwards (recurrent LN
 inside the step) against the textbook reference and finite differences, double backward on both,
 the modules against a from-scratch loop, the drop-in options, initialisation, and the backends
 that refuse it. The triton backend runs in the Triton interpreter without a GPU (conftest)."""
@@ -28,9 +28,15 @@ SHAPES = {  # (T, B, H, lengths, reverse)
 
 TRITON_REASON = unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu", F64)
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"  # as test_triton.py
+CPU_REASON = unavailable_reason("cpu", "cpu", F64)
+needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu backend unavailable: {CPU_REASON}")
+CUDA_REASON = unavailable_reason("cuda", "cuda", F64)
+needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda backend unavailable: {CUDA_REASON}")
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
 # (backend, device): the triton backend on the GPU, or on CPU tensors in the interpreter
 BACKENDS = [pytest.param("torch", "cpu", id="torch"),
+            pytest.param("cpu", "cpu", id="cpu", marks=needs_cpu),
+            pytest.param("cuda", "cuda", id="cuda", marks=needs_cuda),
             pytest.param("triton", "cuda" if ON_GPU else "cpu", id="triton", marks=needs_triton)]
 
 
@@ -53,7 +59,7 @@ def match_cases():
     for b in BACKENDS:
         for shape in SHAPES:
             for zoneout in ("plain", "zoneout-train", "zoneout-eval"):
-                if b.id == "torch" or zoneout == "plain" or (shape, zoneout) in (
+                if b.id in ("torch", "cpu") or zoneout == "plain" or (shape, zoneout) in (
                         ("T7-B5-H6-len-rev", "zoneout-train"), ("T7-B5-H6-len", "zoneout-eval")):
                     yield pytest.param(*b.values, shape, zoneout, id=f"{b.id}-{shape}-{zoneout}", marks=b.marks)
 
@@ -77,16 +83,18 @@ def test_backend_matches_reference(backend, device, shape, zoneout, cell):
 
 # the interpreter's gradchecks stay on the smallest shape
 GRADCHECK = [pytest.param(*b.values, shape, id=f"{b.id}-{shape}", marks=b.marks) for b in BACKENDS
-             for shape in (["T6-B3-H5", "T3-B2-H3-len-rev"] if b.id == "torch" else ["T3-B2-H3-len-rev"])]
+             for shape in (["T6-B3-H5", "T3-B2-H3-len-rev"] if b.id != "triton" else ["T3-B2-H3-len-rev"])]
 
 
-@pytest.mark.parametrize("zoneout", [None, "eval"])
+@pytest.mark.parametrize("zoneout", [None, "eval", "train"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("backend,device,shape", GRADCHECK)
 def test_gradcheck_float64(backend, device, shape, cell, zoneout):
     args, ln = make(cell, *SHAPES[shape], device=device)
     T, B, H = SHAPES[shape][:3]
-    keep = None if zoneout is None else functional.zoneout_keep(0.3, False, cell, T, B, H, H, device)
+    if zoneout == "train" and backend == "triton":
+        pytest.skip("the interpreter's gradchecks stay few: training masks are checked on torch and cpu")
+    keep = None if zoneout is None else functional.zoneout_keep(0.3, zoneout == "train", cell, T, B, H, H, device)
     inputs = differentiable(args, ln)
     slots = [a is not None for a in list(args[:6]) + list(ln)]
 
@@ -145,6 +153,63 @@ def test_drop_in_options_match_the_reference_backend(cls, option):
     drop_in.assert_torch_backend_matches_reference(make, OPTIONS[option], perturb=0.1)
 
 
+@needs_cpu
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_cpu_backend_modules_match_the_reference_backend(cls, option):
+    """drop_in's check with the cpu backend standing in for the torch one."""
+    def make(backend, **kw):
+        return getattr(fused_rnn, cls)(3, 4, backend="cpu" if backend == "torch" else backend, **kw).double()
+    drop_in.assert_torch_backend_matches_reference(make, OPTIONS[option], perturb=0.1)
+
+
+@needs_cpu
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("options", ["layer_norm", "zoneout-train", "zoneout-eval", "layer_norm+zoneout-train"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cpu_backend_thread_counts(cell, options, threads):
+    """Rows split over 1, 2 and 3 threads (37 rows of 33 units, lengths), float32 and float64, with
+    the layer norm, zoneout (test_zoneout.py's option, tested here with the thread counts) or both."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, F64):
+            args, ln = make(cell, 5, 37, 33, [5, 2, 4] * 12 + [1], False)
+            cast = lambda a: a.detach().to(dtype).requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+            args, ln = [cast(a) for a in args], tuple(cast(a) for a in ln) if "layer_norm" in options else None
+            keep = None if "zoneout" not in options else functional.zoneout_keep(
+                0.3, "train" in options, cell, 5, 37, 33, 33, "cpu")
+            out = get("cpu").recurrence(cell, *args, zoneout=keep, layer_norm=ln)
+            ref = reference.recurrence(cell, *args, zoneout=keep, layer_norm=ln)
+            inputs = differentiable(args, ln or ())
+            for a, b in zip(out, ref):
+                if b is not None:
+                    assert_close(a, b, dtype)
+            for a, b in zip(grads_of(out, inputs), grads_of(ref, inputs)):
+                assert_close(a, b, dtype)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_backend_16_bit(dtype):
+    """16-bit storage (fp32 statistics and state) against the float64 reference of the rounded inputs."""
+    for cell in ("lstm", "gru"):
+        args, ln = make(cell, 4, 3, 8, [4, 2, 3], True)
+        cast = lambda a: a.detach().to(dtype).requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+        low, low_ln = [cast(a) for a in args], tuple(cast(a) for a in ln)
+        up = lambda a: a.detach().double().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+        hi, hi_ln = [up(a) for a in low], tuple(up(a) for a in low_ln)
+        out = get("cpu").recurrence(cell, *low, layer_norm=low_ln)
+        ref = reference.recurrence(cell, *hi, layer_norm=hi_ln)
+        for a, b in zip(out, ref):
+            if b is not None:
+                assert_close(a.double(), b, dtype)
+        for a, b in zip(grads_of(out, differentiable(low, low_ln)), grads_of(ref, differentiable(hi, hi_ln))):
+            assert_close(a.double(), b, dtype)
+
+
 @pytest.mark.skipif(TRITON_REASON is not None or ON_GPU, reason="the interpreter run (CPU tensors) of the triton backend")
 @pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
 def test_triton_backend_modules_match_the_reference_backend(cls):
@@ -173,12 +238,11 @@ def test_parameters_initialisation_and_state_dict(cls):
     assert torch.equal(other(x)[0], m(x)[0])
 
 
-def test_proj_size_and_other_backends_are_refused():
+def test_proj_size_is_refused_and_the_cpp_backends_take_layer_norm():
     with pytest.raises(ValueError, match="proj_size is not supported by LayerNormLSTM"):
         fused_rnn.LayerNormLSTM(3, 4, proj_size=2)
     for backend in ("cpu", "cuda"):
-        with pytest.raises(RuntimeError, match=f"the {backend} backend does not implement layer_norm"):
-            fused_rnn.LayerNormGRU(3, 4, backend=backend)(torch.randn(2, 1, 3))
+        assert "layer_norm" in get(backend).OPTIONS
     assert fused_rnn.LayerNormLSTM(3, 4)(torch.randn(2, 1, 3))[0].grad_fn is not None  # auto: torch
 
 
@@ -227,3 +291,41 @@ def test_input_side_layer_norm_runs_once_for_all_steps(monkeypatch):
     monkeypatch.setattr(F, "layer_norm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     fused_rnn.LayerNormGRU(3, 4, backend="torch")(torch.randn(6, 2, 3))
     assert calls == [torch.Size([6, 2, 12])]
+
+
+@needs_cpu
+@pytest.mark.parametrize("zoneout", [None, "train", "eval"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_opcheck_of_the_cpp_options_ops(cell, zoneout):
+    """torch.library.opcheck (schema, fake kernels, autograd registration) of the C++ ops that take
+    zoneout and layer norm, forward and backward."""
+    from fused_rnn.ops.cpp import ops
+    T, B, H = 4, 3, 5
+    args, ln = make(cell, T, B, H, [4, 2, 3], True)
+    gx, h0, c0, w_hh, b_hh, _, lengths, reverse = args
+    keep = None if zoneout is None else functional.zoneout_keep(0.3, zoneout == "train", cell, T, B, H, H, "cpu")
+    opts = (*ops.zoneout_operands(keep), *ln)
+    fwd = (cell, gx, h0, c0, w_hh, b_hh, None, lengths, reverse, True, *opts)
+    torch.library.opcheck(torch.ops.fused_rnn.recurrence_forward_options.default, fwd)
+    y, h_n, c_n, gates, cells, proj_in, ln_hat, ln_rstd = torch.ops.fused_rnn.recurrence_forward_options(
+        *[a.detach() if torch.is_tensor(a) else a for a in fwd])
+    dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    bwd = (cell, torch.randn_like(y), torch.randn_like(h_n), dc_n, y, gates, cells, proj_in, h0.detach(),
+           None if c0 is None else c0.detach(), w_hh.detach(), None, lengths, reverse,
+           *[a.detach() if torch.is_tensor(a) and a.is_floating_point() else a for a in opts], ln_hat, ln_rstd)
+    torch.library.opcheck(torch.ops.fused_rnn.recurrence_backward_options.default, bwd)
+
+
+@needs_cpu
+@pytest.mark.parametrize("cls", ["LayerNormLSTM", "LayerNormGRU"])
+def test_cpu_backend_inference_without_saving(cls):
+    """Under no_grad the op saves nothing (one step of scratch): eval with zoneout, 2 layers, both
+    directions, against the reference backend."""
+    torch.manual_seed(0)
+    cpu = getattr(fused_rnn, cls)(3, 7, num_layers=2, bidirectional=True, zoneout=0.2, backend="cpu").double().eval()
+    ref = getattr(fused_rnn, cls)(3, 7, num_layers=2, bidirectional=True, zoneout=0.2, backend="reference").double()
+    ref.load_state_dict(cpu.state_dict())
+    x = torch.randn(5, 4, 3, dtype=F64)
+    with torch.no_grad():
+        for a, b in zip(torch.utils._pytree.tree_leaves(cpu(x)), torch.utils._pytree.tree_leaves(ref.eval()(x))):
+            assert_close(a, b, F64)

@@ -1,8 +1,9 @@
-"""Zoneout (Krueger et al. 2016) on LSTM and GRU: the torch and triton backends' analytic backwards
+"""Zoneout (Krueger et al. 2016) on LSTM and GRU: the torch, cpu and triton backends' analytic backwards
 against the textbook reference, float64 gradcheck, masks that a seed reproduces, the eval-mode
 expectation, frozen states past each sequence's length, the drop-in options, and backends that
 refuse it. The triton backend runs in the Triton interpreter without a GPU (conftest)."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
 from fused_rnn import functional, reference
-from fused_rnn.backends import get, unavailable_reason
+from fused_rnn.backends import get, resolve, unavailable_reason
 from fused_rnn.cell_math import GATES
 
 import drop_in
@@ -29,9 +30,15 @@ SHAPES = {
 
 
 TRITON_REASON = unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu", F64)
+CPU_REASON = unavailable_reason("cpu", "cpu", F64)
+needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu backend unavailable: {CPU_REASON}")
+CUDA_REASON = unavailable_reason("cuda", "cuda", F64)
+needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda backend unavailable: {CUDA_REASON}")
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"  # as test_triton.py
 # (backend, device): the triton backend on the GPU, or on CPU tensors in the interpreter
 BACKENDS = [pytest.param("torch", "cpu", id="torch"),
+            pytest.param("cpu", "cpu", id="cpu", marks=needs_cpu),
+            pytest.param("cuda", "cuda", id="cuda", marks=needs_cuda),
             pytest.param("triton", "cuda" if ON_GPU else "cpu", id="triton", marks=pytest.mark.skipif(
                 TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}"))]
 
@@ -45,10 +52,10 @@ def cases():
 
 
 def backend_cases(select=lambda backend, case: True):
-    """cases() on each backend; the triton backend has no zoneout with a projection (refused below)."""
+    """cases() on each backend; only the torch backend has zoneout with a projection (the others refuse, below)."""
     for backend in BACKENDS:
         for case in cases():
-            if select(backend.id, case.id) and not (backend.id == "triton" and "proj" in case.id):
+            if select(backend.id, case.id) and not (backend.id != "torch" and "proj" in case.id):
                 yield pytest.param(*backend.values, *case.values, id=f"{backend.id}-{case.id}", marks=backend.marks)
 
 
@@ -77,7 +84,7 @@ def test_backend_matches_reference(backend, device, cell, shape, mode):
 
 @pytest.mark.parametrize("backend,device,cell,shape,mode",
                          list(backend_cases(lambda backend, case: "T3-B2-H3" in case or (
-                             backend == "torch" and ("len-rev" in case or "T6-B3-H5" in case)))))
+                             backend in ("torch", "cpu", "cuda") and ("len-rev" in case or "T6-B3-H5" in case)))))
 def test_gradcheck_float64(backend, device, cell, shape, mode):
     args, keep = make(cell, *shape, mode, device=device)
     inputs = [a for a in args[:6] if a is not None]
@@ -110,9 +117,10 @@ def test_training_masks_keep_a_fraction_p_of_units():
         assert abs(kept.sum().item() - p * B * H) < 5 * sd
 
 
+@pytest.mark.parametrize("backend", ["auto", pytest.param("cpu", marks=needs_cpu)])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_a_seed_reproduces_a_run_and_masks_change_between_calls(cls):
-    m = getattr(fused_rnn, cls)(3, 5, num_layers=2, bidirectional=True, zoneout=0.2)
+def test_a_seed_reproduces_a_run_and_masks_change_between_calls(cls, backend):
+    m = getattr(fused_rnn, cls)(3, 5, num_layers=2, bidirectional=True, zoneout=0.2, backend=backend)
     x = torch.randn(6, 4, 3)
     torch.manual_seed(7)
     a, ga = m(x)[0], None
@@ -166,6 +174,16 @@ def test_drop_in_options_match_the_reference_backend(cls, option):
     drop_in.assert_torch_backend_matches_reference(make, OPTIONS[option])
 
 
+@needs_cpu
+@pytest.mark.parametrize("cls,option", [(c, o) for c in ("LSTM", "GRU") for o in drop_in.OPTIONS])
+def test_cpu_backend_modules_match_the_reference_backend(cls, option):
+    """drop_in's check with the cpu backend standing in for the torch one (no projection)."""
+    def make(backend, **kw):
+        return getattr(fused_rnn, cls)(3, 4, zoneout=0.25, backend="cpu" if backend == "torch" else backend,
+                                       **kw).double()
+    drop_in.assert_torch_backend_matches_reference(make, drop_in.OPTIONS[option])
+
+
 @pytest.mark.skipif(TRITON_REASON is not None or ON_GPU, reason="the interpreter run (CPU tensors) of the triton backend")
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_triton_backend_modules_match_the_reference_backend(cls):
@@ -189,11 +207,18 @@ def test_double_backward_with_zoneout():
     assert torch.autograd.gradgradcheck(f, [x] + params, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_other_backends_refuse_zoneout_with_their_reason(backend):
-    m = fused_rnn.LSTM(3, 4, zoneout=0.1, backend=backend)
-    with pytest.raises(RuntimeError, match=f"the {backend} backend does not implement zoneout"):
-        m(torch.randn(2, 1, 3))
+@needs_cpu
+def test_cpp_backends_refuse_zoneout_with_a_projection_and_auto_passes_over_it(monkeypatch):
+    monkeypatch.delenv("FUSED_RNN_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match="not implemented for a projected LSTM"):
+        fused_rnn.LSTM(3, 4, proj_size=2, zoneout=0.1, backend="cpu")(torch.randn(2, 1, 3))
+    for backend, device in (("cpu", "cpu"), ("cuda", "cuda")):
+        assert "projected LSTM" in unavailable_reason(backend, device, F64, "lstm", True, ("zoneout",))
+    assert unavailable_reason("cpu", "cpu", F64, "lstm", False, ("zoneout",)) is None
+    with warnings.catch_warnings():  # auto says once which backend it took
+        warnings.simplefilter("ignore")
+        assert resolve("auto", torch.device("cpu"), F64, "lstm", True, ("zoneout",)) == "torch"
+        assert resolve("auto", torch.device("cpu"), F64, "lstm", False, ("zoneout",)) == "cpu"
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
@@ -205,7 +230,7 @@ def test_triton_refuses_zoneout_with_a_projection_and_auto_passes_over_it(monkey
     assert unavailable_reason("triton", device, F64, "lstm", False, ("zoneout",)) is None
 
 
-def test_auto_takes_the_torch_backend_and_zero_is_the_plain_layer(monkeypatch):
+def test_auto_takes_a_zoneout_backend_and_zero_is_the_plain_layer(monkeypatch):
     monkeypatch.delenv("FUSED_RNN_BACKEND", raising=False)
     m = fused_rnn.GRU(3, 4, zoneout=0.2)
     torch.manual_seed(0)

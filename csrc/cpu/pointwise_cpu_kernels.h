@@ -46,7 +46,14 @@ void forward_step(const ForwardStepParams& p) {
     dispatch_cell(p.cell, [&](auto c) {
       constexpr Cell C = decltype(c)::value;
       at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) forward_row<C, S>(p, b, 0, p.H);
+        for (int64_t b = b0; b < b1; ++b) {
+          if constexpr (C == Cell::LSTM || C == Cell::GRU)
+            if (has_options(p.opt)) {  // zoneout / layer norm: the row's phases in one call
+              forward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{});
+              continue;
+            }
+          forward_row<C, S>(p, b, 0, p.H);
+        }
       });
     });
   });
@@ -58,7 +65,14 @@ void backward_step(const BackwardStepParams& p) {
     dispatch_cell(p.cell, [&](auto c) {
       constexpr Cell C = decltype(c)::value;
       at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) backward_row<C, S>(p, b, 0, p.H);
+        for (int64_t b = b0; b < b1; ++b) {
+          if constexpr (C == Cell::LSTM || C == Cell::GRU)
+            if (has_options(p.opt)) {
+              backward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{});
+              continue;
+            }
+          backward_row<C, S>(p, b, 0, p.H);
+        }
       });
     });
   });

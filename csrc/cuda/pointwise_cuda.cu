@@ -21,7 +21,7 @@ struct Launch {
   template <typename RowFn> void operator()(RowFn row_fn, int64_t W) const {
     const int64_t n = B * W;
     if (n == 0) return;  // a zero-sized grid is a launch error
-    elementwise_kernel<<<static_cast<unsigned>(pointwise_blocks(n)), kPointwiseThreads, 0,
+    elementwise_kernel<<<static_cast<unsigned>(launch_blocks<RowFn>(B, W)), launch_threads<RowFn>(W), 0,
                          static_cast<cudaStream_t>(stream)>>>(B, W, row_fn);
     check_launch();
   }

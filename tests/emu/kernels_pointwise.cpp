@@ -1,7 +1,10 @@
 // Runs the per-step pointwise kernels (csrc/cuda/pointwise_kernels.cuh) on CPU threads under the
 // emulator, through the same step loop as csrc/recurrence.cpp with a host GEMM where it calls
 // cuBLAS: forward (with the projection's commit pass) and backward (with the projection's prep
-// pass). Driven by tests/test_cuda_emulated.py:
+// pass); with zoneout (arrays keep_h, keep_c: uint8 masks [T,B,H], or param keep_p_ppm: eval's p in
+// millionths) and layer norm (arrays gain_hh, gain_c, bias_c) the row-per-block kernels, whose saved
+// ln_hat, ln_rstd and grads dmm (what the GEMM then takes), dcout are outputs too. Driven by
+// tests/test_cuda_emulated.py and tests/test_cuda_emulated_features.py:
 //
 //   kernels pointwise <in> <out>   inputs and params from <in> (kernels_io.h), outputs to <out>
 #include "cuda/pointwise_kernels.cuh"
@@ -45,8 +48,8 @@ template <Cell C, typename S> struct Instance {
   static constexpr Cell cell = C;
   using type = S;
 };
-template <Cell C, typename S> struct InstanceOf<cuda::ForwardFn<C, S>> : Instance<C, S> {};
-template <Cell C, typename S> struct InstanceOf<cuda::BackwardFn<C, S>> : Instance<C, S> {};
+template <Cell C, typename S, bool R> struct InstanceOf<cuda::ForwardFn<C, S, R>> : Instance<C, S> {};
+template <Cell C, typename S, bool R> struct InstanceOf<cuda::BackwardFn<C, S, R>> : Instance<C, S> {};
 template <typename S> struct InstanceOf<cuda::CommitFn<S>> : Instance<Cell::LSTM, S> {};
 template <typename S> struct InstanceOf<cuda::PrepFn<S>> : Instance<Cell::LSTM, S> {};
 
@@ -64,11 +67,11 @@ struct Launcher {
   template <typename RowFn> void launch(RowFn row_fn, int64_t W) const {
     const int64_t n = B * W;
     if (n == 0) return;
-    int64_t blocks = cuda::pointwise_blocks(n);
+    int64_t blocks = cuda::launch_blocks<RowFn>(B, W);
     if (grid_cap > 0 && blocks > grid_cap) blocks = grid_cap;
     fr_emu::LaunchConfig cfg;
     cfg.grid = dim3(unsigned(blocks));
-    cfg.block = dim3(unsigned(cuda::kPointwiseThreads));
+    cfg.block = dim3(unsigned(cuda::launch_threads<RowFn>(W)));
     fr_emu::launch(cfg, cuda::elementwise_kernel<RowFn>, B, W, row_fn);
   }
 };
@@ -103,6 +106,27 @@ template <typename S> File run(File& in) {
   Array* cells = lstm ? &out.add("cells", a, TS * B * H) : nullptr;
   Array* proj_in = proj ? &out.add("proj_in", s, TS * B * H) : nullptr;
   Array* tmp = proj ? &work.add("tmp", s, B * Hout) : nullptr;
+  // zoneout and layer norm (no projection)
+  Array* keep_h = in.find("keep_h");
+  Array* keep_c = in.find("keep_c");
+  Array* gain_hh = in.find("gain_hh");
+  const bool ln = gain_hh != nullptr;
+  Array* ln_hat = ln ? &out.add("ln_hat", a, TS * B * (G + lstm) * H) : nullptr;
+  Array* ln_rstd = ln ? &out.add("ln_rstd", a, TS * B * (1 + lstm)) : nullptr;
+  const auto options = [&](int64_t t, int64_t ts) {
+    StepOptions o{};
+    o.keep_h = keep_h ? at<uint8_t>(*keep_h, t * B * H) : nullptr;
+    o.keep_c = keep_c ? at<uint8_t>(*keep_c, t * B * H) : nullptr;
+    o.keep_p = in.params.count("keep_p_ppm") ? double(in.param("keep_p_ppm")) * 1e-6 : 0.0;
+    if (ln) {
+      o.gain_hh = ptr(gain_hh);
+      o.gain_c = ptr(in.find("gain_c"));
+      o.bias_c = ptr(in.find("bias_c"));
+      o.ln_hat = at<A>(*ln_hat, ts * B * (G + lstm) * H);
+      o.ln_rstd = at<A>(*ln_rstd, ts * B * (1 + lstm));
+    }
+    return o;
+  };
   ForwardStepParams p{};
   p.cell = cell;
   p.dtype = dtype;
@@ -125,6 +149,7 @@ template <typename S> File run(File& in) {
     p.gates = gates ? at<S>(*gates, ts * B * 4 * H) : nullptr;
     p.cells = cells ? at<A>(*cells, ts * B * H) : nullptr;
     p.proj_in = proj ? at<S>(*proj_in, ts * B * H) : nullptr;
+    p.opt = options(t, ts);
     cuda::forward_step_kernel(p, launch);
     if (proj) {
       const S* pi = at<S>(*proj_in, ts * B * H);
@@ -145,6 +170,8 @@ template <typename S> File run(File& in) {
   Array& dgh = cell == Cell::GRU ? out.add("dgh", s, T * B * GH) : dgx;
   Array* dh_all = proj ? &out.add("dh_all", s, T * B * Hout) : nullptr;
   Array* dr = proj ? &work.add("dr", s, B * H) : nullptr;
+  Array& dmm = ln ? out.add("dmm", s, T * B * GH) : dgh;  // the grad the GEMM takes
+  Array* dcout = ln && lstm ? &out.add("dcout", s, T * B * H) : nullptr;
   BackwardStepParams q{};
   q.cell = cell;
   q.dtype = dtype;
@@ -180,8 +207,11 @@ template <typename S> File run(File& in) {
     q.y_prev = has_prev ? at<S>(y, prev * B * Hout) : nullptr;
     q.dgx = at<S>(dgx, t * B * GH);
     q.dgh = at<S>(dgh, t * B * GH);
+    q.opt = options(t, t);
+    q.dmm = ln ? at<S>(dmm, t * B * GH) : nullptr;
+    q.dcout = dcout ? at<S>(*dcout, t * B * H) : nullptr;
     cuda::backward_step_kernel(q, launch);
-    const S* dg = at<S>(dgh, t * B * GH);
+    const S* dg = at<S>(dmm, t * B * GH);
     gemm<A>(B, Hout, GH, [&](int64_t m, int64_t r) { return A(Conv<S>::load(dg[m * GH + r])); },
             [&](int64_t r, int64_t o) { return A(Conv<S>::load(w_hh[r * Hout + o])); }, dh.as<A>(), true);
   }

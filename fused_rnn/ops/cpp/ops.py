@@ -11,6 +11,11 @@ The schemas and the CPU/CUDA kernels are declared in csrc/recurrence.cpp:
 `gates`, `cells`, `proj_in` are what the backward needs (saved only when `save`, else [0]):
 gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n), cells [T,B,H] in fp32 (fp64 for float64 input),
 proj_in [T,B,H] = o*tanh(c) with a projection.
+
+Zoneout and the layer-normalised LSTM/GRU (fused_rnn/reference.py) go through the `_options` twins,
+which take keep_h?, keep_c? (bool [T,B,H] training masks), keep_p (eval's probability, 0 without),
+gain_hh?, gain_c?, bias_c? and add ln_hat, ln_rstd (the saved normalised values and 1/std) to the
+forward's outputs and d_gain_hh, d_gain_c, d_bias_c to the backward's.
 """
 import hashlib
 from pathlib import Path
@@ -20,7 +25,7 @@ import torch
 from ...double_backward import REFUSAL, no_gradient_arrived
 from ...functional import autocast_dtype
 
-ABI_VERSION = 2  # must equal FUSED_RNN_ABI_VERSION in csrc/recurrence.cpp
+ABI_VERSION = 4  # must equal FUSED_RNN_ABI_VERSION in csrc/recurrence.cpp
 BUILD_HINT = ("build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
               "(or `python setup.py build_ext --inplace`) in the repository")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -106,44 +111,113 @@ def _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh,
     return (y.new_empty(T, B, GH), y.new_empty(h0.shape), d_c0, y.new_empty(w_hh.shape), y.new_empty(GH), d_w_hr)
 
 
+def _fake_forward_options(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, keep_h, keep_c, keep_p,
+                          gain_hh, gain_c, bias_c):
+    T, B, GH = gx.shape
+    H, acc = GH // GATES[cell], _acc_dtype(gx.dtype)
+    ln, lstm = save and gain_hh is not None, cell == "lstm"
+    # no bool * SymInt: ints only, so that dynamic shapes trace (opcheck's aot_dispatch_dynamic)
+    ln_hat = gx.new_empty(T, B, GH + (H if lstm else 0), dtype=acc) if ln else gx.new_empty(0, dtype=acc)
+    ln_rstd = gx.new_empty(T, B, 2 if lstm else 1, dtype=acc) if ln else gx.new_empty(0, dtype=acc)
+    return _fake_forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save) + (ln_hat, ln_rstd)
+
+
+def _fake_backward_options(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse,
+                           keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c, ln_hat, ln_rstd):
+    lstm_ln = gain_hh is not None and cell == "lstm"
+    H = w_hh.shape[0] // GATES[cell]
+    d_ln = (y.new_empty(w_hh.shape[0]) if gain_hh is not None else y.new_empty(0),
+            y.new_empty(H) if lstm_ln else y.new_empty(0), y.new_empty(H) if lstm_ln else y.new_empty(0))
+    return _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths,
+                          reverse) + d_ln
+
+
+# The options (zoneout, layer norm) that the _options ops take after the plain ops' arguments.
+OPTION_ARGS = ("keep_h", "keep_c", "keep_p", "gain_hh", "gain_c", "bias_c")
+
+
 def _setup_context(ctx, inputs, output):
-    cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs
-    y, _h_n, _c_n, gates, cells, proj_in = output
+    cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs[:10]
+    y, _h_n, _c_n, gates, cells, proj_in = output[:6]
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
     ctx.has_bias, ctx.has_c0, ctx.has_proj = b_hh is not None, c0 is not None, w_hr is not None
-    ctx.save_for_backward(y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths)
+    ctx.options = len(inputs) > 10
+    saved = [y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths]
+    if ctx.options:
+        keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c = inputs[10:]
+        ctx.has_ln = gain_hh is not None
+        saved += [keep_h, keep_c, gain_hh, gain_c, bias_c, *output[6:]]
+    ctx.save_for_backward(*saved)
     ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
 
 
-def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in):
+def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved):
+    n_inputs = 16 if ctx.options else 10
     if no_gradient_arrived(dy, dh_n, dc_n):
-        return (None,) * 10
+        return (None,) * n_inputs
     if torch.is_grad_enabled():
         # create_graph=True on the op itself: recurrence_backward has no derivative of its own, and
         # autograd would otherwise drop that path silently and return wrong second-order gradients.
         raise RuntimeError(REFUSAL)
     if not ctx.save:
         raise RuntimeError("fused_rnn: recurrence_forward ran with save=False, so it cannot be differentiated")
-    y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths = ctx.saved_tensors
+    y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, *options = ctx.saved_tensors
     dy = torch.zeros_like(y) if dy is None else dy          # outputs no loss reached
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     if ctx.cell == "lstm" and dc_n is None:
         dc_n = torch.zeros_like(c0) if c0 is not None else y.new_zeros(y.shape[1], cells.shape[2])
-    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = torch.ops.fused_rnn.recurrence_backward(
-        ctx.cell, dy, dh_n, dc_n if ctx.cell == "lstm" else None, y, gates, cells, proj_in,
-        h0, c0, w_hh, w_hr, lengths, ctx.reverse)
+    args = (ctx.cell, dy, dh_n, dc_n if ctx.cell == "lstm" else None, y, gates, cells, proj_in,
+            h0, c0, w_hh, w_hr, lengths, ctx.reverse)
+    if not ctx.options:
+        d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = torch.ops.fused_rnn.recurrence_backward(*args)
+        d_ln = ()
+    else:
+        keep_h, keep_c, gain_hh, gain_c, bias_c, ln_hat, ln_rstd = options
+        d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, *d_ln = torch.ops.fused_rnn.recurrence_backward_options(
+            *args, keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c, ln_hat, ln_rstd)
+        lstm_ln = ctx.has_ln and ctx.cell == "lstm"
+        d_ln = (None, None, None, d_ln[0] if ctx.has_ln else None, d_ln[1] if lstm_ln else None,
+                d_ln[2] if lstm_ln else None)
     return (None, d_gx, d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_bias else None,
-            d_w_hr if ctx.has_proj else None, None, None, None)
+            d_w_hr if ctx.has_proj else None, None, None, None) + d_ln
 
 
 def _register():
     torch.library.register_fake("fused_rnn::recurrence_forward")(_fake_forward)
     torch.library.register_fake("fused_rnn::recurrence_backward")(_fake_backward)
     torch.library.register_autograd("fused_rnn::recurrence_forward", _backward, setup_context=_setup_context)
+    torch.library.register_fake("fused_rnn::recurrence_forward_options")(_fake_forward_options)
+    torch.library.register_fake("fused_rnn::recurrence_backward_options")(_fake_backward_options)
+    torch.library.register_autograd("fused_rnn::recurrence_forward_options", _backward,
+                                    setup_context=_setup_context)
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
-    """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of gx's device."""
+# options beyond torch.nn's that the cpu and cuda backends implement (fused_rnn/backends.py routes by them)
+OPTIONS = ("zoneout", "layer_norm")
+OPTIONS_WITH_PROJ_REASON = "zoneout and layer norm are not implemented for a projected LSTM (proj_size > 0)"
+
+
+def unavailable_option_reason(options, cell, has_proj):
+    """Why these OPTIONS cannot run with this configuration, or None (see backends.unavailable_reason)."""
+    if options and has_proj:
+        return OPTIONS_WITH_PROJ_REASON
+    return None
+
+
+def zoneout_operands(zoneout):
+    """fused_rnn.functional.zoneout_keep's (keep_h, keep_c) as the ops take them: the training
+    masks as bool tensors (keep_p 0), or eval's probability as keep_p (the masks None)."""
+    if zoneout is None:
+        return None, None, 0.0
+    keep_h, keep_c = zoneout
+    if keep_h.dtype == torch.bool:
+        return keep_h.contiguous(), None if keep_c is None else keep_c.contiguous(), 0.0
+    return None, None, float(keep_h[(0,) * keep_h.dim()])  # eval: p expanded without memory
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):
+    """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of gx's device.
+    zoneout: None or (keep_h, keep_c); layer_norm: None or (gain_hh, gain_c, bias_c), as the reference's."""
     err = load_error()
     if err is not None:
         raise RuntimeError(err)
@@ -151,8 +225,15 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
     if dtype is not None:
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
         gx, h0, c0, w_hh, b_hh, w_hr = map(cast, (gx, h0, c0, w_hh, b_hh, w_hr))
+        layer_norm = None if layer_norm is None else tuple(map(cast, layer_norm))
+    gains = () if layer_norm is None else layer_norm
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr))
-    y, h_n, c_n, _, _, _ = torch.ops.fused_rnn.recurrence_forward(
-        cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, bool(reverse), save)
+        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr, *gains))
+    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, bool(reverse), save)
+    if zoneout is None and layer_norm is None:
+        y, h_n, c_n, *_ = torch.ops.fused_rnn.recurrence_forward(*args)
+    else:
+        gain_hh, gain_c, bias_c = (None, None, None) if layer_norm is None else layer_norm
+        y, h_n, c_n, *_ = torch.ops.fused_rnn.recurrence_forward_options(
+            *args, *zoneout_operands(zoneout), gain_hh, gain_c, bias_c)
     return y, h_n, (c_n if cell == "lstm" else None)
