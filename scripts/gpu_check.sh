@@ -189,7 +189,7 @@ SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SAN" ]; then
   step "compute-sanitizer memcheck: persistent kernels, H in {8, 133}" 150 memcheck.log \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 --leak-check no \
-    --kernel-name regex:persistent_ $PY scripts/gpu_smoke.py --workers 0 --no-kernel-check \
+    --kernel-name kns=persistent_ $PY scripts/gpu_smoke.py --workers 0 --no-kernel-check \
     --backends persistent --H 8,133
 else
   note "SKIP  compute-sanitizer not found"

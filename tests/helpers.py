@@ -56,5 +56,5 @@ def reference_like_kernel(cell, ref_args, dtype, out):
     ReLU's derivative, which no tolerance covers. fp32/fp64 kernels get the plain reference."""
     from fused_rnn import reference
     sixteen = dtype in (torch.float16, torch.bfloat16)
-    branch = (out[0].detach().cpu() > 0) if sixteen and cell == "rnn_relu" else None
+    branch = (out[0].detach().to(ref_args[0].device) > 0) if sixteen and cell == "rnn_relu" else None
     return reference.recurrence(cell, *ref_args, state_dtype=dtype if sixteen else None, relu_branch=branch)
