@@ -67,9 +67,8 @@ def build_parser():
     return p
 
 
-CPU = dict(embed=128, hidden=256, layers=1, attn=128, dropout=0.2, max_len=15, epochs=10, batch_size=64, lr=3e-3,
-           lr_schedule="cosine", tokenizer="spm", vocab_size=2000, tie_embeddings=True, beam=5, threads=1,
-           dict_pairs=20000, word_dropout=0.1, label_smoothing=0.1)
+CPU = dict(embed=128, hidden=256, layers=1, attn=128, dropout=0.2, max_len=15, epochs=8, batch_size=64, lr=3e-3,
+           lr_schedule="cosine", tokenizer="spm", vocab_size=2000, tie_embeddings=True, beam=5, threads=1)
 QUICK = dict(embed=64, hidden=128, layers=1, attn=64, dropout=0.2, max_len=8, epochs=4, batch_size=64,
              lr=3e-3, beam=4, eval_size=400, threads=1)
 
