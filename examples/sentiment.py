@@ -48,7 +48,7 @@ def build_parser():
     return p
 
 
-CPU = dict(embed=128, hidden=128, layers=1, dropout=0.5, epochs=5, lr=3e-3, max_len=60, pool="max", seeds=3,
+CPU = dict(embed=128, hidden=128, layers=1, dropout=0.5, epochs=7, lr=3e-3, max_len=60, pool="max", seeds=3,
            threads=1)
 QUICK = dict(embed=64, hidden=64, dropout=0.3, epochs=3, batch_size=64, lr=4e-3, max_len=40, threads=1)
 

@@ -58,6 +58,11 @@ def build_parser():
                    help="read out through a tanh layer of --embed units and score words with the target "
                         "embedding matrix (tied weights: fewer parameters, faster output layer)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss")
+    p.add_argument("--dict-pairs", type=int, default=0,
+                   help="add this many of the dictionary's word and phrase entries (drawn anew every epoch) "
+                        "to the training sentences; never with --data-file")
+    p.add_argument("--word-dropout", type=float, default=0.0,
+                   help="probability of replacing a training source unit by <unk> (Sennrich & Zhang 2019)")
     common.add_common_args(p, epochs=20, batch_size=128, lr=1e-3, out="runs/seq2seq")
     return p
 
@@ -75,6 +80,23 @@ def parse_args(argv=None):
 
 def load_pairs(args):
     return datasets.read_pairs(args.data_file) if args.data_file else datasets.de_en_pairs()
+
+
+def load_phrases(args):
+    return [] if args.data_file or not args.dict_pairs or not args.epochs else datasets.de_en_phrases()
+
+
+def phrase_pool(phrases, train_pairs, held_out, max_len):
+    """The word/phrase pairs whose German words all occur in the German training sentences (the
+    dictionary's meanings of the words the sentences use, not its thousands of bird names), with at
+    most max_len words a side, and whose sides differ from every side of the held-out (validation
+    and test) sentence pairs, compared without case and punctuation."""
+    words = lambda s: [w for w in tokenize(s) if w[0].isalnum()]     # noqa: E731
+    known = {w for d, _ in train_pairs for w in words(d)}
+    banned = {" ".join(words(s)) for pair in held_out for s in pair}
+    return [(d, e) for d, e in prepare(phrases, max_len)
+            if all(w in known for w in words(d)) and " ".join(words(d)) not in banned
+            and " ".join(words(e)) not in banned]
 
 
 TOKEN = re.compile(r"\w+(?:'\w+)?|[^\s\w]")
@@ -357,6 +379,12 @@ def batch_loss(model, batch, device, teacher_forcing=1.0, generator=None, label_
                            label_smoothing=label_smoothing)
 
 
+def drop_words(src, p, generator):
+    """src [B, S] with each unit (not padding) replaced by <unk> with probability p: word dropout."""
+    drop = (torch.rand(src.shape, generator=generator) < p) & (src != PAD)
+    return src.masked_fill(drop, UNK)
+
+
 @dataclass
 class Result:
     losses: list = field(default_factory=list)     # training loss of every optimizer step
@@ -373,24 +401,29 @@ class Result:
     test_sources: list = None                      # the German sentences of `test`
 
 
-def train(args, pairs, vocabs=None, state=None, tokenizers=None):
-    """Train on [(german, english)] pairs (split 90/5/5 here) and return a Result; `losses` holds
-    every step's training loss."""
+def train(args, pairs, vocabs=None, state=None, tokenizers=None, phrases=()):
+    """Train on [(german, english)] pairs (split 90/5/5 here), plus --dict-pairs of the word/phrase
+    pairs `phrases` every epoch, and return a Result; `losses` holds every step's training loss."""
     device = getattr(args, "device_obj", None) or common.pick_device(args.device)
     args.device_obj = device
     common.seed_everything(args.seed)
     train_pairs, val_pairs, test_pairs = split(prepare(pairs, args.max_len), seed=0)
     if not train_pairs:
         raise SystemExit(f"no sentence pairs with at most {args.max_len} words a side")
-    src_tok, tgt_tok = tokenizers or make_tokenizers(args, train_pairs)
-    train_items, val_items, test_items = ([(src_tok.encode(d), tgt_tok.encode(e), e) for d, e in ps]
-                                          for ps in (train_pairs, val_pairs, test_pairs))
+    pool = phrase_pool(phrases, train_pairs, val_pairs + test_pairs, args.max_len) if args.dict_pairs else []
+    src_tok, tgt_tok = tokenizers or make_tokenizers(args, train_pairs + pool)
+    train_items, val_items, test_items, pool_items = ([(src_tok.encode(d), tgt_tok.encode(e), e) for d, e in ps]
+                                                      for ps in (train_pairs, val_pairs, test_pairs, pool))
     args.decode_len = max(len(t) for _, t, _ in train_items) + 2     # longest training target, and <eos>
-    src_vocab, tgt_vocab = vocabs or (build_vocab([s for s, _, _ in train_items], args.min_freq),
-                                      build_vocab([t for _, t, _ in train_items], args.min_freq))
+    src_vocab, tgt_vocab = vocabs or (build_vocab([s for s, _, _ in train_items + pool_items], args.min_freq),
+                                      build_vocab([t for _, t, _ in train_items + pool_items], args.min_freq))
     si, ti = ({w: i for i, w in enumerate(v)} for v in (src_vocab, tgt_vocab))
     encode = lambda items: [(ids(s, si), ids(t, ti)) for s, t, _ in items]  # noqa: E731
-    train_ex, val_ex = encode(train_items), encode(val_items)
+    train_ex, val_ex, pool_ex = encode(train_items), encode(val_items), encode(pool_items)
+    n_extra = min(args.dict_pairs, len(pool_ex))
+    if pool:
+        common.log(f"training pairs: {len(train_ex):,} sentences + {n_extra:,} a epoch drawn from "
+                   f"{len(pool_ex):,} dictionary words and phrases")
 
     model = Seq2Seq(args, len(src_vocab), len(tgt_vocab)).to(device)
     if state is not None:
@@ -400,17 +433,21 @@ def train(args, pairs, vocabs=None, state=None, tokenizers=None):
                  test=test_items, test_sources=[d for d, _ in test_pairs])
     gen = torch.Generator().manual_seed(args.seed)
     tf_gen = torch.Generator().manual_seed(args.seed + 1)
+    wd_gen = torch.Generator().manual_seed(args.seed + 2)
     timer = common.EpochTimer(device)
     step = 0
-    n_batches = (len(train_ex) + args.batch_size - 1) // args.batch_size
+    n_batches = (len(train_ex) + n_extra + args.batch_size - 1) // args.batch_size
     val_subset = val_items[:args.eval_size] if args.eval_size else val_items
     sched = common.lr_scheduler(opt, args, n_batches)
     for epoch in range(args.epochs):
         timer.start()
         total, n = 0.0, 0
-        bar = common.progress(batches(train_ex, args.batch_size, True, gen), args, total=n_batches,
+        extra = [pool_ex[i] for i in torch.randperm(len(pool_ex), generator=gen)[:n_extra].tolist()]
+        bar = common.progress(batches(train_ex + extra, args.batch_size, True, gen), args, total=n_batches,
                               desc=f"epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
+            if args.word_dropout:
+                batch = (drop_words(batch[0], args.word_dropout, wd_gen), *batch[1:])
             loss = batch_loss(model, batch, device, args.teacher_forcing, tf_gen, args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -464,7 +501,7 @@ def main(argv=None):
                f"(bidirectional) + attention decoder on {common.describe(args, args.cell)}, device {device}")
     tokenizers = (tuple(tokenizer_from_state(ckpt[k]) for k in ("src_spm", "tgt_spm")) if ckpt else None)
     res = train(args, pairs, vocabs=(ckpt["src_vocab"], ckpt["tgt_vocab"]) if ckpt else None,
-                state=ckpt["model"] if ckpt else None, tokenizers=tokenizers)
+                state=ckpt["model"] if ckpt else None, tokenizers=tokenizers, phrases=load_phrases(args))
     model, si = res.model, {w: i for i, w in enumerate(res.src_vocab)}
     test = res.test[:args.eval_size] if args.eval_size else res.test
     refs = [r.lower() for _, _, r in test]

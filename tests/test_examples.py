@@ -197,7 +197,8 @@ def test_sentiment_nn_and_fused_train_alike():
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_seq2seq_nn_and_fused_train_alike(cell):
     argv = ["--quick", "--cell", cell, "--max-steps", "20", "--hidden", "16", "--embed", "16", "--attn", "16",
-            "--batch-size", "8", "--min-freq", "1", "--teacher-forcing", "0.8", "--no-progress"]
+            "--batch-size", "8", "--min-freq", "1", "--teacher-forcing", "0.8", "--word-dropout", "0.2",
+            "--no-progress"]
     assert_same_training(seq2seq, argv, tiny_pairs())
 
 
@@ -312,6 +313,49 @@ def test_de_en_dictionary_lines_become_sentence_pairs():
     assert example_data.parse_de_en(lines) == [
         ("Er kommt morgen.", "He is coming tomorrow."),
         ("Das ist mir egal.", "I don't care.")]
+
+
+def test_de_en_dictionary_lines_become_phrase_pairs():
+    """phrases=True: every pair the sentence filter leaves out (words, phrases, two-word questions)."""
+    lines = ["Hund {m} | Hunde {pl} :: dog | dogs\n",
+             "Er kommt morgen. | Kommt er? :: He is coming tomorrow. | Is he coming?\n",
+             "Nur links :: only one side | extra\n"]
+    assert example_data.parse_de_en(lines, phrases=True) == [("Hund", "dog"), ("Hunde", "dogs"),
+                                                              ("Kommt er?", "Is he coming?")]
+
+
+def test_phrase_pool_keeps_known_words_and_no_held_out_sentence():
+    train = [("Der Hund sieht die Katze.", "The dog sees the cat."), ("Der Mann ruft.", "The man calls.")]
+    held_out = [("Der Hund ruft.", "The dog calls.")]
+    phrases = [("Hund", "dog"), ("die Katze", "the cat"), ("Vogel", "bird"),        # Vogel: not in training
+               ("der Hund ruft", "a dog's call"),                                   # a held-out German side
+               ("Mann", "The dog calls!"),                                          # a held-out English side
+               ("der Hund sieht die Katze", "the dog sees the cat")]               # longer than max_len 4
+    assert seq2seq.phrase_pool(phrases, train, held_out, max_len=4) == [("Hund", "dog"), ("die Katze", "the cat")]
+
+
+def test_word_dropout_replaces_units_not_padding():
+    src = torch.randint(4, 50, (64, 30))
+    src[:, 20:] = seq2seq.PAD
+    out = seq2seq.drop_words(src, 0.25, torch.Generator().manual_seed(0))
+    dropped = out != src
+    assert (out[dropped] == seq2seq.UNK).all() and not dropped[:, 20:].any()
+    assert 0.2 < dropped[:, :20].float().mean() < 0.3
+
+
+def test_seq2seq_trains_on_dictionary_phrases_too():
+    """--dict-pairs adds that many pool pairs to every epoch's batches (pool: known German words)."""
+    nouns = {"Hund": "dog", "Katze": "cat", "Mann": "man", "Frau": "woman", "Kind": "child", "sieht": "sees",
+             "mag": "likes", "ruft": "calls", "hört": "hears", "der Hund": "the dog", "den Mann": "the man",
+             "der Katze": "the cat", "Vogel": "bird"}
+    argv = ["--quick", "--epochs", "1", "--hidden", "16", "--embed", "16", "--attn", "16", "--batch-size", "8",
+            "--min-freq", "1", "--word-dropout", "0.1", "--no-progress"]
+    sentences = tiny_pairs()                                # 234 training pairs after the split
+    plain = seq2seq.train(seq2seq.parse_args(argv), sentences)
+    extra = seq2seq.train(seq2seq.parse_args([*argv, "--dict-pairs", "20"]), sentences, phrases=list(nouns.items()))
+    assert len(plain.losses) == (234 + 7) // 8 and len(extra.losses) == (234 + 12 + 7) // 8
+    assert "bird" not in extra.tgt_vocab and "dog" in extra.tgt_vocab
+    assert seq2seq.load_phrases(seq2seq.parse_args([*argv, "--dict-pairs", "20", "--data-file", "x.tsv"])) == []
 
 
 def test_missing_data_says_what_to_run(tmp_path, monkeypatch):
