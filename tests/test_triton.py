@@ -89,19 +89,13 @@ def make_options(cell, T, B, H, dtype, device, zoneout=None, layer_norm=False):
 
 def run_both(cell, args, reverse, options=None):
     """(outputs, gradients) of the triton backend and of the float64 reference on the same inputs;
-    options: zoneout= and layer_norm= (make_options), the layer norm's parameters differentiated too.
-    16-bit kernels exchange h between steps in their dtype (the next step's product reads it, in
-    every launch mode): the reference then rounds h after each step the same way, and takes the
-    kernel's ReLU branches (helpers.reference_like_kernel, with the options passed through)."""
+    options: zoneout= and layer_norm= (make_options), the layer norm's parameters differentiated too."""
     cell = cell.replace("-proj", "")
     options = options or {}
     ln = options.get("layer_norm") or ()
     ref_args, ref_ln = as_reference(args), as_reference(ln)
     out = triton_rnn.recurrence(cell, *args, reverse, **options)
-    sixteen = args[0].dtype in (torch.float16, torch.bfloat16)
-    branch = (out[0].detach().cpu() > 0) if sixteen and cell == "rnn_relu" else None
-    ref = reference.recurrence(cell, *ref_args, reverse, **dict(options, **({"layer_norm": ref_ln} if ln else {})),
-                               state_dtype=args[0].dtype if sixteen else None, relu_branch=branch)
+    ref = reference.recurrence(cell, *ref_args, reverse, **dict(options, **({"layer_norm": ref_ln} if ln else {})))
     diff = [a for a in list(args[:6]) + list(ln) if a is not None]
     ref_diff = [a for a in list(ref_args[:6]) + list(ref_ln) if a is not None]
     return (out, grads_of(out, diff)), (ref, grads_of(ref, ref_diff))
