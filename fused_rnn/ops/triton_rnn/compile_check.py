@@ -51,8 +51,8 @@ def _option_consts(cell, zoneout, layer_norm):
     return {"ZONEOUT": zoneout, "LAYER_NORM": layer_norm, "NLN": K.NUM_GATES[cell] + (cell == "lstm")}
 
 
-def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, num_stages=None, arch=90, tf32=False,
-                    zoneout=0, layer_norm=False):
+def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, num_stages=None, arch=90,
+                    tf32=False, zoneout=0, layer_norm=False):
     cdt = "fp64" if dtype == "fp64" else "fp32"
     pointers = {"gx_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "len_ptr": "i64", "y_ptr": dtype, "hbuf_ptr": dtype,
                 "hstate_ptr": cdt, "cstate_ptr": cdt, "saved_ptr": cdt, "call_ptr": cdt, "cnt_ptr": "i32", "gh0_ptr": dtype,
@@ -65,8 +65,8 @@ def compile_forward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_w
     return _compile(K.rnn_forward_kernel, pointers, consts, arch, num_warps, num_stages)
 
 
-def compile_backward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, num_stages=None, arch=90, tf32=False,
-                     zoneout=0, layer_norm=False):
+def compile_backward(cell, dtype, sync, block_b=16, block_h=16, block_k=32, num_warps=4, num_stages=None, arch=90,
+                     tf32=False, zoneout=0, layer_norm=False):
     cdt = "fp64" if dtype == "fp64" else "fp32"
     pointers = {"dy_ptr": dtype, "w_ptr": dtype, "len_ptr": "i64", "h0_ptr": dtype, "y_ptr": dtype, "c0_ptr": dtype,
                 "saved_ptr": cdt, "call_ptr": cdt, "dgx_ptr": dtype, "dgh_ptr": dtype, "dgbuf_ptr": dtype,

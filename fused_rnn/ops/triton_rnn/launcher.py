@@ -6,6 +6,8 @@ How a launch is planned (once per device, shape, dtype and kernel flags; cached 
     kernel's occupancy (registers, shared memory) lets every program be resident at once; the
     driver checks that again at launch and, if it refuses, the plan falls back to
   * one launch per step ("stepwise"): the launch boundary is the barrier.
+Before either, the compiled kernel's shared memory is fitted to the device's per-block limit
+(fewer pipelining stages, a smaller K chunk; a clear error when nothing fits): shared_fitting_config.
 """
 from __future__ import annotations
 
