@@ -8,6 +8,7 @@ TRITON_INTERPRET=1), on small shapes; with a GPU the same tests run on CUDA with
 import contextlib
 import os
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -188,6 +189,8 @@ def test_gpu_multi_program_persistent_matches_stepwise(cell, monkeypatch):
 
 # -- no hang, ever: bounded barrier, occupancy, cooperative launch and its fallback --------------
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the error is a device-side assert, which poisons the process's CUDA "
+                                   "context: test_barrier_timeout_in_a_subprocess checks it there")
 def test_barrier_timeout_is_an_error_not_a_hang(monkeypatch):
     """A barrier that can never complete (its counter starts one arrival short) gives up after
     SPIN_LIMIT polls per step, stops waiting, and the launch raises a clear error."""
@@ -198,6 +201,44 @@ def test_barrier_timeout_is_an_error_not_a_hang(monkeypatch):
     args = make_inputs("gru", 3, 2, 20, torch.float32, DEVICE)
     with pytest.raises(RuntimeError, match="grid barrier timed out"):
         triton_rnn.recurrence("gru", *args, False)
+
+
+# The scenario above as a script of its own: on a GPU the timeout flag is checked by a device-side
+# assert (asynchronous, and fatal to the process's CUDA context), so it can only be observed from outside
+BARRIER_TIMEOUT_SCRIPT = """
+import sys
+import torch
+from fused_rnn.ops import triton_rnn
+from fused_rnn.ops.triton_rnn import launcher
+device = sys.argv[1]
+launcher.choose_config = lambda *a, **k: launcher.LaunchConfig(block_b=16, block_h=32, block_k=16,
+                                                                mode="persistent", force_sync=True)
+launcher.SPIN_LIMIT = 3
+counters = launcher._new_counters
+launcher._new_counters = lambda n, device: counters(n, device) - 1  # one arrival short: never completes
+T, B, H = 3, 2, 20
+gx, h0 = torch.randn(T, B, 3 * H, device=device), torch.randn(B, H, device=device)
+w_hh, b_hh = torch.randn(3 * H, H, device=device) * H ** -0.5, torch.randn(3 * H, device=device)
+triton_rnn.recurrence("gru", gx, h0, None, w_hh, b_hh, None, None, False)
+if device == "cuda":
+    torch.cuda.synchronize()
+print("the launch returned without an error")
+"""
+
+
+def test_barrier_timeout_in_a_subprocess():
+    """The timed-out barrier in a fresh process (with a time limit: a hang fails here): it ends with
+    an error, the kernel said why (device_print), and the error is the launcher's check — a
+    device-side assert on a GPU, the RuntimeError itself in the interpreter."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", BARRIER_TIMEOUT_SCRIPT, DEVICE], capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert "grid barrier timed out, a program was not resident" in run.stdout + run.stderr, run.stdout + run.stderr
+    error = "device-side assert" if ON_GPU else "RuntimeError: fused_rnn triton: the grid barrier timed out"
+    assert error in run.stderr, run.stderr[-3000:]
 
 
 class _RefusesCooperativeLaunch:
@@ -267,6 +308,26 @@ def test_multi_tile_plan_follows_the_compiled_kernels_occupancy(monkeypatch):
     assert kernel.kwargs["SYNC"] and kernel.kwargs["launch_cooperative_grid"] and kernel.kwargs["num_warps"] == 4
     assert launcher._settle_mode(kernel, {}, {}, (3, 100), cfg, "cuda").mode == "stepwise"
     assert launcher._settle_mode(kernel, {}, {}, (300, 1), cfg, "cuda") == cfg  # one tile: no barrier
+
+
+def test_shared_memory_fit_reduces_stages_then_k_chunk_or_refuses():
+    """The launcher's shared-memory fit (launcher.shared_fitting_config) tries triton's default stages,
+    2, 1, then halves the K chunk, and keeps the first that fits; none fitting is a clear error before
+    any launch (never triton's OutOfResources at run time)."""
+    cfg = LaunchConfig(block_b=16, block_h=256, block_k=32, num_warps=8)
+    need = {(32, None): 266240, (32, 2): 180000, (32, 1): 100000, (16, None): 90000, (16, 2): 60000, (16, 1): 40000}
+    tried = []
+
+    def shared_of(c):
+        tried.append((c.block_k, c.num_stages))
+        return need[tried[-1]]
+
+    assert launcher.shared_fitting_config(cfg, shared_of, 232448) == replace(cfg, num_stages=2)
+    assert launcher.shared_fitting_config(cfg, shared_of, 166912) == replace(cfg, num_stages=1)
+    assert launcher.shared_fitting_config(cfg, shared_of, 95000) == replace(cfg, block_k=16)
+    assert tried[-4:] == [(32, None), (32, 2), (32, 1), (16, None)]
+    with pytest.raises(ValueError, match="no launch configuration fits the device's 1000 B of shared memory"):
+        launcher.shared_fitting_config(cfg, shared_of, 1000)
 
 
 @contextlib.contextmanager
@@ -475,3 +536,26 @@ def test_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stdout + run.stderr
     # every cell with the barrier (bf16, fp32), then LSTM and GRU with zoneout and the layer norm
     assert run.stdout.count(" ok ") == 16 + 32, run.stdout
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the layer-norm tests launch these configurations on the device itself")
+@pytest.mark.parametrize("arch", [90, 80])
+def test_layer_norm_configs_fit_shared_memory(arch):
+    """The layer-normalised kernels hold a whole row of gate columns per program: at H=256 the fp32
+    LSTM forward needs 260 KiB of shared memory at triton's default pipelining, over sm_90's 227 KiB
+    per block. Compiled for the target (no GPU), the configuration the launcher settles on fits
+    its limit (sm_80: 163 KiB) for LSTM and GRU, forward and backward, fp32 and bf16."""
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-m", "fused_rnn.ops.triton_rnn.compile_check", "--arch", str(arch),
+                          "--fit-layer-norm", "256"], check=False, capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    fits = re.findall(r"^sm_\d+ +(\w+) +(\w+) +(\w+) H=256 block_k=(\d+) num_stages=(\w+) shared=(\d+) limit=(\d+)$",
+                      run.stdout, re.M)
+    assert len(fits) == 8, run.stdout
+    assert all(int(shared) <= int(limit) for *_, shared, limit in fits), run.stdout
+    # the case that overflowed sm_90 at the default configuration runs with fewer stages
+    assert ("forward", "lstm", "fp32", "32", "2") in [f[:5] for f in fits], run.stdout

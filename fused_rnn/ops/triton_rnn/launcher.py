@@ -6,6 +6,8 @@ How a launch is planned (once per device, shape, dtype and kernel flags; cached 
     kernel's occupancy (registers, shared memory) lets every program be resident at once; the
     driver checks that again at launch and, if it refuses, the plan falls back to
   * one launch per step ("stepwise"): the launch boundary is the barrier.
+Before either, the compiled kernel's shared memory is fitted to the device's per-block limit
+(fewer pipelining stages, a smaller K chunk; a clear error when nothing fits): shared_fitting_config.
 """
 from __future__ import annotations
 
@@ -83,6 +85,9 @@ class LaunchConfig:
     # is more than one hidden tile: a cooperative launch, so every program is resident);
     # "stepwise": one launch per step, the launch boundary is the synchronisation.
     mode: str = "persistent"
+    # software-pipelining stages of the K loop (None: triton's default); each stage holds one more
+    # [BLOCK_K, BLOCK_H] chunk of every gate's weights in shared memory
+    num_stages: int | None = None
     # tests only: run the inter-program barrier even with one hidden tile (the interpreter cannot run
     # more than one waiting program, but it can run the barrier code of one)
     force_sync: bool = False
@@ -108,6 +113,33 @@ def choose_config(B: int, H: int, G: int, device: torch.device, whole_row: bool 
     # tile is one MMA row block, and twice the programs of 32 keep more SMs busy. 4 warps: a 16-row
     # tile has too few MMA tiles for 8 warps to share (the rest would repeat the same work).
     return LaunchConfig(block_b=16, block_h=16, block_k=32, num_warps=4)
+
+
+def shared_fitting_config(cfg: LaunchConfig, shared_of, limit: int) -> LaunchConfig:
+    """The first of cfg, then fewer pipelining stages, then half the K chunk (down to 16), whose
+    compiled kernel's shared memory (shared_of(config) -> bytes) is within `limit` (the device's
+    opt-in maximum per block); a ValueError saying so when none is. The whole-row (layer norm)
+    kernels hold every gate's [BLOCK_K, H] weight chunk per stage: an fp32 LSTM with H=256 needs
+    260 KiB at triton's default 3 stages on sm_90 (227 KiB there, 163 KiB on sm_80)."""
+    tried = []
+    block_k = cfg.block_k
+    while True:
+        for stages in ((cfg.num_stages,) if cfg.num_stages is not None else (None, 2)) + (1,):
+            candidate = replace(cfg, block_k=block_k, num_stages=stages)
+            need = shared_of(candidate)
+            if need <= limit:
+                return candidate
+            tried.append(f"block_k={block_k} num_stages={stages or 'default'}: {need} B")
+        if block_k <= 16:
+            raise ValueError(f"fused_rnn triton: no launch configuration fits the device's {limit} B of shared "
+                             f"memory per block ({'; '.join(tried)}); use the cuda backend for this shape")
+        block_k //= 2
+
+
+def _launch_options(cfg: LaunchConfig) -> dict:
+    """The compile options of a launch (num_stages only when set: triton's default otherwise)."""
+    return {"num_warps": cfg.num_warps} if cfg.num_stages is None else \
+        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def blocks_per_sm(n_regs: int, shared: int, num_warps: int, props) -> int:
@@ -169,12 +201,27 @@ def _plan_key(kernel, device, cfg, B, H, consts):
             tuple(sorted((k, str(v)) for k, v in consts.items())))
 
 
+def _fit_shared_memory(kernel, args, consts, grid, cfg, device) -> LaunchConfig:
+    """cfg with its pipelining stages / K chunk reduced until the compiled kernel's shared memory fits
+    the device (triton would raise OutOfResources at the launch otherwise)."""
+    if interpreting():
+        return cfg
+    sync = cfg.mode == "persistent" and (grid[1] > 1 or cfg.force_sync)
+
+    def shared_of(candidate):
+        consts_k = dict(consts, BLOCK_K=candidate.block_k)
+        return kernel.warmup(**args, **consts_k, SYNC=sync, grid=grid, **_launch_options(candidate),
+                             launch_cooperative_grid=sync).metadata.shared
+
+    return shared_fitting_config(cfg, shared_of, torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+
+
 def _settle_mode(kernel, args, consts, grid, cfg, device) -> LaunchConfig:
     """A multi-tile persistent launch needs all its programs resident: compile the kernel and compare
     the grid with what its occupancy allows on this device; stepwise when it does not fit."""
     if cfg.mode != "persistent" or grid[1] == 1 or interpreting():
         return cfg
-    compiled = kernel.warmup(**args, **consts, SYNC=True, grid=grid, num_warps=cfg.num_warps,
+    compiled = kernel.warmup(**args, **consts, SYNC=True, grid=grid, **_launch_options(cfg),
                              launch_cooperative_grid=True)
     compiled._init_handles()
     props = torch.cuda.get_device_properties(device)
@@ -192,7 +239,7 @@ def _run(kernel, args, consts, total_steps, cfg, grid, device, plan_key):
     if cfg.mode == "persistent":
         try:
             kernel[grid](**args, cnt_ptr=counters, step_begin=0, step_end=total_steps, spin_limit=SPIN_LIMIT,
-                         **consts, SYNC=sync, num_warps=cfg.num_warps, launch_cooperative_grid=sync)
+                         **consts, SYNC=sync, **_launch_options(cfg), launch_cooperative_grid=sync)
         except RuntimeError as e:  # the driver refused the cooperative launch: nothing ran
             if not (sync and "cooperative" in str(e)):
                 raise
@@ -210,7 +257,7 @@ def _run(kernel, args, consts, total_steps, cfg, grid, device, plan_key):
             return
     for step in range(total_steps):
         kernel[grid](**args, cnt_ptr=counters, step_begin=step, step_end=step + 1, spin_limit=SPIN_LIMIT,
-                     **consts, SYNC=False, num_warps=cfg.num_warps)
+                     **consts, SYNC=False, **_launch_options(cfg))
 
 
 def _launch(kernel, args, consts, total_steps, G, nsave, config):
@@ -226,8 +273,10 @@ def _launch(kernel, args, consts, total_steps, G, nsave, config):
         _check_config(cfg, B, G, H, nsave, whole_row)
         probe = dict(args, cnt_ptr=_new_counters(grid[0], device), step_begin=0, step_end=total_steps,
                      spin_limit=SPIN_LIMIT)
-        _PLANS[key] = _settle_mode(kernel, probe, consts, grid, cfg, device)
-    _run(kernel, args, consts, total_steps, _PLANS[key], grid, device, key)
+        fitted = _fit_shared_memory(kernel, probe, consts, grid, cfg, device)
+        _PLANS[key] = _settle_mode(kernel, probe, dict(consts, BLOCK_K=fitted.block_k), grid, fitted, device)
+    plan = _PLANS[key]
+    _run(kernel, args, dict(consts, BLOCK_K=plan.block_k), total_steps, plan, grid, device, key)
 
 
 def zoneout_operands(keep_h: torch.Tensor | None, keep_c: torch.Tensor | None, cdt: torch.dtype):
