@@ -8,8 +8,8 @@ projection on sm_80+, whose grid the device holds at once at the batch size give
 per-step kernels. `kernel_for` says which kernels a layer gets and why. fp32 follows
 torch.backends.cuda.matmul.allow_tf32, read at each call: on, TF32 MMAs (10-bit mantissas, like torch's
 own TF32 matmuls); off (torch's default), 3xTF32, whose error stays at fp32 FFMA's level
-(benchmarks/PERSISTENT_V2.md, shape 3). They stay opt-in until a GPU run has verified them
-(benchmarks/PERSISTENT_V2.md, NOTES.md).
+(benchmarks/PERSISTENT_V2.md, shape 3). Verified on an H200, but 3–4.5× slower than their budget
+(benchmarks/PERSISTENT_V2.md, NOTES.md), so they stay opt-in.
 
 Zoneout and the layer-normalised LSTM/GRU (OPTIONS) run in the per-step kernels, one block per
 batch row (the layer norm's statistics are a block reduction over the row; csrc/recurrence_step.h
