@@ -238,11 +238,10 @@ void check_options(const Options& o, Cell cell, bool proj, int64_t T, int64_t B,
 }
 
 // The StepOptions of step t (keep masks and saved layer-norm values at t; ts the saved step).
-StepOptions step_options(const Options& o, const optional<Tensor>& keep_h, const optional<Tensor>& keep_c,
-                         const Tensor& ln_hat, const Tensor& ln_rstd, int64_t t, int64_t ts) {
+StepOptions step_options(const Options& o, const Tensor& ln_hat, const Tensor& ln_rstd, int64_t t, int64_t ts) {
   StepOptions s{};
-  s.keep_h = keep_h.has_value() ? static_cast<const uint8_t*>(step_ptr(*keep_h, t)) : nullptr;
-  s.keep_c = keep_c.has_value() ? static_cast<const uint8_t*>(step_ptr(*keep_c, t)) : nullptr;
+  s.keep_h = o.keep_h.has_value() ? static_cast<const uint8_t*>(step_ptr(*o.keep_h, t)) : nullptr;
+  s.keep_c = o.keep_c.has_value() ? static_cast<const uint8_t*>(step_ptr(*o.keep_c, t)) : nullptr;
   s.keep_p = o.keep_p;
   if (o.layer_norm()) {
     s.gain_hh = o.gain_hh->data_ptr();
@@ -259,8 +258,8 @@ optional<Tensor> contiguous_opt(const optional<Tensor>& t) {
 }
 
 // The persistent kernels (csrc/cuda/persistent.cu) run all T steps in one cooperative launch with
-// w_hh kept on chip. They are opt-in (FUSED_RNN_CUDA_PERSISTENT=1) until verified on a GPU
-// (benchmarks/PERSISTENT_V2.md); where their plan (csrc/cuda/persistent_plan.h) does not fit the layer —
+// w_hh kept on chip. They are opt-in (FUSED_RNN_CUDA_PERSISTENT=1) while they miss their budget on a
+// GPU (benchmarks/PERSISTENT_V2.md); where their plan (csrc/cuda/persistent_plan.h) does not fit the layer —
 // float64, a projection, fp32 above H=512, a grid the device cannot hold at once — the per-step kernels
 // below run. Forward and backward save and read the same tensors as the per-step kernels, so either
 // backward can follow either forward. Returns nullptr when the persistent kernels run the layer (`plan`
@@ -390,7 +389,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     p.gates = has_gates ? step_ptr(gates, ts) : nullptr;
     p.cells = lstm ? step_ptr(cells, ts) : nullptr;
     p.proj_in = s.proj ? step_ptr(proj_in, ts) : nullptr;
-    p.opt = step_options(oc, oc.keep_h, oc.keep_c, ln_hat, ln_rstd, t, ts);
+    p.opt = step_options(oc, ln_hat, ln_rstd, t, ts);
     pw.forward_step(p);
     if (s.proj) {
       at::mm_out(tmp, proj_in.select(0, ts), w_hr_t);
@@ -547,7 +546,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
     p.y_prev = has_prev ? step_ptr(y, prev) : nullptr;
     p.dgx = step_ptr(dgx, t);
     p.dgh = step_ptr(dgh, t);
-    p.opt = step_options(o, o.keep_h, o.keep_c, ln_hat, ln_rstd, t, t);
+    p.opt = step_options(o, ln_hat, ln_rstd, t, t);
     p.dmm = ln ? step_ptr(dmm, t) : nullptr;
     p.dcout = ln && lstm ? step_ptr(dcout, t) : nullptr;
     pw.backward_step(p);

@@ -53,6 +53,16 @@ _resolved = {}       # (requested, device type, dtype, cell, has_proj) -> backen
 _warned = set()
 
 
+# Why the kernel backends (cpu, cuda, triton) refuse zoneout and layer norm for a projected LSTM:
+# their kernels fuse both into the step of h = o * tanh(c), which the projection splits off.
+OPTIONS_WITH_PROJ_REASON = "zoneout and layer norm are not implemented for a projected LSTM (proj_size > 0)"
+
+
+def options_refused_with_projection(options, cell, has_proj):
+    """An unavailable_option_reason for backends whose options stop at a projection."""
+    return OPTIONS_WITH_PROJ_REASON if options and has_proj else None
+
+
 class BackendStatus(NamedTuple):
     available: bool
     reason: str      # why not, or what it is when available

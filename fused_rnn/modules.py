@@ -181,13 +181,9 @@ class _FusedCellMixin:
             if s.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {s.size(1)}, "
                                    f"expected {self.hidden_size}")
-        if input.dtype != self.weight_ih.dtype:
-            raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
-                               f"{_dtype_name(input.dtype)} and {_dtype_name(self.weight_ih.dtype)}")
+        _check_matmul_dtypes(input, self.weight_ih)
         functional._check_same_device(input, states, [self.weight_ih, self.weight_hh])
-        if states[0].dtype != self.weight_hh.dtype:  # torch.nn's h @ w_hh.T meets it first
-            raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
-                               f"{_dtype_name(states[0].dtype)} and {_dtype_name(self.weight_hh.dtype)}")
+        _check_matmul_dtypes(states[0], self.weight_hh)  # torch.nn's h @ w_hh.T meets it first
         functional._check_hidden_dtype(input, states)
         h, c = functional.cell_step(cell, input, states[0], states[1] if cell == "lstm" else None,
                                     self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend)
@@ -222,6 +218,13 @@ class _FusedCellMixin:
         if out is None:
             return None
         return out if cell == "lstm" else out[0]
+
+
+def _check_matmul_dtypes(a, w):
+    """torch.nn's error for a @ w.T with operands of two dtypes."""
+    if a.dtype != w.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(a.dtype)} and "
+                           f"{_dtype_name(w.dtype)}")
 
 
 def _dtype_name(dtype):

@@ -127,31 +127,27 @@ template <typename F> void dispatch_dtype(DType d, F&& f) {
 
 // The kernel and its functor for each step pass, so that the launcher and the driver name the same
 // instances: f(row functor, row width).
-template <typename F> void forward_step_kernel(const ForwardStepParams& p, F&& f) {
+// f(Fn<C, S, rows>{p}, p.H) for p's cell and dtype: a row per block when zoneout or layer norm is on
+// (LSTM and GRU only: the op refuses them for RNN cells), an element per thread otherwise.
+template <template <Cell, typename, bool> class Fn, typename P, typename F>
+void dispatch_step(const P& p, F&& f) {
   dispatch_dtype(p.dtype, [&](auto s) {
     using S = decltype(s);
     dispatch_cell(p.cell, [&](auto c) {
       constexpr Cell C = decltype(c)::value;
-      if (has_options(p.opt)) {
-        if constexpr (C == Cell::LSTM || C == Cell::GRU) f(ForwardFn<C, S, true>{p}, p.H);
-      } else {
-        f(ForwardFn<C, S>{p}, p.H);
+      if (!has_options(p.opt)) {
+        f(Fn<C, S, false>{p}, p.H);
+      } else if constexpr (C == Cell::LSTM || C == Cell::GRU) {
+        f(Fn<C, S, true>{p}, p.H);
       }
     });
   });
 }
+template <typename F> void forward_step_kernel(const ForwardStepParams& p, F&& f) {
+  dispatch_step<ForwardFn>(p, f);
+}
 template <typename F> void backward_step_kernel(const BackwardStepParams& p, F&& f) {
-  dispatch_dtype(p.dtype, [&](auto s) {
-    using S = decltype(s);
-    dispatch_cell(p.cell, [&](auto c) {
-      constexpr Cell C = decltype(c)::value;
-      if (has_options(p.opt)) {
-        if constexpr (C == Cell::LSTM || C == Cell::GRU) f(BackwardFn<C, S, true>{p}, p.H);
-      } else {
-        f(BackwardFn<C, S>{p}, p.H);
-      }
-    });
-  });
+  dispatch_step<BackwardFn>(p, f);
 }
 template <typename F> void proj_commit_kernel(const ProjCommitParams& p, F&& f) {
   dispatch_dtype(p.dtype, [&](auto s) { f(CommitFn<decltype(s)>{p}, p.Hout); });

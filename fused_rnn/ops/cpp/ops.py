@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ... import backends
 from ...double_backward import REFUSAL, no_gradient_arrived
 from ...functional import autocast_dtype
 
@@ -132,10 +133,6 @@ def _fake_backward_options(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c
                           reverse) + d_ln
 
 
-# The options (zoneout, layer norm) that the _options ops take after the plain ops' arguments.
-OPTION_ARGS = ("keep_h", "keep_c", "keep_p", "gain_hh", "gain_c", "bias_c")
-
-
 def _setup_context(ctx, inputs, output):
     cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs[:10]
     y, _h_n, _c_n, gates, cells, proj_in = output[:6]
@@ -194,14 +191,7 @@ def _register():
 
 # options beyond torch.nn's that the cpu and cuda backends implement (fused_rnn/backends.py routes by them)
 OPTIONS = ("zoneout", "layer_norm")
-OPTIONS_WITH_PROJ_REASON = "zoneout and layer norm are not implemented for a projected LSTM (proj_size > 0)"
-
-
-def unavailable_option_reason(options, cell, has_proj):
-    """Why these OPTIONS cannot run with this configuration, or None (see backends.unavailable_reason)."""
-    if options and has_proj:
-        return OPTIONS_WITH_PROJ_REASON
-    return None
+unavailable_option_reason = backends.options_refused_with_projection
 
 
 def zoneout_operands(zoneout):

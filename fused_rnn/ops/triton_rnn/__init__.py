@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from ... import backends
+
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_REASON = "triton needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)"
@@ -48,18 +50,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, cell: str, has_
     return f"triton runs on CUDA devices (or on the CPU in the interpreter), not {device.type}"
 
 
-# options beyond torch.nn's that this backend implements (fused_rnn/backends.py routes by them)
+# options beyond torch.nn's that this backend implements (fused_rnn/backends.py routes by them); the
+# projected LSTM runs as an LSTM on m_t with h_t = m_t @ w_hr.T outside the kernels (op.py): zoneout of
+# h_t and the layer norm do not fit that split
 OPTIONS = ("zoneout", "layer_norm")
-# the projected LSTM runs as an LSTM on m_t with h_t = m_t @ w_hr.T outside the kernels (op.py):
-# zoneout of h_t and the layer norm do not fit that split
-OPTIONS_WITH_PROJ_REASON = "zoneout and layer norm are not implemented for a projected LSTM (proj_size > 0)"
-
-
-def unavailable_option_reason(options, cell: str, has_proj: bool) -> str | None:
-    """Why these OPTIONS cannot run with this configuration, or None (see backends.unavailable_reason)."""
-    if options and has_proj:
-        return OPTIONS_WITH_PROJ_REASON
-    return None
+unavailable_option_reason = backends.options_refused_with_projection
 
 
 def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):

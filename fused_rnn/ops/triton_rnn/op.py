@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import backends
 from ...double_backward import REFUSAL, no_gradient_arrived
-from . import OPTIONS_WITH_PROJ_REASON, launcher
+from . import launcher
 from .kernels import NUM_GATES, NUM_SAVED
 
 
@@ -169,7 +170,7 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=Non
     keep_h, keep_c = (None, None) if zoneout is None else zoneout
     gain_hh, gain_c, bias_c = (None, None, None) if layer_norm is None else layer_norm
     if w_hr is not None and (zoneout is not None or layer_norm is not None):
-        raise RuntimeError(f"fused_rnn triton backend: {OPTIONS_WITH_PROJ_REASON}")
+        raise RuntimeError(f"fused_rnn triton backend: {backends.OPTIONS_WITH_PROJ_REASON}")
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr, gain_hh, gain_c, bias_c))
     gh0 = None
