@@ -2,8 +2,8 @@
 
 Without a GPU: it compiles with nvcc for sm_80 and sm_90a with no warning, `--list` names every case (the
 cluster cases only in the sm_90a build, with the reason in the sm_80 one), and the sm_90a SASS holds the
-instructions each case is meant to time. In the CPU emulator (csrc/cuda/emu/; plain and ThreadSanitizer
-builds of the same file): every case runs a few steps at a small grid without deadlock, every CTA reads the h
+instructions each case is meant to time. In the CPU emulator (csrc/cuda/emu/; plain, ThreadSanitizer and
+AddressSanitizer + UBSan builds of the same file): every case runs a few steps at a small grid without deadlock, every CTA reads the h
 (and the k-split cases the partial gate sums) the producers wrote for that step, and the flags and counters
 end at their targets; three planted synchronisation bugs are caught. With a CUDA GPU: a short run prints one
 row per measurement and no failed check.
@@ -154,11 +154,12 @@ EMULATED = ([(c, 6, 0) for c in GRID_CASES] + [("tree4", 10, 0), ("tree8_h", 12,
             + [(c, 8, s) for c in KSPLIT_CASES for s in (2, 4, 8)] + [("ksplit_flags", 16, 16)])
 
 
-@pytest.mark.parametrize("mode", ["plain", "tsan"])
+@pytest.mark.parametrize("mode", emu_build.MODES)
 @pytest.mark.parametrize("case,ctas,cluster", EMULATED)
 def test_emulated_case_exchanges_the_right_data(mode, case, ctas, cluster):
     """Every CTA read epoch s of h (the k-split cases: and the C partial sums of its rows), the flags and counters
-    ended at their targets, no deadlock; under ThreadSanitizer no race."""
+    ended at their targets, no deadlock; no race (ThreadSanitizer), no out-of-bounds access of shared memory, DSMEM
+    included, or global memory (AddressSanitizer)."""
     out = _emulate(mode, case, ctas, cluster).stdout.strip()
     assert out == f"ok,{case},{ctas},{cluster},5,errors=0,counters_off=0"
 
