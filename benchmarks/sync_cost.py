@@ -1,10 +1,12 @@
 """`python -m benchmarks.sync_cost`: what one step of a persistent recurrence pays for synchronisation alone
-(grid.sync, v2's release/acquire flags, the h exchange through L2, the sm_90 cluster barrier and DSMEM),
-in µs per step; benchmarks/sync_cost.cu says what each case models and how it is timed.
+(grid.sync, v2's release/acquire flags, the h exchange through L2, the sm_90 cluster barrier and DSMEM, and
+the candidates for v2.1: one arrival counter, a two-level barrier, relaxed polling, the K-split cluster
+exchange), in µs per step; benchmarks/sync_cost.cu says what each case models and how it is timed.
+Each row's warm-up launch also checks the exchanged data and the counters; a failure is a `fail` row.
 
 Compiles benchmarks/sync_cost.cu with nvcc for this GPU's architecture (sm_90a on an H100/H200, where the
 cluster cases run; an older one skips them with the reason), runs it, prints a markdown table and saves it
-(and with --out a CSV). Under 20 s on an H200.
+(and with --out a CSV). ~30 s on an H200 (the build ~1 min).
 
     python -m benchmarks.sync_cost                      # build for this GPU, run, print, save the table
     python -m benchmarks.sync_cost --arch sm_80 --list  # build only and list the cases (no GPU needed)
@@ -84,16 +86,17 @@ def markdown(lines):
                        f"(median of 3 launches)\n")
     out += ["| case | CTAs | cluster size | clusters | µs/step | note |", "|---|---|---|---|---|---|"]
     for d in lines:
-        if d["kind"] in ("row", "plan", "skip"):
-            us = {"row": d["us_per_step"], "plan": "(planned)", "skip": "skipped"}[d["kind"]]
+        if d["kind"] in ("row", "plan", "skip", "fail"):
+            us = {"row": d["us_per_step"], "plan": "(planned)", "skip": "skipped", "fail": "CHECK FAILED"}[d["kind"]]
             out.append(f"| {d['case']} | {d['ctas'] if d['ctas'] != '0' else ''} | "
                        f"{d['cluster'] if d['cluster'] != '0' else ''} | "
                        f"{d['clusters'] if d['clusters'] != '0' else ''} | {us} | {d['note']} |")
     occupancy = [d for d in lines if d["kind"] == "info" and d["case"] == "max_active_clusters"]
     if occupancy:
-        by_size = {int(d["cluster"]): d["clusters"] for d in occupancy}
-        out.append("\ncudaOccupancyMaxActiveClusters (CTAs of 256 threads, 48 KB of shared memory): "
-                   + ", ".join(f"size {size}: {n}" for size, n in sorted(by_size.items())))
+        for case in dict.fromkeys(d["note"].rsplit(" ", 1)[-1] for d in occupancy):
+            by_size = {int(d["cluster"]): d["clusters"] for d in occupancy if d["note"].endswith(" " + case)}
+            out.append(f"\ncudaOccupancyMaxActiveClusters for {case} (CTAs of 256 threads): "
+                       + ", ".join(f"size {size}: {n}" for size, n in sorted(by_size.items())))
     return "\n".join(out) + "\n"
 
 

@@ -386,3 +386,54 @@ def _sass_by_function(dump):
         elif name and s.startswith("/*") and "*/" in s:
             out[name].append(s.split("*/", 1)[1].strip())
     return out
+
+
+# The ordering wrappers added for relaxed polling and the relaxed cluster arrive: one tiny kernel each, compiled
+# for sm_90 here. What they order is tested where they are used: benchmarks/sync_cost.cu in the emulator
+# (tests/test_sync_cost.py: correct data under ThreadSanitizer, and a relaxed poll without its fence is a race).
+_ORDERING_KERNELS = r"""
+#include "cuda/compat.cuh"
+#include "cuda/ptx.cuh"
+__global__ void relaxed_poll_kernel(unsigned* flag, unsigned* out) {
+  while (fr_ptx::ld_relaxed_gpu(flag) == 0u) {}
+  fr_ptx::fence_acq_rel_gpu();
+  out[0] = out[1];
+}
+__global__ void relaxed_arrive_kernel(unsigned* out) {
+  fr_ptx::cluster_arrive_relaxed();
+  fr_ptx::cluster_wait_acquire();
+  out[0] = 1u;
+}
+__global__ void fenced_relaxed_arrive_kernel(unsigned* out) {
+  out[0] = 1u;
+  fr_ptx::fence_acq_rel_cluster();
+  fr_ptx::cluster_arrive_relaxed();
+  fr_ptx::cluster_wait_acquire();
+}
+"""
+
+
+def test_ordering_wrappers_sass(tmp_path):
+    nvcc, cuobjdump = emu_build.nvcc(), emu_build.cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("needs nvcc and cuobjdump (CUDA toolkit, or the cuobjdump in triton's wheel)")
+    src, obj = tmp_path / "ordering.cu", tmp_path / "ordering.o"
+    src.write_text(_ORDERING_KERNELS)
+    cmd = [nvcc, "-std=c++17", "-O2", "-arch=sm_90a", f"-I{ROOT / 'csrc'}", "-c", str(src), "-o", str(obj)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    r = subprocess.run([cuobjdump, "--dump-sass", str(obj)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    sass = {name: "\n".join(lines) for name, lines in _sass_by_function(r.stdout).items()}
+
+    def body(prefix):
+        (name,) = [n for n in sass if n.startswith(prefix)]
+        return sass[name]
+    poll = body("_Z19relaxed_poll_kernel")
+    # the loop reads with a strong load and no L1 invalidation; the fence after it is the acquire
+    assert "LD.E.STRONG.GPU" in poll and "MEMBAR.ALL.GPU" in poll
+    assert poll.index("LD.E.STRONG.GPU") < poll.index("MEMBAR.ALL.GPU")
+    arrive = body("_Z21relaxed_arrive_kernel")
+    assert "UCGABAR_ARV" in arrive and "UCGABAR_WAIT" in arrive and "MEMBAR" not in arrive
+    fenced = body("_Z28fenced_relaxed_arrive_kernel")
+    assert "MEMBAR" in fenced and fenced.index("MEMBAR") < fenced.index("UCGABAR_ARV")

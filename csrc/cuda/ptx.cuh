@@ -6,8 +6,10 @@
 //   fr_ptx::ldmatrix<N, Trans>(regs, smem_row) N = 1, 2, 4 matrices of 8x8 16-bit
 //   fr_ptx::cp_async_cg16 / cp_async_ca<4|8|16>, cp_async_commit, cp_async_wait<N>, cp_async_wait_all
 //   fr_ptx::ld_acquire_gpu / st_release_gpu / red_release_add_gpu / wait_flag_geq_gpu (and _sys)
+//   fr_ptx::ld_relaxed_gpu / fence_acq_rel_gpu  (poll relaxed, order once after the poll)
 //   fr_ptx::cluster_ctarank / cluster_nctarank / cluster_arrive_release / cluster_wait_acquire /
-//           cluster_sync / map_shared_rank   (thread block clusters, sm_90)
+//           cluster_sync / map_shared_rank / cluster_arrive_relaxed / fence_acq_rel_cluster
+//           (thread block clusters, sm_90)
 //
 // Under nvcc each wrapper is one PTX instruction (sm_80 and newer; the build targets 8.0 and 9.0).
 // Under a host compiler with FUSED_RNN_EMULATE each wrapper is emulated on the CPU emulator
@@ -453,6 +455,40 @@ FR_PTX_FLAG_OPS(gpu)
 FR_PTX_FLAG_OPS(sys)
 #undef FR_PTX_FLAG_OPS
 
+// ------------------------------------------------------------------------------------------------
+// A poll without ordering, and the fence that orders it afterwards:
+//   ld.relaxed.gpu.u32   fence.acq_rel.gpu
+// Polling with relaxed loads and fencing once after the value arrived gives the acquire of the last
+// read (the PTX memory model's fence-based synchronisation: a release, or red.release, observed
+// by a relaxed load followed by fence.acq_rel), without ld.acquire's L1 invalidation on every read.
+// Emulation: a relaxed C++ atomic load that tells the runtime its address, then __threadfence(),
+// which under ThreadSanitizer acquires what was released at that address (csrc/cuda/emu/README.md).
+// ------------------------------------------------------------------------------------------------
+FR_DEVICE unsigned ld_relaxed_gpu(const unsigned* p) {
+#if defined(FR_PTX_EMULATE)
+  ::fr_emu::detail::atomic_hook(p);
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+#elif FR_PTX_SM80
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#else
+  (void)p;
+  __trap();
+  return 0;
+#endif
+}
+
+FR_DEVICE void fence_acq_rel_gpu() {
+#if defined(FR_PTX_EMULATE)
+  __threadfence();
+#elif FR_PTX_SM80
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
 // Spin until the flag, read with acquire, has reached `target` (counted modulo 2^32, so a step
 // counter may wrap); returns the value read. Backs off between reads: __nanosleep on the GPU; in
 // the emulator the OS thread yields, so the warps that will set the flag can run. A lane waiting
@@ -522,6 +558,32 @@ FR_DEVICE void cluster_wait_acquire(FR_PTX_CALL_SITE_ONLY) {
   ::fr_emu::detail::cluster_wait(file, line);
 #elif FR_PTX_SM90
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// barrier.cluster.arrive.relaxed.aligned: an arrive that orders nothing (no gpu-scope fence: the SASS is
+// UCGABAR_ARV alone). With data to publish, fence_acq_rel_cluster() first; the wait stays .acquire.
+// Emulation: the emulator's arrive, which releases (a little more ordering than .relaxed promises).
+FR_DEVICE void cluster_arrive_relaxed(FR_PTX_CALL_SITE_ONLY) {
+#if defined(FR_PTX_EMULATE)
+  ::fr_emu::detail::cluster_arrive(file, line);
+#elif FR_PTX_SM90
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// fence.acq_rel.cluster: orders this thread's earlier writes (shared memory of the cluster's blocks
+// included) before its later ones at cluster scope. ptxas (CUDA 13, sm_90) compiles it to
+// MEMBAR.ALL.GPU, as the arrive.release's fence. Emulation: __threadfence().
+FR_DEVICE void fence_acq_rel_cluster() {
+#if defined(FR_PTX_EMULATE)
+  __threadfence();
+#elif FR_PTX_SM90
+  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
 #else
   __trap();
 #endif
