@@ -168,15 +168,16 @@ fi
 # what stage 1 leaves: the persistent and per-step tests in full, the options (zoneout, layer norm,
 # double backward) on the cuda and triton backends, where a step's time goes (sync costs alone, a
 # profile, persistent forward against H), compute-sanitizer, the rest of the CUDA tests, the sweep
+# first: the sync costs decide the persistent kernel's next design (PERSISTENT_V2.md, "v2.1")
+step "sync costs alone (benchmarks/sync_cost.cu)" 120 sync_cost.log \
+  $PY -m benchmarks.sync_cost --out "$LOGS/sync_cost.csv"
+{ echo; echo "sync costs:"; grep -E "^\|" "$LOGS/sync_cost.log"; } >> "$SUMMARY"
 step "pytest: persistent kernels (all cases)" 100 pytest_persistent.log \
   env FUSED_RNN_CUDA_PERSISTENT=1 $PY -m pytest -q -rfEs "${SEL_PERSISTENT[@]}"
 step "pytest: CUDA tests of test_cpp_ops (no opcheck/gradcheck)" 60 pytest_cpp_cuda.log \
   $PY -m pytest -q -rfEs "${SEL_CPP_CUDA[@]}"
 step "pytest: zoneout, layer norm, double backward on cuda and triton" 90 pytest_options.log \
   $PY -m pytest -q -rfEs "${SEL_OPTIONS[@]}"
-step "sync costs alone (benchmarks/sync_cost.cu)" 60 sync_cost.log \
-  $PY -m benchmarks.sync_cost --out "$LOGS/sync_cost.csv"
-{ echo; echo "sync costs:"; grep -E "^\|" "$LOGS/sync_cost.log"; } >> "$SUMMARY"
 step "profile: per-step path, LSTM B=16 H=768 bf16 T=64" 40 profile_per_step.log \
   $PY scripts/gpu_profile.py --persistent 0
 step "profile: persistent v2, LSTM B=16 H=768 bf16 T=64" 40 profile_persistent.log \
