@@ -440,8 +440,8 @@ def test_options_precisions_match_float64_reference(cell, options, dtype):
 def test_long_layer_norm_zoneout_16_bit_matches_reference(cell, dtype):
     """64 layer-normalised steps with zoneout in 16 bits, as the GPU runs them: the recurrent layer
     norm amplifies every rounding of the product's operands step after step, so only a reference
-    that rounds the same values stays within the dtype's tolerance (the plain float64 one reached
-    1.1x the bf16 tolerance here, 0.2x with the kernels' rounding)."""
+    that rounds the same values stays well within the dtype's tolerance: the plain float64 one
+    reached 1.14x the bf16 tolerance on an H200 and up to 1.1x across seeds here, this one 0.21x."""
     T, B, H = 64, 3, 16
     args = make_inputs(cell, T, B, H, dtype, DEVICE, lengths=[64, 41, 64])
     opts = make_options(cell, T, B, H, dtype, DEVICE, zoneout="eval", layer_norm=True)
