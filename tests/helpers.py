@@ -48,13 +48,22 @@ def run_with_cpu_isa(isa, script):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
-def reference_like_kernel(cell, ref_args, dtype, out):
+def reference_like_kernel(cell, ref_args, dtype, out, rounds="state", rounding="nearest", **options):
     """The float64 reference for a kernel that ran in `dtype` and returned `out` (y first): for
-    fp16/bf16, h rounded to `dtype` after every step as the kernel carries it, and each ReLU on
-    the branch the kernel took (y > 0) — otherwise the reference drifts where the recurrence
-    amplifies the states' rounding, and a pre-activation within float32 rounding of 0 flips a
-    ReLU's derivative, which no tolerance covers. fp32/fp64 kernels get the plain reference."""
+    fp16/bf16 it rounds what the kernel rounds, and each ReLU takes the branch the kernel took
+    (y > 0) — otherwise the reference drifts where the recurrence amplifies the rounding, and a
+    pre-activation within float32 rounding of 0 flips a ReLU's derivative, which no tolerance covers.
+    rounds: "state", h rounded to `dtype` after every step (the C++ kernels carry it so), or
+    "operands", only the recurrent product's operands (the Triton kernels keep h and dh in fp32 and
+    exchange h forward, the product's gradient backward, in `dtype`; reference.recurrence's
+    operand_dtype, `rounding` its mode; a projected LSTM's product reads another operand: there the
+    plain reference). fp32/fp64 kernels get the plain reference. options: zoneout=, layer_norm=."""
     from fused_rnn import reference
     sixteen = dtype in (torch.float16, torch.bfloat16)
     branch = (out[0].detach().to(ref_args[0].device) > 0) if sixteen and cell == "rnn_relu" else None
-    return reference.recurrence(cell, *ref_args, state_dtype=dtype if sixteen else None, relu_branch=branch)
+    rounded = {}
+    if sixteen and rounds == "state":
+        rounded = {"state_dtype": dtype}
+    elif sixteen and ref_args[5] is None:  # ref_args[5]: w_hr
+        rounded = {"operand_dtype": dtype, "operand_rounding": rounding}
+    return reference.recurrence(cell, *ref_args, relu_branch=branch, **rounded, **options)

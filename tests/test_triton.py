@@ -13,11 +13,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fused_rnn import reference
 from fused_rnn.backends import unavailable_reason
 from fused_rnn.cell_math import GATES
 
-from helpers import assert_close, grads_of
+from helpers import assert_close, grads_of, reference_like_kernel
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 HAS_CUDA = torch.cuda.is_available()
@@ -89,13 +88,20 @@ def make_options(cell, T, B, H, dtype, device, zoneout=None, layer_norm=False):
 
 def run_both(cell, args, reverse, options=None):
     """(outputs, gradients) of the triton backend and of the float64 reference on the same inputs;
-    options: zoneout= and layer_norm= (make_options), the layer norm's parameters differentiated too."""
+    options: zoneout= and layer_norm= (make_options), the layer norm's parameters differentiated too.
+    16-bit kernels keep h and dh in fp32 and round only their recurrent products' operands (h
+    forward, the product's gradient backward): the reference rounds the same values, to nearest as
+    a GPU does or toward zero as the interpreter's bfloat16 cast does, and takes the kernel's ReLU
+    branches (helpers.reference_like_kernel); over many layer-normalised steps the plain float64
+    reference drifts past the 16-bit tolerance from that rounding alone."""
     cell = cell.replace("-proj", "")
     options = options or {}
     ln = options.get("layer_norm") or ()
     ref_args, ref_ln = as_reference(args), as_reference(ln)
     out = triton_rnn.recurrence(cell, *args, reverse, **options)
-    ref = reference.recurrence(cell, *ref_args, reverse, **dict(options, **({"layer_norm": ref_ln} if ln else {})))
+    rounding = "toward_zero" if not ON_GPU and args[0].dtype == torch.bfloat16 else "nearest"
+    ref = reference_like_kernel(cell, [*ref_args, reverse], args[0].dtype, out, rounds="operands", rounding=rounding,
+                                **dict(options, **({"layer_norm": ref_ln} if ln else {})))
     diff = [a for a in list(args[:6]) + list(ln) if a is not None]
     ref_diff = [a for a in list(ref_args[:6]) + list(ref_ln) if a is not None]
     return (out, grads_of(out, diff)), (ref, grads_of(ref, ref_diff))
@@ -407,26 +413,38 @@ def test_gpu_large_hidden_default_config(cell, dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("cell", [*CELLS, "lstm-proj"])
 def test_precisions_match_float64_reference(cell, dtype):
-    """fp16/bf16 compute in fp32 with fp32 state; fp32 is IEEE (no TF32): dtype tolerances vs float64."""
+    """fp16/bf16 compute in fp32 with fp32 state; fp32 is IEEE (no TF32): dtype tolerances vs float64
+    (16-bit: with the kernels' operand rounding and ReLU branches, see run_both)."""
     T, B, H = small_or_large((6, 3, 16), (64, 33, 256))
     lengths = small_or_large([6, 2, 5], [64, 17, 1] * 11)
     args = make_inputs(cell, T, B, H, dtype, DEVICE, lengths=lengths)
-    # relu's derivative jumps at 0: in fp16/bf16 the rounded h moves some pre-activations across it,
-    # and the gradient there legitimately differs from float64's by a whole dh (fp32 checks it)
-    check_grads = not (cell == "rnn_relu" and dtype != torch.float32)
-    check_against_reference(cell, args, reverse=cell in ("gru", "rnn_relu"), dtype=dtype, check_grads=check_grads)
+    check_against_reference(cell, args, reverse=cell in ("gru", "rnn_relu"), dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("options", ["zoneout-train", "layer_norm-zoneout-eval"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_options_precisions_match_float64_reference(cell, options, dtype):
-    """Zoneout and the layer norm in fp32 / bf16 (fp32 compute, statistics and state): dtype tolerances."""
+    """Zoneout and the layer norm in fp32 / fp16 / bf16 (fp32 compute, statistics and state): dtype tolerances."""
     T, B, H = small_or_large((5, 3, 16), (64, 33, 256))
     lengths = small_or_large([5, 2, 4], [64, 17, 1] * 11)
     args = make_inputs(cell, T, B, H, dtype, DEVICE, lengths=lengths)
     opts = make_options(cell, T, B, H, dtype, DEVICE, zoneout=options.split("-")[-1],
                         layer_norm=options.startswith("layer_norm"))
+    check_against_reference(cell, args, reverse=cell == "gru", dtype=dtype, options=opts)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU test_options_precisions_match_float64_reference runs these at T=64")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_long_layer_norm_zoneout_16_bit_matches_reference(cell, dtype):
+    """64 layer-normalised steps with zoneout in 16 bits, as the GPU runs them: the recurrent layer
+    norm amplifies every rounding of the product's operands step after step, so only a reference
+    that rounds the same values stays well within the dtype's tolerance: the plain float64 one
+    reached 1.14x the bf16 tolerance on an H200 and up to 1.1x across seeds here, this one 0.21x."""
+    T, B, H = 64, 3, 16
+    args = make_inputs(cell, T, B, H, dtype, DEVICE, lengths=[64, 41, 64])
+    opts = make_options(cell, T, B, H, dtype, DEVICE, zoneout="eval", layer_norm=True)
     check_against_reference(cell, args, reverse=cell == "gru", dtype=dtype, options=opts)
 
 

@@ -132,7 +132,7 @@ def shared_fitting_config(cfg: LaunchConfig, shared_of, limit: int) -> LaunchCon
             tried.append(f"block_k={block_k} num_stages={stages or 'default'}: {need} B")
         if block_k <= 16:
             raise ValueError(f"fused_rnn triton: no launch configuration fits the device's {limit} B of shared "
-                             f"memory per block ({'; '.join(tried)}); use the cuda backend for this shape")
+                             f"memory per block ({'; '.join(tried)}); the torch backend runs this shape")
         block_k //= 2
 
 
