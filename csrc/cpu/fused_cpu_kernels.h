@@ -137,7 +137,8 @@ struct SpreadPrefetch {
 // LSTM): 128 x 4 x 16 fp32 runs the GEMM ~8 % faster than 64 (each chunk re-reads and re-writes
 // the accumulators) and than no cut (each row block streams the whole panel from L2 at H=512).
 template <int NG, typename A> int64_t k_chunk(int64_t B, int64_t K) {
-  return B <= rows_per_block<NG>() ? K : std::max<int64_t>(16, 32768 / (NG * lanes<A>() * static_cast<int64_t>(sizeof(A))));
+  const int64_t slice = 32768 / (NG * lanes<A>() * static_cast<int64_t>(sizeof(A)));
+  return B <= rows_per_block<NG>() ? K : std::max<int64_t>(16, slice);
 }
 // Microkernel calls of one gemm_block (for SpreadPrefetch::plan).
 template <int NG, typename A> int64_t gemm_calls(int64_t B, int64_t K) {
