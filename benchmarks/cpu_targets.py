@@ -10,6 +10,14 @@ hence the interleaving; with 1 thread the CPU-time ratio is nearly load-independ
 
     python -m benchmarks.cpu_targets --threads 1,2 --out benchmarks/results/cpu-targets.csv
     python -m benchmarks.cpu_targets --num-layers 2 --bidirectional --packed   # stacks, packed batches
+    python -m benchmarks.cpu_targets --breakdown --threads 1 --B 64 --H 256,512  # where the time goes
+
+`--breakdown` times the parts of one layer's call instead (medians of the same interleaved runs):
+the input projection x W_ih^T over T*B rows, the recurrence op alone (forward without and with
+what the backward saves, and its backward: the fused loop plus d w_hh), the large GEMMs of the
+backward that run outside the loop (dG^T h for d w_hh, dG W_ih for d x, dG^T x for d w_ih), and
+torch.nn's and our whole call. The split inside the fused loop (GEMM, cell math, barrier) needs
+timers (rdtsc) around its phases in csrc/cpu/fused_cpu_kernels.h, which the code does not keep.
 """
 import argparse
 import csv
@@ -17,9 +25,11 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
+from fused_rnn.ops.cpp import ops
 
 FIELDS = ["date", "load1", "threads", "layer", "pass", "dtype", "T", "B", "H", "nn_ms", "fused_ms", "ratio_wall",
           "nn_cpu_ms", "fused_cpu_ms", "ratio_cpu", "nn_saved_MB", "fused_saved_MB"]
@@ -43,18 +53,25 @@ def saved_bytes(fn):
     return sum(seen.values())
 
 
-def run_pair(f_nn, f_ours, repeats):
-    f_nn(), f_ours()  # warm-up
-    wall = ([], [])
-    cpu = ([], [])
+def run_interleaved(fns, repeats):
+    """Medians (ms) of wall and process CPU time of each function, the runs of all interleaved."""
+    for f in fns:
+        f()  # warm-up
+    wall = [[] for _ in fns]
+    cpu = [[] for _ in fns]
     for _ in range(repeats):
-        for i, f in enumerate((f_nn, f_ours)):
+        for i, f in enumerate(fns):
             w, c = time.perf_counter(), time.process_time()
             f()
             wall[i].append(time.perf_counter() - w)
             cpu[i].append(time.process_time() - c)
     med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
-    return med(wall[0]), med(wall[1]), med(cpu[0]), med(cpu[1])
+    return [med(x) for x in wall], [med(x) for x in cpu]
+
+
+def run_pair(f_nn, f_ours, repeats):
+    (nw, fw), (nc, fc) = run_interleaved((f_nn, f_ours), repeats)
+    return nw, fw, nc, fc
 
 
 def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=False, packed=False):
@@ -99,6 +116,56 @@ def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=Fa
     return t, saved
 
 
+def breakdown(layer, B, H, dtype, T, repeats):
+    """The parts of one layer's call (see the module's docstring): {name: (wall ms, CPU ms)}, and
+    the GFLOP of one GEMM over all steps (T*B x H x G*H: the projection, the recurrence's, each of the
+    backward's three)."""
+    torch.manual_seed(0)
+    cell = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}[layer]
+    nn = getattr(torch.nn, layer)(H, H, dtype=dtype)
+    ours = getattr(fused_rnn, layer)(H, H, backend="cpu", dtype=dtype)
+    ours.load_state_dict(nn.state_dict())
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in nn.parameters())
+    x = torch.randn(T, B, H, dtype=dtype)
+    xr = x.clone().requires_grad_()
+    h0 = torch.randn(B, H, dtype=dtype)
+    c0 = torch.randn(B, H, dtype=dtype) if cell == "lstm" else None
+    gx = F.linear(x, w_ih) if cell != "gru" else F.linear(x, w_ih, b_ih)  # as functional._input_projection
+    b_step = b_hh if cell == "gru" else b_ih + b_hh
+    assert ops.load_error() is None, ops.load_error()
+    rec = torch.ops.fused_rnn
+
+    def forward(save):
+        return rec.recurrence_forward(cell, gx, h0, c0, w_hh, b_step, None, None, False, save)
+
+    y, h_n, c_n, gates, cells, proj_in = forward(True)
+    dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
+    dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    dG, hs, xs = torch.randn(T * B, gx.shape[2], dtype=dtype), y.reshape(T * B, H), x.reshape(T * B, H)
+
+    def train(m):
+        for p in m.parameters():
+            p.grad = None
+        xr.grad = None
+        m(xr)[0].backward(torch.ones_like(y))
+
+    parts = {
+        "nn no-grad": lambda: nn(x), "ours no-grad": lambda: ours(x), "proj x.W_ih^T": lambda: F.linear(x, w_ih),
+        "rec fwd": lambda: forward(False), "rec fwd+save": lambda: forward(True),
+        "rec bwd": lambda: rec.recurrence_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh,
+                                                   None, None, False),
+        "dG^T.h": lambda: torch.mm(dG.t(), hs), "dG.W_ih": lambda: torch.mm(dG, w_ih),
+        "dG^T.x": lambda: torch.mm(dG.t(), xs),
+        "nn fwd+bwd": lambda: train(nn), "ours fwd+bwd": lambda: train(ours)}
+    with torch.no_grad():
+        no_grad = {k: v for k, v in parts.items() if "fwd+bwd" not in k}
+        wall, cpu = run_interleaved(list(no_grad.values()), repeats)
+    res = dict(zip(no_grad, zip(wall, cpu)))
+    wall, cpu = run_interleaved([parts["nn fwd+bwd"], parts["ours fwd+bwd"]], repeats)
+    res.update(zip(("nn fwd+bwd", "ours fwd+bwd"), zip(wall, cpu)))
+    return res, 2 * T * B * gx.shape[2] * H / 1e9
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_targets", description=__doc__)
     p.add_argument("--threads", default="2,1")
@@ -113,8 +180,23 @@ def main(argv=None):
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--packed", action="store_true", help="a PackedSequence of lengths in [T/2, T]")
     p.add_argument("--out", default=None, help="CSV to append rows to")
+    p.add_argument("--breakdown", action="store_true", help="the parts of one layer's call (see above)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.breakdown:
+        for threads in map(int, args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for layer in args.layers.split(","):
+                for H in map(int, args.H.split(",")):
+                    for B in map(int, args.B.split(",")):
+                        res, gflop = breakdown(layer, B, H, dtype, args.T, args.repeats)
+                        print(f"{layer} threads={threads} B={B} H={H} T={args.T} load={os.getloadavg()[0]:.1f}; "
+                              f"one T*B x H x G*H GEMM = {gflop:.2f} GFLOP; median wall / CPU ms (CPU GFLOP/s):")
+                        one_gemm = ("proj x.W_ih^T", "rec fwd", "dG^T.h", "dG.W_ih", "dG^T.x")
+                        for k, (w, c) in res.items():
+                            rate = f" ({gflop / c * 1e3:.0f})" if k in one_gemm else ""
+                            print(f"  {k:>14s} {w:8.2f} {c:8.2f}{rate}", flush=True)
+        return
     writer = None
     if args.out:
         new = not os.path.exists(args.out)
