@@ -45,15 +45,17 @@ void forward_step(const ForwardStepParams& p) {
     using S = decltype(s);
     dispatch_cell(p.cell, [&](auto c) {
       constexpr Cell C = decltype(c)::value;
-      at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if constexpr (C == Cell::LSTM || C == Cell::GRU)
-            if (has_options(p.opt)) {  // zoneout / layer norm: the row's phases in one call
-              forward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{});
-              continue;
-            }
-          forward_row<C, S>(p, b, 0, p.H);
+      if constexpr (C == Cell::LSTM || C == Cell::GRU)
+        if (has_options(p.opt)) {  // zoneout / layer norm: the row's phases in one call, options fixed
+          dispatch_options(p.opt, [&](auto k) {
+            at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
+              for (int64_t b = b0; b < b1; ++b) forward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{}, k);
+            });
+          });
+          return;
         }
+      at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) forward_row<C, S>(p, b, 0, p.H);
       });
     });
   });
@@ -64,15 +66,17 @@ void backward_step(const BackwardStepParams& p) {
     using S = decltype(s);
     dispatch_cell(p.cell, [&](auto c) {
       constexpr Cell C = decltype(c)::value;
-      at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if constexpr (C == Cell::LSTM || C == Cell::GRU)
-            if (has_options(p.opt)) {
-              backward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{});
-              continue;
-            }
-          backward_row<C, S>(p, b, 0, p.H);
+      if constexpr (C == Cell::LSTM || C == Cell::GRU)
+        if (has_options(p.opt)) {
+          dispatch_options(p.opt, [&](auto k) {
+            at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
+              for (int64_t b = b0; b < b1; ++b) backward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{}, k);
+            });
+          });
+          return;
         }
+      at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) backward_row<C, S>(p, b, 0, p.H);
       });
     });
   });
