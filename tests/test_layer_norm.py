@@ -329,3 +329,50 @@ def test_cpu_backend_inference_without_saving(cls):
     with torch.no_grad():
         for a, b in zip(torch.utils._pytree.tree_leaves(cpu(x)), torch.utils._pytree.tree_leaves(ref.eval()(x))):
             assert_close(a, b, F64)
+
+
+_ODD_WIDTHS_SCRIPT = """
+import torch
+from fused_rnn import functional, reference
+from fused_rnn.backends import get
+from helpers import TOL
+
+torch.manual_seed(0)
+T, B, lengths = 3, 3, torch.tensor([3, 1, 2])
+for cell in ("lstm", "gru"):
+    G = 4 if cell == "lstm" else 3
+    for H in (1, 3, 37, 133):
+        for options in ("layer_norm", "zoneout-train", "zoneout-eval", "layer_norm+zoneout-train",
+                        "layer_norm+zoneout-eval"):
+            for dtype in (torch.float32, torch.float64):
+                new = lambda *s, k=1.0: (torch.randn(*s, dtype=dtype) * k).requires_grad_()
+                args = [new(T, B, G * H), new(B, H), new(B, H) if cell == "lstm" else None,
+                        new(G * H, H, k=H ** -0.5), new(G * H), None, lengths, False]
+                ln = ((new(G * H, k=0.5), new(H, k=0.5), new(H)) if cell == "lstm" else (new(G * H, k=0.5), None, None)
+                      ) if "layer_norm" in options else None
+                keep = None if "zoneout" not in options else functional.zoneout_keep(
+                    0.3, "train" in options, cell, T, B, H, H, "cpu")
+                out = get("cpu").recurrence(cell, *args, zoneout=keep, layer_norm=ln)
+                ref = reference.recurrence(cell, *args, zoneout=keep, layer_norm=ln)
+                inputs = [a for a in args[:6] + list(ln or ()) if a is not None]
+                outs = [o for o in out if o is not None]
+                refs = [o for o in ref if o is not None]
+                w = [torch.randn(o.shape, dtype=dtype) for o in refs]
+                got = torch.autograd.grad(sum((o * v).sum() for o, v in zip(outs, w)), inputs)
+                want = torch.autograd.grad(sum((o * v).sum() for o, v in zip(refs, w)), inputs)
+                for a, b in zip(outs + list(got), refs + list(want)):
+                    err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+                    assert torch.isfinite(a).all() and err <= TOL[dtype], (cell, H, options, dtype, err)
+print("ok")
+"""
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_cpu_option_rows_every_instruction_set_and_odd_widths(isa):
+    """The option rows are compiled once per instruction set with their loops vectorised: each variant
+    this machine has, at widths that leave a vector's tail (H = 1, 3, 37, 133), every combination of
+    layer norm and zoneout (training masks, eval's blend), float32 and float64, outputs and gradients
+    against the reference."""
+    from helpers import run_with_cpu_isa
+    run_with_cpu_isa(isa, "import sys; sys.path.insert(0, 'tests')\n" + _ODD_WIDTHS_SCRIPT)

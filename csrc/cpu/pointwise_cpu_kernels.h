@@ -38,6 +38,23 @@ template <typename F> void dispatch_dtype(DType d, F&& f) {
   }
 }
 
+// The rows of one step over threads: row(b) each, or with zoneout / layer norm (LSTM, GRU)
+// options_row(b, k), k the OptionsFixed of p.opt (chosen once per step; the row's phases in one call).
+template <Cell C, typename P, typename Row, typename OptionsRow>
+void step_rows(const P& p, const Row& row, const OptionsRow& options_row) {
+  const auto rows = [&](const auto& f) {
+    at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) f(b);
+    });
+  };
+  if constexpr (C == Cell::LSTM || C == Cell::GRU)
+    if (has_options(p.opt)) {
+      dispatch_options(p.opt, [&](auto k) { rows([&](int64_t b) { options_row(b, k); }); });
+      return;
+    }
+  rows(row);
+}
+
 }  // namespace
 
 void forward_step(const ForwardStepParams& p) {
@@ -45,16 +62,8 @@ void forward_step(const ForwardStepParams& p) {
     using S = decltype(s);
     dispatch_cell(p.cell, [&](auto c) {
       constexpr Cell C = decltype(c)::value;
-      at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if constexpr (C == Cell::LSTM || C == Cell::GRU)
-            if (has_options(p.opt)) {  // zoneout / layer norm: the row's phases in one call
-              forward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{});
-              continue;
-            }
-          forward_row<C, S>(p, b, 0, p.H);
-        }
-      });
+      step_rows<C>(p, [&](int64_t b) { forward_row<C, S>(p, b, 0, p.H); },
+                   [&](int64_t b, auto k) { forward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{}, k); });
     });
   });
 }
@@ -64,16 +73,8 @@ void backward_step(const BackwardStepParams& p) {
     using S = decltype(s);
     dispatch_cell(p.cell, [&](auto c) {
       constexpr Cell C = decltype(c)::value;
-      at::parallel_for(0, p.B, grain_rows(gates_of<C>() * p.H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          if constexpr (C == Cell::LSTM || C == Cell::GRU)
-            if (has_options(p.opt)) {
-              backward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{});
-              continue;
-            }
-          backward_row<C, S>(p, b, 0, p.H);
-        }
-      });
+      step_rows<C>(p, [&](int64_t b) { backward_row<C, S>(p, b, 0, p.H); },
+                   [&](int64_t b, auto k) { backward_row_options<C, S>(p, b, Units{0, p.H, 1}, WholeRow{}, k); });
     });
   });
 }
