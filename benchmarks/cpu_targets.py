@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
+from fused_rnn import functional
 from fused_rnn.ops.cpp import ops
 
 FIELDS = ["date", "load1", "threads", "layer", "pass", "dtype", "T", "B", "H", "nn_ms", "fused_ms", "ratio_wall",
@@ -130,8 +131,7 @@ def breakdown(layer, B, H, dtype, T, repeats):
     xr = x.clone().requires_grad_()
     h0 = torch.randn(B, H, dtype=dtype)
     c0 = torch.randn(B, H, dtype=dtype) if cell == "lstm" else None
-    gx = F.linear(x, w_ih) if cell != "gru" else F.linear(x, w_ih, b_ih)  # as functional._input_projection
-    b_step = b_hh if cell == "gru" else b_ih + b_hh
+    gx, b_step, _ = functional._input_projection(cell, x, w_ih, b_ih, b_hh)  # what the layer hands the op
     assert ops.load_error() is None, ops.load_error()
     rec = torch.ops.fused_rnn
 

@@ -9,9 +9,7 @@ and AddressSanitizer + UBSan builds: a subset with every option, in the kernel i
 compile (tests/test_cuda_emulated.py). Skips with the reason when no host compiler can build the
 emulator (tests/emu_build.py). With nvcc present, the launcher (csrc/cuda/pointwise_cuda.cu) is also
 compiled for sm_80 and sm_90, and ptxas must report no spills."""
-import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -124,8 +122,7 @@ def test_zoneout_and_layer_norm_kernels(compiler, tmp_path, mode, kw):
     run_features(tmp_path, mode, **kw)
 
 
-NVCC = shutil.which("nvcc") or next((p for p in [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
-                                                              "bin", "nvcc")] if os.path.exists(p)), None)
+NVCC = emu_build.nvcc()
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed: no sm_80/sm_90 compile check")
