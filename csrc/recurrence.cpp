@@ -35,7 +35,7 @@
 #endif
 
 // Bump when a schema or the meaning of an output changes: the Python side refuses a stale build.
-#define FUSED_RNN_ABI_VERSION 4
+#define FUSED_RNN_ABI_VERSION 5
 
 namespace fused_rnn {
 namespace {
@@ -417,6 +417,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   return {y, h_n, c_n, gates, cells, proj_in};
 }
 
+// The layer with its input projection inside the op: gx = x w_ih^T (+ b_ih) for all steps, then
+// the recurrence. x [T,B,I], w_ih [G*H,I], b_ih [G*H] or None (the LSTM folds b_ih into b_hh).
+// The backward is recurrence_backward's: d_gx, from which fused_rnn/ops/cpp/ops.py forms d_x,
+// d_w_ih and d_b_ih.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_projected(
+    c10::string_view cell, const Tensor& x, const Tensor& w_ih, const optional<Tensor>& b_ih, const Tensor& h0,
+    const optional<Tensor>& c0, const Tensor& w_hh, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+    const optional<Tensor>& lengths, bool reverse, bool save) {
+  TORCH_CHECK(x.dim() == 3, "fused_rnn: x must be [T, B, I], got ", x.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(1) == x.size(2) && w_ih.size(0) == w_hh.size(0),
+              "fused_rnn: w_ih must be [G*H, I] = [", w_hh.size(0), ", ", x.size(2), "], got ", w_ih.sizes());
+  TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && w_ih.device() == x.device(),
+              "fused_rnn: w_ih is ", w_ih.scalar_type(), " on ", w_ih.device(), " but x is ", x.scalar_type(),
+              " on ", x.device());
+  if (b_ih.has_value())
+    TORCH_CHECK(b_ih->dim() == 1 && b_ih->size(0) == w_ih.size(0) && b_ih->scalar_type() == x.scalar_type() &&
+                    b_ih->device() == x.device(),
+                "fused_rnn: b_ih must be a [", w_ih.size(0), "] tensor like x, got ", b_ih->sizes());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // the GEMM in our dtype
+  const Tensor gx = at::linear(x, w_ih, b_ih);
+  return recurrence_forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save);
+}
+
 ForwardOut recurrence_forward_options(c10::string_view cell, const Tensor& gx, const Tensor& h0,
                                       const optional<Tensor>& c0, const Tensor& w_hh, const optional<Tensor>& b_hh,
                                       const optional<Tensor>& w_hr, const optional<Tensor>& lengths, bool reverse,
@@ -632,6 +655,11 @@ TORCH_LIBRARY(fused_rnn, m) {
       "recurrence_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
       "Tensor? lengths, bool reverse, bool save) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, "
       "Tensor cells, Tensor proj_in)");
+  // The same with the input projection inside: gx = x w_ih^T (+ b_ih) (CPU; the backward is recurrence_backward).
+  m.def(
+      "recurrence_forward_projected(str cell, Tensor x, Tensor w_ih, Tensor? b_ih, Tensor h0, Tensor? c0, "
+      "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool save) -> (Tensor y, "
+      "Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor proj_in)");
   m.def(
       "recurrence_backward(str cell, Tensor dy, Tensor dh_n, Tensor? dc_n, Tensor y, Tensor gates, Tensor cells, "
       "Tensor proj_in, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse) -> "
@@ -653,6 +681,7 @@ TORCH_LIBRARY(fused_rnn, m) {
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("recurrence_forward", &recurrence_forward);
+  m.impl("recurrence_forward_projected", &recurrence_forward_projected);
   m.impl("recurrence_backward", &recurrence_backward);
   m.impl("recurrence_forward_options", &recurrence_forward_options);
   m.impl("recurrence_backward_options", &recurrence_backward_options);
