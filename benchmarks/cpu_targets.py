@@ -182,6 +182,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="CSV to append rows to")
     p.add_argument("--breakdown", action="store_true", help="the parts of one layer's call (see above)")
     args = p.parse_args(argv)
+    unknown = set(args.passes.split(",")) - {"forward", "forward+backward"}
+    if unknown:  # any other name would silently time forward+backward
+        p.error(f"--passes takes forward and/or forward+backward, not {', '.join(sorted(unknown))}")
     dtype = getattr(torch, args.dtype)
     if args.breakdown:
         for threads in map(int, args.threads.split(",")):
