@@ -241,7 +241,7 @@ def zoneout_operands(zoneout):
 
 def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None,
                projection=None):
-    """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of gx's device.
+    """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of the input's device.
     zoneout: None or (keep_h, keep_c); layer_norm: None or (gain_hh, gain_c, bias_c), as the reference's.
     projection: None, or (x, w_ih, b_ih) with gx None: recurrence_forward_projected computes
     gx = x w_ih^T (+ b_ih) inside the op (CPU; neither zoneout nor layer norm)."""
@@ -254,7 +254,8 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=Non
     dtype = autocast_dtype(inputs[0].device.type, "layer", cell)  # torch.nn's autocast dtypes, one table
     if dtype is not None:
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
-        inputs, (h0, c0, w_hh, b_hh, w_hr) = tuple(map(cast, inputs)), map(cast, (h0, c0, w_hh, b_hh, w_hr))
+        inputs = tuple(map(cast, inputs))
+        h0, c0, w_hh, b_hh, w_hr = map(cast, (h0, c0, w_hh, b_hh, w_hr))
         layer_norm = None if layer_norm is None else tuple(map(cast, layer_norm))
     gains = () if layer_norm is None else layer_norm
     save = torch.is_grad_enabled() and any(
