@@ -20,6 +20,12 @@ A backend is a module with two functions (the contract every kernel implements):
         asked for explicitly it refuses with that reason, and `auto` passes over it.
     unavailable_option_reason(options, cell, has_proj) (optional) -> None, or why the backend cannot
         run these OPTIONS in this configuration (routed like a missing option).
+    TAKES_PROJECTION (optional, default False) -> True when its recurrence also takes the input
+        projection: recurrence(cell, None, ..., projection=(x [T,B,I], w_ih [G*H,I], b_ih [G*H] or
+        None)) computes gx = x @ w_ih.T + b_ih itself (inside its op, without a [T,B,G*H] gx for the
+        whole sequence) and is differentiable in x, w_ih, b_ih as well. fused_rnn/functional.py
+        resolves the backend first and hands it the projection for a layer without zoneout or layer
+        norm; every other backend, and those calls, get gx.
 
 Layers, directions, dropout, PackedSequence, batch_first and unbatched input are handled above,
 in fused_rnn/functional.py and fused_rnn/modules.py; a backend never sees them.

@@ -29,29 +29,44 @@ def _recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, backend, s
 
     source: (x, w_ih, b_ih) when gx = F.linear(x, w_ih, b_ih) ((x, w_ih, b_ih, gain_ih) when gx is
     LN(x W_ih^T) * gain_ih + b_ih), so that double backward (fused_rnn/double_backward.py)
-    recomputes gx from tensors that are alive anyway rather than keeping gx alive. zoneout: None or the keep masks (see zoneout_keep); only backends whose
-    OPTIONS include "zoneout" are chosen then (backends.py). layer_norm: None or (gain_hh, gain_c,
+    recomputes gx from tensors that are alive anyway rather than keeping gx alive. gx None: the
+    layer's projection F.linear(*source), which a backend with TAKES_PROJECTION computes inside its
+    op (backends.py) and which is computed here for any other (or with zoneout or layer norm).
+    zoneout: None or the keep masks (see zoneout_keep); only backends whose OPTIONS include
+    "zoneout" are chosen then (backends.py). layer_norm: None or (gain_hh, gain_c,
     bias_c) of a layer-normalised LSTM/GRU (fused_rnn/layer_norm.py), likewise routed."""
     extra = {k: v for k, v in (("zoneout", zoneout), ("layer_norm", layer_norm)) if v is not None}
-    name = backends.resolve(backend, gx.device, gx.dtype, cell, w_hr is not None, tuple(extra))
-    out = backends.get(name).recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, **extra)
+    like = source[0] if gx is None else gx                      # x and gx share device and dtype
+    name = backends.resolve(backend, like.device, like.dtype, cell, w_hr is not None, tuple(extra))
+    module = backends.get(name)
+    if gx is None and not extra and getattr(module, "TAKES_PROJECTION", False):
+        out = module.recurrence(cell, None, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, projection=source)
+    else:
+        gx = F.linear(*source) if gx is None else gx            # [T,B,G*H]: one GEMM for all steps
+        out = module.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, **extra)
     if name == "reference":  # plain autograd: differentiable any number of times already
         return out
     return double_backward.attach(cell, out, source or (gx, None, None), h0, c0, w_hh, b_hh, w_hr,
                                   lengths, reverse, zoneout, layer_norm)
 
 
-def _input_projection(cell, x, w_ih, b_ih, b_hh):
-    """gx = x W_ih^T (+ b_ih) for all steps, the bias the recurrence adds each step, and the
-    `source` double backward recomputes gx from: (gx, b_step, source).
+def _fold_bias(cell, b_ih, b_hh):
+    """(the bias inside gx, the bias the recurrence adds each step).
 
     LSTM and the plain RNN add b_ih and b_hh to the same pre-activation every step, so b_ih is
     folded into the recurrent bias: gx is a plain GEMM (torch's addmm was measured 16 % slower
     than mm on CPU) and autograd through the sum gives both biases their exact gradients. GRU
     keeps b_ih in gx: its n gate adds b_hn inside r * (W_hn h + b_hn), where b_in cannot go."""
     if b_ih is None or b_hh is None or cell == "gru":
-        return F.linear(x, w_ih, b_ih), b_hh, (x, w_ih, b_ih)
-    return F.linear(x, w_ih), b_ih + b_hh, (x, w_ih, None)
+        return b_ih, b_hh
+    return None, b_ih + b_hh
+
+
+def _input_projection(cell, x, w_ih, b_ih, b_hh):
+    """gx = x W_ih^T (+ b_ih) for all steps, the bias the recurrence adds each step, and the
+    `source` double backward recomputes gx from: (gx, b_step, source). b_ih as _fold_bias puts it."""
+    b_gx, b_step = _fold_bias(cell, b_ih, b_hh)
+    return F.linear(x, w_ih, b_gx), b_step, (x, w_ih, b_gx)
 
 
 def check_zoneout(p):
@@ -179,8 +194,9 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if has_proj else None
             ln = None if layer_norm is None else layer_norm[k]
-            if ln is None:                                          # [T,B,G*H]: one GEMM for all steps
-                gx, b_step, source = _input_projection(cell, x, w_ih, b_ih, b_hh)
+            if ln is None:                    # gx = F.linear(*source), in _recurrence or in the backend's op
+                b_gx, b_step = _fold_bias(cell, b_ih, b_hh)
+                gx, source = None, (x, w_ih, b_gx)
             else:                                                   # LN(x W_ih^T) * gain_ih + b_ih
                 gx = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln[0], b_ih, LAYER_NORM_EPS)
                 b_step, source = b_hh, (x, w_ih, b_ih, ln[0])

@@ -7,6 +7,11 @@ The schemas and the CPU/CUDA kernels are declared in csrc/recurrence.cpp:
     fused_rnn::recurrence_backward(cell, dy, dh_n, dc_n?, y, gates, cells, proj_in, h0, c0?, w_hh,
                                    w_hr?, lengths?, reverse)
         -> (d_gx, d_h0, d_c0 | [0], d_w_hh, d_b_hh, d_w_hr | [0])
+    fused_rnn::recurrence_forward_projected(cell, x, w_ih, b_ih?, h0, c0?, w_hh, b_hh?, w_hr?, lengths?,
+                                            reverse, save)       (CPU)
+        = recurrence_forward(cell, gx = x w_ih^T (+ b_ih), ...) with the input projection inside the
+        op, so the layer never holds a [T,B,G*H] gx. Its backward is recurrence_backward's d_gx, from
+        which _projection_grads forms d_x, d_w_ih, d_b_ih; it saves x and w_ih, never gx.
 
 `gates`, `cells`, `proj_in` are what the backward needs (saved only when `save`, else [0]):
 gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n), cells [T,B,H] in fp32 (fp64 for float64 input),
@@ -92,6 +97,7 @@ def _acc_dtype(dtype):
 
 
 def _fake_forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
+    """gx [T,B,G*H], or x [T,B,I] of the projected op: only T, B, dtype and device are read."""
     T, B = gx.shape[0], gx.shape[1]
     H, Hout = w_hh.shape[0] // GATES[cell], w_hh.shape[1]
     acc = _acc_dtype(gx.dtype)
@@ -102,6 +108,10 @@ def _fake_forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
     cells = gx.new_empty(T, B, H, dtype=acc) if save and cell == "lstm" else gx.new_empty(0, dtype=acc)
     proj_in = gx.new_empty(T, B, H) if save and w_hr is not None else gx.new_empty(0)
     return y, h_n, c_n, gates, cells, proj_in
+
+
+def _fake_forward_projected(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save):
+    return _fake_forward(cell, x, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
 
 
 def _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse):
@@ -133,13 +143,14 @@ def _fake_backward_options(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c
                           reverse) + d_ln
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, projection=()):
+    """projection: (x, w_ih) of the projected op (_setup_context_projected), saved for d_x and d_w_ih."""
     cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs[:10]
     y, _h_n, _c_n, gates, cells, proj_in = output[:6]
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
     ctx.has_bias, ctx.has_c0, ctx.has_proj = b_hh is not None, c0 is not None, w_hr is not None
-    ctx.options = len(inputs) > 10
-    saved = [y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths]
+    ctx.options, ctx.projected = len(inputs) > 10, bool(projection)
+    saved = [*projection, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths]
     if ctx.options:
         keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c = inputs[10:]
         ctx.has_ln = gain_hh is not None
@@ -148,8 +159,24 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
 
 
+def _setup_context_projected(ctx, inputs, output):
+    """recurrence_forward_projected's inputs as recurrence_forward's (gx never exists) plus x, w_ih."""
+    cell, x, w_ih, b_ih, *rest = inputs
+    _setup_context(ctx, (cell, None, *rest), output, projection=(x, w_ih))
+    ctx.has_b_ih = b_ih is not None
+
+
+def _projection_grads(ctx, d_gx, x, w_ih):
+    """d_x, d_w_ih, d_b_ih of gx = x w_ih^T + b_ih, each only when its input needs it."""
+    need_x, need_w_ih, need_b_ih = ctx.needs_input_grad[1:4]
+    d_x = d_gx @ w_ih if need_x else None
+    d_w_ih = d_gx.flatten(0, 1).t() @ x.flatten(0, 1) if need_w_ih else None
+    d_b_ih = d_gx.sum((0, 1)) if need_b_ih and ctx.has_b_ih else None
+    return d_x, d_w_ih, d_b_ih
+
+
 def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved):
-    n_inputs = 16 if ctx.options else 10
+    n_inputs = 16 if ctx.options else 12 if ctx.projected else 10
     if no_gradient_arrived(dy, dh_n, dc_n):
         return (None,) * n_inputs
     if torch.is_grad_enabled():
@@ -158,7 +185,9 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
         raise RuntimeError(REFUSAL)
     if not ctx.save:
         raise RuntimeError("fused_rnn: recurrence_forward ran with save=False, so it cannot be differentiated")
-    y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, *options = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    projection, saved = (saved[:2], saved[2:]) if ctx.projected else ((), saved)  # (x, w_ih) first
+    y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, *options = saved
     dy = torch.zeros_like(y) if dy is None else dy          # outputs no loss reached
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     if ctx.cell == "lstm" and dc_n is None:
@@ -175,8 +204,10 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
         lstm_ln = ctx.has_ln and ctx.cell == "lstm"
         d_ln = (None, None, None, d_ln[0] if ctx.has_ln else None, d_ln[1] if lstm_ln else None,
                 d_ln[2] if lstm_ln else None)
-    return (None, d_gx, d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_bias else None,
-            d_w_hr if ctx.has_proj else None, None, None, None) + d_ln
+    d_recurrence = (d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_bias else None,
+                    d_w_hr if ctx.has_proj else None, None, None, None)
+    d_input = _projection_grads(ctx, d_gx, *projection) if ctx.projected else (d_gx,)
+    return (None, *d_input, *d_recurrence, *d_ln)
 
 
 def _register():
@@ -187,6 +218,9 @@ def _register():
     torch.library.register_fake("fused_rnn::recurrence_backward_options")(_fake_backward_options)
     torch.library.register_autograd("fused_rnn::recurrence_forward_options", _backward,
                                     setup_context=_setup_context)
+    torch.library.register_fake("fused_rnn::recurrence_forward_projected")(_fake_forward_projected)
+    torch.library.register_autograd("fused_rnn::recurrence_forward_projected", _backward,
+                                    setup_context=_setup_context_projected)
 
 
 # options beyond torch.nn's that the cpu and cuda backends implement (fused_rnn/backends.py routes by them)
@@ -205,22 +239,31 @@ def zoneout_operands(zoneout):
     return None, None, float(keep_h[(0,) * keep_h.dim()])  # eval: p expanded without memory
 
 
-def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None):
-    """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of gx's device.
-    zoneout: None or (keep_h, keep_c); layer_norm: None or (gain_hh, gain_c, bias_c), as the reference's."""
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=None, layer_norm=None,
+               projection=None):
+    """The recurrence contract (fused_rnn/backends.py) on the C++/CUDA kernels of the input's device.
+    zoneout: None or (keep_h, keep_c); layer_norm: None or (gain_hh, gain_c, bias_c), as the reference's.
+    projection: None, or (x, w_ih, b_ih) with gx None: recurrence_forward_projected computes
+    gx = x w_ih^T (+ b_ih) inside the op (CPU; neither zoneout nor layer norm)."""
     err = load_error()
     if err is not None:
         raise RuntimeError(err)
-    dtype = autocast_dtype(gx.device.type, "layer", cell)  # torch.nn's autocast dtypes, one table
+    if projection is not None and (gx is not None or zoneout is not None or layer_norm is not None):
+        raise ValueError("fused_rnn: projection=(x, w_ih, b_ih) replaces gx, without zoneout or layer norm")
+    inputs = (gx,) if projection is None else tuple(projection)  # what the recurrence's gx comes from
+    dtype = autocast_dtype(inputs[0].device.type, "layer", cell)  # torch.nn's autocast dtypes, one table
     if dtype is not None:
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
-        gx, h0, c0, w_hh, b_hh, w_hr = map(cast, (gx, h0, c0, w_hh, b_hh, w_hr))
+        inputs = tuple(map(cast, inputs))
+        h0, c0, w_hh, b_hh, w_hr = map(cast, (h0, c0, w_hh, b_hh, w_hr))
         layer_norm = None if layer_norm is None else tuple(map(cast, layer_norm))
     gains = () if layer_norm is None else layer_norm
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr, *gains))
-    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, bool(reverse), save)
-    if zoneout is None and layer_norm is None:
+        t is not None and t.requires_grad for t in (*inputs, h0, c0, w_hh, b_hh, w_hr, *gains))
+    args = (cell, *inputs, h0, c0, w_hh, b_hh, w_hr, lengths, bool(reverse), save)
+    if projection is not None:
+        y, h_n, c_n, *_ = torch.ops.fused_rnn.recurrence_forward_projected(*args)
+    elif zoneout is None and layer_norm is None:
         y, h_n, c_n, *_ = torch.ops.fused_rnn.recurrence_forward(*args)
     else:
         gain_hh, gain_c, bias_c = (None, None, None) if layer_norm is None else layer_norm
