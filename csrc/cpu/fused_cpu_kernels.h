@@ -267,17 +267,23 @@ template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return ba
 
 // Packs the gate rows of the own unit blocks [blk0, blk1) of w (S [G*H, K] row-major) into
 // panel[blk][k][g][l] = w[g*H + blk*W + l, k] (zero past the last unit): the layout the
-// microkernel reads, for w_hh (K = H) and w_ih (K = I) alike.
+// microkernel reads, for w_hh (K = H) and w_ih (K = I) alike. Gate by gate: k by k over the W
+// rows of one gate (W streams the hardware prefetcher follows) took ~0.9 ns per value at H=256;
+// over all G*W rows at once ~1.3 ns, and row by row (writes G*W apart) ~2.5 ns.
 template <int G, typename S, typename A>
 void pack_gate_rows(const S* w, int64_t K, const Split& split, int64_t blk0, int64_t blk1, A* panel) {
   const int64_t H = split.H, W = split.W;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     A* pb = panel + blk * K * G * W;
     const int nv = split.nvalid(blk);
-    for (int64_t k = 0; k < K; ++k)
-      for (int g = 0; g < G; ++g)
-        for (int l = 0; l < W; ++l)
-          pb[(k * G + g) * W + l] = l < nv ? Conv<S>::load(w[(g * H + blk * W + l) * K + k]) : A(0);
+    for (int g = 0; g < G; ++g) {
+      const S* rows = w + (g * H + blk * W) * K;  // rows[l * K + k], l < nv
+      for (int64_t k = 0; k < K; ++k) {
+        A* dst = pb + (k * G + g) * W;
+        for (int l = 0; l < nv; ++l) dst[l] = Conv<S>::load(rows[l * K + k]);
+        for (int64_t l = nv; l < W; ++l) dst[l] = A(0);
+      }
+    }
   }
 }
 
