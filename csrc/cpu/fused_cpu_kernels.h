@@ -22,11 +22,15 @@
 // FR_VEC_BYTES, the vector width of that set; GCC vector extensions give the FMAs at that width.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #ifndef FR_VEC_BYTES
 #define FR_VEC_BYTES 16
@@ -178,15 +182,52 @@ void gemm_block(const A* x, int64_t ldx, int64_t B, const A* panel, int64_t K, A
   }
 }
 
-// 64-byte aligned scratch owned by one call.
+// Scratch blocks kept by each thread between calls (at most kKeep, the largest). Freed and
+// allocated again per call, the multi-MB panels went back to the OS (glibc trims the top of the
+// heap) and every call faulted them in again: B=1 H=512 with the input projection, ~2000 page
+// faults, ~3 ms of a 4 ms call at T=1. The cost: the last calls' scratch stays allocated.
+struct ScratchCache {
+  static constexpr size_t kKeep = 8;
+  std::vector<std::pair<size_t, void*>> blocks;  // (bytes, 64-byte aligned block), free
+  ~ScratchCache() {
+    for (auto& b : blocks) std::free(b.second);
+  }
+  // A free block of at least `bytes` (the smallest), or a new one; `bytes` becomes its size.
+  void* take(size_t& bytes) {
+    size_t best = blocks.size();
+    for (size_t i = 0; i < blocks.size(); ++i)
+      if (blocks[i].first >= bytes && (best == blocks.size() || blocks[i].first < blocks[best].first)) best = i;
+    if (best == blocks.size()) return std::aligned_alloc(64, bytes);
+    void* p = blocks[best].second;
+    bytes = blocks[best].first;
+    blocks.erase(blocks.begin() + static_cast<int64_t>(best));
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    blocks.emplace_back(bytes, p);
+    if (blocks.size() <= kKeep) return;
+    const auto smallest = std::min_element(blocks.begin(), blocks.end());
+    std::free(smallest->second);
+    blocks.erase(smallest);
+  }
+};
+inline ScratchCache& scratch_cache() {
+  static thread_local ScratchCache cache;
+  return cache;
+}
+
+// 64-byte aligned scratch of one call, from and back to the constructing thread's ScratchCache.
 template <typename T> struct Buffer {
-  std::unique_ptr<T[], void (*)(void*)> p{nullptr, std::free};
-  explicit Buffer(int64_t n) {
-    const size_t bytes = ((static_cast<size_t>(n > 0 ? n : 1) * sizeof(T)) + 63) / 64 * 64;
-    p.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+  T* p = nullptr;
+  size_t bytes;
+  explicit Buffer(int64_t n) : bytes(((static_cast<size_t>(n > 0 ? n : 1) * sizeof(T)) + 63) / 64 * 64) {
+    p = static_cast<T*>(scratch_cache().take(bytes));
     TORCH_CHECK(p != nullptr, "fused_rnn: out of memory for the CPU recurrence's workspace");
   }
-  T* get() const { return p.get(); }
+  ~Buffer() { scratch_cache().give(p, bytes); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* get() const { return p; }
 };
 
 // The step barrier: a monotonic count of parts that finished a step. A part's wait ends when all
@@ -269,7 +310,9 @@ template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return ba
 // panel[blk][k][g][l] = w[g*H + blk*W + l, k] (zero past the last unit): the layout the
 // microkernel reads, for w_hh (K = H) and w_ih (K = I) alike. Gate by gate: k by k over the W
 // rows of one gate (W streams the hardware prefetcher follows) took ~0.9 ns per value at H=256;
-// over all G*W rows at once ~1.3 ns, and row by row (writes G*W apart) ~2.5 ns.
+// over all G*W rows at once ~1.3 ns, and row by row (writes G*W apart) ~2.5 ns. At H=512 it is
+// bound by the memory (the matrix read, the panel written): a W x W register transpose gained
+// nothing there and <10 % at H=256.
 template <int G, typename S, typename A>
 void pack_gate_rows(const S* w, int64_t K, const Split& split, int64_t blk0, int64_t blk1, A* panel) {
   const int64_t H = split.H, W = split.W;
