@@ -132,28 +132,31 @@ struct Shapes {
   bool proj;
 };
 
-// Checks the contract's shapes, dtypes and devices (fused_rnn/backends.py documents them).
-Shapes check_inputs(c10::string_view cell_name, const Tensor& gx, const Tensor& h0, const optional<Tensor>& c0,
+// Checks the contract's shapes, dtypes and devices (fused_rnn/backends.py documents them). gx's
+// sizes, and `like` (gx, or x when the op computes gx from it) for the dtype and device.
+Shapes check_inputs(c10::string_view cell_name, c10::IntArrayRef gx_sizes, const Tensor& like, const char* like_name,
+                    const Tensor& h0, const optional<Tensor>& c0,
                     const Tensor& w_hh, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
                     const optional<Tensor>& lengths) {
   Shapes s;
   s.cell = parse_cell(cell_name);
   s.G = num_gates(s.cell);
-  TORCH_CHECK(gx.dim() == 3, "fused_rnn: gx must be [T, B, G*H], got ", gx.sizes());
-  s.T = gx.size(0);
-  s.B = gx.size(1);
+  TORCH_CHECK(gx_sizes.size() == 3, "fused_rnn: gx must be [T, B, G*H], got ", gx_sizes);
+  s.T = gx_sizes[0];
+  s.B = gx_sizes[1];
   TORCH_CHECK(s.T >= 1, "fused_rnn: need at least one time step");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % s.G == 0, "fused_rnn: w_hh must be [G*H, Hout], got ", w_hh.sizes());
   s.H = w_hh.size(0) / s.G;
   s.Hout = w_hh.size(1);
-  TORCH_CHECK(gx.size(2) == s.G * s.H, "fused_rnn: gx is ", gx.sizes(), " but w_hh is ", w_hh.sizes());
+  TORCH_CHECK(gx_sizes[2] == s.G * s.H, "fused_rnn: gx is ", gx_sizes, " but w_hh is ", w_hh.sizes());
   TORCH_CHECK(h0.dim() == 2 && h0.size(0) == s.B && h0.size(1) == s.Hout, "fused_rnn: h0 must be [B, Hout] = [",
               s.B, ", ", s.Hout, "], got ", h0.sizes());
-  to_dtype(gx.scalar_type());
+  to_dtype(like.scalar_type());
   const auto check_like = [&](const Tensor& x, const char* name) {
-    TORCH_CHECK(x.scalar_type() == gx.scalar_type(), "fused_rnn: ", name, " is ", x.scalar_type(), " but gx is ",
-                gx.scalar_type());
-    TORCH_CHECK(x.device() == gx.device(), "fused_rnn: ", name, " is on ", x.device(), " but gx is on ", gx.device());
+    TORCH_CHECK(x.scalar_type() == like.scalar_type(), "fused_rnn: ", name, " is ", x.scalar_type(), " but ",
+                like_name, " is ", like.scalar_type());
+    TORCH_CHECK(x.device() == like.device(), "fused_rnn: ", name, " is on ", x.device(), " but ", like_name, " is on ",
+                like.device());
   };
   check_like(h0, "h0");
   check_like(w_hh, "w_hh");
@@ -181,7 +184,7 @@ Shapes check_inputs(c10::string_view cell_name, const Tensor& gx, const Tensor& 
   if (lengths.has_value()) {
     TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == s.B,
                 "fused_rnn: lengths must be int64 [B]");
-    TORCH_CHECK(lengths->device() == gx.device(), "fused_rnn: lengths must be on gx's device");
+    TORCH_CHECK(lengths->device() == like.device(), "fused_rnn: lengths must be on ", like_name, "'s device");
     check_lengths_range(*lengths, s.T);
   }
   return s;
@@ -292,27 +295,46 @@ bool use_cpu_fused(const Tensor& like, bool proj, bool options) {
 // with layer norm (and save) ln_hat [T,B,(G+LSTM)*H] and ln_rstd [T,B,1+LSTM] in the accumulation
 // dtype (StepOptions), else [0].
 using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The input projection gx = x w_ih^T (+ b_ih) when the op computes gx itself
+// (recurrence_forward_projected): the fused CPU recurrence does it inside, chunk by chunk; the
+// other paths compute gx with at::linear first.
+struct InputProjection {
+  const Tensor& x;                // [T, B, I]
+  const Tensor& w_ih;             // [G*H, I]
+  const optional<Tensor>& b_ih;  // [G*H] or None
+};
+
+// gx_in is gx, or undefined when `ip` gives the input projection.
 ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const Tensor& h0_in,
                         const optional<Tensor>& c0_in, const Tensor& w_hh_in, const optional<Tensor>& b_hh_in,
                         const optional<Tensor>& w_hr_in, const optional<Tensor>& lengths_in, bool reverse, bool save,
-                        const Options& o) {
-  const Shapes s = check_inputs(cell_name, gx_in, h0_in, c0_in, w_hh_in, b_hh_in, w_hr_in, lengths_in);
-  check_options(o, s.cell, s.proj, s.T, s.B, s.H, gx_in);
-  const c10::DeviceGuard guard(gx_in.device());
+                        const Options& o, const InputProjection* ip = nullptr) {
+  const Tensor& like = ip != nullptr ? ip->x : gx_in;  // dtype and device of every input
+  const std::array<int64_t, 3> projected_sizes =
+      ip != nullptr ? std::array<int64_t, 3>{ip->x.size(0), ip->x.size(1), ip->w_ih.size(0)} : std::array<int64_t, 3>{};
+  const Shapes s = check_inputs(cell_name, ip != nullptr ? c10::IntArrayRef(projected_sizes) : gx_in.sizes(), like,
+                                ip != nullptr ? "x" : "gx", h0_in, c0_in, w_hh_in, b_hh_in, w_hr_in, lengths_in);
+  check_options(o, s.cell, s.proj, s.T, s.B, s.H, like);
+  const c10::DeviceGuard guard(like.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // GEMMs in our dtype
-  const Pointwise pw(gx_in);
+  const Pointwise pw(like);
   const auto T = s.T, B = s.B, H = s.H, Hout = s.Hout, GH = s.G * s.H;
   const bool lstm = s.cell == Cell::LSTM, has_gates = s.cell == Cell::LSTM || s.cell == Cell::GRU;
-  const auto opts = gx_in.options();
-  const auto acc_opts = opts.dtype(acc_type(gx_in.scalar_type()));
+  const auto opts = like.options();
+  const auto acc_opts = opts.dtype(acc_type(like.scalar_type()));
+  const bool fused = use_cpu_fused(like, s.proj, o.any());
 
-  const Tensor gx = gx_in.contiguous();
+  // gx, except on the fused path with the projection inside (undefined there).
+  const Tensor gx = ip == nullptr ? gx_in.contiguous()
+                    : fused       ? Tensor()
+                                  : at::linear(ip->x, ip->w_ih, ip->b_ih).contiguous();
   const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
   Tensor y = at::empty({T, B, Hout}, opts);
 
 #ifdef WITH_CUDA
   PersistentV2Plan plan;
-  if (!o.any() && why_not_persistent(s.cell, s.proj, gx, H, B, &plan) == nullptr) {  // reads w_hh, h0, c0 as given: no copies
+  if (!o.any() && gx.defined() && why_not_persistent(s.cell, s.proj, gx, H, B, &plan) == nullptr) {  // reads w_hh, h0, c0 as given: no copies
     const Tensor w_hh = w_hh_in.contiguous();
     const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : Tensor();
     const Tensor h0 = h0_in.contiguous();
@@ -337,7 +359,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   Tensor c = lstm ? c0_in->to(acc_opts.dtype()).contiguous().clone() : at::empty({0}, acc_opts);  // [B, H]
   ForwardStepParams p{};
   p.cell = s.cell;
-  p.dtype = to_dtype(gx.scalar_type());
+  p.dtype = to_dtype(like.scalar_type());
   p.B = B;
   p.H = H;
   p.Hout = Hout;
@@ -345,17 +367,33 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   p.b_hh = b_hh.data_ptr();
   p.c = lstm ? c.data_ptr() : nullptr;
 
-  if (use_cpu_fused(gx, s.proj, o.any())) {
+  if (fused) {
     const Tensor w_hh = w_hh_in.contiguous();
     const Tensor h0 = h0_in.contiguous();
+    const Tensor x = ip != nullptr ? ip->x.contiguous() : Tensor();
+    const Tensor w_ih = ip != nullptr ? ip->w_ih.contiguous() : Tensor();
+    const Tensor b_ih = ip != nullptr && ip->b_ih.has_value() ? ip->b_ih->contiguous() : Tensor();
     Tensor h_n = at::empty({B, H}, opts);
     Tensor gates = save && has_gates ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
     Tensor cells = save && lstm ? at::empty({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
-    FusedForwardParams q{p, T, reverse, save, gx.data_ptr(), w_hh.data_ptr(), h0.data_ptr(), y.data_ptr(),
-                         h_n.data_ptr(), save && has_gates ? gates.data_ptr() : nullptr,
-                         save && lstm ? cells.data_ptr() : nullptr};
+    FusedForwardParams q{};
+    q.step = p;
+    q.T = T;
+    q.reverse = reverse;
+    q.save = save;
+    q.gx = gx.defined() ? gx.data_ptr() : nullptr;
+    q.x = x.defined() ? x.data_ptr() : nullptr;
+    q.w_ih = w_ih.defined() ? w_ih.data_ptr() : nullptr;
+    q.b_ih = b_ih.defined() ? b_ih.data_ptr() : nullptr;
+    q.I = x.defined() ? x.size(2) : 0;
+    q.w_hh = w_hh.data_ptr();
+    q.h0 = h0.data_ptr();
+    q.y = y.data_ptr();
+    q.h_n = h_n.data_ptr();
+    q.gates = save && has_gates ? gates.data_ptr() : nullptr;
+    q.cells = save && lstm ? cells.data_ptr() : nullptr;
     cpu::fused_forward(q);
-    Tensor c_n = lstm ? c.to(gx.scalar_type()) : at::empty({0}, opts);
+    Tensor c_n = lstm ? c.to(like.scalar_type()) : at::empty({0}, opts);
     return {y, h_n, c_n, gates, cells, at::empty({0}, opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
 
@@ -397,7 +435,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
       pw.proj_commit(q);
     }
   }
-  Tensor c_n = lstm ? c.to(gx.scalar_type()) : at::empty({0}, opts);
+  Tensor c_n = lstm ? c.to(like.scalar_type()) : at::empty({0}, opts);
   if (!save) {
     gates = at::empty({0}, opts);
     cells = at::empty({0}, acc_opts);
@@ -419,6 +457,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
 
 // The layer with its input projection inside the op: gx = x w_ih^T (+ b_ih) for all steps, then
 // the recurrence. x [T,B,I], w_ih [G*H,I], b_ih [G*H] or None (the LSTM folds b_ih into b_hh).
+// The fused CPU recurrence computes gx inside, a few steps at a time into a cache-sized buffer (no
+// [T,B,G*H] tensor); the per-step kernels take gx = at::linear(x, w_ih, b_ih) computed first.
+// The outputs are recurrence_forward's on that gx (rounded to x's dtype as at::linear's is).
 // The backward is recurrence_backward's: d_gx, from which fused_rnn/ops/cpp/ops.py forms d_x,
 // d_w_ih and d_b_ih.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_projected(
@@ -435,9 +476,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward_pr
     TORCH_CHECK(b_ih->dim() == 1 && b_ih->size(0) == w_ih.size(0) && b_ih->scalar_type() == x.scalar_type() &&
                     b_ih->device() == x.device(),
                 "fused_rnn: b_ih must be a [", w_ih.size(0), "] tensor like x, got ", b_ih->sizes());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // the GEMM in our dtype
-  const Tensor gx = at::linear(x, w_ih, b_ih);
-  return recurrence_forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save);
+  const InputProjection ip{x, w_ih, b_ih};
+  auto [y, h_n, c_n, gates, cells, proj_in, ln_hat, ln_rstd] =
+      forward_impl(cell, Tensor(), h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, Options{}, &ip);
+  return {y, h_n, c_n, gates, cells, proj_in};
 }
 
 ForwardOut recurrence_forward_options(c10::string_view cell, const Tensor& gx, const Tensor& h0,

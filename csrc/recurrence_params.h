@@ -118,7 +118,11 @@ struct FusedForwardParams {
                            // the per-step pointers are set by the kernel
   int64_t T;
   bool reverse, save;
-  const void* gx;    // S [T, B, G*H]
+  const void* gx;    // S [T, B, G*H], or nullptr: computed inside from x (the input projection)
+  const void* x;     // S [T, B, I] when gx is nullptr: gx = x w_ih^T (+ b_ih), chunk by chunk
+  const void* w_ih;  // S [G*H, I] contiguous (with x)
+  const void* b_ih;  // S [G*H] or nullptr (with x)
+  int64_t I;         // input size (with x)
   const void* w_hh;  // S [G*H, H] contiguous
   const void* h0;    // S [B, H]
   void* y;           // S [T, B, H]

@@ -22,11 +22,15 @@
 // FR_VEC_BYTES, the vector width of that set; GCC vector extensions give the FMAs at that width.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #ifndef FR_VEC_BYTES
 #define FR_VEC_BYTES 16
@@ -178,15 +182,52 @@ void gemm_block(const A* x, int64_t ldx, int64_t B, const A* panel, int64_t K, A
   }
 }
 
-// 64-byte aligned scratch owned by one call.
+// Scratch blocks kept by each thread between calls (at most kKeep, the largest). Freed and
+// allocated again per call, the multi-MB panels went back to the OS (glibc trims the top of the
+// heap) and every call faulted them in again: B=1 H=512 with the input projection, ~2000 page
+// faults, ~3 ms of a 4 ms call at T=1. The cost: the last calls' scratch stays allocated.
+struct ScratchCache {
+  static constexpr size_t kKeep = 8;
+  std::vector<std::pair<size_t, void*>> blocks;  // (bytes, 64-byte aligned block), free
+  ~ScratchCache() {
+    for (auto& b : blocks) std::free(b.second);
+  }
+  // A free block of at least `bytes` (the smallest), or a new one; `bytes` becomes its size.
+  void* take(size_t& bytes) {
+    size_t best = blocks.size();
+    for (size_t i = 0; i < blocks.size(); ++i)
+      if (blocks[i].first >= bytes && (best == blocks.size() || blocks[i].first < blocks[best].first)) best = i;
+    if (best == blocks.size()) return std::aligned_alloc(64, bytes);
+    void* p = blocks[best].second;
+    bytes = blocks[best].first;
+    blocks.erase(blocks.begin() + static_cast<int64_t>(best));
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    blocks.emplace_back(bytes, p);
+    if (blocks.size() <= kKeep) return;
+    const auto smallest = std::min_element(blocks.begin(), blocks.end());
+    std::free(smallest->second);
+    blocks.erase(smallest);
+  }
+};
+inline ScratchCache& scratch_cache() {
+  static thread_local ScratchCache cache;
+  return cache;
+}
+
+// 64-byte aligned scratch of one call, from and back to the constructing thread's ScratchCache.
 template <typename T> struct Buffer {
-  std::unique_ptr<T[], void (*)(void*)> p{nullptr, std::free};
-  explicit Buffer(int64_t n) {
-    const size_t bytes = ((static_cast<size_t>(n > 0 ? n : 1) * sizeof(T)) + 63) / 64 * 64;
-    p.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+  T* p = nullptr;
+  size_t bytes;
+  explicit Buffer(int64_t n) : bytes(((static_cast<size_t>(n > 0 ? n : 1) * sizeof(T)) + 63) / 64 * 64) {
+    p = static_cast<T*>(scratch_cache().take(bytes));
     TORCH_CHECK(p != nullptr, "fused_rnn: out of memory for the CPU recurrence's workspace");
   }
-  T* get() const { return p.get(); }
+  ~Buffer() { scratch_cache().give(p, bytes); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* get() const { return p; }
 };
 
 // The step barrier: a monotonic count of parts that finished a step. A part's wait ends when all
@@ -265,6 +306,46 @@ inline void lstm_forward_vec(const ForwardStepParams& p, int64_t b, int64_t u, b
 // Step k of T visits t = k (or T-1-k when reverse); pointers to x[t] of a [T, ...] array.
 template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return base == nullptr ? nullptr : base + t * stride; }
 
+// Packs the gate rows of the own unit blocks [blk0, blk1) of w (S [G*H, K] row-major) into
+// panel[blk][k][g][l] = w[g*H + blk*W + l, k] (zero past the last unit): the layout the
+// microkernel reads, for w_hh (K = H) and w_ih (K = I) alike. Gate by gate: k by k over the W
+// rows of one gate (W streams the hardware prefetcher follows) took ~0.9 ns per value at H=256;
+// over all G*W rows at once ~1.3 ns, and row by row (writes G*W apart) ~2.5 ns. At H=512 it is
+// bound by the memory (the matrix read, the panel written): a W x W register transpose gained
+// nothing there and <10 % at H=256.
+template <int G, typename S, typename A>
+void pack_gate_rows(const S* w, int64_t K, const Split& split, int64_t blk0, int64_t blk1, A* panel) {
+  const int64_t H = split.H, W = split.W;
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    A* pb = panel + blk * K * G * W;
+    const int nv = split.nvalid(blk);
+    for (int g = 0; g < G; ++g) {
+      const S* rows = w + (g * H + blk * W) * K;  // rows[l * K + k], l < nv
+      for (int64_t k = 0; k < K; ++k) {
+        A* dst = pb + (k * G + g) * W;
+        for (int l = 0; l < nv; ++l) dst[l] = Conv<S>::load(rows[l * K + k]);
+        for (int64_t l = nv; l < W; ++l) dst[l] = A(0);
+      }
+    }
+  }
+}
+
+// Steps per chunk of the input projection (FusedForwardParams::x): the chunk's gx, [Tc, B, G*H] in
+// S, is written by the parts' projection GEMMs and read back by the cell math of the next Tc steps;
+// sized to stay in the L2 of the cores (2 MB each here, next to the packed w_hh and w_ih slices):
+// ~512 KB in all, so each part's share is a fraction of its L2. Larger Tc amortises each w_ih
+// panel's pass over more rows (B=1: Tc rows per pass), smaller keeps gx hot; at B=64 H=512 fp32
+// one step is already 512 KB (Tc = 1). Measured (LSTM fp32, T=100, 2 threads, whole op): B=64
+// H=512 Tc 1 / 4 / 8: 112 / 113 / 125 ms; B=64 H=256 Tc 1-6 and B=8 H=256 Tc 15-32 alike within
+// the noise (~5 %). FUSED_RNN_CPU_PROJ_CHUNK=<steps> overrides it (tests use small chunks to cover
+// partial and many chunks).
+inline int64_t projection_chunk(int64_t T, int64_t B, int64_t GH, int64_t elem_bytes) {
+  constexpr int64_t kChunkBytes = 512 * 1024;
+  int64_t tc = kChunkBytes / std::max<int64_t>(1, B * GH * elem_bytes);
+  if (const char* env = std::getenv("FUSED_RNN_CPU_PROJ_CHUNK")) tc = std::atoll(env);
+  return std::max<int64_t>(1, std::min(tc, T));
+}
+
 template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   using A = typename AccOf<S>::type;
   constexpr int G = static_cast<int>(gates_of<C>());
@@ -275,8 +356,18 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   constexpr bool kVecLstm = C == Cell::LSTM && std::is_same<S, float>::value && W > 1;
   const Split split(H, W);
   const S* w_hh = static_cast<const S*>(q.w_hh);
-  const S* gx = static_cast<const S*>(q.gx);
   S* y = static_cast<S*>(q.y);
+  // gx given ([T, B, G*H]), or computed here chunk by chunk from x into a [Tc, B, G*H] buffer:
+  // each part projects its own gate columns only, which only its own cell math reads, so the
+  // projection needs no barrier. Step t's gx is at `gx + (t - chunk's first t) * B * GH`.
+  const bool project = q.x != nullptr;
+  const int64_t I = q.I, Tc = project ? projection_chunk(T, B, GH, sizeof(S)) : T;
+  const S* x_in = static_cast<const S*>(q.x);
+  const S* b_ih = static_cast<const S*>(q.b_ih);
+  Buffer<S> gx_chunk(project ? Tc * B * GH : 0);
+  Buffer<A> gx_chunk_acc(project && !std::is_same<S, A>::value ? Tc * B * GH : 0);  // the GEMM's A result
+  Buffer<A> panel_ih(project ? split.blocks * I * G * W : 0);  // [block][k < I][g][W], like panel
+  const S* gx = project ? gx_chunk.get() : static_cast<const S*>(q.gx);
   // Without save, one step of gates/cells is scratch (only each part's own columns are touched).
   Buffer<S> gates_scratch(q.save || (C != Cell::LSTM && C != Cell::GRU) ? 0 : B * 4 * H);
   Buffer<A> cells_scratch(q.save || C != Cell::LSTM ? 0 : B * H);
@@ -292,24 +383,37 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   at::parallel_for(0, split.parts, 1, [&](int64_t p0, int64_t p1) {
     const int64_t blk0 = split.block_begin(p0), blk1 = split.block_begin(p1);
     const int64_t u0 = blk0 * W, u1 = std::min(H, blk1 * W);
-    for (int64_t blk = blk0; blk < blk1; ++blk) {  // pack: panel[blk][k][g][l] = w_hh[g*H + blk*W + l, k]
-      A* pb = panel.get() + blk * H * G * W;
-      const int nv = split.nvalid(blk);
-      for (int64_t k = 0; k < H; ++k)
-        for (int g = 0; g < G; ++g)
-          for (int l = 0; l < W; ++l)
-            pb[(k * G + g) * W + l] = l < nv ? Conv<S>::load(w_hh[(g * H + blk * W + l) * H + k]) : A(0);
-    }
+    pack_gate_rows<G>(w_hh, H, split, blk0, blk1, panel.get());
+    if (project) pack_gate_rows<G>(static_cast<const S*>(q.w_ih), I, split, blk0, blk1, panel_ih.get());
     std::unique_ptr<A[]> h_acc(std::is_same<S, A>::value ? nullptr : new A[B * H]);
+    std::unique_ptr<A[]> x_acc(project && !std::is_same<S, A>::value ? new A[Tc * B * I] : nullptr);
     ForwardStepParams p = q.step;
     p.gh = gh.get();
+    int64_t chunk_t0 = 0;  // the smallest t of the current chunk (its rows of x are contiguous)
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = q.reverse ? T - 1 - k : k;
+      if (project && k % Tc == 0) {  // gx of the next tc steps, own gate columns, + b_ih, rounded to S
+        const int64_t tc = std::min(Tc, T - k), rows = tc * B;
+        chunk_t0 = q.reverse ? t - tc + 1 : t;
+        const A* xa = as_acc<S, A>(x_in + chunk_t0 * B * I, rows * I, x_acc.get());
+        A* out = std::is_same<S, A>::value ? reinterpret_cast<A*>(gx_chunk.get()) : gx_chunk_acc.get();
+        for (int64_t blk = blk0; blk < blk1; ++blk)
+          gemm_block<G, false, A>(xa, I, rows, panel_ih.get() + blk * I * G * W, I, out + blk * W, GH, H,
+                                  split.nvalid(blk));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int g = 0; g < G; ++g)
+            for (int64_t u = u0; u < u1; ++u) {
+              const int64_t j = g * H + u;
+              const A v = out[r * GH + j] + (b_ih != nullptr ? Conv<S>::load(b_ih[j]) : A(0));
+              gx_chunk.get()[r * GH + j] = Conv<S>::store(v);
+            }
+      }
+      const S* gx_t = project ? gx + (t - chunk_t0) * B * GH : gx + t * B * GH;
       const S* h_prev = hbuf.get() + (k & 1) * B * H;
       S* h_next = hbuf.get() + ((k + 1) & 1) * B * H;
       const A* x = as_acc<S, A>(h_prev, B * H, h_acc.get());
       p.t = t;
-      p.gx = gx + t * B * GH;
+      p.gx = gx_t;
       p.y = y + t * B * H;
       p.h = h_next;
       p.gates = at_step(gates, q.save ? t : 0, B * 4 * H);
@@ -318,7 +422,7 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
         const int nv = split.nvalid(blk);
         const int64_t u = blk * W;
         SpreadPrefetch pf;  // what the cell math of these units reads and writes, during their GEMM
-        pf.add(gx + t * B * GH, B, G, H, u, u + nv);
+        pf.add(gx_t, B, G, H, u, u + nv);
         pf.add(y + t * B * H, B, 1, H, u, u + nv, true);
         if (q.save) {
           pf.add(at_step(gates, t, B * 4 * H), B, 4, H, u, u + nv, true);
