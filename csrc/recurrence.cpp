@@ -289,6 +289,21 @@ bool use_cpu_fused(const Tensor& like, bool proj, bool options) {
   return kernel == nullptr || std::string(kernel) != "per-step";
 }
 
+// Whether recurrence_forward_projected's fused path projects inside the loop (projection_chunk in
+// csrc/cpu/fused_cpu_kernels.h) or takes gx from one at::linear first. Inside pays off only where a
+// fresh [T,B,G*H] gx is page-faulted in on every call: glibc maps allocations above 32 MB (the
+// ceiling of its dynamic mmap threshold) afresh each time, and first touch cost ~15 ms of a 60 ms
+// projection at T=100 B=64 H=512. Below that the heap reuses the memory and MKL's GEMM is ~5-10 %
+// faster than the loop's microkernel on the projection (LSTM fp32 T=100, 2 threads, CPU time:
+// inside / linear 1.12x at B=64 H=512, 0.89-0.96x at B <= 32 or H = 256). FUSED_RNN_CPU_PROJECTION=
+// inside|outside overrides it (tests take the inside path at small sizes).
+bool project_inside(int64_t gx_bytes) {
+  const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
+  if (mode != nullptr && std::string(mode) == "inside") return true;
+  if (mode != nullptr && std::string(mode) == "outside") return false;
+  return gx_bytes >= (int64_t(32) << 20);
+}
+
 // Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
 // (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
 // RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection);
@@ -324,10 +339,11 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   const auto opts = like.options();
   const auto acc_opts = opts.dtype(acc_type(like.scalar_type()));
   const bool fused = use_cpu_fused(like, s.proj, o.any());
+  const bool inside = ip != nullptr && fused && project_inside(T * B * GH * like.element_size());
 
   // gx, except on the fused path with the projection inside (undefined there).
   const Tensor gx = ip == nullptr ? gx_in.contiguous()
-                    : fused       ? Tensor()
+                    : inside      ? Tensor()
                                   : at::linear(ip->x, ip->w_ih, ip->b_ih).contiguous();
   const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
   Tensor y = at::empty({T, B, Hout}, opts);
@@ -370,9 +386,9 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   if (fused) {
     const Tensor w_hh = w_hh_in.contiguous();
     const Tensor h0 = h0_in.contiguous();
-    const Tensor x = ip != nullptr ? ip->x.contiguous() : Tensor();
-    const Tensor w_ih = ip != nullptr ? ip->w_ih.contiguous() : Tensor();
-    const Tensor b_ih = ip != nullptr && ip->b_ih.has_value() ? ip->b_ih->contiguous() : Tensor();
+    const Tensor x = inside ? ip->x.contiguous() : Tensor();
+    const Tensor w_ih = inside ? ip->w_ih.contiguous() : Tensor();
+    const Tensor b_ih = inside && ip->b_ih.has_value() ? ip->b_ih->contiguous() : Tensor();
     Tensor h_n = at::empty({B, H}, opts);
     Tensor gates = save && has_gates ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
     Tensor cells = save && lstm ? at::empty({T, B, H}, acc_opts) : at::empty({0}, acc_opts);

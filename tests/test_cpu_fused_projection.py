@@ -21,6 +21,13 @@ from test_cpu_fused import CELLS, GATES, fused_kernel, threads  # noqa: F401 (fi
 
 pytestmark = pytest.mark.skipif(ops.load_error() is not None, reason=str(ops.load_error()))
 
+
+@pytest.fixture(autouse=True)
+def project_inside(monkeypatch):
+    """By default the op projects inside the loop only for a gx of >= 32 MB (project_inside in
+    csrc/recurrence.cpp); these sizes are small, so the inside path is forced."""
+    monkeypatch.setenv("FUSED_RNN_CPU_PROJECTION", "inside")
+
 # Against recurrence_forward on F.linear's gx: a few ulp of the dtype, grown by the recurrence.
 TIGHT = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps}
 

@@ -186,9 +186,16 @@ def test_zoneout_keeps_gx():
     assert calls == {"fused_rnn::recurrence_forward_options": 1}, calls
 
 
+@pytest.fixture(params=["inside", "outside"])
+def projection_mode(request, monkeypatch):
+    """Where the op computes gx: inside the fused loop, or one at::linear first (the default at
+    these small sizes; csrc/recurrence.cpp project_inside)."""
+    monkeypatch.setenv("FUSED_RNN_CPU_PROJECTION", request.param)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
-def test_cpu_layer_matches_torch_nn(name, batch_first):
+def test_cpu_layer_matches_torch_nn(name, batch_first, projection_mode):
     """A packed, bidirectional 2-layer stack with dropout off, every output and gradient, float64."""
     ours = getattr(fused_rnn, name)(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first,
                                     backend="cpu").double()
@@ -207,7 +214,7 @@ def test_cpu_layer_matches_torch_nn(name, batch_first):
         assert_close(a, b, torch.float64, f"output/grad {i}")
 
 
-def test_double_backward_through_a_cpu_layer():
+def test_double_backward_through_a_cpu_layer(projection_mode):
     """A Hessian-vector product through a cpu LSTM (the projected op inside) equals torch.nn's."""
     ours = fused_rnn.LSTM(3, 4, bidirectional=True, backend="cpu").double()
     theirs = torch.nn.LSTM(3, 4, bidirectional=True).double()
