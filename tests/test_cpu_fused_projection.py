@@ -166,3 +166,25 @@ def test_projected_bad_inputs_raise():
         call(h0=h0.double())
     with pytest.raises(RuntimeError, match="h0 must be"):
         call(h0=h0[:1])
+
+
+def aten_ops_called(fn):
+    """Names of the aten ops fn dispatches (also from inside the C++ op: RecordFunction sees them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("aten::")}
+
+
+@pytest.mark.parametrize("T, B, H, inside", [(33, 64, 1024, True), (9, 13, 37, False)])
+def test_default_projects_inside_only_for_a_large_gx(T, B, H, inside, monkeypatch):
+    """Without FUSED_RNN_CPU_PROJECTION the op projects inside the loop where gx would take
+    >= 32 MB (csrc/recurrence.cpp project_inside; T=33 B=64 H=1024 fp32 LSTM: 34.6 MB) and calls
+    at::linear first below; either way the outputs are those of the op on F.linear's gx."""
+    monkeypatch.delenv("FUSED_RNN_CPU_PROJECTION")
+    args = make_inputs("lstm", T=T, B=B, H=H, I=100, dtype=torch.float32, lengths=True, b_ih=True)
+    called = aten_ops_called(lambda: projected("lstm", args, False, False))
+    assert ("aten::linear" in called) != inside, sorted(called)
+    got = projected("lstm", args, False, False)
+    for i, (a, b) in enumerate(zip(got, on_linear_gx("lstm", args, False, False))):
+        if a.numel():
+            assert_close(a, b, torch.float32, f"output {i}")
