@@ -96,7 +96,7 @@ def test_matches_reference(pc, dtype):
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradcheck_float64(cell, reverse):
+def test_gradcheck_float64(cell, reverse, projection_mode):
     x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lens = make_projected_inputs(
         cell, T=4, B=3, H=3, proj=2 if cell == "lstm" else 0, lengths=True)
 
