@@ -21,6 +21,10 @@ Zoneout and the layer-normalised LSTM/GRU (fused_rnn/reference.py) go through th
 which take keep_h?, keep_c? (bool [T,B,H] training masks), keep_p (eval's probability, 0 without),
 gain_hh?, gain_c?, bias_c? and add ln_hat, ln_rstd (the saved normalised values and 1/std) to the
 forward's outputs and d_gain_hh, d_gain_c, d_bias_c to the backward's.
+
+With lengths (a packed batch), the [T,B,...] tensors the forward saves keep only the rows of valid
+steps between forward and backward (`_compact_saved`); the backward puts them back in place, zeros
+elsewhere, which is what the forward wrote there or a value the backward never reads.
 """
 import hashlib
 from pathlib import Path
@@ -143,6 +147,42 @@ def _fake_backward_options(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c
                           reverse) + d_ln
 
 
+# Packed batches: the saved [T,B,...] tensors keep only the rows of valid steps when at least this
+# fraction of the T*B rows is padding (below it the copies cost more time than they save memory).
+# Measured, 2-layer bidirectional LSTM H=256 T=100, lengths drawn in [T/2, T] (~20 % padding):
+# the memory saved for the backward went from 1.16x torch.nn's to below it.
+COMPACT_MIN_PADDING = 1 / 16
+
+
+def _valid_rows(lengths, T, B):
+    """Indices t*B + b of the rows of [T*B, ...] with t < lengths[b] (lengths on the CPU)."""
+    return (torch.arange(T)[:, None] < lengths[None, :]).flatten().nonzero().squeeze(1)
+
+
+def _compacts(lengths, T, B):
+    """Whether the saved tensors keep only the valid rows: enough padding, and real lengths on the
+    CPU (on a GPU the index would need a host sync; traced, the size would be data-dependent)."""
+    if (lengths is None or type(lengths) is not torch.Tensor  # a fake/functional tensor: being traced
+            or lengths.device.type != "cpu" or torch.compiler.is_compiling() or T * B == 0):
+        return False
+    return T * B - int(lengths.clamp(max=T).sum()) >= COMPACT_MIN_PADDING * T * B
+
+
+def _compact_saved(tensors, rows):
+    """Each [T,B,...] tensor of `tensors` (non-empty, on the CPU) as its valid rows [n, ...]."""
+    return [t.flatten(0, 1).index_select(0, rows) if t is not None and t.dim() >= 2 and t.numel() else t
+            for t in tensors]
+
+
+def _restore_saved(tensors, rows, T, B):
+    """_compact_saved's inverse: zeros in the padded rows."""
+    def restore(t):
+        if t is None or t.dim() < 2 or not t.numel():
+            return t
+        return t.new_zeros(T * B, *t.shape[1:]).index_copy_(0, rows, t).view(T, B, *t.shape[1:])
+    return [restore(t) for t in tensors]
+
+
 def _setup_context(ctx, inputs, output, projection=()):
     """projection: (x, w_ih) of the projected op (_setup_context_projected), saved for d_x and d_w_ih."""
     cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs[:10]
@@ -150,11 +190,17 @@ def _setup_context(ctx, inputs, output, projection=()):
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
     ctx.has_bias, ctx.has_c0, ctx.has_proj = b_hh is not None, c0 is not None, w_hr is not None
     ctx.options, ctx.projected = len(inputs) > 10, bool(projection)
-    saved = [*projection, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths]
+    # the op's own saved outputs (x and the zoneout masks are the caller's, alive anyway)
+    ctx.T, ctx.B = y.shape[0], y.shape[1]
+    ctx.compact = save and _compacts(lengths, ctx.T, ctx.B)
+    own = [y, gates, cells, proj_in, *output[6:]]
+    if ctx.compact:
+        own = _compact_saved(own, _valid_rows(lengths, ctx.T, ctx.B))
+    saved = [*projection, *own[:4], h0, c0, w_hh, w_hr, lengths]
     if ctx.options:
         keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c = inputs[10:]
         ctx.has_ln = gain_hh is not None
-        saved += [keep_h, keep_c, gain_hh, gain_c, bias_c, *output[6:]]
+        saved += [keep_h, keep_c, gain_hh, gain_c, bias_c, *own[4:]]
     ctx.save_for_backward(*saved)
     ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
 
@@ -188,6 +234,11 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
     saved = ctx.saved_tensors
     projection, saved = (saved[:2], saved[2:]) if ctx.projected else ((), saved)  # (x, w_ih) first
     y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, *options = saved
+    if ctx.compact:
+        rows = _valid_rows(lengths, ctx.T, ctx.B)
+        y, gates, cells, proj_in = _restore_saved((y, gates, cells, proj_in), rows, ctx.T, ctx.B)
+        if ctx.options:
+            options[5:] = _restore_saved(options[5:], rows, ctx.T, ctx.B)  # ln_hat, ln_rstd
     dy = torch.zeros_like(y) if dy is None else dy          # outputs no loss reached
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     if ctx.cell == "lstm" and dc_n is None:
