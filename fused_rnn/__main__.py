@@ -1,7 +1,10 @@
 """`python -m fused_rnn`: which backends run here (and why others do not), each checked against
 torch.nn on random inputs, and a small speed table against torch.nn."""
 import argparse
+import os
 import platform
+import statistics
+import time
 import warnings
 
 import torch
@@ -32,13 +35,34 @@ def check_against_torch_nn(backend, device):
     return worst
 
 
+def interleaved_medians(layers, what, T, B, H, device, repeats):
+    """Median seconds of one pass per layer ({name: layer}), the layers' runs taken in turn, so a
+    change of load while the table runs reaches every backend alike."""
+    passes = {}
+    for name, layer in layers.items():
+        pairs = [(torch.randn(T, B, H, device=device, requires_grad=what == "forward+backward"),
+                  torch.randn(T, B, H, device=device)) for _ in range(2)]
+        passes[name] = timing.make_pass(layer, what, pairs)
+    samples = {name: [] for name in layers}
+    for k in range(2 + repeats):  # the first two rounds warm up
+        for name, (run, reset) in passes.items():
+            reset(k % 2)
+            timing._sync(device)
+            t = time.perf_counter()
+            run(k % 2)
+            timing._sync(device)
+            if k >= 2:
+                samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fused_rnn", description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--T", type=int, default=50)
     p.add_argument("--B", type=int, default=16)
     p.add_argument("--H", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", message="fused_rnn: auto uses")
@@ -65,18 +89,20 @@ def main(argv=None):
         print(f"  {name:10s} max |diff| {err:.2e}  {'ok' if ok else 'FAILED'}")
 
     T, B, H = args.T, args.B, args.H
-    print(f"\nSpeed: single-layer LSTM and GRU, T={T} B={B} I=H={H} float32, median of {args.repeats} runs "
-          "(ratio = torch.nn time / backend time, same run)")
-    print(f"  {'layer':5s} {'backend':10s} {'forward ms':>11s} {'ratio':>6s} {'fwd+bwd ms':>11s} {'ratio':>6s}")
+    print(f"\nSpeed: single-layer LSTM and GRU, T={T} B={B} I=H={H} float32, median of {args.repeats} runs, "
+          "each backend's runs interleaved with torch.nn's (ratio = torch.nn time / backend time)")
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        busy = "  -- the machine is busy: the times are not the kernels' alone" if load > 0.5 * cores else ""
+        print(f"  load average {load:.1f} on {cores} cores{busy}")
+    names = ["nn"] + [n for n in usable if n != "reference"]
+    print(f"  {'layer':5s} {'backend':10s} {'no-grad ms':>11s} {'ratio':>6s} {'fwd+bwd ms':>11s} {'ratio':>6s}")
     for mode in ("LSTM", "GRU"):
-        base = {}
-        for name in ["nn"] + [n for n in usable if n != "reference"]:
-            layer = timing.make_layer(mode, name, H, H, device=device)
-            row = []
-            for what in ("forward", "forward+backward"):
-                t = timing.time_layer(layer, what, T, B, H, device, min_repeats=args.repeats, max_repeats=args.repeats)
-                base.setdefault(what, t)
-                row.append(f"{t * 1e3:11.2f} {base[what] / t:6.2f}")
+        layers = {name: timing.make_layer(mode, name, H, H, device=device) for name in names}
+        times = {what: interleaved_medians(layers, what, T, B, H, device, args.repeats)
+                 for what in ("inference", "forward+backward")}
+        for name in names:
+            row = [f"{times[w][name] * 1e3:11.2f} {times[w]['nn'] / times[w][name]:6.2f}" for w in times]
             print(f"  {mode:5s} {('torch.nn' if name == 'nn' else name):10s} " + " ".join(row))
     if failed:
         raise SystemExit(f"backends that disagree with torch.nn: {', '.join(failed)}")
