@@ -155,8 +155,10 @@ COMPACT_MIN_PADDING = 1 / 16
 
 
 def _valid_rows(lengths, T, B):
-    """Indices t*B + b of the rows of [T*B, ...] with t < lengths[b] (lengths on the CPU)."""
-    return (torch.arange(T)[:, None] < lengths[None, :]).flatten().nonzero().squeeze(1)
+    """(valid, padded): the indices t*B + b of the rows of [T*B, ...] with t < lengths[b] (lengths on
+    the CPU), and of the others."""
+    valid = (torch.arange(T)[:, None] < lengths[None, :]).flatten()
+    return valid.nonzero().squeeze(1), (~valid).nonzero().squeeze(1)
 
 
 def _compacts(lengths, T, B):
@@ -175,11 +177,14 @@ def _compact_saved(tensors, rows):
 
 
 def _restore_saved(tensors, rows, T, B):
-    """_compact_saved's inverse: zeros in the padded rows."""
+    """_compact_saved's inverse: zeros in the padded rows (rows = _valid_rows's pair)."""
+    valid, padded = rows
+
     def restore(t):
         if t is None or t.dim() < 2 or not t.numel():
             return t
-        return t.new_zeros(T * B, *t.shape[1:]).index_copy_(0, rows, t).view(T, B, *t.shape[1:])
+        full = t.new_empty(T * B, *t.shape[1:]).index_copy_(0, valid, t)
+        return full.index_fill_(0, padded, 0).view(T, B, *t.shape[1:])  # 1/3 faster than zeros first
     return [restore(t) for t in tensors]
 
 
@@ -195,7 +200,7 @@ def _setup_context(ctx, inputs, output, projection=()):
     ctx.compact = save and _compacts(lengths, ctx.T, ctx.B)
     own = [y, gates, cells, proj_in, *output[6:]]
     if ctx.compact:
-        own = _compact_saved(own, _valid_rows(lengths, ctx.T, ctx.B))
+        own = _compact_saved(own, _valid_rows(lengths, ctx.T, ctx.B)[0])
     saved = [*projection, *own[:4], h0, c0, w_hh, w_hr, lengths]
     if ctx.options:
         keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c = inputs[10:]
