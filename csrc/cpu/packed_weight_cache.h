@@ -1,10 +1,10 @@
 // The packed weight panels of the fused CPU forward (fused_cpu_kernels.h), kept between calls.
 //
 // Why: the forward packs the gate rows of w_hh (and of w_ih when it projects x inside) into its
-// microkernel's panel layout at ~0.9 ns per value — ~240 us per call at H=256 (fp32 LSTM, 1 thread),
-// most of a T=1 call (346 us: a decoder stepping a layer one step at a time) and ~13 % of a T=100
-// B=1 call. Inference and every decoder step of one training forward read the same weights, so the
-// panel of an unchanged weight is taken from here instead.
+// microkernel's panel layout on every call, most of a short call: the op alone, fp32 LSTM, B=1, T=1
+// (a decoder stepping a layer one step at a time), 1 thread, took 150 us at H=256 and 725 us at H=512
+// packing, ~20 us and ~170 us from a packed panel. Inference and every decoder step of one training
+// forward read the same weights, so the panel of an unchanged weight is taken from here instead.
 //
 // Validity: an entry is the panel of the weight [rows, cols] at one address, for one layout (gates,
 // lanes and accumulation type of one instruction-set build), together with a copy of the raw weight
@@ -81,8 +81,8 @@ struct PackedWeightCacheStats {
 };
 
 // Whether n bytes at a and b are equal, compared by torch's threads in parallel: this read of the
-// weight and of its copy is most of what a hit costs (LSTM fp32 H=256, 1 thread: ~95 us of a
-// 114 us T=1 call; the two 1 MB arrays and the panel do not fit in one core's L2 together).
+// weight and of its copy is most of what a hit costs (the op, fp32 LSTM H=256 B=1 T=1, 1 thread:
+// ~95 us of 117 us; the two 1 MB arrays and the panel do not fit in one core's L2 together).
 inline bool equal_bytes(const void* a, const void* b, size_t n) {
   constexpr int64_t kGrain = 128 * 1024;  // bytes per task: below this one thread compares alone
   std::atomic<bool> differ{false};
