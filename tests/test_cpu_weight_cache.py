@@ -17,7 +17,7 @@ import torch
 import fused_rnn
 from fused_rnn.ops.cpp import ops
 
-from helpers import assert_close
+from helpers import assert_close, run_with_cpu_isa
 from test_cpu_fused import GATES, fused_kernel, threads  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(ops.load_error() is not None, reason=str(ops.load_error()))
@@ -411,3 +411,43 @@ def test_stats_count_bytes_and_clear():
     assert nbytes >= 2 * weight_bytes, "the panel and the copy of the weight"
     _C().cpu_weight_cache_clear()
     assert stats() == (0, 0, 0, 0)
+
+
+_ISA_SCRIPT = """
+import os
+import torch
+from fused_rnn.ops.cpp import ops
+assert ops.load_error() is None, ops.load_error()
+from fused_rnn import _C
+
+def run(cell, args, cache):
+    os.environ["FUSED_RNN_CPU_WEIGHT_CACHE"] = "1" if cache else "0"
+    y, h, c, *_ = torch.ops.fused_rnn.recurrence_forward(cell, *args, None, None, False, False)
+    return [y, h, c]
+
+G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+for cell in G:
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        H = 37
+        r = lambda *s: torch.randn(*s, dtype=torch.float64).to(dtype)
+        args = [r(4, 3, G[cell] * H), r(3, H), r(3, H) if cell == "lstm" else None, r(G[cell] * H, H) * 0.2,
+                r(G[cell] * H)]
+        _C.cpu_weight_cache_clear()
+        for change in (None, None, "add_", "data"):
+            if change == "add_":
+                args[3].add_(0.01)
+            elif change == "data":
+                args[3].data.mul_(0.5)
+            got, want = run(cell, args, True), run(cell, args, False)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (cell, dtype, change)
+        hits, misses, entries, _ = _C.cpu_weight_cache_stats()
+        assert (hits, misses, entries) == (1, 3, 1), (cell, dtype, hits, misses, entries)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_every_cpu_instruction_set(isa):
+    """The panel's lanes differ per instruction-set build (chosen once per process): each build's
+    cache hits on a repeat and repacks after an update, bitwise as its uncached call."""
+    run_with_cpu_isa(isa, _ISA_SCRIPT)
