@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu/packed_weight_cache.h"
 #include "op_args.h"
 #include "persistent_params.h"
 #include "recurrence_params.h"
@@ -304,6 +305,18 @@ bool project_inside(int64_t gx_bytes) {
   return gx_bytes >= (int64_t(32) << 20);
 }
 
+// Whether the fused CPU forward keeps its packed weight panels between calls
+// (csrc/cpu/packed_weight_cache.h); FUSED_RNN_CPU_WEIGHT_CACHE=0 turns it off.
+bool cpu_weight_cache_on() {
+  const char* flag = std::getenv("FUSED_RNN_CPU_WEIGHT_CACHE");
+  return flag == nullptr || std::string(flag) != "0";
+}
+
+// A weight's version counter for the cache's fast reject; an inference tensor has none (reading it throws).
+int64_t version_of(const Tensor& w) {
+  return w.is_inference() ? cpu::kUnknownVersion : static_cast<int64_t>(w._version());
+}
+
 // Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
 // (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
 // RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection);
@@ -408,6 +421,9 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     q.h_n = h_n.data_ptr();
     q.gates = save && has_gates ? gates.data_ptr() : nullptr;
     q.cells = save && lstm ? cells.data_ptr() : nullptr;
+    q.cache_weights = cpu_weight_cache_on();
+    q.w_hh_version = version_of(w_hh);
+    q.w_ih_version = w_ih.defined() ? version_of(w_ih) : cpu::kUnknownVersion;
     cpu::fused_forward(q);
     Tensor c_n = lstm ? c.to(like.scalar_type()) : at::empty({0}, opts);
     return {y, h_n, c_n, gates, cells, at::empty({0}, opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
@@ -758,6 +774,26 @@ TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
 
 namespace fused_rnn {
 int add_cell_step_entry(PyObject* module);  // csrc/cell_step.cpp: _C.cell_step, the modules' eager call
+
+namespace {
+// _C.cpu_weight_cache_stats() -> (hits, misses, entries, bytes) and _C.cpu_weight_cache_clear():
+// the fused CPU forward's packed-weight cache (csrc/cpu/packed_weight_cache.h), for tests and benchmarks.
+PyObject* cpu_weight_cache_stats_py(PyObject*, PyObject*) {
+  const cpu::PackedWeightCacheStats s = cpu::packed_weight_cache().stats();
+  return Py_BuildValue("(LLLL)", static_cast<long long>(s.hits), static_cast<long long>(s.misses),
+                       static_cast<long long>(s.entries), static_cast<long long>(s.bytes));
+}
+PyObject* cpu_weight_cache_clear_py(PyObject*, PyObject*) {
+  cpu::packed_weight_cache().clear();
+  Py_RETURN_NONE;
+}
+PyMethodDef weight_cache_methods[] = {
+    {"cpu_weight_cache_stats", cpu_weight_cache_stats_py, METH_NOARGS,
+     "cpu_weight_cache_stats() -> (hits, misses, entries, bytes) of the fused CPU forward's packed-weight cache"},
+    {"cpu_weight_cache_clear", cpu_weight_cache_clear_py, METH_NOARGS,
+     "cpu_weight_cache_clear(): drops the packed-weight cache's entries and zeroes its counters"},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
 }  // namespace fused_rnn
 
 // `import fused_rnn._C` loads this library, whose static initialisers register the ops above.
@@ -765,7 +801,9 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "fused_rnn kernels; the ops are torch.ops.fused_rnn.*", -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);
-  if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0) return nullptr;
+  if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0 ||
+      PyModule_AddFunctions(m, fused_rnn::weight_cache_methods) < 0)
+    return nullptr;
   PyModule_AddIntConstant(m, "ABI_VERSION", FUSED_RNN_ABI_VERSION);
   PyModule_AddStringConstant(m, "SOURCE_HASH", FUSED_RNN_SOURCE_HASH);
 #ifdef WITH_CUDA

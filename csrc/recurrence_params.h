@@ -129,6 +129,10 @@ struct FusedForwardParams {
   void* h_n;         // S [B, H]
   void* gates;       // S [T, B, 4*H] when save (LSTM, GRU), else unused
   void* cells;       // A [T, B, H] when save (LSTM), else unused
+  // The packed-weight cache (csrc/cpu/packed_weight_cache.h): whether to use it, and the weights'
+  // version counters (kUnknownVersion = -1 where there is none, as for inference tensors).
+  bool cache_weights;
+  int64_t w_hh_version, w_ih_version;
 };
 
 struct FusedBackwardParams {

@@ -2,8 +2,9 @@
 // (at::parallel_for, torch's own thread pool), the CPU twin of the persistent GPU kernel.
 //
 // Each part (one per thread) owns a slice of hidden units — blocks of W units, W = one vector of
-// the accumulation type — and packs all gate rows of w_hh for them once per call into the panel
-// its microkernel reads, so the slice stays in that core's L2 for all T steps. Per step:
+// the accumulation type — and packs all gate rows of w_hh for them into the panel its microkernel
+// reads, so the slice stays in that core's L2 for all T steps. The forward packs once per call, or
+// not at all when an earlier call packed the same weight bytes (packed_weight_cache.h). Per step:
 //
 //   forward   1. gh[:, own gate columns] = h_prev @ w_hh[own rows].T   (register-blocked FMA)
 //             2. the cell math of recurrence_step.h (forward_row) on the own units: gates never
@@ -31,6 +32,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "packed_weight_cache.h"
 
 #ifndef FR_VEC_BYTES
 #define FR_VEC_BYTES 16
@@ -330,6 +333,61 @@ void pack_gate_rows(const S* w, int64_t K, const Split& split, int64_t blk0, int
   }
 }
 
+// The panel of one weight [G*H, K] for this call, from the packed-weight cache
+// (packed_weight_cache.h): an entry an earlier call packed from the same bytes (nothing to pack), a
+// fresh entry this call packs and publishes after its parallel region, or, with the cache off or a
+// weight too large to keep, scratch of this call. `w` nullptr: no weight (an empty panel).
+template <int G, typename S, typename A> class WeightPanel {
+ public:
+  WeightPanel(const S* w, const Split& split, int64_t K, DType dtype, bool use_cache, int64_t version)
+      : w_(w), K_(K) {
+    const int64_t elems = w == nullptr ? 0 : split.blocks * K * G * split.W;
+    if (w != nullptr && use_cache) {
+      const PanelKey key{w, G * split.H, K, static_cast<int32_t>(dtype), G, static_cast<int32_t>(split.W),
+                         static_cast<int32_t>(sizeof(A)), kVecBytes};
+      const size_t weight_bytes = static_cast<size_t>(G * split.H * K) * sizeof(S);
+      PackedWeightCache& cache = packed_weight_cache();
+      hit_ = cache.find(key, version, weight_bytes);
+      if (hit_) {
+        panel_ = static_cast<A*>(hit_->panel);
+        return;
+      }
+      fresh_ = cache.make(key, version, weight_bytes, static_cast<size_t>(elems) * sizeof(A));
+      if (fresh_) {
+        panel_ = static_cast<A*>(fresh_->panel);
+        return;
+      }
+    }
+    scratch_ = std::make_unique<Buffer<A>>(elems);
+    panel_ = scratch_->get();
+  }
+  // Packs the gate rows of the own unit blocks [blk0, blk1) (pack_gate_rows) and, into a fresh
+  // entry, copies their raw rows; nothing on a hit.
+  void pack_own(const Split& split, int64_t blk0, int64_t blk1) {
+    if (hit_ || w_ == nullptr) return;
+    pack_gate_rows<G>(w_, K_, split, blk0, blk1, panel_);
+    if (!fresh_) return;
+    const int64_t u0 = blk0 * split.W, u1 = std::min(split.H, blk1 * split.W);
+    for (int g = 0; g < G && u1 > u0; ++g) {
+      const int64_t first = (g * split.H + u0) * K_;
+      std::memcpy(static_cast<S*>(fresh_->weight_copy) + first, w_ + first, sizeof(S) * (u1 - u0) * K_);
+    }
+  }
+  // After every part's pack_own has returned: later calls may take the fresh entry.
+  void publish() {
+    if (fresh_) packed_weight_cache().publish(std::move(fresh_));
+  }
+  const A* get() const { return panel_; }
+
+ private:
+  const S* w_;
+  int64_t K_;
+  std::shared_ptr<const PackedWeight> hit_;
+  std::shared_ptr<PackedWeight> fresh_;
+  std::unique_ptr<Buffer<A>> scratch_;
+  A* panel_ = nullptr;
+};
+
 // Steps per chunk of the input projection (FusedForwardParams::x): the chunk's gx, [Tc, B, G*H] in
 // S, is written by the parts' projection GEMMs and read back by the cell math of the next Tc steps;
 // sized to stay in the L2 of the cores (2 MB each here, next to the packed w_hh and w_ih slices):
@@ -366,7 +424,10 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   const S* b_ih = static_cast<const S*>(q.b_ih);
   Buffer<S> gx_chunk(project ? Tc * B * GH : 0);
   Buffer<A> gx_chunk_acc(project && !std::is_same<S, A>::value ? Tc * B * GH : 0);  // the GEMM's A result
-  Buffer<A> panel_ih(project ? split.blocks * I * G * W : 0);  // [block][k < I][g][W], like panel
+  // [block][k][g][W] of w_hh (k < H) and of w_ih (k < I, with x), each part packs its own blocks
+  WeightPanel<G, S, A> panel(w_hh, split, H, q.step.dtype, q.cache_weights, q.w_hh_version);
+  WeightPanel<G, S, A> panel_ih(project ? static_cast<const S*>(q.w_ih) : nullptr, split, I, q.step.dtype,
+                                q.cache_weights, q.w_ih_version);
   const S* gx = project ? gx_chunk.get() : static_cast<const S*>(q.gx);
   // Without save, one step of gates/cells is scratch (only each part's own columns are touched).
   Buffer<S> gates_scratch(q.save || (C != Cell::LSTM && C != Cell::GRU) ? 0 : B * 4 * H);
@@ -374,7 +435,6 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   S* gates = q.save ? static_cast<S*>(q.gates) : gates_scratch.get();
   A* cells = q.save ? static_cast<A*>(q.cells) : cells_scratch.get();
 
-  Buffer<A> panel(split.blocks * H * G * W);  // [block][k][g][W], each part packs its own blocks
   Buffer<S> hbuf(2 * B * H);                   // the state, double-buffered
   Buffer<A> gh(B * GH);                        // h_prev @ w_hh.T, each part its own columns
   std::memcpy(hbuf.get(), q.h0, sizeof(S) * B * H);
@@ -383,8 +443,8 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   at::parallel_for(0, split.parts, 1, [&](int64_t p0, int64_t p1) {
     const int64_t blk0 = split.block_begin(p0), blk1 = split.block_begin(p1);
     const int64_t u0 = blk0 * W, u1 = std::min(H, blk1 * W);
-    pack_gate_rows<G>(w_hh, H, split, blk0, blk1, panel.get());
-    if (project) pack_gate_rows<G>(static_cast<const S*>(q.w_ih), I, split, blk0, blk1, panel_ih.get());
+    panel.pack_own(split, blk0, blk1);
+    panel_ih.pack_own(split, blk0, blk1);
     std::unique_ptr<A[]> h_acc(std::is_same<S, A>::value ? nullptr : new A[B * H]);
     std::unique_ptr<A[]> x_acc(project && !std::is_same<S, A>::value ? new A[Tc * B * I] : nullptr);
     ForwardStepParams p = q.step;
@@ -450,6 +510,8 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
       barrier.arrive_and_wait(p1 - p0, split.parts * (k + 1));
     }
   });
+  panel.publish();
+  panel_ih.publish();
   std::memcpy(q.h_n, hbuf.get() + (T & 1) * B * H, sizeof(S) * B * H);
 }
 

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "../recurrence_params.h"
+#include "packed_weight_cache.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma")
