@@ -9,6 +9,8 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/native/TensorFactories.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -23,6 +25,7 @@
 #include <string>
 
 #include "cpu/packed_weight_cache.h"
+#include "cpu/recycling_allocator.h"
 #include "op_args.h"
 #include "persistent_params.h"
 #include "recurrence_params.h"
@@ -284,6 +287,33 @@ const char* why_not_persistent(Cell cell, bool proj, const Tensor& like, int64_t
 // Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
 // without a projection, zoneout or layer norm (those run the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
 // forces the per-step kernels (tests compare the two).
+// An uninitialised [T, B, ...] tensor of an op (output or internal): on the CPU from the recycling
+// allocator (csrc/cpu/recycling_allocator.h; FUSED_RNN_CPU_RECYCLE=0 turns it off), else at::empty.
+// Like at::empty it is NaN-filled under torch's deterministic mode with fill_uninitialized_memory.
+Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const char* env = std::getenv("FUSED_RNN_CPU_RECYCLE");
+  if (!opts.device().is_cpu() || (env != nullptr && std::string(env) == "0")) return at::empty(sizes, opts);
+  Tensor t = at::detail::empty_generic(sizes, &cpu::RecyclingAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                       c10::typeMetaToScalarType(opts.dtype()), c10::nullopt);
+  if (at::globalContext().deterministicAlgorithms() && at::globalContext().deterministicFillUninitializedMemory())
+    at::native::fill_empty_deterministic_(t);
+  return t;
+}
+
+// gx = x w_ih^T (+ b_ih) [T, B, G*H] as at::linear computes it (one addmm over the T*B rows), on the
+// CPU into empty_large's memory.
+Tensor input_projection(const Tensor& x, const Tensor& w_ih, const optional<Tensor>& b_ih) {
+  if (!x.is_cpu()) return at::linear(x, w_ih, b_ih).contiguous();
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), GH = w_ih.size(0);
+  Tensor gx = empty_large({T, B, GH}, x.options());
+  Tensor out = gx.view({T * B, GH});
+  if (b_ih.has_value())
+    at::addmm_out(out, *b_ih, x.reshape({T * B, I}), w_ih.t());
+  else
+    at::mm_out(out, x.reshape({T * B, I}), w_ih.t());
+  return gx;
+}
+
 bool use_cpu_fused(const Tensor& like, bool proj, bool options) {
   if (like.is_cuda() || proj || options) return false;
   const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
@@ -357,9 +387,9 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   // gx, except on the fused path with the projection inside (undefined there).
   const Tensor gx = ip == nullptr ? gx_in.contiguous()
                     : inside      ? Tensor()
-                                  : at::linear(ip->x, ip->w_ih, ip->b_ih).contiguous();
+                                  : input_projection(ip->x, ip->w_ih, ip->b_ih);
   const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
-  Tensor y = at::empty({T, B, Hout}, opts);
+  Tensor y = empty_large({T, B, Hout}, opts);
 
 #ifdef WITH_CUDA
   PersistentV2Plan plan;
@@ -403,8 +433,8 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     const Tensor w_ih = inside ? ip->w_ih.contiguous() : Tensor();
     const Tensor b_ih = inside && ip->b_ih.has_value() ? ip->b_ih->contiguous() : Tensor();
     Tensor h_n = at::empty({B, H}, opts);
-    Tensor gates = save && has_gates ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
-    Tensor cells = save && lstm ? at::empty({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
+    Tensor gates = save && has_gates ? empty_large({T, B, 4 * H}, opts) : at::empty({0}, opts);
+    Tensor cells = save && lstm ? empty_large({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
     FusedForwardParams q{};
     q.step = p;
     q.T = T;
@@ -436,13 +466,13 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   Tensor gh = at::empty({B, GH}, acc_opts);                                     // h @ w_hh.T in A
   // Saved per step when save, else one step of scratch reused.
   const int64_t TS = save ? T : 1;
-  Tensor gates = has_gates ? at::empty({TS, B, 4 * H}, opts) : at::empty({0}, opts);
-  Tensor cells = lstm ? at::empty({TS, B, H}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor proj_in = s.proj ? at::empty({TS, B, H}, opts) : at::empty({0}, opts);
+  Tensor gates = has_gates ? empty_large({TS, B, 4 * H}, opts) : at::empty({0}, opts);
+  Tensor cells = lstm ? empty_large({TS, B, H}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor proj_in = s.proj ? empty_large({TS, B, H}, opts) : at::empty({0}, opts);
   Tensor tmp = s.proj ? at::empty({B, Hout}, opts) : Tensor();
   const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
   const bool ln = o.layer_norm();
-  Tensor ln_hat = ln ? at::empty({TS, B, (s.G + lstm) * H}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor ln_hat = ln ? empty_large({TS, B, (s.G + lstm) * H}, acc_opts) : at::empty({0}, acc_opts);
   Tensor ln_rstd = ln ? at::empty({TS, B, 1 + lstm}, acc_opts) : at::empty({0}, acc_opts);
   const Options oc{contiguous_opt(o.keep_h), contiguous_opt(o.keep_c), o.keep_p, contiguous_opt(o.gain_hh),
                    contiguous_opt(o.gain_c), contiguous_opt(o.bias_c)};
@@ -574,12 +604,12 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   Tensor dh = dh_n.to(acc).contiguous().clone();  // [B, Hout] grad of the state, carried in A
   Tensor dc = lstm ? (dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, opts.dtype(acc)))
                    : at::empty({0}, opts);
-  Tensor dgx = at::empty({T, B, GH}, opts);
-  Tensor dgh = cell == Cell::GRU ? at::empty({T, B, GH}, opts) : dgx;  // grads of gx / of h @ w_hh.T + b_hh
-  Tensor dh_all = proj ? at::empty({T, B, Hout}, opts) : Tensor();  // grads of the projected h
+  Tensor dgx = empty_large({T, B, GH}, opts);
+  Tensor dgh = cell == Cell::GRU ? empty_large({T, B, GH}, opts) : dgx;  // grads of gx / of h @ w_hh.T + b_hh
+  Tensor dh_all = proj ? empty_large({T, B, Hout}, opts) : Tensor();  // grads of the projected h
   Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
-  Tensor dmm = ln ? at::empty({T, B, GH}, opts) : dgh;  // grads of h @ w_hh.T (through the layer norm)
-  Tensor dcout = ln && lstm ? at::empty({T, B, H}, opts) : Tensor();  // grads of LN(c~) gain_c + bias_c
+  Tensor dmm = ln ? empty_large({T, B, GH}, opts) : dgh;  // grads of h @ w_hh.T (through the layer norm)
+  Tensor dcout = ln && lstm ? empty_large({T, B, H}, opts) : Tensor();  // grads of LN(c~) gain_c + bias_c
   PersistentV2Plan plan;
   const bool persistent = !o.any() && why_not_persistent(cell, proj, y, H, B, &plan) == nullptr;
 #ifdef WITH_CUDA
@@ -787,7 +817,21 @@ PyObject* cpu_weight_cache_clear_py(PyObject*, PyObject*) {
   cpu::packed_weight_cache().clear();
   Py_RETURN_NONE;
 }
-PyMethodDef weight_cache_methods[] = {
+// _C.cpu_recycle_pool() -> (blocks, bytes) waiting in the recycling allocator's pool
+// (csrc/cpu/recycling_allocator.h) and _C.cpu_recycle_release(), which frees them.
+PyObject* cpu_recycle_pool_py(PyObject*, PyObject*) {
+  const auto pooled = cpu::RecyclingAllocator::get().pooled();
+  return Py_BuildValue("(LL)", static_cast<long long>(pooled.first), static_cast<long long>(pooled.second));
+}
+PyObject* cpu_recycle_release_py(PyObject*, PyObject*) {
+  cpu::RecyclingAllocator::get().release();
+  Py_RETURN_NONE;
+}
+PyMethodDef cache_methods[] = {
+    {"cpu_recycle_pool", cpu_recycle_pool_py, METH_NOARGS,
+     "cpu_recycle_pool() -> (blocks, bytes) of freed op memory the CPU ops keep for reuse"},
+    {"cpu_recycle_release", cpu_recycle_release_py, METH_NOARGS,
+     "cpu_recycle_release(): frees the memory the CPU ops keep for reuse"},
     {"cpu_weight_cache_stats", cpu_weight_cache_stats_py, METH_NOARGS,
      "cpu_weight_cache_stats() -> (hits, misses, entries, bytes) of the fused CPU forward's packed-weight cache"},
     {"cpu_weight_cache_clear", cpu_weight_cache_clear_py, METH_NOARGS,
@@ -802,7 +846,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
                                           "fused_rnn kernels; the ops are torch.ops.fused_rnn.*", -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0 ||
-      PyModule_AddFunctions(m, fused_rnn::weight_cache_methods) < 0)
+      PyModule_AddFunctions(m, fused_rnn::cache_methods) < 0)
     return nullptr;
   PyModule_AddIntConstant(m, "ABI_VERSION", FUSED_RNN_ABI_VERSION);
   PyModule_AddStringConstant(m, "SOURCE_HASH", FUSED_RNN_SOURCE_HASH);
