@@ -284,9 +284,6 @@ const char* why_not_persistent(Cell cell, bool proj, const Tensor& like, int64_t
 #endif
 }
 
-// Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
-// without a projection, zoneout or layer norm (those run the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
-// forces the per-step kernels (tests compare the two).
 // An uninitialised [T, B, ...] tensor of an op (output or internal): on the CPU from the recycling
 // allocator (csrc/cpu/recycling_allocator.h; FUSED_RNN_CPU_RECYCLE=0 turns it off), else at::empty.
 // Like at::empty it is NaN-filled under torch's deterministic mode with fill_uninitialized_memory.
@@ -314,6 +311,9 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const optional<Tens
   return gx;
 }
 
+// Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
+// without a projection, zoneout or layer norm (those run the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
+// forces the per-step kernels (tests compare the two).
 bool use_cpu_fused(const Tensor& like, bool proj, bool options) {
   if (like.is_cuda() || proj || options) return false;
   const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
