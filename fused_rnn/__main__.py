@@ -3,8 +3,6 @@ torch.nn on random inputs, and a small speed table against torch.nn."""
 import argparse
 import os
 import platform
-import statistics
-import time
 import warnings
 
 import torch
@@ -33,27 +31,6 @@ def check_against_torch_nn(backend, device):
             results.append(outs + list(torch.autograd.grad(loss, seqs + list(m.parameters()))))
         worst = max([worst] + [(a - b).abs().max().item() for a, b in zip(*results)])
     return worst
-
-
-def interleaved_medians(layers, what, T, B, H, device, repeats):
-    """Median seconds of one pass per layer ({name: layer}), the layers' runs taken in turn, so a
-    change of load while the table runs reaches every backend alike."""
-    passes = {}
-    for name, layer in layers.items():
-        pairs = [(torch.randn(T, B, H, device=device, requires_grad=what == "forward+backward"),
-                  torch.randn(T, B, H, device=device)) for _ in range(2)]
-        passes[name] = timing.make_pass(layer, what, pairs)
-    samples = {name: [] for name in layers}
-    for k in range(2 + repeats):  # the first two rounds warm up
-        for name, (run, reset) in passes.items():
-            reset(k % 2)
-            timing._sync(device)
-            t = time.perf_counter()
-            run(k % 2)
-            timing._sync(device)
-            if k >= 2:
-                samples[name].append(time.perf_counter() - t)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def main(argv=None):
@@ -99,7 +76,7 @@ def main(argv=None):
     print(f"  {'layer':5s} {'backend':10s} {'no-grad ms':>11s} {'ratio':>6s} {'fwd+bwd ms':>11s} {'ratio':>6s}")
     for mode in ("LSTM", "GRU"):
         layers = {name: timing.make_layer(mode, name, H, H, device=device) for name in names}
-        times = {what: interleaved_medians(layers, what, T, B, H, device, args.repeats)
+        times = {what: timing.time_layers_interleaved(layers, what, T, B, H, device, repeats=args.repeats)
                  for what in ("inference", "forward+backward")}
         for name in names:
             row = [f"{times[w][name] * 1e3:11.2f} {times[w]['nn'] / times[w][name]:6.2f}" for w in times]

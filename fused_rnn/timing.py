@@ -99,10 +99,33 @@ def make_pass(layer, what, pairs):
     return run, reset
 
 
+def _input_pairs(layer, what, T, B, I, device, dtype, n_inputs):
+    """n_inputs (input [T, B, I], output gradient) pairs for make_pass."""
+    out = layer.hidden_size * (2 if layer.bidirectional else 1)
+    return [(torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=what == "forward+backward"),
+             torch.randn(T, B, out, device=device, dtype=dtype)) for _ in range(n_inputs)]
+
+
 def time_layer(layer, what, T, B, I, device="cpu", dtype=torch.float32, n_inputs=3, **kwargs):
     """Median seconds of one pass ('forward', 'forward+backward' or 'inference') at [T, B, I]."""
-    out = layer.hidden_size * (2 if layer.bidirectional else 1)
-    pairs = [(torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=what == "forward+backward"),
-              torch.randn(T, B, out, device=device, dtype=dtype)) for _ in range(n_inputs)]
-    run, reset = make_pass(layer, what, pairs)
+    run, reset = make_pass(layer, what, _input_pairs(layer, what, T, B, I, device, dtype, n_inputs))
     return median_time(run, n_inputs, device, reset, **kwargs)
+
+
+def time_layers_interleaved(layers, what, T, B, I, device="cpu", dtype=torch.float32, repeats=9, warmup=2,
+                            n_inputs=2):
+    """Median seconds of one pass of each layer ({name: layer}) at [T, B, I], the layers' runs taken in
+    turn (one of each per round, `warmup` rounds untimed), so a change of load reaches all alike."""
+    passes = {name: make_pass(layer, what, _input_pairs(layer, what, T, B, I, device, dtype, n_inputs))
+              for name, layer in layers.items()}
+    samples = {name: [] for name in layers}
+    for k in range(warmup + repeats):
+        for name, (run, reset) in passes.items():
+            reset(k % n_inputs)
+            _sync(device)
+            t = time.perf_counter()
+            run(k % n_inputs)
+            _sync(device)
+            if k >= warmup:
+                samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) for name, s in samples.items()}
