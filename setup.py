@@ -30,7 +30,7 @@ def source_hash(csrc):
 
 def _write_source_hash_header():
     """build/generated/fused_rnn_source_hash.h, rewritten only when the hash changes (so that only
-    csrc/recurrence.cpp recompiles)."""
+    csrc/python_module.cpp recompiles)."""
     out = ROOT / "build" / "generated"
     out.mkdir(parents=True, exist_ok=True)
     header = out / "fused_rnn_source_hash.h"
@@ -61,7 +61,8 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = [f"{CSRC}/recurrence.cpp"] + [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
+    sources = [f"{CSRC}/recurrence.cpp", f"{CSRC}/python_module.cpp"]
+    sources += [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     sources += [f"{CSRC}/cell_step.cpp"] + [f"{CSRC}/cpu/cell_step_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time).
     # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into

@@ -1,16 +1,12 @@
-// The recurrence ops: schemas (TORCH_LIBRARY), the one time loop shared by the CPU and CUDA
-// implementations, and the Python module fused_rnn._C that loads them.
+// The recurrence ops: schemas (TORCH_LIBRARY) and the one time loop shared by the CPU and CUDA
+// implementations. The Python module fused_rnn._C that loads them is csrc/python_module.cpp.
 //
 // Per step: one GEMM (at::mm_out into a preallocated buffer: MKL/oneDNN on the CPU, cuBLAS on the
 // current CUDA stream) and one fused pointwise pass (csrc/cpu/pointwise_cpu.cpp or
 // csrc/cuda/pointwise_cuda.cu) that reads the plain structs of recurrence_params.h. The weight
 // gradients are single GEMMs after the loop. No host synchronisation anywhere, so the CUDA
 // version can be captured in a CUDA graph. The algorithm is fused_rnn/ops/torch_bptt's.
-#include <Python.h>
-
 #include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
-#include <ATen/native/TensorFactories.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -29,17 +25,6 @@
 #include "op_args.h"
 #include "persistent_params.h"
 #include "recurrence_params.h"
-
-// Hash of csrc/ at build time, written by setup.py; fused_rnn/ops/cpp/ops.py compares it with the
-// sources beside it to report a stale build.
-#if __has_include("fused_rnn_source_hash.h")
-#include "fused_rnn_source_hash.h"
-#else
-#define FUSED_RNN_SOURCE_HASH ""
-#endif
-
-// Bump when a schema or the meaning of an output changes: the Python side refuses a stale build.
-#define FUSED_RNN_ABI_VERSION 5
 
 namespace fused_rnn {
 namespace {
@@ -282,19 +267,6 @@ const char* why_not_persistent(Cell cell, bool proj, const Tensor& like, int64_t
   (void)cell, (void)proj, (void)like, (void)H, (void)B, (void)plan;
   return "built without CUDA";
 #endif
-}
-
-// An uninitialised [T, B, ...] tensor of an op (output or internal): on the CPU from the recycling
-// allocator (csrc/cpu/recycling_allocator.h; FUSED_RNN_CPU_RECYCLE=0 turns it off), else at::empty.
-// Like at::empty it is NaN-filled under torch's deterministic mode with fill_uninitialized_memory.
-Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& opts) {
-  const char* env = std::getenv("FUSED_RNN_CPU_RECYCLE");
-  if (!opts.device().is_cpu() || (env != nullptr && std::string(env) == "0")) return at::empty(sizes, opts);
-  Tensor t = at::detail::empty_generic(sizes, &cpu::RecyclingAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                       c10::typeMetaToScalarType(opts.dtype()), c10::nullopt);
-  if (at::globalContext().deterministicAlgorithms() && at::globalContext().deterministicFillUninitializedMemory())
-    at::native::fill_empty_deterministic_(t);
-  return t;
 }
 
 // gx = x w_ih^T (+ b_ih) [T, B, G*H] as at::linear computes it (one addmm over the T*B rows), on the
@@ -801,59 +773,3 @@ TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
 #endif
 
 }  // namespace fused_rnn
-
-namespace fused_rnn {
-int add_cell_step_entry(PyObject* module);  // csrc/cell_step.cpp: _C.cell_step, the modules' eager call
-
-namespace {
-// _C.cpu_weight_cache_stats() -> (hits, misses, entries, bytes) and _C.cpu_weight_cache_clear():
-// the fused CPU forward's packed-weight cache (csrc/cpu/packed_weight_cache.h), for tests and benchmarks.
-PyObject* cpu_weight_cache_stats_py(PyObject*, PyObject*) {
-  const cpu::PackedWeightCacheStats s = cpu::packed_weight_cache().stats();
-  return Py_BuildValue("(LLLL)", static_cast<long long>(s.hits), static_cast<long long>(s.misses),
-                       static_cast<long long>(s.entries), static_cast<long long>(s.bytes));
-}
-PyObject* cpu_weight_cache_clear_py(PyObject*, PyObject*) {
-  cpu::packed_weight_cache().clear();
-  Py_RETURN_NONE;
-}
-// _C.cpu_recycle_pool() -> (blocks, bytes) waiting in the recycling allocator's pool
-// (csrc/cpu/recycling_allocator.h) and _C.cpu_recycle_release(), which frees them.
-PyObject* cpu_recycle_pool_py(PyObject*, PyObject*) {
-  const auto pooled = cpu::RecyclingAllocator::get().pooled();
-  return Py_BuildValue("(LL)", static_cast<long long>(pooled.first), static_cast<long long>(pooled.second));
-}
-PyObject* cpu_recycle_release_py(PyObject*, PyObject*) {
-  cpu::RecyclingAllocator::get().release();
-  Py_RETURN_NONE;
-}
-PyMethodDef cache_methods[] = {
-    {"cpu_recycle_pool", cpu_recycle_pool_py, METH_NOARGS,
-     "cpu_recycle_pool() -> (blocks, bytes) of freed op memory the CPU ops keep for reuse"},
-    {"cpu_recycle_release", cpu_recycle_release_py, METH_NOARGS,
-     "cpu_recycle_release(): frees the memory the CPU ops keep for reuse"},
-    {"cpu_weight_cache_stats", cpu_weight_cache_stats_py, METH_NOARGS,
-     "cpu_weight_cache_stats() -> (hits, misses, entries, bytes) of the fused CPU forward's packed-weight cache"},
-    {"cpu_weight_cache_clear", cpu_weight_cache_clear_py, METH_NOARGS,
-     "cpu_weight_cache_clear(): drops the packed-weight cache's entries and zeroes its counters"},
-    {nullptr, nullptr, 0, nullptr}};
-}  // namespace
-}  // namespace fused_rnn
-
-// `import fused_rnn._C` loads this library, whose static initialisers register the ops above.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                          "fused_rnn kernels; the ops are torch.ops.fused_rnn.*", -1, nullptr};
-  PyObject* m = PyModule_Create(&module_def);
-  if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0 ||
-      PyModule_AddFunctions(m, fused_rnn::cache_methods) < 0)
-    return nullptr;
-  PyModule_AddIntConstant(m, "ABI_VERSION", FUSED_RNN_ABI_VERSION);
-  PyModule_AddStringConstant(m, "SOURCE_HASH", FUSED_RNN_SOURCE_HASH);
-#ifdef WITH_CUDA
-  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
-#else
-  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
-#endif
-  return m;
-}

@@ -15,6 +15,9 @@
 // differs. Deleters can run on any thread: the pool is behind a mutex (held across fork()).
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/native/TensorFactories.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
@@ -25,6 +28,7 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <string>
 #include <utility>
 
 namespace fused_rnn {
@@ -113,4 +117,18 @@ class RecyclingAllocator final : public c10::Allocator {
 };
 
 }  // namespace cpu
+
+// An uninitialised [T, B, ...] tensor of an op (output or internal): on the CPU from the recycling
+// allocator (csrc/cpu/recycling_allocator.h; FUSED_RNN_CPU_RECYCLE=0 turns it off), else at::empty.
+// Like at::empty it is NaN-filled under torch's deterministic mode with fill_uninitialized_memory.
+inline at::Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const char* env = std::getenv("FUSED_RNN_CPU_RECYCLE");
+  if (!opts.device().is_cpu() || (env != nullptr && std::string(env) == "0")) return at::empty(sizes, opts);
+  at::Tensor t = at::detail::empty_generic(sizes, &cpu::RecyclingAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                       c10::typeMetaToScalarType(opts.dtype()), c10::nullopt);
+  if (at::globalContext().deterministicAlgorithms() && at::globalContext().deterministicFillUninitializedMemory())
+    at::native::fill_empty_deterministic_(t);
+  return t;
+}
+
 }  // namespace fused_rnn

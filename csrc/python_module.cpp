@@ -1,0 +1,74 @@
+// fused_rnn._C, the Python module whose import loads this library: the ops register themselves
+// through the static initialisers of csrc/recurrence.cpp and csrc/cell_step.cpp; the module itself
+// carries the build's ABI version and source hash (fused_rnn/ops/cpp/ops.py refuses a stale build),
+// _C.cell_step (the modules' eager cell call) and the CPU caches' report/clear functions.
+#include <Python.h>
+
+#include "cpu/packed_weight_cache.h"
+#include "cpu/recycling_allocator.h"
+
+// Hash of csrc/ at build time, written by setup.py; fused_rnn/ops/cpp/ops.py compares it with the
+// sources beside it to report a stale build.
+#if __has_include("fused_rnn_source_hash.h")
+#include "fused_rnn_source_hash.h"
+#else
+#define FUSED_RNN_SOURCE_HASH ""
+#endif
+
+// Bump when a schema or the meaning of an output changes: the Python side refuses a stale build.
+#define FUSED_RNN_ABI_VERSION 5
+
+namespace fused_rnn {
+int add_cell_step_entry(PyObject* module);  // csrc/cell_step.cpp: _C.cell_step, the modules' eager call
+
+namespace {
+// _C.cpu_weight_cache_stats() -> (hits, misses, entries, bytes) and _C.cpu_weight_cache_clear():
+// the fused CPU forward's packed-weight cache (csrc/cpu/packed_weight_cache.h), for tests and benchmarks.
+PyObject* cpu_weight_cache_stats_py(PyObject*, PyObject*) {
+  const cpu::PackedWeightCacheStats s = cpu::packed_weight_cache().stats();
+  return Py_BuildValue("(LLLL)", static_cast<long long>(s.hits), static_cast<long long>(s.misses),
+                       static_cast<long long>(s.entries), static_cast<long long>(s.bytes));
+}
+PyObject* cpu_weight_cache_clear_py(PyObject*, PyObject*) {
+  cpu::packed_weight_cache().clear();
+  Py_RETURN_NONE;
+}
+// _C.cpu_recycle_pool() -> (blocks, bytes) waiting in the recycling allocator's pool
+// (csrc/cpu/recycling_allocator.h) and _C.cpu_recycle_release(), which frees them.
+PyObject* cpu_recycle_pool_py(PyObject*, PyObject*) {
+  const auto pooled = cpu::RecyclingAllocator::get().pooled();
+  return Py_BuildValue("(LL)", static_cast<long long>(pooled.first), static_cast<long long>(pooled.second));
+}
+PyObject* cpu_recycle_release_py(PyObject*, PyObject*) {
+  cpu::RecyclingAllocator::get().release();
+  Py_RETURN_NONE;
+}
+PyMethodDef cache_methods[] = {
+    {"cpu_recycle_pool", cpu_recycle_pool_py, METH_NOARGS,
+     "cpu_recycle_pool() -> (blocks, bytes) of freed op memory the CPU ops keep for reuse"},
+    {"cpu_recycle_release", cpu_recycle_release_py, METH_NOARGS,
+     "cpu_recycle_release(): frees the memory the CPU ops keep for reuse"},
+    {"cpu_weight_cache_stats", cpu_weight_cache_stats_py, METH_NOARGS,
+     "cpu_weight_cache_stats() -> (hits, misses, entries, bytes) of the fused CPU forward's packed-weight cache"},
+    {"cpu_weight_cache_clear", cpu_weight_cache_clear_py, METH_NOARGS,
+     "cpu_weight_cache_clear(): drops the packed-weight cache's entries and zeroes its counters"},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+}  // namespace fused_rnn
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "fused_rnn kernels; the ops are torch.ops.fused_rnn.*", -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0 ||
+      PyModule_AddFunctions(m, fused_rnn::cache_methods) < 0)
+    return nullptr;
+  PyModule_AddIntConstant(m, "ABI_VERSION", FUSED_RNN_ABI_VERSION);
+  PyModule_AddStringConstant(m, "SOURCE_HASH", FUSED_RNN_SOURCE_HASH);
+#ifdef WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}
