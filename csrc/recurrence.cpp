@@ -284,12 +284,28 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const optional<Tens
 }
 
 // Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
-// without a projection, zoneout or layer norm (those run the per-step kernels). FUSED_RNN_CPU_KERNEL=per-step
-// forces the per-step kernels (tests compare the two).
-bool use_cpu_fused(const Tensor& like, bool proj, bool options) {
+// without a projection, zoneout or layer norm (those run the per-step kernels), over at least
+// min_steps steps. Below that the per-step kernels are faster: MKL's GEMMs read the weights as they
+// are, where the fused forward compares them with the packed-weight cache's copy (or packs them) and
+// the fused backward packs them on every call. Per-step time / fused time, op alone, T=1 -> 4,
+// 2 threads, H 128-512, B 1-64: forward 0.5-1.2 -> 0.7-1.6, backward 0.3-0.9 -> 0.5-1.3; the
+// backward reaches ~1 only at T=16-32 (benchmarks/NOTES.md). FUSED_RNN_CPU_KERNEL=per-step|fused
+// forces one (tests compare the two at any T; either backward follows either forward).
+constexpr int64_t kFusedForwardMinSteps = 4;
+constexpr int64_t kFusedBackwardMinSteps = 16;
+bool use_cpu_fused(const Tensor& like, bool proj, bool options, int64_t T, int64_t min_steps) {
   if (like.is_cuda() || proj || options) return false;
   const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
-  return kernel == nullptr || std::string(kernel) != "per-step";
+  if (kernel != nullptr && std::string(kernel) == "per-step") return false;
+  if (kernel != nullptr && std::string(kernel) == "fused") return true;
+  return T >= min_steps;
+}
+
+// The per-step forward's w_hh operand for MKL: a row-major copy of w_hh.T, on which MKL runs the small
+// per-step GEMM ~20 % faster, where enough steps repay the copy (at H=256 it costs ~10 steps' GEMMs);
+// else the transposed view.
+Tensor per_step_weight(const Tensor& w_hh, int64_t T) {
+  return w_hh.is_cpu() && T < 32 ? w_hh.t() : w_hh.t().contiguous();
 }
 
 // Whether recurrence_forward_projected's fused path projects inside the loop (projection_chunk in
@@ -353,7 +369,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   const bool lstm = s.cell == Cell::LSTM, has_gates = s.cell == Cell::LSTM || s.cell == Cell::GRU;
   const auto opts = like.options();
   const auto acc_opts = opts.dtype(acc_type(like.scalar_type()));
-  const bool fused = use_cpu_fused(like, s.proj, o.any());
+  const bool fused = use_cpu_fused(like, s.proj, o.any(), T, kFusedForwardMinSteps);
   const bool inside = ip != nullptr && fused && project_inside(T * B * GH * like.element_size());
 
   // gx, except on the fused path with the projection inside (undefined there).
@@ -431,9 +447,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     return {y, h_n, c_n, gates, cells, at::empty({0}, opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
 
-  // One copy of w_hh.T per call: MKL runs the small per-step GEMM ~20% faster on a row-major
-  // operand (fp32 on the CPU for fp16/bf16, see AccGemm).
-  AccGemm gemm_hh(w_hh_in.t().contiguous(), B);
+  AccGemm gemm_hh(per_step_weight(w_hh_in, T), B);  // fp32 on the CPU for fp16/bf16 (AccGemm)
   Tensor h = h0_in.contiguous().clone();                                       // [B, Hout] state
   Tensor gh = at::empty({B, GH}, acc_opts);                                     // h @ w_hh.T in A
   // Saved per step when save, else one step of scratch reused.
@@ -618,7 +632,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   p.c0 = lstm ? c0.data_ptr() : nullptr;
   p.h0 = h0.data_ptr();
   p.dr = proj ? dr.data_ptr() : nullptr;
-  const bool fused = use_cpu_fused(y, proj, o.any());
+  const bool fused = use_cpu_fused(y, proj, o.any(), T, kFusedBackwardMinSteps);
   if (fused) {
     const Tensor w_hh_c = w_hh.contiguous();
     FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,

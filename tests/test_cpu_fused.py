@@ -34,7 +34,9 @@ def threads(request):
 
 @pytest.fixture(autouse=True)
 def fused_kernel(monkeypatch):
-    monkeypatch.delenv("FUSED_RNN_CPU_KERNEL", raising=False)  # the default: fused
+    # forced: by default layers of fewer steps than csrc/recurrence.cpp's kFusedForwardMinSteps /
+    # kFusedBackwardMinSteps (4 / 16) run the per-step kernels (test_default_route_by_steps)
+    monkeypatch.setenv("FUSED_RNN_CPU_KERNEL", "fused")
 
 
 def make_inputs(cell, T, B, H, dtype=torch.float64, lengths=False, bias=True, seed=0):
@@ -141,6 +143,32 @@ def test_fused_agrees_with_per_step_kernels(cell, monkeypatch):
     per_step = outputs_and_grads(cpu_backend.recurrence, cell, args, False)
     for i, (a, b) in enumerate(zip(fused, per_step)):
         assert_close(a, b, torch.float64, f"output/grad {i}")
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 15, 16, 17])
+@pytest.mark.parametrize("cell", CELLS)
+def test_default_route_by_steps(cell, T, monkeypatch):
+    """Unforced, the forward runs fused from 4 steps and the backward from 16 (csrc/recurrence.cpp
+    use_cpu_fused), so T = 4..15 takes the fused forward and the per-step backward: the same outputs
+    and gradients as either kernel forced throughout, and as the float64 reference. That the route
+    really changes with T is seen through the packed-weight cache, which only the fused forward fills."""
+    from fused_rnn import _C
+    args = make_inputs(cell, T=T, B=3, H=37, lengths=True)
+    runs = {}
+    for kernel in ("per-step", "fused", None):
+        if kernel is None:
+            monkeypatch.delenv("FUSED_RNN_CPU_KERNEL")
+        else:
+            monkeypatch.setenv("FUSED_RNN_CPU_KERNEL", kernel)
+        _C.cpu_weight_cache_clear()
+        runs[kernel] = outputs_and_grads(cpu_backend.recurrence, cell, args, T % 2 == 1)
+        runs[kernel, "cached"] = _C.cpu_weight_cache_stats()[2]
+    assert runs["per-step", "cached"] == 0 and runs["fused", "cached"] == 1
+    assert runs[None, "cached"] == (1 if T >= 4 else 0)
+    want = outputs_and_grads(reference.recurrence, cell, args, T % 2 == 1)
+    for i, (default, per_step, fused, ref) in enumerate(zip(runs[None], runs["per-step"], runs["fused"], want)):
+        for other in (per_step, fused, ref):
+            assert_close(default, other, torch.float64, f"T={T} output/grad {i}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

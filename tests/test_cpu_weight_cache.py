@@ -420,6 +420,8 @@ from fused_rnn.ops.cpp import ops
 assert ops.load_error() is None, ops.load_error()
 from fused_rnn import _C
 
+os.environ["FUSED_RNN_CPU_KERNEL"] = "fused"  # at any T (by default from 4 steps)
+
 def run(cell, args, cache):
     os.environ["FUSED_RNN_CPU_WEIGHT_CACHE"] = "1" if cache else "0"
     y, h, c, *_ = torch.ops.fused_rnn.recurrence_forward(cell, *args, None, None, False, False)

@@ -266,6 +266,46 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
     return (None, *d_input, *d_recurrence, *d_ln)
 
 
+class _EagerAutograd(torch.autograd.Function):
+    """What register_autograd below does for a registered op, in eager mode on plain tensors: the op
+    runs below autograd, then _setup_context / _backward as registered. torch.library's generic
+    wrapper rebuilds the op's arguments from its schema on every call (utils.fill_defaults: ~40 us
+    for these 12-16 argument schemas, half of a T=1 step at H=128); here the arguments pass as
+    they are. The op comes last in the arguments, so ctx.needs_input_grad keeps the op's indices."""
+
+    @staticmethod
+    def forward(ctx, *args):  # forward with ctx: no per-call inspect.signature (setup_context style binds one)
+        *inputs, op = args
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*inputs)
+        _EAGER_SETUP[op](ctx, tuple(inputs), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*_backward(ctx, *grads), None)
+
+
+_EAGER_SETUP = {}  # op overload -> its setup_context (filled by _register)
+
+
+def _call_op(op, args, save):
+    """op(*args) with its registered autograd; eager calls on plain tensors skip torch.library's
+    per-call wrapper (_EagerAutograd). Traced calls (torch.compile, fake or functional tensors,
+    torch.func transforms, which need a setup_context-style Function) and tensor subclasses take
+    the registered op."""
+    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)):
+        return op(*args)
+    if save:
+        return _EagerAutograd.apply(*args, op)
+    with torch._C._AutoDispatchBelowAutograd():  # nothing needs a gradient: the kernel alone
+        return op(*args)
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _register():
     torch.library.register_fake("fused_rnn::recurrence_forward")(_fake_forward)
     torch.library.register_fake("fused_rnn::recurrence_backward")(_fake_backward)
@@ -277,6 +317,9 @@ def _register():
     torch.library.register_fake("fused_rnn::recurrence_forward_projected")(_fake_forward_projected)
     torch.library.register_autograd("fused_rnn::recurrence_forward_projected", _backward,
                                     setup_context=_setup_context_projected)
+    _EAGER_SETUP.update({torch.ops.fused_rnn.recurrence_forward.default: _setup_context,
+                         torch.ops.fused_rnn.recurrence_forward_options.default: _setup_context,
+                         torch.ops.fused_rnn.recurrence_forward_projected.default: _setup_context_projected})
 
 
 # options beyond torch.nn's that the cpu and cuda backends implement (fused_rnn/backends.py routes by them)
@@ -318,11 +361,12 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=Non
         t is not None and t.requires_grad for t in (*inputs, h0, c0, w_hh, b_hh, w_hr, *gains))
     args = (cell, *inputs, h0, c0, w_hh, b_hh, w_hr, lengths, bool(reverse), save)
     if projection is not None:
-        y, h_n, c_n, *_ = torch.ops.fused_rnn.recurrence_forward_projected(*args)
+        op = torch.ops.fused_rnn.recurrence_forward_projected.default
     elif zoneout is None and layer_norm is None:
-        y, h_n, c_n, *_ = torch.ops.fused_rnn.recurrence_forward(*args)
+        op = torch.ops.fused_rnn.recurrence_forward.default
     else:
+        op = torch.ops.fused_rnn.recurrence_forward_options.default
         gain_hh, gain_c, bias_c = (None, None, None) if layer_norm is None else layer_norm
-        y, h_n, c_n, *_ = torch.ops.fused_rnn.recurrence_forward_options(
-            *args, *zoneout_operands(zoneout), gain_hh, gain_c, bias_c)
+        args += (*zoneout_operands(zoneout), gain_hh, gain_c, bias_c)
+    y, h_n, c_n, *_ = _call_op(op, args, save)
     return y, h_n, (c_n if cell == "lstm" else None)
