@@ -294,8 +294,8 @@ def _call_op(op, args, save):
     per-call wrapper (_EagerAutograd). Traced calls (torch.compile, fake or functional tensors,
     torch.func transforms, which need a setup_context-style Function) and tensor subclasses take
     the registered op."""
-    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-            or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)):
+    if (not all(type(a) in _PLAIN_ARG_TYPES for a in args) or torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
         return op(*args)
     if save:
         return _EagerAutograd.apply(*args, op)
@@ -303,7 +303,8 @@ def _call_op(op, args, save):
         return op(*args)
 
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+# the op's argument types in eager mode: anything else (a tensor subclass: fake, functional, a user's) is traced
+_PLAIN_ARG_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None), str, bool, float))
 
 
 def _register():
