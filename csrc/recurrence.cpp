@@ -302,8 +302,8 @@ bool use_cpu_fused(const Tensor& like, bool proj, bool options, int64_t T, int64
 }
 
 // The per-step forward's w_hh operand for MKL: a row-major copy of w_hh.T, on which MKL runs the small
-// per-step GEMM ~20 % faster, where enough steps repay the copy (at H=256 it costs ~10 steps' GEMMs);
-// else the transposed view.
+// per-step GEMM ~20 % faster, where enough steps repay the copy (at H=256 B=1 it costs as much as ~10
+// of those GEMMs, so a few dozen steps); else the transposed view.
 Tensor per_step_weight(const Tensor& w_hh, int64_t T) {
   return w_hh.is_cpu() && T < 32 ? w_hh.t() : w_hh.t().contiguous();
 }

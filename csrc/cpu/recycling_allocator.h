@@ -119,7 +119,7 @@ class RecyclingAllocator final : public c10::Allocator {
 }  // namespace cpu
 
 // An uninitialised [T, B, ...] tensor of an op (output or internal): on the CPU from the recycling
-// allocator (csrc/cpu/recycling_allocator.h; FUSED_RNN_CPU_RECYCLE=0 turns it off), else at::empty.
+// allocator above (FUSED_RNN_CPU_RECYCLE=0 turns it off), else at::empty.
 // Like at::empty it is NaN-filled under torch's deterministic mode with fill_uninitialized_memory.
 inline at::Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& opts) {
   const char* env = std::getenv("FUSED_RNN_CPU_RECYCLE");
