@@ -1,7 +1,8 @@
 """The cpu backend's eager op call (fused_rnn/ops/cpp/ops.py _call_op): plain tensors outside any
 trace run the op below autograd through _EagerAutograd, everything else through the op's
 registered autograd (torch.library). Both must give the same outputs and gradients bitwise, with
-the same saved tensors, for every op the backend calls (plain, projected, options)."""
+the same saved tensors, for every op the backend calls (plain, projected, options), and the same
+second-order gradients (the eager projected op differentiates itself under create_graph=True)."""
 import pytest
 import torch
 
@@ -85,3 +86,35 @@ def test_traced_calls_take_the_registered_op():
     want = layer(x)[0]
     got = torch.compile(layer, fullgraph=True, backend="eager")(x)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru-bidir-2L", "lstm-proj", "lstm-zoneout"])
+def test_second_order_equals_registered_op(case, monkeypatch):
+    """create_graph=True: the eager projected op differentiates itself through the reference
+    (ops._second_order_backward) instead of double_backward.attach's extra node; the gradient
+    penalty's gradients are the same either way (zoneout runs the options op: attach in both)."""
+    spec = CASES[case]
+
+    def penalty_grads():
+        torch.manual_seed(0)
+        layer = spec["cls"](5, 6, backend="cpu", dtype=torch.float64, **spec["kw"])
+        x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([4, 2, 3])
+        torch.manual_seed(1)
+        out, _ = layer(torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False))
+        y = torch.nn.utils.rnn.pad_packed_sequence(out)[0]
+        params = list(layer.parameters())
+        first = torch.autograd.grad((y * y).sum(), [x, *params], create_graph=True)
+        penalty = sum((g * g).sum() for g in first)
+        return [*first, *torch.autograd.grad(penalty, [x, *params], allow_unused=True)], graph_names(y)
+
+    eager, eager_graph = penalty_grads()
+    monkeypatch.setattr(ops, "_PLAIN_ARG_TYPES", frozenset())
+    registered, registered_graph = penalty_grads()
+    assert "_SecondOrderThroughReferenceBackward" in registered_graph
+    assert ("_SecondOrderThroughReferenceBackward" in eager_graph) == (case == "lstm-zoneout")
+    for a, b in zip(eager, registered):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

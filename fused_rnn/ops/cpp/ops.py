@@ -26,13 +26,14 @@ With lengths (a packed batch), the [T,B,...] tensors the forward saves keep only
 steps between forward and backward (`_compact_saved`); the backward puts them back in place, zeros
 elsewhere, which is what the forward wrote there or a value the backward never reads.
 """
+import functools
 import hashlib
 from pathlib import Path
 
 import torch
 
 from ... import backends
-from ...double_backward import REFUSAL, no_gradient_arrived
+from ...double_backward import REFUSAL, no_gradient_arrived, second_order_grads
 from ...functional import autocast_dtype
 
 ABI_VERSION = 5  # must equal FUSED_RNN_ABI_VERSION in csrc/python_module.cpp
@@ -188,8 +189,9 @@ def _restore_saved(tensors, rows, T, B):
     return [restore(t) for t in tensors]
 
 
-def _setup_context(ctx, inputs, output, projection=()):
-    """projection: (x, w_ih) of the projected op (_setup_context_projected), saved for d_x and d_w_ih."""
+def _setup_context(ctx, inputs, output, projection=(), kept=()):
+    """projection: (x, w_ih) of the projected op (_setup_context_projected), saved for d_x and d_w_ih;
+    kept: more tensors saved after the rest, for _second_order_backward."""
     cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs[:10]
     y, _h_n, _c_n, gates, cells, proj_in = output[:6]
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
@@ -206,15 +208,34 @@ def _setup_context(ctx, inputs, output, projection=()):
         keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c = inputs[10:]
         ctx.has_ln = gain_hh is not None
         saved += [keep_h, keep_c, gain_hh, gain_c, bias_c, *own[4:]]
-    ctx.save_for_backward(*saved)
+    ctx.n_kept = len(kept)
+    ctx.save_for_backward(*saved, *kept)
     ctx.set_materialize_grads(False)  # None from double_backward.attach means: nothing to do
 
 
-def _setup_context_projected(ctx, inputs, output):
-    """recurrence_forward_projected's inputs as recurrence_forward's (gx never exists) plus x, w_ih."""
+def _setup_context_projected(ctx, inputs, output, second_order=False):
+    """recurrence_forward_projected's inputs as recurrence_forward's (gx never exists) plus x, w_ih.
+    second_order: the node differentiates itself under create_graph=True (_second_order_backward),
+    for which b_ih and b_hh are saved too, instead of double_backward.attach's node doing it."""
     cell, x, w_ih, b_ih, *rest = inputs
-    _setup_context(ctx, (cell, None, *rest), output, projection=(x, w_ih))
+    b_hh = rest[3]
+    _setup_context(ctx, (cell, None, *rest), output, projection=(x, w_ih), kept=(b_ih, b_hh) if second_order else ())
     ctx.has_b_ih = b_ih is not None
+    ctx.second_order_built_in = second_order
+
+
+def _second_order_backward(ctx, dy, dh_n, dc_n):
+    """The projected op's input gradients as differentiable graphs (create_graph=True): the layer
+    recomputed from its inputs through the reference, as double_backward.attach's node does for
+    the other ops, without a second node in every call's graph."""
+    saved = ctx.saved_tensors
+    x, w_ih, h0, c0, w_hh, w_hr, lengths, b_ih, b_hh = (*saved[:2], *saved[6:11], *saved[-2:])
+    # the op's inputs: cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save
+    layer = (x, w_ih, b_ih, None, h0, c0, w_hh, b_hh, w_hr, None, None, None)  # second_order_grads' order
+    needs = ctx.needs_input_grad
+    d = second_order_grads(ctx.cell, ctx.reverse, lengths, None, layer, (*needs[1:4], False, *needs[4:9]) + (False,) * 3,
+                           (dy, dh_n, dc_n))
+    return (None, d[0], d[1], d[2], d[4], d[5], d[6], d[7], d[8], None, None, None)
 
 
 def _projection_grads(ctx, d_gx, x, w_ih):
@@ -231,12 +252,14 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
     if no_gradient_arrived(dy, dh_n, dc_n):
         return (None,) * n_inputs
     if torch.is_grad_enabled():
+        if getattr(ctx, "second_order_built_in", False):
+            return _second_order_backward(ctx, dy, dh_n, dc_n)
         # create_graph=True on the op itself: recurrence_backward has no derivative of its own, and
         # autograd would otherwise drop that path silently and return wrong second-order gradients.
         raise RuntimeError(REFUSAL)
     if not ctx.save:
         raise RuntimeError("fused_rnn: recurrence_forward ran with save=False, so it cannot be differentiated")
-    saved = ctx.saved_tensors
+    saved = ctx.saved_tensors[:len(ctx.saved_tensors) - ctx.n_kept]
     projection, saved = (saved[:2], saved[2:]) if ctx.projected else ((), saved)  # (x, w_ih) first
     y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, *options = saved
     if ctx.compact:
@@ -320,7 +343,8 @@ def _register():
                                     setup_context=_setup_context_projected)
     _EAGER_SETUP.update({torch.ops.fused_rnn.recurrence_forward.default: _setup_context,
                          torch.ops.fused_rnn.recurrence_forward_options.default: _setup_context,
-                         torch.ops.fused_rnn.recurrence_forward_projected.default: _setup_context_projected})
+                         torch.ops.fused_rnn.recurrence_forward_projected.default:
+                             functools.partial(_setup_context_projected, second_order=True)})
 
 
 # options beyond torch.nn's that the cpu and cuda backends implement (fused_rnn/backends.py routes by them)
