@@ -228,8 +228,8 @@ def _second_order_backward(ctx, dy, dh_n, dc_n):
     """The projected op's input gradients as differentiable graphs (create_graph=True): the layer
     recomputed from its inputs through the reference, as double_backward.attach's node does for
     the other ops, without a second node in every call's graph."""
-    saved = ctx.saved_tensors
-    x, w_ih, h0, c0, w_hh, w_hr, lengths, b_ih, b_hh = (*saved[:2], *saved[6:11], *saved[-2:])
+    # as _setup_context_projected saved them (the projected op has no options)
+    x, w_ih, _y, _gates, _cells, _proj_in, h0, c0, w_hh, w_hr, lengths, b_ih, b_hh = ctx.saved_tensors
     # the op's inputs: cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save
     layer = (x, w_ih, b_ih, None, h0, c0, w_hh, b_hh, w_hr, None, None, None)  # second_order_grads' order
     needs = ctx.needs_input_grad
