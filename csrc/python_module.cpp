@@ -1,7 +1,7 @@
 // fused_rnn._C, the Python module whose import loads this library: the ops register themselves
 // through the static initialisers of csrc/recurrence.cpp and csrc/cell_step.cpp; the module itself
 // carries the build's ABI version and source hash (fused_rnn/ops/cpp/ops.py refuses a stale build),
-// _C.cell_step (the modules' eager cell call) and the CPU caches' report/clear functions.
+// _C.cell_step and _C.layer_forward (the modules' eager calls) and the CPU caches' report/clear functions.
 #include <Python.h>
 
 #include "cpu/packed_weight_cache.h"
@@ -16,10 +16,11 @@
 #endif
 
 // Bump when a schema or the meaning of an output changes: the Python side refuses a stale build.
-#define FUSED_RNN_ABI_VERSION 5
+#define FUSED_RNN_ABI_VERSION 6
 
 namespace fused_rnn {
-int add_cell_step_entry(PyObject* module);  // csrc/cell_step.cpp: _C.cell_step, the modules' eager call
+int add_cell_step_entry(PyObject* module);  // csrc/cell_step.cpp: _C.cell_step, the cell modules' eager call
+int add_layer_entry(PyObject* module);      // csrc/layer_entry.cpp: _C.layer_forward, the layers' no-grad call
 
 namespace {
 // _C.cpu_weight_cache_stats() -> (hits, misses, entries, bytes) and _C.cpu_weight_cache_clear():
@@ -60,7 +61,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "fused_rnn kernels; the ops are torch.ops.fused_rnn.*", -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);
-  if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0 ||
+  if (m == nullptr || fused_rnn::add_cell_step_entry(m) < 0 || fused_rnn::add_layer_entry(m) < 0 ||
       PyModule_AddFunctions(m, fused_rnn::cache_methods) < 0)
     return nullptr;
   PyModule_AddIntConstant(m, "ABI_VERSION", FUSED_RNN_ABI_VERSION);

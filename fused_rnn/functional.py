@@ -102,6 +102,18 @@ def _check_same_device(input, hx, weights):
                                f"at {input.device} and parameter tensor at {w.device}")
 
 
+def check_matmul_dtypes(a, w):
+    """torch.nn's error for a @ w.T with operands of two dtypes."""
+    if a.dtype != w.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(a.dtype)} and "
+                           f"{_dtype_name(w.dtype)}")
+
+
+def _dtype_name(dtype):
+    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+
+
 def _check_hidden_dtype(input, hx):
     for h in hx:
         if h is not None and h.dtype != input.dtype:
@@ -169,7 +181,8 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
     if T == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     _check_same_device(input, (hx, cx), weights)
-    _check_hidden_dtype(input, (hx, cx))
+    check_matmul_dtypes(hx, weights[1])  # torch.nn's h0 @ w_hh.T meets an h0 of another dtype first
+    _check_hidden_dtype(input, (hx, cx))  # (torch.nn's LSTM promotes a c0 of another dtype; this refuses it)
     if lengths is not None:
         _check_lengths(lengths, T, B)
         lengths = lengths.to(device=x.device, dtype=torch.int64)

@@ -60,6 +60,9 @@ class _FusedRNNBase(nn.RNNBase):
         return h, c
 
     def forward(self, input, hx=None):
+        out = self._fused_call(input, hx)
+        if out is not None:
+            return out
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         orig_input = input
@@ -105,6 +108,43 @@ class _FusedRNNBase(nn.RNNBase):
             output = output.squeeze(batch_dim)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
+
+
+    def _fused_call(self, input, hx):
+        """The common eager call that needs no gradient (inference, a decoder stepping the layer under
+        torch.no_grad()) straight into fused_rnn._C.layer_forward (csrc/layer_entry.cpp): the same
+        stack as functional.rnn, bit for bit, without its Python. What is checked here is what C++
+        cannot see: autocast, tracing, dropout, zoneout, layer norm, the backend's choice, weights that
+        are not plain parameters (a parametrization); C++ checks the tensors and returns None where
+        torch.nn would raise or a gradient is needed. None sends the call down the full path."""
+        if (self.zoneout or (self.dropout and self.training and self.num_layers > 1)
+                or type(input) is not torch.Tensor or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or self._layer_norm_weights() is not None):
+            return None
+        cell = MODE_TO_CELL[self.mode]
+        if not cell_ops.runs_on_cpu(self.backend, input.dtype, cell, self.proj_size > 0):
+            return None
+        if cell != "lstm":
+            h, c = hx, None
+        elif hx is None:
+            h = c = None
+        elif type(hx) is tuple and len(hx) == 2:
+            h, c = hx
+        else:
+            return None
+        params = self._parameters
+        weights = [params.get(name) for name in self._flat_weights_names]
+        if any(w is None for w in weights):
+            return None  # parametrized (or deleted) weights: read through the full path
+        out = cell_ops.LAYER_FORWARD(cell, input, h, c, weights, self.num_layers, self.bidirectional,
+                                     self.batch_first, self.bias, self.input_size, self.hidden_size,
+                                     self.proj_size)
+        if out is None:
+            return None
+        output, h_n, c_n = out
+        return output, ((h_n, c_n) if cell == "lstm" else h_n)
 
 
 class LSTM(_FusedRNNBase):
@@ -181,9 +221,9 @@ class _FusedCellMixin:
             if s.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {s.size(1)}, "
                                    f"expected {self.hidden_size}")
-        _check_matmul_dtypes(input, self.weight_ih)
+        functional.check_matmul_dtypes(input, self.weight_ih)
         functional._check_same_device(input, states, [self.weight_ih, self.weight_hh])
-        _check_matmul_dtypes(states[0], self.weight_hh)  # torch.nn's h @ w_hh.T meets it first
+        functional.check_matmul_dtypes(states[0], self.weight_hh)  # torch.nn's h @ w_hh.T meets it first
         functional._check_hidden_dtype(input, states)
         h, c = functional.cell_step(cell, input, states[0], states[1] if cell == "lstm" else None,
                                     self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend)
@@ -218,18 +258,6 @@ class _FusedCellMixin:
         if out is None:
             return None
         return out if cell == "lstm" else out[0]
-
-
-def _check_matmul_dtypes(a, w):
-    """torch.nn's error for a @ w.T with operands of two dtypes."""
-    if a.dtype != w.dtype:
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(a.dtype)} and "
-                           f"{_dtype_name(w.dtype)}")
-
-
-def _dtype_name(dtype):
-    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
-            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
 
 
 class LSTMCell(_FusedCellMixin, nn.LSTMCell):

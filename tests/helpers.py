@@ -37,6 +37,20 @@ def grads_of(outputs, inputs, seed=0):
     return torch.autograd.grad(loss, list(inputs), allow_unused=True, retain_graph=True)
 
 
+def argument_variants(base, cases):
+    """(what, a copy of the argument list `base` with cases[what]'s {index: value} changes) for each case."""
+    for what, change in cases.items():
+        args = list(base)
+        for i, v in change.items():
+            args[i] = v
+        yield what, args
+
+
+class TensorSubclass(torch.Tensor):
+    """A tensor subclass, which the modules' eager entries must leave to torch.ops (it may override
+    __torch_function__)."""
+
+
 def run_with_cpu_isa(isa, script):
     """Runs `script` in a fresh Python with FUSED_RNN_CPU_ISA=isa (the kernels built per instruction
     set are chosen once per process) and asserts it printed "ok"; skips an ISA this CPU lacks."""

@@ -11,7 +11,7 @@ import torch
 import fused_rnn
 from fused_rnn.ops.cpp import cell_ops, ops
 
-from helpers import assert_close, grads_of
+from helpers import TensorSubclass, argument_variants, assert_close, grads_of
 
 _err = ops.load_error() or (None if cell_ops.available() else "fused_rnn._C has no cell_step op: rebuild it")
 pytestmark = pytest.mark.skipif(_err is not None, reason=str(_err))
@@ -69,7 +69,7 @@ def _refused(cell):
         "3-D hx": {2: h.unsqueeze(0)},
         "float32 w_hh": {5: base[5].float()},
         "bias of the wrong size": {6: base[6][:-1]},
-        "input a subclass": {1: x.as_subclass(_Sub)},
+        "input a subclass": {1: x.as_subclass(TensorSubclass)},
     }
     if cell == "lstm":
         cases["no cx"] = {3: None}
@@ -77,15 +77,7 @@ def _refused(cell):
         cases["float32 cx"] = {3: c.float()}
     else:
         cases["a cx"] = {3: h.clone()}
-    for what, change in cases.items():
-        args = list(base)
-        for i, v in change.items():
-            args[i] = v
-        yield what, args
-
-
-class _Sub(torch.Tensor):
-    pass
+    yield from argument_variants(base, cases)
 
 
 @pytest.mark.parametrize("cell", list(GATES))

@@ -8,6 +8,9 @@ in C++ (cell_step_forward / cell_step_backward), so a call costs no Python beyon
 one line. The modules call it eagerly through CELL_STEP (fused_rnn._C.cell_step), which skips
 torch.ops' argument parsing and checks the arguments in C++. CPU tensors only; other devices take
 the recurrence path (functional.cell_step).
+
+The layer modules' no-grad calls likewise go through LAYER_FORWARD (fused_rnn._C.layer_forward,
+csrc/layer_entry.cpp): functional.rnn's stack of fused_rnn::recurrence_forward_projected ops in C++.
 """
 import os
 
@@ -20,7 +23,10 @@ _registered = None  # None: not tried yet; else whether the ops are there
 # fused_rnn._C.cell_step once available() is True: the modules' eager call of the op, None where
 # torch.nn's cell would raise (csrc/cell_step.cpp, "eager entry from Python")
 CELL_STEP = None
-_runs = {}          # (backend, $FUSED_RNN_BACKEND, dtype, cell) -> runs_on_cpu's answer
+# fused_rnn._C.layer_forward once available() is True: the layer modules' eager no-grad call, None
+# where torch.nn's layer would raise or a gradient is needed (csrc/layer_entry.cpp)
+LAYER_FORWARD = None
+_runs = {}          # (backend, $FUSED_RNN_BACKEND, dtype, cell, has_proj) -> runs_on_cpu's answer
 # os.environ.get costs ~2 us when the variable is unset (a KeyError raised and caught inside it);
 # the mapping's own dict, which os.environ keeps in step with every change, answers in 0.1 us.
 _ENVIRON = os.environ._data
@@ -40,13 +46,14 @@ def available():
 # torch.compile evaluates the choice once at trace time (as backends.resolve), so probing the build
 # never appears in a compiled graph.
 @torch.compiler.assume_constant_result
-def runs_on_cpu(backend, dtype, cell):
-    """Whether a CPU step of `cell` in `dtype` asked of `backend` runs as fused_rnn::cell_step: when
-    the backend resolves to `cpu` and the build has the op. Cached: a decoder asks every step."""
-    key = (backend, _ENVIRON.get(_ENV_KEY) if backend == "auto" else None, dtype, cell)
+def runs_on_cpu(backend, dtype, cell, has_proj=False):
+    """Whether a CPU call of `cell` in `dtype` (with a projection: has_proj) asked of `backend` runs
+    on the `cpu` backend's ops (fused_rnn::cell_step, or a layer's LAYER_FORWARD): when the backend
+    resolves to `cpu` and the build is there. Cached: a decoder asks every step."""
+    key = (backend, _ENVIRON.get(_ENV_KEY) if backend == "auto" else None, dtype, cell, has_proj)
     runs = _runs.get(key)
     if runs is None:
-        runs = _runs[key] = backends._resolve(backend, "cpu", dtype, cell, False) == "cpu" and available()
+        runs = _runs[key] = backends._resolve(backend, "cpu", dtype, cell, has_proj) == "cpu" and available()
     return runs
 
 
@@ -74,8 +81,9 @@ def _fake_cell_step_backward(cell, dh, dc, input, hx, cx, w_ih, w_hh, h_new, c_n
 
 
 def _register():
-    global CELL_STEP
+    global CELL_STEP, LAYER_FORWARD
     CELL_STEP = ops._C.cell_step
+    LAYER_FORWARD = ops._C.layer_forward
     torch.library.register_fake("fused_rnn::cell_step")(_fake_cell_step)
     torch.library.register_fake("fused_rnn::cell_step_forward")(_fake_cell_step_forward)
     torch.library.register_fake("fused_rnn::cell_step_backward")(_fake_cell_step_backward)

@@ -36,7 +36,7 @@ from ... import backends
 from ...double_backward import REFUSAL, no_gradient_arrived, second_order_grads
 from ...functional import autocast_dtype
 
-ABI_VERSION = 5  # must equal FUSED_RNN_ABI_VERSION in csrc/python_module.cpp
+ABI_VERSION = 6  # must equal FUSED_RNN_ABI_VERSION in csrc/python_module.cpp
 BUILD_HINT = ("build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` "
               "(or `python setup.py build_ext --inplace`) in the repository")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
