@@ -4,7 +4,8 @@ backend against torch.nn with the runs of the two interleaved, so that both see 
 Per shape: torch.nn and fused_rnn alternate, `--repeats` runs each after one warm-up; the row keeps
 both medians of wall time and of process CPU time (all threads), their ratios (torch.nn / ours),
 the bytes each holds for the backward (the tensors autograd saves, counted with saved-tensor
-hooks: the training memory between forward and backward), and the 1-minute load average.
+hooks: the training memory between forward and backward; the module's own parameters, held
+anyway, are not counted), and the 1-minute load average.
 On a loaded machine the wall-time ratio is the fair one only when both sides see the same load —
 hence the interleaving; with 1 thread the CPU-time ratio is nearly load-independent.
 
@@ -36,14 +37,17 @@ FIELDS = ["date", "load1", "threads", "layer", "pass", "dtype", "T", "B", "H", "
           "nn_cpu_ms", "fused_cpu_ms", "ratio_cpu", "nn_saved_MB", "fused_saved_MB"]
 
 
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves while `fn` runs its forward."""
+def saved_bytes(fn, params=()):
+    """Bytes of the distinct storages autograd saves while `fn` runs its forward, without those of
+    `params` (the module's parameters, held whether or not a backward follows)."""
     seen = {}
+    held = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t):
         try:
             st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            if st.data_ptr() not in held:
+                seen[st.data_ptr()] = st.nbytes()
         except (RuntimeError, NotImplementedError):  # opaque tensors (mkldnn) report their size
             seen[id(t)] = t.numel() * t.element_size()
         return t
@@ -112,7 +116,8 @@ def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=Fa
                 xr.grad = None
                 run(m, xr).backward(dy)
             return f
-        saved = (saved_bytes(lambda: run(nn, xr)), saved_bytes(lambda: run(ours, xr)))
+        saved = (saved_bytes(lambda: run(nn, xr), list(nn.parameters())),
+                 saved_bytes(lambda: run(ours, xr), list(ours.parameters())))
     t = run_pair(call(nn), call(ours), repeats)
     return t, saved
 

@@ -109,7 +109,6 @@ class _FusedRNNBase(nn.RNNBase):
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
 
-
     def _fused_call(self, input, hx):
         """The common eager call that needs no gradient (inference, a decoder stepping the layer under
         torch.no_grad()) straight into fused_rnn._C.layer_forward (csrc/layer_entry.cpp): the same
@@ -117,8 +116,14 @@ class _FusedRNNBase(nn.RNNBase):
         cannot see: autocast, tracing, dropout, zoneout, layer norm, the backend's choice, weights that
         are not plain parameters (a parametrization); C++ checks the tensors and returns None where
         torch.nn would raise or a gradient is needed. None sends the call down the full path."""
+        if type(input) is not torch.Tensor:  # a PackedSequence, a tensor subclass
+            return None
+        params = self._parameters
+        first = params.get(self._flat_weights_names[0])
+        if torch.is_grad_enabled() and (first is None or first.requires_grad or input.requires_grad):
+            return None  # a training call, first of all: C++ would refuse it after its checks
         if (self.zoneout or (self.dropout and self.training and self.num_layers > 1)
-                or type(input) is not torch.Tensor or torch.is_autocast_enabled("cpu")
+                or torch.is_autocast_enabled("cpu")
                 or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._functorch.peek_interpreter_stack() is not None
                 or self._layer_norm_weights() is not None):
@@ -134,7 +139,6 @@ class _FusedRNNBase(nn.RNNBase):
             h, c = hx
         else:
             return None
-        params = self._parameters
         weights = [params.get(name) for name in self._flat_weights_names]
         if any(w is None for w in weights):
             return None  # parametrized (or deleted) weights: read through the full path
