@@ -181,7 +181,8 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
     if T == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     _check_same_device(input, (hx, cx), weights)
-    check_matmul_dtypes(hx, weights[1])  # torch.nn's h0 @ w_hh.T meets an h0 of another dtype first
+    if hx.dtype != input.dtype:  # torch.nn's h0 @ w_hh.T meets it first (autocast casts both alike)
+        check_matmul_dtypes(hx, weights[1])
     _check_hidden_dtype(input, (hx, cx))  # (torch.nn's LSTM promotes a c0 of another dtype; this refuses it)
     if lengths is not None:
         _check_lengths(lengths, T, B)
