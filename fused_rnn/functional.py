@@ -131,21 +131,26 @@ def _check_lengths(lengths, T, B):
 
 
 # Which recurrent ops torch's autocast runs in its lower precision. On CPU (checked against torch.nn):
-# LSTM and RNN layers and RNNCell do; GRU, LSTMCell and GRUCell stay in float32. On CUDA every
-# recurrent layer runs through cuDNN, which autocast lowers.
+# LSTM and RNN layers and RNNCell do; GRU, LSTMCell and GRUCell run in the lower precision only when
+# the input already is in it, else in float32. On CUDA every recurrent layer runs through cuDNN,
+# which autocast lowers. Autocast never lowers float64.
 _AUTOCAST_CPU = {"layer": ("lstm", "rnn_tanh", "rnn_relu"), "cell": ("rnn_tanh", "rnn_relu")}
 
 
-def autocast_dtype(device_type, kind, cell):
-    """The dtype autocast runs `cell` in (kind 'layer' or 'cell'), or None when autocast is off.
+def autocast_dtype(device_type, kind, cell, input_dtype):
+    """The dtype autocast runs `cell` in (kind 'layer' or 'cell') on an input of `input_dtype`, or
+    None when autocast is off.
 
     The caller casts its floating inputs to it and runs with autocast disabled, so the whole
     recurrence is in one dtype as torch.nn's is."""
     if not torch.is_autocast_enabled(device_type):
         return None
+    if input_dtype == torch.float64:
+        return torch.float64
+    lower = torch.get_autocast_dtype(device_type)
     if device_type == "cpu" and cell not in _AUTOCAST_CPU[kind]:
-        return torch.float32
-    return torch.get_autocast_dtype(device_type)
+        return lower if input_dtype == lower else torch.float32
+    return lower
 
 
 def _cast(t, dtype):
@@ -187,7 +192,7 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
     if lengths is not None:
         _check_lengths(lengths, T, B)
         lengths = lengths.to(device=x.device, dtype=torch.int64)
-    dtype = autocast_dtype(x.device.type, "layer", cell)
+    dtype = autocast_dtype(x.device.type, "layer", cell, x.dtype)
     if dtype is not None:
         with torch.autocast(x.device.type, enabled=False):
             return rnn(cell, _cast(input, dtype), _cast(hx, dtype), _cast(cx, dtype),
@@ -260,7 +265,7 @@ def rnn_relu(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, tra
 
 def cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto"):
     """One step of a cell (LSTMCell, GRUCell, RNNCell): input [B,I], hx [B,H] -> h' (and c')."""
-    dtype = autocast_dtype(input.device.type, "cell", cell)
+    dtype = autocast_dtype(input.device.type, "cell", cell, input.dtype)
     if dtype is not None:
         with torch.autocast(input.device.type, enabled=False):
             return cell_step(cell, *(_cast(t, dtype) for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)),

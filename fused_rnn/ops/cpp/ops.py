@@ -375,7 +375,7 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, zoneout=Non
     if projection is not None and (gx is not None or zoneout is not None or layer_norm is not None):
         raise ValueError("fused_rnn: projection=(x, w_ih, b_ih) replaces gx, without zoneout or layer norm")
     inputs = (gx,) if projection is None else tuple(projection)  # what the recurrence's gx comes from
-    dtype = autocast_dtype(inputs[0].device.type, "layer", cell)  # torch.nn's autocast dtypes, one table
+    dtype = autocast_dtype(inputs[0].device.type, "layer", cell, inputs[0].dtype)  # torch.nn's autocast dtypes, one table
     if dtype is not None:
         cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
         inputs = tuple(map(cast, inputs))
