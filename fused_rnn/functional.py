@@ -114,6 +114,14 @@ def _dtype_name(dtype):
             torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
 
 
+def promote_cell_state(input, cx):
+    """An LSTM c0 of a dtype that promotes to the input's, cast to it: torch.nn computes f * c0 in
+    the promoted dtype, which the exact cast reproduces (a float32 c0 beside a float64 layer)."""
+    if cx is not None and cx.dtype != input.dtype and torch.promote_types(cx.dtype, input.dtype) == input.dtype:
+        return cx.to(input.dtype)
+    return cx
+
+
 def _check_hidden_dtype(input, hx):
     for h in hx:
         if h is not None and h.dtype != input.dtype:
@@ -188,7 +196,8 @@ def rnn(cell, input, hx, cx, weights, has_biases=True, num_layers=1, dropout=0.0
     _check_same_device(input, (hx, cx), weights)
     if hx.dtype != input.dtype:  # torch.nn's h0 @ w_hh.T meets it first (autocast casts both alike)
         check_matmul_dtypes(hx, weights[1])
-    _check_hidden_dtype(input, (hx, cx))  # (torch.nn's LSTM promotes a c0 of another dtype; this refuses it)
+    cx = promote_cell_state(input, cx)
+    _check_hidden_dtype(input, (hx, cx))
     if lengths is not None:
         _check_lengths(lengths, T, B)
         lengths = lengths.to(device=x.device, dtype=torch.int64)

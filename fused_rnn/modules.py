@@ -228,6 +228,8 @@ class _FusedCellMixin:
         functional.check_matmul_dtypes(input, self.weight_ih)
         functional._check_same_device(input, states, [self.weight_ih, self.weight_hh])
         functional.check_matmul_dtypes(states[0], self.weight_hh)  # torch.nn's h @ w_hh.T meets it first
+        if cell == "lstm":
+            states = (states[0], functional.promote_cell_state(input, states[1]))
         functional._check_hidden_dtype(input, states)
         h, c = functional.cell_step(cell, input, states[0], states[1] if cell == "lstm" else None,
                                     self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend)

@@ -279,6 +279,28 @@ def test_cpu_autocast_runs_in_the_dtype_torch_nn_uses(make, dtype, lower):
     assert_close(b, a, a.dtype if a.dtype != torch.float32 else lower)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "LSTMCell"])
+@pytest.mark.parametrize("c0_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lower_precision_c0_beside_a_float64_lstm(cell, c0_dtype):
+    """torch.nn takes a c0 whose dtype promotes to the layer's and computes in the layer's dtype:
+    the same outputs, and c0's gradient in c0's dtype."""
+    theirs = getattr(nn, cell)(4, 5, dtype=torch.float64)
+    ours = getattr(fused_rnn, cell)(4, 5, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    layer = cell == "LSTM"
+    x = torch.randn((2, 3, 4) if layer else (3, 4), dtype=torch.float64)
+    h = torch.randn((1, 3, 5) if layer else (3, 5), dtype=torch.float64)
+    c = torch.randn(h.shape).to(c0_dtype).requires_grad_()
+    outs = []
+    for m in (theirs, ours):
+        out = m(x, (h, c))
+        flat_out = [out[0], *out[1]] if layer else list(out)
+        outs.append(flat_out + list(grads_of(flat_out, [c])))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype
+        assert_close(b, a, torch.float64 if a.dtype == torch.float64 else c0_dtype)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("mode", list(PAIRS))
 def test_dropout_draws_the_same_masks_as_torch_nn(mode, packed):
