@@ -31,6 +31,7 @@
 #include "cell_step_params.h"
 #include "cpu/cell_step_bias.h"
 #include "op_args.h"
+#include "python_entry.h"
 
 namespace fused_rnn {
 namespace {
@@ -379,10 +380,6 @@ std::tuple<Tensor, Tensor> cell_step_autograd(c10::string_view cell, const Tenso
 // (~3 us a call, a third of a B=1 step). The modules' eager fast path calls it and checks here, in
 // C++, that the call is one torch.nn would accept; None (nothing run) sends the module down its
 // full path, whose checks raise torch.nn's errors. torch.compile traces torch.ops instead.
-struct GilReleased {
-  PyThreadState* state = PyEval_SaveThread();
-  ~GilReleased() { PyEval_RestoreThread(state); }
-};
 
 // Whether the arguments are what torch.nn's cell accepts without an error and the op runs: 2-D CPU
 // input and states of the weights' sizes, one dtype. Input and states must be plain tensors (a
@@ -430,17 +427,7 @@ PyObject* cell_step_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
                                      optional_arg(3), THPVariable_Unpack(args[4]), THPVariable_Unpack(args[5]),
                                      optional_arg(6), optional_arg(7));
   }
-  PyObject* h_py = THPVariable_Wrap(std::move(h_new));
-  PyObject* c_py = h_py == nullptr ? nullptr : THPVariable_Wrap(std::move(c_new));
-  PyObject* out = c_py == nullptr ? nullptr : PyTuple_New(2);
-  if (out == nullptr) {
-    Py_XDECREF(h_py);
-    Py_XDECREF(c_py);
-    return nullptr;
-  }
-  PyTuple_SET_ITEM(out, 0, h_py);  // the tuple takes both references
-  PyTuple_SET_ITEM(out, 1, c_py);
-  return out;
+  return tensors_as_tuple({h_new, c_new});
   END_HANDLE_TH_ERRORS
 }
 

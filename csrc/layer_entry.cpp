@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "op_args.h"
+#include "python_entry.h"
 
 namespace fused_rnn {
 namespace {
@@ -124,11 +125,6 @@ std::tuple<Tensor, Tensor, Tensor> run_layers(const LayerSizes& s, const Tensor&
   return {batch_first ? x.transpose(0, 1) : x, at::stack(h_n), lstm ? at::stack(c_n) : Tensor()};
 }
 
-struct GilReleased {
-  PyThreadState* state = PyEval_SaveThread();
-  ~GilReleased() { PyEval_RestoreThread(state); }
-};
-
 PyObject* layer_forward_py(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 12)
@@ -156,20 +152,7 @@ PyObject* layer_forward_py(PyObject* /*module*/, PyObject* const* args, Py_ssize
     std::tie(output, h_n, c_n) =
         run_layers(s, THPVariable_Unpack(input), tensor_or_none(hx), tensor_or_none(cx), w, batch_first);
   }
-  PyObject* c_py = c_n.defined() ? THPVariable_Wrap(std::move(c_n)) : (Py_INCREF(Py_None), Py_None);
-  PyObject* h_py = c_py == nullptr ? nullptr : THPVariable_Wrap(std::move(h_n));
-  PyObject* o_py = h_py == nullptr ? nullptr : THPVariable_Wrap(std::move(output));
-  PyObject* out = o_py == nullptr ? nullptr : PyTuple_New(3);
-  if (out == nullptr) {
-    Py_XDECREF(o_py);
-    Py_XDECREF(h_py);
-    Py_XDECREF(c_py);
-    return nullptr;
-  }
-  PyTuple_SET_ITEM(out, 0, o_py);  // the tuple takes the three references
-  PyTuple_SET_ITEM(out, 1, h_py);
-  PyTuple_SET_ITEM(out, 2, c_py);
-  return out;
+  return tensors_as_tuple({output, h_n, c_n});  // c_n undefined (None) but for the LSTM
   END_HANDLE_TH_ERRORS
 }
 
