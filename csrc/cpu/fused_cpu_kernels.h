@@ -61,39 +61,68 @@ template <int NG> constexpr int rows_per_block() {
   return r > 8 ? 8 : r;
 }
 
+// Independent accumulator chains the k loop needs to keep both FMA pipes busy: FMA latency (4
+// cycles) x 2 issued per cycle = 8. Fewer than 8 of BB x NG (B=1, the RNN, the rest rows of a
+// block) and the loop waits on each FMA's result: the k loop is then split into KS interleaved
+// partial sums (k = s mod KS), added at the end. BB x NG x KS accumulators plus KS broadcasts must
+// fit in the registers; the weights come as memory operands of the FMAs.
+template <int NG, int BB> constexpr int k_splits() {
+  constexpr int chains = NG * BB;
+  int ks = chains >= 8 ? 1 : (8 + chains - 1) / chains;
+  while (ks > 1 && chains * ks + ks > kRegs - 1) --ks;
+  return ks > 4 ? 4 : ks;
+}
+
 // out[b, g*gstride + lane] (+)= sum_k x[b, k] * panel[k][g][lane] for b < BB, g < NG, lane < nvalid
 // (+= when `accum`). `panel` is one block of W = lanes<A>() output columns per gate, packed
-// [K][NG][W] (zero-padded). BB x NG accumulators stay in registers for the whole k loop.
+// [K][NG][W] (zero-padded). BB x NG (x KS, k_splits) accumulators stay in registers for the whole
+// k loop.
 template <int NG, int BB, typename A>
 inline void microkernel(const A* __restrict__ x, int64_t ldx, const A* __restrict__ panel, int64_t K,
                         A* __restrict__ out, int64_t ldo, int64_t gstride, int nvalid, bool accum) {
   using V = typename VecOf<A>::type;
   constexpr int W = lanes<A>();
-  V acc[BB][NG];
+  constexpr int KS = k_splits<NG, BB>();
+  V acc[KS][BB][NG];
+  for (int s = 0; s < KS; ++s)
+    for (int b = 0; b < BB; ++b)
+      for (int g = 0; g < NG; ++g) acc[s][b][g] = V{};
   for (int b = 0; b < BB; ++b)
     for (int g = 0; g < NG; ++g) {
-      acc[b][g] = V{};
       const A* o = out + b * ldo + g * gstride;
       if (accum && nvalid == W)
-        std::memcpy(&acc[b][g], o, sizeof(V));
+        std::memcpy(&acc[0][b][g], o, sizeof(V));
       else if (accum)
-        for (int l = 0; l < nvalid; ++l) acc[b][g][l] = o[l];
+        for (int l = 0; l < nvalid; ++l) acc[0][b][g][l] = o[l];
     }
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  for (; k + KS <= K; k += KS)
+    for (int s = 0; s < KS; ++s) {
+      V w[NG];
+      for (int g = 0; g < NG; ++g) w[g] = *reinterpret_cast<const V*>(panel + ((k + s) * NG + g) * W);
+      for (int b = 0; b < BB; ++b) {
+        const A xv = x[b * ldx + k + s];
+        for (int g = 0; g < NG; ++g) acc[s][b][g] += w[g] * xv;
+      }
+    }
+  for (; k < K; ++k) {
     V w[NG];
     for (int g = 0; g < NG; ++g) w[g] = *reinterpret_cast<const V*>(panel + (k * NG + g) * W);
     for (int b = 0; b < BB; ++b) {
       const A xv = x[b * ldx + k];
-      for (int g = 0; g < NG; ++g) acc[b][g] += w[g] * xv;
+      for (int g = 0; g < NG; ++g) acc[0][b][g] += w[g] * xv;
     }
   }
+  for (int s = 1; s < KS; ++s)
+    for (int b = 0; b < BB; ++b)
+      for (int g = 0; g < NG; ++g) acc[0][b][g] += acc[s][b][g];
   for (int b = 0; b < BB; ++b)
     for (int g = 0; g < NG; ++g) {
       A* o = out + b * ldo + g * gstride;
       if (nvalid == W)
-        std::memcpy(o, &acc[b][g], sizeof(V));
+        std::memcpy(o, &acc[0][b][g], sizeof(V));
       else
-        for (int l = 0; l < nvalid; ++l) o[l] = acc[b][g][l];
+        for (int l = 0; l < nvalid; ++l) o[l] = acc[0][b][g][l];
     }
 }
 
