@@ -1,4 +1,5 @@
 """Shared test helpers: tolerances from the dtype, random inputs, gradients of every input."""
+import copy
 import os
 import subprocess
 import sys
@@ -21,6 +22,26 @@ def assert_close(actual, expected, dtype, what=""):
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype] * scale:.3g} ({dtype})"
+
+
+def torch_nn_under_autocast(module, *args):
+    """torch.nn's `module(*args)` inside the current CPU autocast region. Where its LSTM has no kernel
+    on this CPU (oneDNN builds no bfloat16 LSTM primitive without AVX-512: "could not create a
+    primitive descriptor"), the same module run in float32 with autocast off, every output cast to
+    the autocast dtype, the dtype torch.nn returns where it runs: the values then differ from its own
+    by that dtype's rounding, within the dtype's tolerance."""
+    try:
+        return module(*args)
+    except RuntimeError as e:
+        if "could not create a primitive descriptor" not in str(e):
+            raise
+    lower = torch.get_autocast_dtype("cpu")
+    with torch.autocast("cpu", enabled=False):
+        out = copy.deepcopy(module).float()(*(a.float() if torch.is_tensor(a) else a for a in args))
+
+    def cast(o):
+        return o.to(lower) if torch.is_tensor(o) else tuple(cast(v) for v in o)
+    return cast(out)
 
 
 def usable_backends(device="cpu", dtype=torch.float32, cell="lstm", has_proj=False):
