@@ -44,6 +44,9 @@ export MAX_JOBS=${MAX_JOBS:-2}
 timeout 1800 "$VENV/bin/python" setup.py -q build_ext --inplace > build.log 2>&1 || { tail -50 build.log; say "build FAILED"; exit 1; }
 say "built $(ls fused_rnn/_C*.so)"
 export FUSED_RNN_REQUIRE_EXT=1
+# the emulated CUDA programs: the main tree's cache (keyed by the sources' bytes, not their path), so
+# that what the main suite built is not built again here
+export FR_EMU_BUILD_DIR=${FR_EMU_BUILD_DIR:-$ROOT/build/emu}
 # the copy is the fused_rnn every process imports (the examples' torchrun workers too), not an
 # installed one of the main environment
 export PYTHONPATH="$COPY${PYTHONPATH:+:$PYTHONPATH}"
