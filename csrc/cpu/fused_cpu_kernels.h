@@ -95,24 +95,19 @@ inline void microkernel(const A* __restrict__ x, int64_t ldx, const A* __restric
       else if (accum)
         for (int l = 0; l < nvalid; ++l) acc[0][b][g][l] = o[l];
     }
-  int64_t k = 0;
-  for (; k + KS <= K; k += KS)
-    for (int s = 0; s < KS; ++s) {
-      V w[NG];
-      for (int g = 0; g < NG; ++g) w[g] = *reinterpret_cast<const V*>(panel + ((k + s) * NG + g) * W);
-      for (int b = 0; b < BB; ++b) {
-        const A xv = x[b * ldx + k + s];
-        for (int g = 0; g < NG; ++g) acc[s][b][g] += w[g] * xv;
-      }
-    }
-  for (; k < K; ++k) {
+  // acc_s += x[:, k] * panel[k] (one k, all BB rows and NG gates)
+  const auto fma_k = [&](int64_t k, V (&acc_s)[BB][NG]) __attribute__((always_inline)) {
     V w[NG];
     for (int g = 0; g < NG; ++g) w[g] = *reinterpret_cast<const V*>(panel + (k * NG + g) * W);
     for (int b = 0; b < BB; ++b) {
       const A xv = x[b * ldx + k];
-      for (int g = 0; g < NG; ++g) acc[0][b][g] += w[g] * xv;
+      for (int g = 0; g < NG; ++g) acc_s[b][g] += w[g] * xv;
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + KS <= K; k += KS)
+    for (int s = 0; s < KS; ++s) fma_k(k + s, acc[s]);
+  for (; k < K; ++k) fma_k(k, acc[0]);
   for (int s = 1; s < KS; ++s)
     for (int b = 0; b < BB; ++b)
       for (int g = 0; g < NG; ++g) acc[0][b][g] += acc[s][b][g];
