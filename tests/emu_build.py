@@ -8,7 +8,7 @@ any report into a failure.
     exe = emu_build.build([Path("tests/emu/my_driver.cpp")], "tsan", "my_driver")
     proc = emu_build.run(exe, ["arg"])          # pytest.fail on a sanitizer report, a non-zero exit, a timeout
 
-Modes: plain (-O1 -g), tsan (ThreadSanitizer), asan (AddressSanitizer + UndefinedBehaviorSanitizer).
+Modes: plain (-O1 -g), tsan (ThreadSanitizer, -O0), asan (AddressSanitizer + UndefinedBehaviorSanitizer, -O0).
 Compiler: $FR_EMU_CXX if set, else clang++-16 when it has its sanitizer runtimes, else g++
 (csrc/cuda/emu/README.md gives the measured reason; scripts/install_emu_toolchain.sh installs clang-16).
 """
@@ -31,10 +31,13 @@ RUNTIME_SOURCES = sorted((CSRC / "cuda" / "emu").glob("*.cpp"))
 BUILD_DIR = Path(os.environ.get("FR_EMU_BUILD_DIR") or ROOT / "build" / "emu")
 MODES = ("plain", "tsan", "asan")
 
+# The sanitizer builds at -O0: at -O1 clang spends minutes instrumenting the unrolled tile loops of the
+# persistent kernels (tests/emu/kernels_persistent.cpp under asan: 293 s at -O1, 12 s at -O0, 2-core AMD
+# EPYC); the runs, a few tiny shapes each, take 1-2x as long. Both sanitizers see every access at -O0 too.
 _MODE_FLAGS = {
     "plain": ["-O1"],
-    "tsan": ["-O1", "-fsanitize=thread"],
-    "asan": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+    "tsan": ["-O0", "-fsanitize=thread"],
+    "asan": ["-O0", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
 # Sanitizer reports end the program with exit code 66, distinct from the emulator's own 86 (deadlock) and
 # 87 (misuse) and from a test's wrong-result exit (1).
