@@ -21,6 +21,8 @@ import pytest
 import emu_build
 from test_cuda_emu_runtime import MISUSE_EXIT, assert_race_reported, run_expecting_failure, run_ok
 
+pytestmark = pytest.mark.torch_free  # programs that link no torch (pyproject.toml's markers)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

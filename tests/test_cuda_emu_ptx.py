@@ -27,6 +27,8 @@ import torch
 
 import emu_build
 
+pytestmark = pytest.mark.torch_free  # programs that link no torch (pyproject.toml's markers)
+
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "emu"
 DRIVER = EMU / "ptx_emu_driver.cpp"

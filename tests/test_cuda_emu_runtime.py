@@ -20,6 +20,8 @@ import pytest
 
 import emu_build
 
+pytestmark = pytest.mark.torch_free  # programs that link no torch (pyproject.toml's markers)
+
 DRIVER = Path(__file__).parent / "emu" / "runtime_scenarios.cpp"
 MODES = emu_build.MODES
 DEADLOCK_EXIT, MISUSE_EXIT = 86, 87

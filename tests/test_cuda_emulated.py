@@ -40,6 +40,8 @@ from fused_rnn import reference
 from helpers import assert_close
 from test_backends import differentiable, make_inputs
 
+pytestmark = pytest.mark.torch_free  # programs that link no torch (pyproject.toml's markers)
+
 emu_build = pytest.importorskip("emu_build", reason="the emulator's build helper (tests/emu_build.py) is missing")
 
 ROOT = Path(__file__).resolve().parent.parent

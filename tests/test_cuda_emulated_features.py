@@ -19,6 +19,8 @@ from fused_rnn import functional, reference
 
 from helpers import assert_close
 
+pytestmark = pytest.mark.torch_free  # programs that link no torch (pyproject.toml's markers)
+
 base = pytest.importorskip("test_cuda_emulated", reason="tests/test_cuda_emulated.py (the emulator's drivers)")
 emu_build = base.emu_build
 

@@ -32,6 +32,8 @@ import torch
 from fused_rnn import reference
 from helpers import TOL
 
+pytestmark = pytest.mark.torch_free  # programs that link no torch (pyproject.toml's markers)
+
 emu_build = pytest.importorskip("emu_build", reason="the emulator runtime (tests/emu_build.py) is not in this tree")
 
 ROOT = Path(__file__).resolve().parent.parent

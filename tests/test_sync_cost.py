@@ -23,6 +23,8 @@ import torch
 import emu_build
 from benchmarks import sync_cost
 
+pytestmark = pytest.mark.torch_free  # programs that link no torch (pyproject.toml's markers)
+
 GRID_CASES = ("empty", "grid_sync", "flags_neighbour", "flags_all", "flags_all_h", "counter", "counter_h",
               "counter_spin", "counter_relaxed", "counter_relaxed_h", "tree4", "tree8", "tree16", "tree8_h")
 CLUSTER_CASES = ("cluster_barrier", "cluster_barrier_relaxed", "cluster_dsmem", "cluster_dsmem_relaxed")
