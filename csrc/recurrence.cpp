@@ -540,7 +540,7 @@ ForwardOut recurrence_forward_options(c10::string_view cell, const Tensor& gx, c
                       Options{keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c});
 }
 
-// Analytic BPTT. Returns d_gx [T,B,G*H], d_h0 [B,Hout], d_c0 [B,H] (lstm; else [0]),
+// Analytic BPTT. Returns d_gx [T,B,G*H], d_h0 [B,Hout] (need_d_h0; else [0]), d_c0 [B,H] (lstm; else [0]),
 // d_w_hh [G*H,Hout], d_b_hh [G*H], d_w_hr [Hout,H] (projection; else [0]); with layer norm
 // d_gain_hh [G*H], d_gain_c, d_bias_c [H] (LSTM), else [0].
 using BackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -549,7 +549,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
                           const Tensor& cells_in, const Tensor& proj_in_in, const Tensor& h0_in,
                           const optional<Tensor>& c0_in, const Tensor& w_hh, const optional<Tensor>& w_hr,
                           const optional<Tensor>& lengths_in, bool reverse, const Options& o_in,
-                          const Tensor& ln_hat_in, const Tensor& ln_rstd_in) {
+                          const Tensor& ln_hat_in, const Tensor& ln_rstd_in, bool need_d_h0) {
   const Cell cell = parse_cell(cell_name);
   TORCH_CHECK(y_in.dim() == 3, "fused_rnn: y must be [T, B, Hout]");
   const int64_t T = y_in.size(0), B = y_in.size(1), Hout = y_in.size(2);
@@ -636,7 +636,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   if (fused) {
     const Tensor w_hh_c = w_hh.contiguous();
     FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,
-                          lstm ? cells.data_ptr() : nullptr, y.data_ptr(), dgx.data_ptr(), dgh.data_ptr()};
+                          lstm ? cells.data_ptr() : nullptr, y.data_ptr(), dgx.data_ptr(), dgh.data_ptr(), need_d_h0};
     cpu::fused_backward(q);
   }
   c10::optional<AccGemm> gemm_hh;
@@ -663,7 +663,9 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
     p.dmm = ln ? step_ptr(dmm, t) : nullptr;
     p.dcout = ln && lstm ? step_ptr(dcout, t) : nullptr;
     pw.backward_step(p);
-    gemm_hh->add_mm(dh, dmm.select(0, t));  // dh_prev = direct part + dG_h @ w_hh
+    // dh_prev = direct part + dG_h @ w_hh; at the last step that is d h0 alone, skipped when h0 needs
+    // no gradient (a layer called without hx: at T=1 one GEMM of the step's six, ~10 % of a training step)
+    if (k > 0 || need_d_h0) gemm_hh->add_mm(dh, dmm.select(0, t));
   }
 
   // d w_hh = sum_t dG_h[t]^T @ h_prev[t]. h_prev is y at the previous step except at each row's
@@ -698,16 +700,18 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
       d_bias_c = dcout.sum(sum_tb);
     }
   }
-  return {dgx, dh.to(y.scalar_type()), d_c0, d_w_hh, d_b_hh, d_w_hr, d_gain_hh, d_gain_c, d_bias_c};
+  Tensor d_h0 = need_d_h0 ? dh.to(y.scalar_type()) : at::empty({0}, opts);
+  return {dgx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_gain_hh, d_gain_c, d_bias_c};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     c10::string_view cell, const Tensor& dy, const Tensor& dh_n, const optional<Tensor>& dc_n, const Tensor& y,
     const Tensor& gates, const Tensor& cells, const Tensor& proj_in, const Tensor& h0, const optional<Tensor>& c0,
-    const Tensor& w_hh, const optional<Tensor>& w_hr, const optional<Tensor>& lengths, bool reverse) {
+    const Tensor& w_hh, const optional<Tensor>& w_hr, const optional<Tensor>& lengths, bool reverse,
+    bool need_d_h0) {
   auto [d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_gain_hh, d_gain_c, d_bias_c] =
       backward_impl(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse, Options{},
-                    Tensor(), Tensor());
+                    Tensor(), Tensor(), need_d_h0);
   return {d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr};
 }
 
@@ -719,9 +723,9 @@ BackwardOut recurrence_backward_options(c10::string_view cell, const Tensor& dy,
                                         const optional<Tensor>& keep_h, const optional<Tensor>& keep_c,
                                         double keep_p, const optional<Tensor>& gain_hh,
                                         const optional<Tensor>& gain_c, const optional<Tensor>& bias_c,
-                                        const Tensor& ln_hat, const Tensor& ln_rstd) {
+                                        const Tensor& ln_hat, const Tensor& ln_rstd, bool need_d_h0) {
   return backward_impl(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse,
-                       Options{keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c}, ln_hat, ln_rstd);
+                       Options{keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c}, ln_hat, ln_rstd, need_d_h0);
 }
 
 // Which kernels the cuda backend runs a layer with (fused_rnn/ops/cpp/cuda_backend.py kernel_for):
@@ -752,8 +756,9 @@ TORCH_LIBRARY(fused_rnn, m) {
       "Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor proj_in)");
   m.def(
       "recurrence_backward(str cell, Tensor dy, Tensor dh_n, Tensor? dc_n, Tensor y, Tensor gates, Tensor cells, "
-      "Tensor proj_in, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse) -> "
-      "(Tensor d_gx, Tensor d_h0, Tensor d_c0, Tensor d_w_hh, Tensor d_b_hh, Tensor d_w_hr)");
+      "Tensor proj_in, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "bool need_d_h0=True) -> (Tensor d_gx, Tensor d_h0, Tensor d_c0, Tensor d_w_hh, Tensor d_b_hh, "
+      "Tensor d_w_hr)");
   // The same with zoneout (keep_h/keep_c masks or keep_p) and the layer-normalised LSTM/GRU
   // (gain_hh, gain_c, bias_c; the forward's ln_hat, ln_rstd are what the backward reads).
   m.def(
@@ -765,8 +770,9 @@ TORCH_LIBRARY(fused_rnn, m) {
       "recurrence_backward_options(str cell, Tensor dy, Tensor dh_n, Tensor? dc_n, Tensor y, Tensor gates, "
       "Tensor cells, Tensor proj_in, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
       "bool reverse, Tensor? keep_h, Tensor? keep_c, float keep_p, Tensor? gain_hh, Tensor? gain_c, "
-      "Tensor? bias_c, Tensor ln_hat, Tensor ln_rstd) -> (Tensor d_gx, Tensor d_h0, Tensor d_c0, "
-      "Tensor d_w_hh, Tensor d_b_hh, Tensor d_w_hr, Tensor d_gain_hh, Tensor d_gain_c, Tensor d_bias_c)");
+      "Tensor? bias_c, Tensor ln_hat, Tensor ln_rstd, bool need_d_h0=True) -> (Tensor d_gx, Tensor d_h0, "
+      "Tensor d_c0, Tensor d_w_hh, Tensor d_b_hh, Tensor d_w_hr, Tensor d_gain_hh, Tensor d_gain_c, "
+      "Tensor d_bias_c)");
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {

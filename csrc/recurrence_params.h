@@ -146,6 +146,7 @@ struct FusedBackwardParams {
   const void* y;      // S [T, B, H]
   void* dgx;          // S [T, B, G*H]
   void* dgh;          // S [T, B, G*H] (== dgx except GRU)
+  bool need_dh0;      // false: the last step's dh_prev GEMM is skipped and dh is left partial
 };
 
 namespace cpu {

@@ -95,6 +95,19 @@ def test_opcheck_backward(config):
                           (cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lens, reverse))
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck_backward_without_d_h0(cell):
+    """need_d_h0=False (h0 needs no gradient): d_h0 is [0], in the kernel and in the fake kernel."""
+    gx, h0, c0, w_hh, b_hh, w_hr, lens = make_inputs(cell, lengths=True, requires_grad=False)
+    y, h_n, c_n, gates, cells, proj_in = torch.ops.fused_rnn.recurrence_forward(
+        cell, gx, h0, c0, w_hh, b_hh, w_hr, lens, True, True)
+    dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    args = (cell, torch.randn_like(y), torch.randn_like(h_n), dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr,
+            lens, True, False)
+    assert torch.ops.fused_rnn.recurrence_backward(*args)[1].shape == (0,)
+    torch.library.opcheck(torch.ops.fused_rnn.recurrence_backward.default, args)
+
+
 # ------------------------------------------------------------------------- against the reference
 
 def run_both(backend, cell, args, reverse):

@@ -145,6 +145,28 @@ def test_fused_agrees_with_per_step_kernels(cell, monkeypatch):
         assert_close(a, b, torch.float64, f"output/grad {i}")
 
 
+@pytest.mark.parametrize("kernel", ["fused", "per-step"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_without_d_h0_changes_no_other_gradient(cell, kernel, threads, monkeypatch):
+    """need_d_h0=False (h0 needs no gradient: a layer called without hx) skips the last step's dh_prev
+    GEMM, which gives d h0 alone: d_h0 comes back as [0] and every other output is bitwise the one
+    need_d_h0=True gives. Forward and reverse, lengths (each row's first step elsewhere), T=1."""
+    monkeypatch.setenv("FUSED_RNN_CPU_KERNEL", kernel)
+    for T, reverse, lengths in ((5, False, False), (5, True, True), (6, False, True), (1, False, False)):
+        gx, h0, c0, w_hh, b_hh, _, lens = [a.detach() if torch.is_tensor(a) else a for a in
+                                           make_inputs(cell, T, 3, 37, torch.float32, lengths=lengths)]
+        y, h_n, c_n, gates, cells, proj_in = torch.ops.fused_rnn.recurrence_forward(
+            cell, gx, h0, c0, w_hh, b_hh, None, lens, reverse, True)
+        dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
+        dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+        args = (cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, None, lens, reverse)
+        full = torch.ops.fused_rnn.recurrence_backward(*args, True)
+        part = torch.ops.fused_rnn.recurrence_backward(*args, False)
+        assert full[1].shape == h0.shape and part[1].shape == (0,)
+        for i in (0, 2, 3, 4, 5):
+            assert torch.equal(full[i], part[i]), f"output {i}, T={T} reverse={reverse} lengths={lengths}"
+
+
 @pytest.mark.parametrize("T", [1, 3, 4, 15, 16, 17])
 @pytest.mark.parametrize("cell", CELLS)
 def test_default_route_by_steps(cell, T, monkeypatch):

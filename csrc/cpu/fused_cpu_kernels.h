@@ -585,6 +585,7 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
       p.dgx = static_cast<S*>(q.dgx) + t * B * GH;
       p.dgh = static_cast<S*>(q.dgh) + t * B * GH;
       for (int64_t b = 0; b < B; ++b) backward_row<C, S>(p, b, u0, u1);
+      if (k == 0 && !q.need_dh0) break;  // the last GEMM gives only d h0 (each part's own rows: no barrier)
       barrier.arrive_and_wait(p1 - p0, split.parts * (T - k));
       SpreadPrefetch pf;  // what the next step's cell math reads, arriving during this step's GEMM
       if (has_prev) {

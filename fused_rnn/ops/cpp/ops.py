@@ -5,8 +5,9 @@ The schemas and the CPU/CUDA kernels are declared in csrc/recurrence.cpp:
     fused_rnn::recurrence_forward(cell, gx, h0, c0?, w_hh, b_hh?, w_hr?, lengths?, reverse, save)
         -> (y [T,B,Hout], h_n [B,Hout], c_n [B,H] | [0], gates, cells, proj_in)
     fused_rnn::recurrence_backward(cell, dy, dh_n, dc_n?, y, gates, cells, proj_in, h0, c0?, w_hh,
-                                   w_hr?, lengths?, reverse)
-        -> (d_gx, d_h0, d_c0 | [0], d_w_hh, d_b_hh, d_w_hr | [0])
+                                   w_hr?, lengths?, reverse, need_d_h0=True)
+        -> (d_gx, d_h0 | [0], d_c0 | [0], d_w_hh, d_b_hh, d_w_hr | [0])
+        (need_d_h0=False: h0 needs no gradient, and the last step's dh_prev GEMM, d h0 alone, is skipped)
     fused_rnn::recurrence_forward_projected(cell, x, w_ih, b_ih?, h0, c0?, w_hh, b_hh?, w_hr?, lengths?,
                                             reverse, save)       (CPU)
         = recurrence_forward(cell, gx = x w_ih^T (+ b_ih), ...) with the input projection inside the
@@ -119,12 +120,14 @@ def _fake_forward_projected(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengt
     return _fake_forward(cell, x, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save)
 
 
-def _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse):
+def _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse,
+                   need_d_h0=True):
     T, B = y.shape[0], y.shape[1]
     GH, H = w_hh.shape[0], w_hh.shape[0] // GATES[cell]
+    d_h0 = y.new_empty(h0.shape) if need_d_h0 else y.new_empty(0)
     d_c0 = y.new_empty(B, H) if cell == "lstm" else y.new_empty(0)
     d_w_hr = y.new_empty(w_hr.shape) if w_hr is not None else y.new_empty(0)
-    return (y.new_empty(T, B, GH), y.new_empty(h0.shape), d_c0, y.new_empty(w_hh.shape), y.new_empty(GH), d_w_hr)
+    return (y.new_empty(T, B, GH), d_h0, d_c0, y.new_empty(w_hh.shape), y.new_empty(GH), d_w_hr)
 
 
 def _fake_forward_options(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save, keep_h, keep_c, keep_p,
@@ -139,13 +142,13 @@ def _fake_forward_options(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, 
 
 
 def _fake_backward_options(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse,
-                           keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c, ln_hat, ln_rstd):
+                           keep_h, keep_c, keep_p, gain_hh, gain_c, bias_c, ln_hat, ln_rstd, need_d_h0=True):
     lstm_ln = gain_hh is not None and cell == "lstm"
     H = w_hh.shape[0] // GATES[cell]
     d_ln = (y.new_empty(w_hh.shape[0]) if gain_hh is not None else y.new_empty(0),
             y.new_empty(H) if lstm_ln else y.new_empty(0), y.new_empty(H) if lstm_ln else y.new_empty(0))
     return _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths,
-                          reverse) + d_ln
+                          reverse, need_d_h0) + d_ln
 
 
 # Packed batches: the saved [T,B,...] tensors keep only the rows of valid steps when at least this
@@ -273,18 +276,19 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
         dc_n = torch.zeros_like(c0) if c0 is not None else y.new_zeros(y.shape[1], cells.shape[2])
     args = (ctx.cell, dy, dh_n, dc_n if ctx.cell == "lstm" else None, y, gates, cells, proj_in,
             h0, c0, w_hh, w_hr, lengths, ctx.reverse)
+    need_d_h0 = ctx.needs_input_grad[4 if ctx.projected else 2]  # h0 among the op's inputs
     if not ctx.options:
-        d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = torch.ops.fused_rnn.recurrence_backward(*args)
+        d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = torch.ops.fused_rnn.recurrence_backward(*args, need_d_h0)
         d_ln = ()
     else:
         keep_h, keep_c, gain_hh, gain_c, bias_c, ln_hat, ln_rstd = options
         d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, *d_ln = torch.ops.fused_rnn.recurrence_backward_options(
-            *args, keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c, ln_hat, ln_rstd)
+            *args, keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c, ln_hat, ln_rstd, need_d_h0)
         lstm_ln = ctx.has_ln and ctx.cell == "lstm"
         d_ln = (None, None, None, d_ln[0] if ctx.has_ln else None, d_ln[1] if lstm_ln else None,
                 d_ln[2] if lstm_ln else None)
-    d_recurrence = (d_h0, d_c0 if ctx.has_c0 else None, d_w_hh, d_b_hh if ctx.has_bias else None,
-                    d_w_hr if ctx.has_proj else None, None, None, None)
+    d_recurrence = (d_h0 if need_d_h0 else None, d_c0 if ctx.has_c0 else None, d_w_hh,
+                    d_b_hh if ctx.has_bias else None, d_w_hr if ctx.has_proj else None, None, None, None)
     d_input = _projection_grads(ctx, d_gx, *projection) if ctx.projected else (d_gx,)
     return (None, *d_input, *d_recurrence, *d_ln)
 
