@@ -83,7 +83,7 @@ def module_cases():
                 yield pytest.param(device, backend, config, id=f"{device}-{backend}-{config}")
 
 
-@pytest.mark.parametrize("device,backend,config", module_cases())
+@pytest.mark.parametrize("device,backend,config", list(module_cases()))
 def test_module_gradgradcheck(device, backend, config):
     name, kwargs, lengths = MODULES[config]
     skip_unless_usable(backend, device, cell_of(name, kwargs), bool(kwargs.get("proj_size")))

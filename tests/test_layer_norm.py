@@ -268,7 +268,7 @@ def double_backward_cases():
             yield pytest.param(*backend.values, config, id=f"{backend.id}-{config}", marks=backend.marks)
 
 
-@pytest.mark.parametrize("backend,device,config", double_backward_cases())
+@pytest.mark.parametrize("backend,device,config", list(double_backward_cases()))
 def test_double_backward_gradgradcheck(backend, device, config):
     """gradgradcheck in float64 of every output in every input and parameter (layer-norm gains
     perturbed away from 1 and 0, so that they matter); zoneout in training with a seeded mask."""
