@@ -640,7 +640,8 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
     cpu::fused_backward(q);
   }
   c10::optional<AccGemm> gemm_hh;
-  if (!persistent && !fused) gemm_hh.emplace(w_hh.contiguous(), B);
+  // (not when its only GEMM, the last step's, is skipped: a 16-bit w_hh would be widened for nothing)
+  if (!persistent && !fused && (T > 1 || need_d_h0)) gemm_hh.emplace(w_hh.contiguous(), B);
   for (int64_t k = persistent || fused ? -1 : T - 1; k >= 0; --k) {  // the per-step kernels, unless one ran
     const int64_t t = reverse ? T - 1 - k : k;
     const int64_t prev = reverse ? t + 1 : t - 1;
