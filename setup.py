@@ -61,7 +61,8 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = [f"{CSRC}/recurrence.cpp", f"{CSRC}/layer_entry.cpp", f"{CSRC}/python_module.cpp"]
+    sources = [f"{CSRC}/recurrence.cpp", f"{CSRC}/layer_entry.cpp", f"{CSRC}/projected_autograd.cpp",
+               f"{CSRC}/python_module.cpp"]
     sources += [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     sources += [f"{CSRC}/cell_step.cpp"] + [f"{CSRC}/cpu/cell_step_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time).

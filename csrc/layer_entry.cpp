@@ -1,5 +1,5 @@
-// fused_rnn._C.layer_forward: the layer modules' eager call when nothing needs a gradient (a
-// decoder stepping an nn.LSTM/GRU one token at a time under torch.no_grad(), inference).
+// fused_rnn._C.layer_forward: the layer modules' eager call on CPU tensors -- inference, a decoder
+// stepping an nn.LSTM/GRU one token at a time under torch.no_grad(), and training calls.
 //
 //   layer_forward(cell, input, hx, cx, weights, num_layers, bidirectional, batch_first, has_biases,
 //                 input_size, hidden_size, proj_size) -> (output, h_n, c_n | None) or None
@@ -7,19 +7,20 @@
 // The same stack fused_rnn.functional.rnn runs -- per layer and direction the registered
 // fused_rnn::recurrence_forward_projected with b_ih folded into b_hh as functional._fold_bias does,
 // the directions' outputs concatenated, the final states stacked -- so its results are the full
-// path's bit for bit; only the Python around it is gone (~30 us of a T=1 call: the module's checks,
-// functional.rnn, the backend's wrapper, torch.ops' argument parsing). The op runs below autograd:
-// only calls where no tensor requires a gradient, or grad mode is off, come here.
+// path's bit for bit; only the Python around it is gone (~30 us of a T=1 no-grad call: the module's
+// checks, functional.rnn, the backend's wrapper, torch.ops' argument parsing; ~0.2 ms of a training
+// call, its backward included). When a tensor requires a gradient, autograd records the stack: the
+// fold, the concatenation and the stacking as ATen ops, each layer and direction as the C++ node of
+// csrc/projected_autograd.cpp, whose backward is the one the op registers in Python.
 //
 // None (nothing run) for anything torch.nn's layer would refuse or that this entry does not cover
 // (unbatched input, empty sizes, a tensor subclass, another device or dtype mix, weights of other
 // shapes): fused_rnn/modules.py then takes its full path, whose checks raise torch.nn's errors. What
-// Python alone knows (autocast, tracing, dropout, zoneout, the backend's choice, parametrized
-// weights) the module checks before calling.
+// Python alone knows (autocast, tracing, forward-mode AD, dropout, zoneout, the backend's choice,
+// parametrized weights) the module checks before calling.
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
@@ -29,6 +30,7 @@
 #include <vector>
 
 #include "op_args.h"
+#include "projected_autograd.h"
 #include "python_entry.h"
 
 namespace fused_rnn {
@@ -36,10 +38,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-
-using ProjectedForward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    c10::string_view, const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
-    const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, bool, bool);
 
 // The module's sizes, as Python passes them.
 struct LayerSizes {
@@ -80,7 +78,7 @@ bool call_fits(const LayerSizes& s, PyObject* input, PyObject* hx, PyObject* cx,
   return true;
 }
 
-// Whether any of the call's tensors asks for a gradient (then the module's full path records it).
+// Whether any of the call's tensors asks for a gradient (then autograd records the call).
 bool any_requires_grad(PyObject* input, PyObject* hx, PyObject* cx, PyObject* weights) {
   if (!c10::GradMode::is_enabled()) return false;
   for (PyObject* t : {input, hx, cx})
@@ -90,13 +88,13 @@ bool any_requires_grad(PyObject* input, PyObject* hx, PyObject* cx, PyObject* we
   return false;
 }
 
-// functional.rnn's stack on checked arguments: (output, h_n, c_n or undefined).
+// functional.rnn's stack on checked arguments: (output, h_n, c_n or undefined). record: whether any
+// tensor requires a gradient (any_requires_grad); if not, everything runs below autograd.
 std::tuple<Tensor, Tensor, Tensor> run_layers(const LayerSizes& s, const Tensor& input, const Tensor& hx_in,
-                                              const Tensor& cx_in, const std::vector<Tensor>& w, bool batch_first) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_rnn::recurrence_forward_projected", "")
-                             .typed<ProjectedForward>();
-  const at::AutoDispatchBelowAutograd below_autograd;  // nothing requires a gradient (call_fits' caller)
+                                              const Tensor& cx_in, const std::vector<Tensor>& w, bool batch_first,
+                                              bool record) {
+  optional<at::AutoDispatchBelowAutograd> below_autograd;
+  if (!record) below_autograd.emplace();
   const bool lstm = s.cell == Cell::LSTM;
   Tensor x = batch_first ? input.transpose(0, 1) : input;
   const int64_t B = x.size(1), LD = s.num_layers * s.directions;
@@ -108,17 +106,17 @@ std::tuple<Tensor, Tensor, Tensor> run_layers(const LayerSizes& s, const Tensor&
     for (int64_t d = 0; d < s.directions; ++d) {
       const int64_t k = layer * s.directions + d;
       const Tensor* wk = &w[k * s.per_direction()];
-      optional<Tensor> b_ih, b_hh;
+      Tensor b_ih, b_hh;
       if (s.has_biases) {  // functional._fold_bias: LSTM and RNN add b_ih to the recurrent bias
-        b_ih = s.cell == Cell::GRU ? optional<Tensor>(wk[2]) : optional<Tensor>();
+        b_ih = s.cell == Cell::GRU ? wk[2] : Tensor();
         b_hh = s.cell == Cell::GRU ? wk[3] : wk[2] + wk[3];
       }
-      const optional<Tensor> w_hr = s.proj > 0 ? optional<Tensor>(wk[s.per_direction() - 1]) : optional<Tensor>();
-      auto out = op.call(s.cell_name, x, wk[0], b_ih, hx[k], lstm ? optional<Tensor>(cx[k]) : optional<Tensor>(), wk[1],
-                         b_hh, w_hr, optional<Tensor>(), d == 1, false);
-      ys.push_back(std::move(std::get<0>(out)));
-      h_n.push_back(std::move(std::get<1>(out)));
-      if (lstm) c_n.push_back(std::move(std::get<2>(out)));
+      const Tensor w_hr = s.proj > 0 ? wk[s.per_direction() - 1] : Tensor();
+      auto [y, h, c] = projected_recurrence(s.cell_name, x, wk[0], b_ih, hx[k], lstm ? cx[k] : Tensor(), wk[1], b_hh,
+                                            w_hr, d == 1);
+      ys.push_back(std::move(y));
+      h_n.push_back(std::move(h));
+      if (lstm) c_n.push_back(std::move(c));
     }
     x = s.directions == 1 ? ys[0] : at::cat(ys, 2);
   }
@@ -139,9 +137,9 @@ PyObject* layer_forward_py(PyObject* /*module*/, PyObject* const* args, Py_ssize
   const bool batch_first = PyObject_IsTrue(args[7]) == 1;
   if (PyErr_Occurred()) return nullptr;
   PyObject *input = args[1], *hx = args[2], *cx = args[3], *weights = args[4];
-  if (s.num_layers < 1 || s.hidden < 1 || s.proj < 0 || !call_fits(s, input, hx, cx, weights, batch_first) ||
-      any_requires_grad(input, hx, cx, weights))
+  if (s.num_layers < 1 || s.hidden < 1 || s.proj < 0 || !call_fits(s, input, hx, cx, weights, batch_first))
     Py_RETURN_NONE;
+  const bool record = any_requires_grad(input, hx, cx, weights);
   std::vector<Tensor> w;
   w.reserve(PyList_GET_SIZE(weights));
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(weights); ++i) w.push_back(THPVariable_Unpack(PyList_GET_ITEM(weights, i)));
@@ -150,7 +148,7 @@ PyObject* layer_forward_py(PyObject* /*module*/, PyObject* const* args, Py_ssize
   {
     const GilReleased no_gil;
     std::tie(output, h_n, c_n) =
-        run_layers(s, THPVariable_Unpack(input), tensor_or_none(hx), tensor_or_none(cx), w, batch_first);
+        run_layers(s, THPVariable_Unpack(input), tensor_or_none(hx), tensor_or_none(cx), w, batch_first, record);
   }
   return tensors_as_tuple({output, h_n, c_n});  // c_n undefined (None) but for the LSTM
   END_HANDLE_TH_ERRORS
@@ -159,8 +157,8 @@ PyObject* layer_forward_py(PyObject* /*module*/, PyObject* const* args, Py_ssize
 PyMethodDef python_methods[] = {
     {"layer_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_forward_py)), METH_FASTCALL,
      "layer_forward(cell, input, hx, cx, weights, num_layers, bidirectional, batch_first, has_biases, input_size, "
-     "hidden_size, proj_size) -> (output, h_n, c_n | None), or None where torch.nn's layer would raise or the call "
-     "needs a gradient: the layers' eager call, no grad"},
+     "hidden_size, proj_size) -> (output, h_n, c_n | None), or None where torch.nn's layer would raise: the "
+     "layers' eager call on CPU tensors, recorded by autograd when a tensor requires a gradient"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

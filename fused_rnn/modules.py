@@ -8,6 +8,7 @@ Weights are read on every call, so torch.func.functional_call and parametrizatio
 """
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional
@@ -110,20 +111,18 @@ class _FusedRNNBase(nn.RNNBase):
         return output, hidden
 
     def _fused_call(self, input, hx):
-        """The common eager call that needs no gradient (inference, a decoder stepping the layer under
-        torch.no_grad()) straight into fused_rnn._C.layer_forward (csrc/layer_entry.cpp): the same
-        stack as functional.rnn, bit for bit, without its Python. What is checked here is what C++
-        cannot see: autocast, tracing, dropout, zoneout, layer norm, the backend's choice, weights that
-        are not plain parameters (a parametrization); C++ checks the tensors and returns None where
-        torch.nn would raise or a gradient is needed. None sends the call down the full path."""
+        """The common eager call on CPU tensors (inference, a decoder stepping the layer under
+        torch.no_grad(), training) straight into fused_rnn._C.layer_forward (csrc/layer_entry.cpp):
+        the same stack as functional.rnn, bit for bit, its graph and gradients too, without its
+        Python. What is checked here is what C++ cannot see: autocast, tracing, forward-mode AD,
+        dropout, zoneout, layer norm, the backend's choice, weights that are not plain parameters (a
+        parametrization); C++ checks the tensors and returns None where torch.nn would raise. None
+        sends the call down the full path."""
         if type(input) is not torch.Tensor:  # a PackedSequence, a tensor subclass
             return None
         params = self._parameters
-        first = params.get(self._flat_weights_names[0])
-        if torch.is_grad_enabled() and (first is None or first.requires_grad or input.requires_grad):
-            return None  # a training call, first of all: C++ would refuse it after its checks
         if (self.zoneout or (self.dropout and self.training and self.num_layers > 1)
-                or torch.is_autocast_enabled("cpu")
+                or torch.is_autocast_enabled("cpu") or forward_ad._current_level >= 0
                 or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._functorch.peek_interpreter_stack() is not None
                 or self._layer_norm_weights() is not None):

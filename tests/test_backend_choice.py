@@ -6,6 +6,7 @@ import torch
 
 import fused_rnn
 from fused_rnn import backends
+from fused_rnn.ops.cpp import cell_ops
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +14,7 @@ def fresh_choice(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(backends, "_resolved", {})
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(cell_ops, "_runs", {})  # the modules' cached answers of which backend runs
 
 
 def spy(monkeypatch):
@@ -79,5 +81,9 @@ def test_auto_falls_back_and_says_so_once(monkeypatch):
 
 def test_auto_never_picks_the_reference(monkeypatch):
     used = spy(monkeypatch)
+    # through functional.rnn, where the backend is asked for (the layers' C++ entry runs only what
+    # cell_ops.runs_on_cpu resolves to the cpu backend)
+    cell_ops.available()
+    monkeypatch.setattr(cell_ops, "LAYER_FORWARD", lambda *args: None)
     fused_rnn.RNN(3, 4)(torch.randn(2, 1, 3))
     assert used and "reference" not in used

@@ -2,14 +2,23 @@
 trace run the op below autograd through _EagerAutograd, everything else through the op's
 registered autograd (torch.library). Both must give the same outputs and gradients bitwise, with
 the same saved tensors, for every op the backend calls (plain, projected, options), and the same
-second-order gradients (the eager projected op differentiates itself under create_graph=True)."""
+second-order gradients (the eager projected op differentiates itself under create_graph=True).
+The layers' C++ entry (cell_ops.LAYER_FORWARD, tests/test_layer_train_call.py) is turned off here,
+so that the modules' calls reach _call_op."""
 import pytest
 import torch
 
 import fused_rnn
-from fused_rnn.ops.cpp import ops
+from fused_rnn.ops.cpp import cell_ops, ops
 
 pytestmark = pytest.mark.skipif(ops.load_error() is not None, reason=str(ops.load_error()))
+
+
+@pytest.fixture(autouse=True)
+def no_layer_entry(monkeypatch):
+    """The modules' calls through functional.rnn and the backend's _call_op."""
+    cell_ops.available()  # registered first (it sets LAYER_FORWARD), so that undo restores it
+    monkeypatch.setattr(cell_ops, "LAYER_FORWARD", lambda *args: None)
 
 
 def graph_names(t):
@@ -69,7 +78,7 @@ def test_eager_call_equals_registered_op(case, packed, T, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_no_grad_call_records_nothing():
+def test_no_grad_call_records_nothing(monkeypatch):
     layer = fused_rnn.GRU(4, 5, backend="cpu")
     x = torch.randn(3, 2, 4)
     with torch.no_grad():
@@ -77,6 +86,8 @@ def test_no_grad_call_records_nothing():
     assert y.grad_fn is None and h.grad_fn is None
     y, h = layer(x)  # the parameters need gradients: recorded
     assert "_EagerAutogradBackward" in graph_names(y)
+    monkeypatch.undo()  # the layer entry records its own node
+    assert "CppFunction" in graph_names(layer(x)[0])
 
 
 def test_traced_calls_take_the_registered_op():

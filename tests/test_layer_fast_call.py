@@ -1,8 +1,8 @@
-"""The layer modules' eager no-grad call, fused_rnn._C.layer_forward (csrc/layer_entry.cpp): outputs
-bitwise those of the modules' full path (functional.rnn) and close to torch.nn's; None (nothing run)
-for every argument torch.nn's layer would refuse and every call that needs a gradient, so that the
-full path raises torch.nn's error or records the graph; the module's own conditions (autocast,
-dropout, zoneout, layer norm, parametrized weights, the backend) respected; no reference leaked.
+"""The layer modules' eager call, fused_rnn._C.layer_forward (csrc/layer_entry.cpp), without
+gradients: outputs bitwise those of the modules' full path (functional.rnn) and close to torch.nn's;
+None (nothing run) for every argument torch.nn's layer would refuse, so that the full path raises
+torch.nn's error; the module's own conditions (autocast, dropout, zoneout, layer norm, parametrized
+weights, the backend) respected; no reference leaked. Training calls: tests/test_layer_train_call.py.
 """
 import sys
 import warnings
@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 import fused_rnn
 from fused_rnn.ops.cpp import cell_ops, ops
 
-from helpers import TensorSubclass, argument_variants, assert_close, grads_of
+from helpers import TensorSubclass, argument_variants, assert_close
 
 _err = ops.load_error() or (None if cell_ops.available() else "fused_rnn._C is not built")
 pytestmark = pytest.mark.skipif(_err is not None, reason=str(_err))
@@ -135,7 +135,7 @@ def _base_args(cell):
 
 
 def _refused(cell):
-    """Argument lists torch.nn's layer refuses, or that need a gradient, each with what is wrong."""
+    """Argument lists torch.nn's layer refuses, each with what is wrong."""
     base = _base_args(cell)
     x, h, c, weights = base[1:5]
     B, T = 3, 2
@@ -146,7 +146,6 @@ def _refused(cell):
         "empty sequence": {1: x[:0]},
         "empty batch": {1: x[:, :0], 2: h[:, :0], 3: None if c is None else c[:, :0]},
         "input a subclass": {1: x.as_subclass(TensorSubclass)},
-        "input needs a gradient": {1: x.clone().requires_grad_()},
         "batch of hx": {2: h[:, :2]},
         "layers of hx": {2: h[:2]},
         "hidden size of hx": {2: torch.randn(4, B, 6, dtype=torch.float64)},
@@ -156,7 +155,6 @@ def _refused(cell):
         "a weight of the wrong shape": {4: weights[:1] + [weights[1][:-1]] + weights[2:]},
         "a float32 weight": {4: [weights[0].float()] + weights[1:]},
         "weights as a tuple": {4: tuple(weights)},
-        "a weight that needs a gradient": {4: [weights[0].detach().requires_grad_()] + weights[1:]},
         "input_size argument": {9: 5},
     }
     if cell == "lstm":
@@ -169,13 +167,11 @@ def _refused(cell):
 
 
 @pytest.mark.parametrize("cell", list(MODULES))
-def test_none_where_torch_nn_refuses_or_grad_is_needed(cell):
+def test_none_where_torch_nn_refuses(cell):
     for what, args in _refused(cell):
         assert cell_ops.LAYER_FORWARD(*args) is None, what
-    with torch.no_grad():  # what needs a gradient in grad mode runs without it
-        for what, args in _refused(cell):
-            if "gradient" in what:
-                assert cell_ops.LAYER_FORWARD(*args) is not None, what
+        with torch.no_grad():
+            assert cell_ops.LAYER_FORWARD(*args) is None, what
 
 
 @pytest.mark.parametrize("cell", list(MODULES))
@@ -195,17 +191,6 @@ def test_module_errors_stay_torch_nn_s(cell):
                 m(xi, hx)
             errors.append((type(e.value), str(e.value)))
         assert errors[0] == errors[1], (xi.shape, None if hi is None else hi.shape)
-
-
-def test_training_calls_take_the_full_path(spy):
-    """A call that needs a gradient records the graph through the full path; its gradients are torch.nn's."""
-    ours, theirs = make("gru", 4, 5)
-    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
-    out_ours, out_theirs = ours(x), theirs(x)
-    assert spy["ran"] == 0
-    for a, b in zip(grads_of(flat(out_ours), [x, *ours.parameters()]),
-                    grads_of(flat(out_theirs), [x, *theirs.parameters()])):
-        assert_close(a, b, torch.float64, "gradient")
 
 
 def test_module_conditions_send_calls_down_the_full_path(spy, monkeypatch):

@@ -9,8 +9,10 @@ one line. The modules call it eagerly through CELL_STEP (fused_rnn._C.cell_step)
 torch.ops' argument parsing and checks the arguments in C++. CPU tensors only; other devices take
 the recurrence path (functional.cell_step).
 
-The layer modules' no-grad calls likewise go through LAYER_FORWARD (fused_rnn._C.layer_forward,
-csrc/layer_entry.cpp): functional.rnn's stack of fused_rnn::recurrence_forward_projected ops in C++.
+The layer modules' eager CPU calls likewise go through LAYER_FORWARD (fused_rnn._C.layer_forward,
+csrc/layer_entry.cpp): functional.rnn's stack of fused_rnn::recurrence_forward_projected ops in C++,
+recorded for autograd by a C++ node per layer and direction when a gradient is needed
+(csrc/projected_autograd.cpp).
 """
 import os
 
@@ -23,8 +25,8 @@ _registered = None  # None: not tried yet; else whether the ops are there
 # fused_rnn._C.cell_step once available() is True: the modules' eager call of the op, None where
 # torch.nn's cell would raise (csrc/cell_step.cpp, "eager entry from Python")
 CELL_STEP = None
-# fused_rnn._C.layer_forward once available() is True: the layer modules' eager no-grad call, None
-# where torch.nn's layer would raise or a gradient is needed (csrc/layer_entry.cpp)
+# fused_rnn._C.layer_forward once available() is True: the layer modules' eager call (training
+# included), None where torch.nn's layer would raise (csrc/layer_entry.cpp)
 LAYER_FORWARD = None
 _runs = {}          # (backend, $FUSED_RNN_BACKEND, dtype, cell, has_proj) -> runs_on_cpu's answer
 # os.environ.get costs ~2 us when the variable is unset (a KeyError raised and caught inside it);

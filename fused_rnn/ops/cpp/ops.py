@@ -234,11 +234,20 @@ def _second_order_backward(ctx, dy, dh_n, dc_n):
     # as _setup_context_projected saved them (the projected op has no options)
     x, w_ih, _y, _gates, _cells, _proj_in, h0, c0, w_hh, w_hr, lengths, b_ih, b_hh = ctx.saved_tensors
     # the op's inputs: cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save
+    d = second_order_projected(ctx.cell, ctx.reverse, (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr),
+                               ctx.needs_input_grad[1:9], dy, dh_n, dc_n, lengths)
+    return (None, *d, None, None, None)
+
+
+def second_order_projected(cell, reverse, inputs, needs, dy, dh_n, dc_n, lengths=None):
+    """The second-order gradients of recurrence_forward_projected's tensor inputs (x, w_ih, b_ih,
+    h0, c0, w_hh, b_hh, w_hr; None where absent) that `needs` asks for: _second_order_backward's,
+    and the layer entry's C++ node's (csrc/projected_autograd.cpp) under create_graph=True."""
+    x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr = inputs
     layer = (x, w_ih, b_ih, None, h0, c0, w_hh, b_hh, w_hr, None, None, None)  # second_order_grads' order
-    needs = ctx.needs_input_grad
-    d = second_order_grads(ctx.cell, ctx.reverse, lengths, None, layer, (*needs[1:4], False, *needs[4:9]) + (False,) * 3,
+    d = second_order_grads(cell, reverse, lengths, None, layer, (*needs[:3], False, *needs[3:]) + (False,) * 3,
                            (dy, dh_n, dc_n))
-    return (None, d[0], d[1], d[2], d[4], d[5], d[6], d[7], d[8], None, None, None)
+    return d[0], d[1], d[2], d[4], d[5], d[6], d[7], d[8]
 
 
 def _projection_grads(ctx, d_gx, x, w_ih):
