@@ -50,7 +50,6 @@ enum Input : size_t { kX, kWIh, kBIh, kH0, kC0, kWHh, kBHh, kWHr, kTensorInputs 
 enum Saved : size_t { kY = kTensorInputs, kGates, kCells, kProjIn };
 
 struct ProjectedRecurrence : torch::autograd::Function<ProjectedRecurrence> {
-  // cell: the op's cell argument, a string literal of cell_name() (alive for the program)
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_ih, const optional<Tensor>& b_ih,
                                const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_hh,
                                const optional<Tensor>& b_hh, const optional<Tensor>& w_hr, c10::string_view cell,
@@ -97,7 +96,7 @@ struct ProjectedRecurrence : torch::autograd::Function<ProjectedRecurrence> {
                            opt(w_hr), {}, reverse, need_d_h0);
     if (need(kX)) result[kX] = at::matmul(d_gx, w_ih);
     if (need(kWIh)) result[kWIh] = at::matmul(d_gx.flatten(0, 1).t(), x.flatten(0, 1));
-    if (need(kBIh) && b_ih.defined()) result[kBIh] = d_gx.sum({0, 1});
+    if (need(kBIh) && b_ih.defined()) result[kBIh] = d_gx.sum(at::IntArrayRef{0, 1});
     if (need_d_h0) result[kH0] = d_h0;
     if (c0.defined()) result[kC0] = d_c0;
     result[kWHh] = d_w_hh;
@@ -154,9 +153,8 @@ std::tuple<Tensor, Tensor, Tensor> projected_recurrence(c10::string_view cell, c
     auto out = forward_op().call(cell, x, w_ih, opt(b_ih), h0, opt(c0), w_hh, opt(b_hh), opt(w_hr), {}, reverse, false);
     return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
   }
-  const Cell parsed = parse_cell(cell);  // the node keeps a literal, not the caller's string
-  const variable_list out = ProjectedRecurrence::apply(x, w_ih, opt(b_ih), h0, opt(c0), w_hh, opt(b_hh), opt(w_hr),
-                                                      c10::string_view(ProjectedRecurrence::cell_name(parsed)), reverse);
+  const variable_list out =
+      ProjectedRecurrence::apply(x, w_ih, opt(b_ih), h0, opt(c0), w_hh, opt(b_hh), opt(w_hr), cell, reverse);
   return {out[0], out[1], out[2]};
 }
 
