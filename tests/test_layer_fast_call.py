@@ -80,9 +80,11 @@ CASES = [  # (num_layers, bidirectional, batch_first, proj_size, T, B, H)
 ]
 
 
+CELL_CASES = [(cell, case) for cell in MODULES for case in CASES if cell == "lstm" or not case[3]]  # proj: LSTM
+
+
 @pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
-@pytest.mark.parametrize("cell, case", [(cell, case) for cell in MODULES for case in CASES
-                                        if cell == "lstm" or not case[3]], ids=str)  # proj_size: LSTM only
+@pytest.mark.parametrize("cell, case", CELL_CASES, ids=str)
 def test_same_as_full_path_and_torch_nn(spy, cell, case, hx_given):
     L, bidir, bf, proj, T, B, H = case
     for dtype in (torch.float64, torch.float32):

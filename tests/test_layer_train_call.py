@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import assert_close, grads_of
-from test_layer_fast_call import CASES, MODULES, flat, full_path, make, spy, state  # noqa: F401 (spy: fixture)
+from test_layer_fast_call import CELL_CASES, MODULES, flat, full_path, make, spy, state  # noqa: F401 (spy: fixture)
 
 from fused_rnn.ops.cpp import cell_ops, ops
 
@@ -38,8 +38,7 @@ def _leaves(x, hx, m):
 
 
 @pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
-@pytest.mark.parametrize("cell, case", [(cell, case) for cell in MODULES for case in CASES
-                                        if cell == "lstm" or not case[3]], ids=str)  # proj_size: LSTM only
+@pytest.mark.parametrize("cell, case", CELL_CASES, ids=str)
 def test_same_as_full_path_and_torch_nn(spy, cell, case, hx_given):
     L, bidir, bf, proj, T, B, H = case
     for dtype in (torch.float64, torch.float32):
