@@ -83,13 +83,19 @@ CASES = [  # (num_layers, bidirectional, batch_first, proj_size, T, B, H)
 CELL_CASES = [(cell, case) for cell in MODULES for case in CASES if cell == "lstm" or not case[3]]  # proj: LSTM
 
 
+def make_case(cell, case, dtype):
+    """make() for one of CASES, input size 4."""
+    L, bidir, bf, proj, _T, _B, H = case
+    return make(cell, 4, H, dtype, num_layers=L, bidirectional=bidir, batch_first=bf,
+                **({"proj_size": proj} if proj else {}))
+
+
 @pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
 @pytest.mark.parametrize("cell, case", CELL_CASES, ids=str)
 def test_same_as_full_path_and_torch_nn(spy, cell, case, hx_given):
-    L, bidir, bf, proj, T, B, H = case
+    bf, T, B = case[2], case[4], case[5]
     for dtype in (torch.float64, torch.float32):
-        ours, theirs = make(cell, 4, H, dtype, num_layers=L, bidirectional=bidir, batch_first=bf,
-                            **({"proj_size": proj} if proj else {}))
+        ours, theirs = make_case(cell, case, dtype)
         x = torch.randn((B, T, 4) if bf else (T, B, 4), dtype=dtype)
         args = (x, state(cell, ours, B, dtype)) if hx_given else (x,)
         with torch.no_grad():

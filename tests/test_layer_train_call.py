@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import assert_close, grads_of
-from test_layer_fast_call import CELL_CASES, MODULES, flat, full_path, make, spy, state  # noqa: F401 (spy: fixture)
+from test_layer_fast_call import CELL_CASES, MODULES, flat, full_path, make, make_case, spy, state  # noqa: F401 (spy: fixture)
 
 from fused_rnn.ops.cpp import cell_ops, ops
 
@@ -40,10 +40,9 @@ def _leaves(x, hx, m):
 @pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
 @pytest.mark.parametrize("cell, case", CELL_CASES, ids=str)
 def test_same_as_full_path_and_torch_nn(spy, cell, case, hx_given):
-    L, bidir, bf, proj, T, B, H = case
+    bf, T, B = case[2], case[4], case[5]
     for dtype in (torch.float64, torch.float32):
-        ours, theirs = make(cell, 4, H, dtype, num_layers=L, bidirectional=bidir, batch_first=bf,
-                            **({"proj_size": proj} if proj else {}))
+        ours, theirs = make_case(cell, case, dtype)
         x = torch.randn((B, T, 4) if bf else (T, B, 4), dtype=dtype, requires_grad=True)
         hx = _hx(cell, ours, B, dtype, True) if hx_given else None
         results = []
