@@ -181,6 +181,7 @@ def test_in_place_update_of_a_saved_tensor_is_caught():
             y.sum().backward()
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled", "ignore:Error detected in")
 def test_anomaly_mode_and_a_nan_gradient():
     ours, _ = make("lstm", 4, 5)
     x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
