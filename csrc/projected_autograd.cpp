@@ -7,9 +7,8 @@
 #include <torch/autograd.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <array>
 #include <string>
-
-#include "op_args.h"
 
 namespace fused_rnn {
 namespace {
@@ -61,7 +60,7 @@ struct ProjectedRecurrence : torch::autograd::Function<ProjectedRecurrence> {
     // as ops._setup_context_projected with second_order: b_ih and b_hh for the second-order recompute
     ctx->save_for_backward({x, w_ih, b_ih.value_or(Tensor()), h0, c0.value_or(Tensor()), w_hh,
                             b_hh.value_or(Tensor()), w_hr.value_or(Tensor()), y, gates, cells, proj_in});
-    ctx->saved_data["cell"] = static_cast<int64_t>(parse_cell(cell));
+    ctx->saved_data["cell"] = std::string(cell);  // as csrc/cell_step.cpp's node keeps its cell
     ctx->saved_data["reverse"] = reverse;
     ctx->set_materialize_grads(false);  // an output no loss reached arrives undefined, as in Python
     return {y, h_n, c_n, gates, cells, proj_in};
@@ -73,30 +72,30 @@ struct ProjectedRecurrence : torch::autograd::Function<ProjectedRecurrence> {
     const Tensor &dy_in = grads[0], &dh_n_in = grads[1], &dc_n_in = grads[2];
     if (!dy_in.defined() && !dh_n_in.defined() && !dc_n_in.defined()) return result;
     const variable_list saved = ctx->get_saved_variables();
-    const Cell cell = static_cast<Cell>(ctx->saved_data["cell"].toInt());
+    const std::string cell = ctx->saved_data["cell"].toStringRef();
     const bool reverse = ctx->saved_data["reverse"].toBool();
-    size_t edge[kTensorInputs];  // input i's index among the node's inputs (the present tensors)
-    for (size_t i = 0, n = 0; i < kTensorInputs; ++i) edge[i] = saved[i].defined() ? n++ : kTensorInputs;
-    const auto need = [&](size_t i) { return edge[i] != kTensorInputs && ctx->needs_input_grad(edge[i]); };
+    std::array<bool, kTensorInputs> need{};  // per input; an absent one is no input of the node
+    for (size_t i = 0, edge = 0; i < kTensorInputs; ++i)
+      if (saved[i].defined()) need[i] = ctx->needs_input_grad(edge++);
     if (c10::GradMode::is_enabled()) return second_order(cell, reverse, saved, need, grads);
     const Tensor &x = saved[kX], &w_ih = saved[kWIh], &b_ih = saved[kBIh], &h0 = saved[kH0], &c0 = saved[kC0];
     const Tensor &w_hh = saved[kWHh], &b_hh = saved[kBHh], &w_hr = saved[kWHr], &y = saved[kY];
     const Tensor &gates = saved[kGates], &cells = saved[kCells], &proj_in = saved[kProjIn];
-    const bool lstm = cell == Cell::LSTM;
+    const bool lstm = cell == "lstm";
     const Tensor dy = dy_in.defined() ? dy_in : at::zeros_like(y);
     const Tensor dh_n = dh_n_in.defined() ? dh_n_in : at::zeros_like(h0);
     const Tensor dc_n = !lstm                ? Tensor()
                         : dc_n_in.defined()  ? dc_n_in
                         : c0.defined()       ? at::zeros_like(c0)
                                              : at::zeros({y.size(1), cells.size(2)}, y.options());
-    const bool need_d_h0 = need(kH0);
+    const bool need_d_h0 = need[kH0];
     const at::AutoDispatchBelowAutograd below_autograd;
     auto [d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr] =
-        backward_op().call(cell_name(cell), dy, dh_n, opt(dc_n), y, gates, cells, proj_in, h0, opt(c0), w_hh,
+        backward_op().call(cell, dy, dh_n, opt(dc_n), y, gates, cells, proj_in, h0, opt(c0), w_hh,
                            opt(w_hr), {}, reverse, need_d_h0);
-    if (need(kX)) result[kX] = at::matmul(d_gx, w_ih);
-    if (need(kWIh)) result[kWIh] = at::matmul(d_gx.flatten(0, 1).t(), x.flatten(0, 1));
-    if (need(kBIh) && b_ih.defined()) result[kBIh] = d_gx.sum(at::IntArrayRef{0, 1});
+    if (need[kX]) result[kX] = at::matmul(d_gx, w_ih);
+    if (need[kWIh]) result[kWIh] = at::matmul(d_gx.flatten(0, 1).t(), x.flatten(0, 1));
+    if (need[kBIh] && b_ih.defined()) result[kBIh] = d_gx.sum(at::IntArrayRef{0, 1});
     if (need_d_h0) result[kH0] = d_h0;
     if (c0.defined()) result[kC0] = d_c0;
     result[kWHh] = d_w_hh;
@@ -105,31 +104,20 @@ struct ProjectedRecurrence : torch::autograd::Function<ProjectedRecurrence> {
     return result;
   }
 
-  static const char* cell_name(Cell cell) {
-    switch (cell) {
-      case Cell::LSTM: return "lstm";
-      case Cell::GRU: return "gru";
-      case Cell::RNN_TANH: return "rnn_tanh";
-      default: return "rnn_relu";
-    }
-  }
-
   // create_graph=True: the gradients as differentiable graphs, from Python's reference recompute.
-  template <typename Need>
-  static variable_list second_order(Cell cell, bool reverse, const variable_list& saved, const Need& need,
-                                    const variable_list& grads) {
+  static variable_list second_order(const std::string& cell, bool reverse, const variable_list& saved,
+                                    const std::array<bool, kTensorInputs>& need, const variable_list& grads) {
     const pybind11::gil_scoped_acquire gil;
     // looked up on each call (an imported module: a dict lookup): a function-local static initialised
     // under the GIL can deadlock with another thread that waits for its initialisation holding the GIL
     const pybind11::object fn = pybind11::module_::import("fused_rnn.ops.cpp.ops").attr("second_order_projected");
     pybind11::tuple needs(static_cast<size_t>(kTensorInputs));
-    for (size_t i = 0; i < kTensorInputs; ++i) needs[i] = pybind11::bool_(need(i));
-    const auto grad_or_none = [&](size_t i) { return grads[i].defined() ? pybind11::cast(grads[i]) : pybind11::none(); };
-    const auto saved_or_none = [&](size_t i) { return saved[i].defined() ? pybind11::cast(saved[i]) : pybind11::none(); };
+    for (size_t i = 0; i < kTensorInputs; ++i) needs[i] = pybind11::bool_(need[i]);
+    const auto or_none = [](const Tensor& t) { return t.defined() ? pybind11::cast(t) : pybind11::none(); };
     pybind11::tuple inputs(static_cast<size_t>(kTensorInputs));
-    for (size_t i = 0; i < kTensorInputs; ++i) inputs[i] = saved_or_none(i);
-    const pybind11::object out = fn(cell_name(cell), reverse, inputs, needs, grad_or_none(0), grad_or_none(1),
-                                       grad_or_none(2));
+    for (size_t i = 0; i < kTensorInputs; ++i) inputs[i] = or_none(saved[i]);
+    const pybind11::object out =
+        fn(cell, reverse, inputs, needs, or_none(grads[0]), or_none(grads[1]), or_none(grads[2]));
     variable_list result(kTensorInputs + 2);
     const auto seq = out.cast<pybind11::sequence>();
     for (size_t i = 0; i < kTensorInputs; ++i)
