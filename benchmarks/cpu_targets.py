@@ -5,7 +5,16 @@ Per shape: torch.nn and fused_rnn alternate, `--repeats` runs each after one war
 both medians of wall time and of process CPU time (all threads), their ratios (torch.nn / ours),
 the bytes each holds for the backward (the tensors autograd saves, counted with saved-tensor
 hooks: the training memory between forward and backward; the module's own parameters, held
-anyway, are not counted), and the 1-minute load average.
+anyway, are not counted), the peak memory of one forward + backward (below), and the 1-minute
+load average.
+
+Peak memory (`*_peak_MB`, forward+backward rows): the most CPU memory one training call holds at
+once beyond what was held before it — activations, saved tensors, workspaces, gradients — from the
+allocations and frees that torch.profiler records (profile_memory=True) during one untimed call:
+torch's CPU allocator and the recycling allocator of fused_rnn's CPU ops report to it alike.
+`fused_held_MB`: what fused_rnn's CPU ops keep between calls besides (the packed-weight cache,
+csrc/cpu/packed_weight_cache.h); freed blocks waiting in the recycling pool are reused, not held
+for a tensor, and are not counted (as the CUDA caching allocator's reserved memory is not).
 On a loaded machine the wall-time ratio is the fair one only when both sides see the same load —
 hence the interleaving; with 1 thread the CPU-time ratio is nearly load-independent.
 
@@ -34,7 +43,8 @@ from fused_rnn import functional
 from fused_rnn.ops.cpp import ops
 
 FIELDS = ["date", "load1", "threads", "layer", "pass", "dtype", "T", "B", "H", "nn_ms", "fused_ms", "ratio_wall",
-          "nn_cpu_ms", "fused_cpu_ms", "ratio_cpu", "nn_saved_MB", "fused_saved_MB"]
+          "nn_cpu_ms", "fused_cpu_ms", "ratio_cpu", "nn_saved_MB", "fused_saved_MB", "nn_peak_MB", "fused_peak_MB",
+          "fused_held_MB"]
 
 
 def saved_bytes(fn, params=()):
@@ -56,6 +66,33 @@ def saved_bytes(fn, params=()):
         out = fn()
     del out
     return sum(seen.values())
+
+
+def peak_bytes(fn):
+    """The most bytes of CPU memory that `fn` holds at once beyond what was held before it: the running
+    sum of the allocations (+) and frees (-) that torch.profiler records during the call, in order.
+    A block allocated before the call and freed during it is not recorded (the profiler does not know
+    its size), so `fn` should free nothing it did not allocate (set gradients to None before)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = []
+
+    def walk(node):
+        if node.typed[0] == _EventType.Allocation:
+            sizes.append((node.start_time_ns, node.typed[1].alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live = peak = 0
+    for _, size in sorted(sizes, key=lambda e: e[0]):
+        live += size
+        peak = max(peak, live)
+    return peak
 
 
 def run_interleaved(fns, repeats):
@@ -80,10 +117,13 @@ def run_pair(f_nn, f_ours, repeats):
 
 
 def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=False, packed=False):
-    """Medians (wall and CPU ms of torch.nn and ours) and saved bytes of one shape. packed: the
+    """Medians (wall and CPU ms of torch.nn and ours), saved bytes and peak bytes (0 for forward)
+    of one shape, and the bytes of fused_rnn's packed-weight cache after it. packed: the
     input as a PackedSequence of lengths drawn in [T/2, T] (one of them T), packed inside the timed
     call on both sides, as a training loop does."""
     torch.manual_seed(0)
+    if ops.load_error() is None:
+        fused_rnn._C.cpu_weight_cache_clear()  # fused_held_MB: this shape's panels only
     kw = dict(num_layers=num_layers, bidirectional=bidirectional, dtype=dtype)
     nn = getattr(torch.nn, layer)(H, H, **kw)
     ours = getattr(fused_rnn, layer)(H, H, backend="cpu", **kw)
@@ -103,7 +143,7 @@ def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=Fa
                 with torch.no_grad():
                     run(m, x)
             return f
-        saved = (0, 0)
+        saved = peak = (0, 0)
     else:
         xr = x.clone().requires_grad_()
         with torch.no_grad():
@@ -118,8 +158,17 @@ def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=Fa
             return f
         saved = (saved_bytes(lambda: run(nn, xr), list(nn.parameters())),
                  saved_bytes(lambda: run(ours, xr), list(ours.parameters())))
+
+        def training_peak(m):
+            call(m)()  # warm: what the first call allocates once is not part of a training step's peak
+            for q in m.parameters():
+                q.grad = None
+            xr.grad = None
+            return peak_bytes(lambda: run(m, xr).backward(dy))
+        peak = (training_peak(nn), training_peak(ours))
     t = run_pair(call(nn), call(ours), repeats)
-    return t, saved
+    held = fused_rnn._C.cpu_weight_cache_stats()[3] if ops.load_error() is None else 0
+    return t, saved, peak, held
 
 
 def breakdown(layer, B, H, dtype, T, repeats):
@@ -208,6 +257,11 @@ def main(argv=None):
     writer = None
     if args.out:
         new = not os.path.exists(args.out)
+        if not new:
+            with open(args.out, newline="") as old:
+                header = next(csv.reader(old), None)
+            if header != FIELDS:  # appended rows would land under other columns
+                p.error(f"{args.out} has other columns ({','.join(header or [])}); write to a new file")
         fh = open(args.out, "a", newline="")  # noqa: SIM115 - kept open for the whole run
         writer = csv.DictWriter(fh, FIELDS)
         if new:
@@ -222,7 +276,7 @@ def main(argv=None):
             for what in args.passes.split(","):
                 for H in map(int, args.H.split(",")):
                     for B in map(int, args.B.split(",")):
-                        (nw, fw, nc, fc), (ns, fs) = measure(layer, what, B, H, dtype, args.T, args.repeats,
+                        (nw, fw, nc, fc), (ns, fs), (n_peak, f_peak), held = measure(layer, what, B, H, dtype, args.T, args.repeats,
                                                              args.num_layers, args.bidirectional, args.packed)
                         row = dict(date=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                                    load1=f"{os.getloadavg()[0]:.1f}", threads=threads, layer=layer + config,
@@ -230,7 +284,9 @@ def main(argv=None):
                                    T=args.T, B=B, H=H, nn_ms=f"{nw:.2f}", fused_ms=f"{fw:.2f}",
                                    ratio_wall=f"{nw / fw:.2f}", nn_cpu_ms=f"{nc:.2f}", fused_cpu_ms=f"{fc:.2f}",
                                    ratio_cpu=f"{nc / fc:.2f}", nn_saved_MB=f"{ns / 2**20:.1f}",
-                                   fused_saved_MB=f"{fs / 2**20:.1f}", **{"pass": what})
+                                   fused_saved_MB=f"{fs / 2**20:.1f}", nn_peak_MB=f"{n_peak / 2**20:.1f}",
+                                   fused_peak_MB=f"{f_peak / 2**20:.1f}", fused_held_MB=f"{held / 2**20:.1f}",
+                                   **{"pass": what})
                         print(" ".join(f"{str(row[f]):>9s}" for f in FIELDS[1:]), flush=True)
                         if writer:
                             writer.writerow(row)

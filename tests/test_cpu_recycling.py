@@ -116,3 +116,83 @@ def test_blocks_freed_on_another_thread_return_to_the_pool():
     worker.start()
     worker.join()
     assert _C().cpu_recycle_pool()[0] > before
+
+
+def _profiled_allocations(fn):
+    """(address, bytes) of every allocation (+) and free (-) torch.profiler records while fn runs."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    found = []
+
+    def walk(node):
+        if node.typed[0] == _EventType.Allocation:
+            found.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    return [(ptr, size) for _, ptr, size in sorted(found, key=lambda e: e[0])]
+
+
+@pytest.mark.parametrize("recycle", ["1", "0"], ids=["pool", "no-pool"])
+def test_op_memory_is_reported_to_the_profiler(recycle, monkeypatch):
+    """torch.profiler's memory view sees the ops' large tensors, whether their block is new, taken
+    from the pool, or (pool off) torch's: allocated when the op makes them, freed when they die."""
+    monkeypatch.setenv(ENV, recycle)
+    op = torch.ops.fused_rnn.recurrence_forward
+    gx, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(B, H), torch.randn(B, H)
+    w_hh = torch.randn(4 * H, H) * 0.1
+    op("lstm", gx, h0, c0, w_hh, None, None, None, False, True)  # its blocks die into the pool
+    if recycle == "1":
+        assert _C().cpu_recycle_pool()[0] >= 3
+    kept = {}
+
+    def call():
+        outs = op("lstm", gx, h0, c0, w_hh, None, None, None, False, True)
+        kept.update((t.data_ptr(), t.numel() * t.element_size()) for t in outs if t.numel() * t.element_size() >= 1 << 20)
+        del outs
+
+    events = _profiled_allocations(call)
+    assert len(kept) == 3  # y, gates, cells
+    for ptr, nbytes in kept.items():
+        allocated = [size for p, size in events if p == ptr and size > 0]
+        freed = [size for p, size in events if p == ptr and size < 0]
+        assert len(allocated) == 1 and allocated[0] >= nbytes, (ptr, events)
+        assert freed == [-allocated[0]], (ptr, events)
+
+
+def test_training_peak_counts_the_ops_tensors():
+    """The benchmark's peak memory of a training call (benchmarks.cpu_targets.peak_bytes) is at least
+    what the call saves for its backward, with the blocks from the pool."""
+    from benchmarks.cpu_targets import peak_bytes, saved_bytes
+
+    m = fused_rnn.LSTM(H, H, backend="cpu")
+    x = torch.randn(T, B, H, requires_grad=True)
+    m(x)[0].sum().backward()  # the pool now holds this step's blocks
+    assert _C().cpu_recycle_pool()[0] > 0
+    for p in (*m.parameters(), x):
+        p.grad = None
+    saved = saved_bytes(lambda: m(x)[0], list(m.parameters()))
+    peak = peak_bytes(lambda: m(x)[0].sum().backward())
+    assert saved >= 3 * T * B * H * 4  # y, gates (4 H), cells at least
+    assert peak >= saved
+
+
+def test_peak_bytes_follows_allocations_and_frees():
+    from benchmarks.cpu_targets import peak_bytes
+
+    mb = 1 << 20
+
+    def f():
+        a = torch.empty(4 * mb, dtype=torch.uint8)
+        b = torch.empty(4 * mb, dtype=torch.uint8)
+        del a
+        c = torch.empty(2 * mb, dtype=torch.uint8)
+        del b, c
+
+    assert 8 * mb <= peak_bytes(f) < 9 * mb
+

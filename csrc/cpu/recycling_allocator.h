@@ -13,6 +13,10 @@
 // requests, and every request when FUSED_RNN_CPU_RECYCLE=0, take torch's default CPU allocator.
 // The tensors are ordinary CPU tensors (resizable, shareable); only where their memory comes from
 // differs. Deleters can run on any thread: the pool is behind a mutex (held across fork()).
+// Each block handed out and given back is reported as torch's own CPU allocator reports its memory
+// (c10::profiledCPUMemoryReporter), so that torch.profiler's memory view (profile_memory=True)
+// counts these tensors: live while a tensor holds the block, freed once it is back in the pool (as
+// the CUDA caching allocator's allocated/reserved split).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -51,6 +55,7 @@ class RecyclingAllocator final : public c10::Allocator {
     void* p = take(bytes);
     if (p == nullptr) p = std::aligned_alloc(64, bytes);
     TORCH_CHECK(p != nullptr, "fused_rnn: out of memory allocating ", bytes, " bytes");
+    c10::profiledCPUMemoryReporter().New(p, bytes);
     return {p, new Block{p, bytes}, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -96,6 +101,7 @@ class RecyclingAllocator final : public c10::Allocator {
 
   static void give_back(void* ctx) {
     auto* block = static_cast<Block*>(ctx);
+    c10::profiledCPUMemoryReporter().Delete(block->p);
     get().put(block->p, block->bytes);
     delete block;
   }
