@@ -590,8 +590,15 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   Tensor dh = dh_n.to(acc).contiguous().clone();  // [B, Hout] grad of the state, carried in A
   Tensor dc = lstm ? (dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, opts.dtype(acc)))
                    : at::empty({0}, opts);
+  const bool fused = use_cpu_fused(y, proj, o.any(), T, kFusedBackwardMinSteps);
+  // The GRU's grads of gx and of h @ w_hh.T + b_hh differ in the n gate's column only (d gh_n = d gx_n * r).
+  // The fused loop keeps that column alone for all steps (dgh_n) and the whole dG_h for two steps: at
+  // the end of the backward the op then holds 4 of [T, B, H] instead of 6 (with the saved gates and y,
+  // the training call's peak memory: 9 instead of 11).
+  const bool gru_n_only = fused && cell == Cell::GRU;
   Tensor dgx = empty_large({T, B, GH}, opts);
-  Tensor dgh = cell == Cell::GRU ? empty_large({T, B, GH}, opts) : dgx;  // grads of gx / of h @ w_hh.T + b_hh
+  Tensor dgh = cell != Cell::GRU ? dgx : gru_n_only ? at::empty({2, B, GH}, opts) : empty_large({T, B, GH}, opts);
+  Tensor dgh_n = gru_n_only ? empty_large({T, B, H}, opts) : Tensor();
   Tensor dh_all = proj ? empty_large({T, B, Hout}, opts) : Tensor();  // grads of the projected h
   Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
   Tensor dmm = ln ? empty_large({T, B, GH}, opts) : dgh;  // grads of h @ w_hh.T (through the layer norm)
@@ -632,11 +639,11 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   p.c0 = lstm ? c0.data_ptr() : nullptr;
   p.h0 = h0.data_ptr();
   p.dr = proj ? dr.data_ptr() : nullptr;
-  const bool fused = use_cpu_fused(y, proj, o.any(), T, kFusedBackwardMinSteps);
   if (fused) {
     const Tensor w_hh_c = w_hh.contiguous();
     FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,
-                          lstm ? cells.data_ptr() : nullptr, y.data_ptr(), dgx.data_ptr(), dgh.data_ptr(), need_d_h0};
+                          lstm ? cells.data_ptr() : nullptr, y.data_ptr(), dgx.data_ptr(), dgh.data_ptr(),
+                          gru_n_only ? dgh_n.data_ptr() : nullptr, need_d_h0};
     cpu::fused_backward(q);
   }
   c10::optional<AccGemm> gemm_hh;
@@ -672,23 +679,36 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   // d w_hh = sum_t dG_h[t]^T @ h_prev[t]. h_prev is y at the previous step except at each row's
   // first step (h0); at a reverse row's first step t = len-1 the "previous" y[t+1] is 0.
   // With layer norm w_hh's grad comes from dmm, the grad of h_prev @ w_hh.T (dmm is dgh otherwise).
-  Tensor d0;  // [B, GH]: dG_h at each row's first step
-  if (!reverse) {
-    d0 = dmm.select(0, 0);
-  } else if (!lengths.has_value()) {
-    d0 = dmm.select(0, T - 1);
+  // out = the rows of d w_hh whose columns of dG_h dg ([T, B, rows]) holds
+  const auto w_hh_grad = [&](const Tensor& dg, Tensor out) {
+    const int64_t n = dg.size(2);
+    Tensor d0;  // [B, n]: dG_h at each row's first step
+    if (!reverse) {
+      d0 = dg.select(0, 0);
+    } else if (!lengths.has_value()) {
+      d0 = dg.select(0, T - 1);
+    } else {
+      // clamped: an unchecked 0 (see check_lengths_range) must not index out of range
+      const Tensor rows = (*lengths - 1).clamp_min(0) * B + at::arange(B, lengths->options());
+      d0 = dg.reshape({T * B, n}).index_select(0, rows);
+    }
+    at::mm_out(out, d0.t(), h0);
+    if (T > 1) {
+      const Tensor dg_rest = reverse ? dg.narrow(0, 0, T - 1) : dg.narrow(0, 1, T - 1);
+      const Tensor y_rest = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+      out.addmm_(dg_rest.reshape({(T - 1) * B, n}).t(), y_rest.reshape({(T - 1) * B, Hout}));
+    }
+  };
+  Tensor d_w_hh = at::empty({GH, Hout}, opts);
+  Tensor d_b_hh;
+  if (gru_n_only) {  // r, z rows from dgx, n rows from dgh_n
+    w_hh_grad(dgx.narrow(2, 0, 2 * H), d_w_hh.narrow(0, 0, 2 * H));
+    w_hh_grad(dgh_n, d_w_hh.narrow(0, 2 * H, H));
+    d_b_hh = at::cat({dgx.narrow(2, 0, 2 * H).sum(at::IntArrayRef{0, 1}), dgh_n.sum(at::IntArrayRef{0, 1})});
   } else {
-    // clamped: an unchecked 0 (see check_lengths_range) must not index out of range
-    const Tensor rows = (*lengths - 1).clamp_min(0) * B + at::arange(B, lengths->options());
-    d0 = dmm.view({T * B, GH}).index_select(0, rows);
+    w_hh_grad(dmm, d_w_hh);
+    d_b_hh = dgh.sum(at::IntArrayRef{0, 1});
   }
-  Tensor d_w_hh = at::mm(d0.t(), h0);
-  if (T > 1) {
-    const Tensor dg_rest = reverse ? dmm.narrow(0, 0, T - 1) : dmm.narrow(0, 1, T - 1);
-    const Tensor y_rest = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-    d_w_hh.addmm_(dg_rest.reshape({(T - 1) * B, GH}).t(), y_rest.reshape({(T - 1) * B, Hout}));
-  }
-  Tensor d_b_hh = dgh.sum(at::IntArrayRef{0, 1});
   Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), proj_in.view({T * B, H})) : at::empty({0}, opts);
   Tensor d_c0 = lstm ? dc.to(y.scalar_type()) : at::empty({0}, opts);
   // The layer norm's gains and biases: sums over steps and rows (frozen rows hold zero grads).

@@ -145,7 +145,9 @@ struct FusedBackwardParams {
   const void* cells;  // A [T, B, H]
   const void* y;      // S [T, B, H]
   void* dgx;          // S [T, B, G*H]
-  void* dgh;          // S [T, B, G*H] (== dgx except GRU)
+  void* dgh;          // S [T, B, G*H] (== dgx except GRU); with dgh_n: S [2, B, G*H], two steps' dG_h
+  void* dgh_n;        // GRU or nullptr: S [T, B, H], the n gate's column of dG_h at every step (its r and
+                      // z columns equal dgx's), so that the op holds one [T, B, H] instead of [T, B, G*H]
   bool need_dh0;      // false: the last step's dh_prev GEMM is skipped and dh is left partial
 };
 

@@ -196,3 +196,19 @@ def test_peak_bytes_follows_allocations_and_frees():
 
     assert 8 * mb <= peak_bytes(f) < 9 * mb
 
+
+def test_gru_training_peak_keeps_one_column_of_d_gh():
+    """The GRU's fused backward keeps only the n gate's column of dG_h for all steps (its r and z
+    columns are dgx's; csrc/recurrence.cpp): a training call's peak is the saved gates (4 H) and y
+    with dgx (3 H) and that column, 9 of [T, B, H], where a whole dG_h would make 11."""
+    from benchmarks.cpu_targets import peak_bytes
+
+    m = fused_rnn.GRU(H, H, backend="cpu")
+    x = torch.randn(T, B, H, requires_grad=True)
+    dy = torch.randn(T, B, H)  # made before: y.sum()'s expanded ones would be made contiguous inside
+    m(x)[0].backward(dy)
+    for p in (*m.parameters(), x):
+        p.grad = None
+    unit = T * B * H * 4
+    peak = peak_bytes(lambda: m(x)[0].backward(dy))
+    assert 8.5 * unit < peak < 10 * unit, peak / unit

@@ -583,8 +583,15 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
       p.y = static_cast<const S*>(q.y) + t * B * H;
       p.y_prev = has_prev ? static_cast<const S*>(q.y) + prev * B * H : nullptr;
       p.dgx = static_cast<S*>(q.dgx) + t * B * GH;
-      p.dgh = static_cast<S*>(q.dgh) + t * B * GH;
+      // With dgh_n the full dG_h lives for two steps only: this step's GEMM reads buffer k % 2 after
+      // the barrier, and step k - 2 writes it again only after the barrier of step k - 1, which no
+      // part passes before its GEMM of step k has returned.
+      p.dgh = static_cast<S*>(q.dgh) + (q.dgh_n != nullptr ? k % 2 : t) * B * GH;
       for (int64_t b = 0; b < B; ++b) backward_row<C, S>(p, b, u0, u1);
+      if (q.dgh_n != nullptr)  // the n column of the own units, kept for d w_hh and d b_hh
+        for (int64_t b = 0; b < B; ++b)
+          std::memcpy(static_cast<S*>(q.dgh_n) + (t * B + b) * H + u0, static_cast<S*>(p.dgh) + b * GH + 2 * H + u0,
+                      sizeof(S) * (u1 - u0));
       if (k == 0 && !q.need_dh0) break;  // the last GEMM gives only d h0 (each part's own rows: no barrier)
       barrier.arrive_and_wait(p1 - p0, split.parts * (T - k));
       SpreadPrefetch pf;  // what the next step's cell math reads, arriving during this step's GEMM
