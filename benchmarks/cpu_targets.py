@@ -68,28 +68,34 @@ def saved_bytes(fn, params=()):
     return sum(seen.values())
 
 
-def peak_bytes(fn):
-    """The most bytes of CPU memory that `fn` holds at once beyond what was held before it: the running
-    sum of the allocations (+) and frees (-) that torch.profiler records during the call, in order.
-    A block allocated before the call and freed during it is not recorded (the profiler does not know
-    its size), so `fn` should free nothing it did not allocate (set gradients to None before)."""
+def profiled_allocations(fn):
+    """(address, bytes) of each allocation (+) and free (-) of CPU memory that torch.profiler records
+    while `fn` runs (profile_memory=True), in the order they happened."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    sizes = []
+    found = []
 
     def walk(node):
         if node.typed[0] == _EventType.Allocation:
-            sizes.append((node.start_time_ns, node.typed[1].alloc_size))
+            found.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
         for child in node.children:
             walk(child)
 
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root)
+    return [(ptr, size) for _, ptr, size in sorted(found, key=lambda e: e[0])]
+
+
+def peak_bytes(fn):
+    """The most bytes of CPU memory that `fn` holds at once beyond what was held before it: the running
+    sum of profiled_allocations. A block allocated before the call and freed during it is not
+    recorded (the profiler does not know its size), so `fn` should free nothing it did not allocate
+    (set gradients to None before)."""
     live = peak = 0
-    for _, size in sorted(sizes, key=lambda e: e[0]):
+    for _, size in profiled_allocations(fn):
         live += size
         peak = max(peak, live)
     return peak

@@ -5,7 +5,9 @@ by earlier calls (blocks of >= 1 MB), so a training loop does not page-fault the
 Checked: outputs and gradients bitwise equal with the pool on and off (FUSED_RNN_CPU_RECYCLE=0) and
 on repeated steps that reuse the blocks; the blocks do return to the pool and are taken again; the
 tensors behave as any CPU tensor (resize, share_memory_, save/load, freed on another thread); the
-pool is untouched when it is off.
+pool is untouched when it is off; torch.profiler's memory view sees the blocks handed out and taken
+back, which the benchmark's peak memory of a training call (benchmarks.cpu_targets.peak_bytes) and the
+GRU backward's one-column dG_h are checked with.
 """
 import io
 import threading
@@ -16,6 +18,7 @@ import torch
 import fused_rnn
 from fused_rnn.ops.cpp import ops
 
+from benchmarks.cpu_targets import peak_bytes, profiled_allocations, saved_bytes
 from helpers import grads_of
 
 pytestmark = pytest.mark.skipif(ops.load_error() is not None, reason=str(ops.load_error()))
@@ -118,26 +121,6 @@ def test_blocks_freed_on_another_thread_return_to_the_pool():
     assert _C().cpu_recycle_pool()[0] > before
 
 
-def _profiled_allocations(fn):
-    """(address, bytes) of every allocation (+) and free (-) torch.profiler records while fn runs."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    found = []
-
-    def walk(node):
-        if node.typed[0] == _EventType.Allocation:
-            found.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    return [(ptr, size) for _, ptr, size in sorted(found, key=lambda e: e[0])]
-
-
 @pytest.mark.parametrize("recycle", ["1", "0"], ids=["pool", "no-pool"])
 def test_op_memory_is_reported_to_the_profiler(recycle, monkeypatch):
     """torch.profiler's memory view sees the ops' large tensors, whether their block is new, taken
@@ -156,7 +139,7 @@ def test_op_memory_is_reported_to_the_profiler(recycle, monkeypatch):
         kept.update((t.data_ptr(), t.numel() * t.element_size()) for t in outs if t.numel() * t.element_size() >= 1 << 20)
         del outs
 
-    events = _profiled_allocations(call)
+    events = profiled_allocations(call)
     assert len(kept) == 3  # y, gates, cells
     for ptr, nbytes in kept.items():
         allocated = [size for p, size in events if p == ptr and size > 0]
@@ -168,8 +151,6 @@ def test_op_memory_is_reported_to_the_profiler(recycle, monkeypatch):
 def test_training_peak_counts_the_ops_tensors():
     """The benchmark's peak memory of a training call (benchmarks.cpu_targets.peak_bytes) is at least
     what the call saves for its backward, with the blocks from the pool."""
-    from benchmarks.cpu_targets import peak_bytes, saved_bytes
-
     m = fused_rnn.LSTM(H, H, backend="cpu")
     x = torch.randn(T, B, H, requires_grad=True)
     m(x)[0].sum().backward()  # the pool now holds this step's blocks
@@ -183,8 +164,6 @@ def test_training_peak_counts_the_ops_tensors():
 
 
 def test_peak_bytes_follows_allocations_and_frees():
-    from benchmarks.cpu_targets import peak_bytes
-
     mb = 1 << 20
 
     def f():
@@ -201,8 +180,6 @@ def test_gru_training_peak_keeps_one_column_of_d_gh():
     """The GRU's fused backward keeps only the n gate's column of dG_h for all steps (its r and z
     columns are dgx's; csrc/recurrence.cpp): a training call's peak is the saved gates (4 H) and y
     with dgx (3 H) and that column, 9 of [T, B, H], where a whole dG_h would make 11."""
-    from benchmarks.cpu_targets import peak_bytes
-
     m = fused_rnn.GRU(H, H, backend="cpu")
     x = torch.randn(T, B, H, requires_grad=True)
     dy = torch.randn(T, B, H)  # made before: y.sum()'s expanded ones would be made contiguous inside
