@@ -142,7 +142,8 @@ def _emu_exe(mode, mutation=0):
         tmp = src.with_name(f"sync_cost.{os.getpid()}.tmp")
         shutil.copyfile(sync_cost.SOURCE, tmp)
         tmp.replace(src)
-    return emu_build.build([src], mode, f"sync_cost_m{mutation}", defines=(f"SYNC_COST_MUTATION={mutation}",))
+    return emu_build.build([src], mode, f"sync_cost_m{mutation}", defines=(f"SYNC_COST_MUTATION={mutation}",),
+                           include_dirs=(sync_cost.SOURCE.parent,))  # its sync_cost_kernels.cuh
 
 
 def _emulate(mode, case, ctas, cluster, steps=5, mutation=0, expect_ok=True):
