@@ -282,8 +282,9 @@ def main(argv=None):
             for what in args.passes.split(","):
                 for H in map(int, args.H.split(",")):
                     for B in map(int, args.B.split(",")):
-                        (nw, fw, nc, fc), (ns, fs), (n_peak, f_peak), held = measure(layer, what, B, H, dtype, args.T, args.repeats,
-                                                             args.num_layers, args.bidirectional, args.packed)
+                        (nw, fw, nc, fc), (ns, fs), (n_peak, f_peak), held = measure(
+                            layer, what, B, H, dtype, args.T, args.repeats, args.num_layers, args.bidirectional,
+                            args.packed)
                         row = dict(date=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                                    load1=f"{os.getloadavg()[0]:.1f}", threads=threads, layer=layer + config,
                                    dtype=args.dtype,

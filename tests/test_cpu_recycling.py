@@ -136,7 +136,8 @@ def test_op_memory_is_reported_to_the_profiler(recycle, monkeypatch):
 
     def call():
         outs = op("lstm", gx, h0, c0, w_hh, None, None, None, False, True)
-        kept.update((t.data_ptr(), t.numel() * t.element_size()) for t in outs if t.numel() * t.element_size() >= 1 << 20)
+        sizes = ((t.data_ptr(), t.numel() * t.element_size()) for t in outs)
+        kept.update((ptr, nbytes) for ptr, nbytes in sizes if nbytes >= 1 << 20)
         del outs
 
     events = profiled_allocations(call)
