@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu/cpu_routes.h"
 #include "cpu/packed_weight_cache.h"
 #include "cpu/recycling_allocator.h"
 #include "op_args.h"
@@ -283,58 +284,6 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const optional<Tens
   return gx;
 }
 
-// Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
-// without a projection, zoneout or layer norm (those run the per-step kernels), over at least
-// min_steps steps. Below that the per-step kernels are faster: MKL's GEMMs read the weights as they
-// are, where the fused forward compares them with the packed-weight cache's copy (or packs them) and
-// the fused backward packs them on every call. Per-step time / fused time, op alone, T=1 -> 4,
-// 2 threads, H 128-512, B 1-64: forward 0.5-1.2 -> 0.7-1.6, backward 0.3-0.9 -> 0.5-1.3; the
-// backward reaches ~1 only at T=16-32 (benchmarks/NOTES.md). FUSED_RNN_CPU_KERNEL=per-step|fused
-// forces one (tests compare the two at any T; either backward follows either forward).
-constexpr int64_t kFusedForwardMinSteps = 4;
-constexpr int64_t kFusedBackwardMinSteps = 16;
-bool use_cpu_fused(const Tensor& like, bool proj, bool options, int64_t T, int64_t min_steps) {
-  if (like.is_cuda() || proj || options) return false;
-  const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
-  if (kernel != nullptr && std::string(kernel) == "per-step") return false;
-  if (kernel != nullptr && std::string(kernel) == "fused") return true;
-  return T >= min_steps;
-}
-
-// The per-step forward's w_hh operand for MKL: a row-major copy of w_hh.T, on which MKL runs the small
-// per-step GEMM ~20 % faster, where enough steps repay the copy (at H=256 B=1 it costs as much as ~10
-// of those GEMMs, so a few dozen steps); else the transposed view.
-Tensor per_step_weight(const Tensor& w_hh, int64_t T) {
-  return w_hh.is_cpu() && T < 32 ? w_hh.t() : w_hh.t().contiguous();
-}
-
-// Whether recurrence_forward_projected's fused path projects inside the loop (projection_chunk in
-// csrc/cpu/fused_cpu_kernels.h) or takes gx from one at::linear first. Inside pays off only where a
-// fresh [T,B,G*H] gx is page-faulted in on every call: glibc maps allocations above 32 MB (the
-// ceiling of its dynamic mmap threshold) afresh each time, and first touch cost ~15 ms of a 60 ms
-// projection at T=100 B=64 H=512. Below that the heap reuses the memory and MKL's GEMM is ~5-10 %
-// faster than the loop's microkernel on the projection (LSTM fp32 T=100, 2 threads, CPU time:
-// inside / linear 1.12x at B=64 H=512, 0.89-0.96x at B <= 32 or H = 256). FUSED_RNN_CPU_PROJECTION=
-// inside|outside overrides it (tests take the inside path at small sizes).
-bool project_inside(int64_t gx_bytes) {
-  const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
-  if (mode != nullptr && std::string(mode) == "inside") return true;
-  if (mode != nullptr && std::string(mode) == "outside") return false;
-  return gx_bytes >= (int64_t(32) << 20);
-}
-
-// Whether the fused CPU forward keeps its packed weight panels between calls
-// (csrc/cpu/packed_weight_cache.h); FUSED_RNN_CPU_WEIGHT_CACHE=0 turns it off.
-bool cpu_weight_cache_on() {
-  const char* flag = std::getenv("FUSED_RNN_CPU_WEIGHT_CACHE");
-  return flag == nullptr || std::string(flag) != "0";
-}
-
-// A weight's version counter for the cache's fast reject; an inference tensor has none (reading it throws).
-int64_t version_of(const Tensor& w) {
-  return w.is_inference() ? cpu::kUnknownVersion : static_cast<int64_t>(w._version());
-}
-
 // Returns y [T,B,Hout], h_n [B,Hout], c_n [B,H] (lstm; else [0]), and what the backward needs
 // (empty [0] tensors when save is false): gates [T,B,4H] (LSTM i,f,g,o / GRU r,z,n,gh_n; [0] for
 // RNN), cells [T,B,H] in the accumulation dtype (LSTM), proj_in [T,B,H] = o*tanh(c) (projection);
@@ -369,8 +318,8 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   const bool lstm = s.cell == Cell::LSTM, has_gates = s.cell == Cell::LSTM || s.cell == Cell::GRU;
   const auto opts = like.options();
   const auto acc_opts = opts.dtype(acc_type(like.scalar_type()));
-  const bool fused = use_cpu_fused(like, s.proj, o.any(), T, kFusedForwardMinSteps);
-  const bool inside = ip != nullptr && fused && project_inside(T * B * GH * like.element_size());
+  const bool fused = cpu::use_cpu_fused(like, s.proj, o.any(), T, cpu::kFusedForwardMinSteps);
+  const bool inside = ip != nullptr && fused && cpu::project_inside(T * B * GH * like.element_size());
 
   // gx, except on the fused path with the projection inside (undefined there).
   const Tensor gx = ip == nullptr ? gx_in.contiguous()
@@ -439,15 +388,15 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     q.h_n = h_n.data_ptr();
     q.gates = save && has_gates ? gates.data_ptr() : nullptr;
     q.cells = save && lstm ? cells.data_ptr() : nullptr;
-    q.cache_weights = cpu_weight_cache_on();
-    q.w_hh_version = version_of(w_hh);
-    q.w_ih_version = w_ih.defined() ? version_of(w_ih) : cpu::kUnknownVersion;
+    q.cache_weights = cpu::cpu_weight_cache_on();
+    q.w_hh_version = cpu::version_of(w_hh);
+    q.w_ih_version = w_ih.defined() ? cpu::version_of(w_ih) : cpu::kUnknownVersion;
     cpu::fused_forward(q);
     Tensor c_n = lstm ? c.to(like.scalar_type()) : at::empty({0}, opts);
     return {y, h_n, c_n, gates, cells, at::empty({0}, opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
 
-  AccGemm gemm_hh(per_step_weight(w_hh_in, T), B);  // fp32 on the CPU for fp16/bf16 (AccGemm)
+  AccGemm gemm_hh(cpu::per_step_weight(w_hh_in, T), B);  // fp32 on the CPU for fp16/bf16 (AccGemm)
   Tensor h = h0_in.contiguous().clone();                                       // [B, Hout] state
   Tensor gh = at::empty({B, GH}, acc_opts);                                     // h @ w_hh.T in A
   // Saved per step when save, else one step of scratch reused.
@@ -590,7 +539,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   Tensor dh = dh_n.to(acc).contiguous().clone();  // [B, Hout] grad of the state, carried in A
   Tensor dc = lstm ? (dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, opts.dtype(acc)))
                    : at::empty({0}, opts);
-  const bool fused = use_cpu_fused(y, proj, o.any(), T, kFusedBackwardMinSteps);
+  const bool fused = cpu::use_cpu_fused(y, proj, o.any(), T, cpu::kFusedBackwardMinSteps);
   // The GRU's grads of gx and of h @ w_hh.T + b_hh differ in the n gate's column only (d gh_n = d gx_n * r).
   // The fused loop keeps that column alone for all steps (dgh_n) and the whole dG_h for two steps: at
   // the end of the backward the op then holds 4 of [T, B, H] instead of 6 (with the saved gates and y,

@@ -1,0 +1,70 @@
+// Which CPU path runs a layer, from its shape and the FUSED_RNN_CPU_* settings: the fused recurrence or
+// the per-step kernels, the input projection inside the fused loop or one GEMM first, the per-step
+// GEMM's w_hh operand, and the packed-weight cache's switch and version key. Used by csrc/recurrence.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "packed_weight_cache.h"
+
+namespace fused_rnn {
+namespace cpu {
+
+// Whether the fused CPU recurrence (csrc/cpu/fused_cpu_kernels.h) runs this layer: CPU tensors
+// without a projection, zoneout or layer norm (those run the per-step kernels), over at least
+// min_steps steps. Below that the per-step kernels are faster: MKL's GEMMs read the weights as they
+// are, where the fused forward compares them with the packed-weight cache's copy (or packs them) and
+// the fused backward packs them on every call. Per-step time / fused time, op alone, T=1 -> 4,
+// 2 threads, H 128-512, B 1-64: forward 0.5-1.2 -> 0.7-1.6, backward 0.3-0.9 -> 0.5-1.3; the
+// backward reaches ~1 only at T=16-32 (benchmarks/NOTES.md). FUSED_RNN_CPU_KERNEL=per-step|fused
+// forces one (tests compare the two at any T; either backward follows either forward).
+constexpr int64_t kFusedForwardMinSteps = 4;
+constexpr int64_t kFusedBackwardMinSteps = 16;
+inline bool use_cpu_fused(const at::Tensor& like, bool proj, bool options, int64_t T, int64_t min_steps) {
+  if (like.is_cuda() || proj || options) return false;
+  const char* kernel = std::getenv("FUSED_RNN_CPU_KERNEL");
+  if (kernel != nullptr && std::string(kernel) == "per-step") return false;
+  if (kernel != nullptr && std::string(kernel) == "fused") return true;
+  return T >= min_steps;
+}
+
+// The per-step forward's w_hh operand for MKL: a row-major copy of w_hh.T, on which MKL runs the small
+// per-step GEMM ~20 % faster, where enough steps repay the copy (at H=256 B=1 it costs as much as ~10
+// of those GEMMs, so a few dozen steps); else the transposed view.
+inline at::Tensor per_step_weight(const at::Tensor& w_hh, int64_t T) {
+  return w_hh.is_cpu() && T < 32 ? w_hh.t() : w_hh.t().contiguous();
+}
+
+// Whether recurrence_forward_projected's fused path projects inside the loop (projection_chunk in
+// csrc/cpu/fused_cpu_kernels.h) or takes gx from one at::linear first. Inside pays off only where a
+// fresh [T,B,G*H] gx is page-faulted in on every call: glibc maps allocations above 32 MB (the
+// ceiling of its dynamic mmap threshold) afresh each time, and first touch cost ~15 ms of a 60 ms
+// projection at T=100 B=64 H=512. Below that the heap reuses the memory and MKL's GEMM is ~5-10 %
+// faster than the loop's microkernel on the projection (LSTM fp32 T=100, 2 threads, CPU time:
+// inside / linear 1.12x at B=64 H=512, 0.89-0.96x at B <= 32 or H = 256). FUSED_RNN_CPU_PROJECTION=
+// inside|outside overrides it (tests take the inside path at small sizes).
+inline bool project_inside(int64_t gx_bytes) {
+  const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
+  if (mode != nullptr && std::string(mode) == "inside") return true;
+  if (mode != nullptr && std::string(mode) == "outside") return false;
+  return gx_bytes >= (int64_t(32) << 20);
+}
+
+// Whether the fused CPU forward keeps its packed weight panels between calls
+// (csrc/cpu/packed_weight_cache.h); FUSED_RNN_CPU_WEIGHT_CACHE=0 turns it off.
+inline bool cpu_weight_cache_on() {
+  const char* flag = std::getenv("FUSED_RNN_CPU_WEIGHT_CACHE");
+  return flag == nullptr || std::string(flag) != "0";
+}
+
+// A weight's version counter for the cache's fast reject; an inference tensor has none (reading it throws).
+inline int64_t version_of(const at::Tensor& w) {
+  return w.is_inference() ? kUnknownVersion : static_cast<int64_t>(w._version());
+}
+
+}  // namespace cpu
+}  // namespace fused_rnn
