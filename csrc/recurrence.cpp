@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu/compact_rows.h"
 #include "cpu/cpu_routes.h"
 #include "cpu/packed_weight_cache.h"
 #include "cpu/recycling_allocator.h"
@@ -500,17 +501,31 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
                           const optional<Tensor>& lengths_in, bool reverse, const Options& o_in,
                           const Tensor& ln_hat_in, const Tensor& ln_rstd_in, bool need_d_h0) {
   const Cell cell = parse_cell(cell_name);
-  TORCH_CHECK(y_in.dim() == 3, "fused_rnn: y must be [T, B, Hout]");
-  const int64_t T = y_in.size(0), B = y_in.size(1), Hout = y_in.size(2);
+  // y, gates, cells, proj_in are [T, B, ...], or a packed batch's compact [N, ...] (csrc/cpu/compact_rows.h)
+  // (a compact LSTM's y may be left out, [0]: see cpu::lstm_outputs)
+  const bool y_absent = y_in.dim() == 1 && y_in.numel() == 0 && gates_in.dim() == 2;
+  const bool compact_in = y_in.dim() == 2 || y_absent;
+  TORCH_CHECK(y_in.dim() == 3 || (compact_in && dy_in.dim() == 3 && lengths_in.has_value() && lengths_in->is_cpu()),
+              "fused_rnn: y must be [T, B, Hout] (or the compact [N, Hout] of a packed batch with lengths on the CPU)");
+  const Tensor& like = compact_in ? dy_in : y_in;
+  const int64_t T = like.size(0), B = like.size(1), Hout = like.size(2);
   const int64_t G = num_gates(cell), H = w_hh.size(0) / G, GH = G * H;
   const bool lstm = cell == Cell::LSTM, has_gates = lstm || cell == Cell::GRU, proj = w_hr.has_value();
-  TORCH_CHECK(dy_in.sizes() == y_in.sizes(), "fused_rnn: dy must be ", y_in.sizes(), ", got ", dy_in.sizes());
+  TORCH_CHECK(dy_in.dim() == 3 && dy_in.size(0) == T && dy_in.size(1) == B && dy_in.size(2) == Hout,
+              "fused_rnn: dy must be [", T, ", ", B, ", ", Hout, "], got ", dy_in.sizes());
   TORCH_CHECK(dh_n.sizes() == h0_in.sizes(), "fused_rnn: dh_n must be ", h0_in.sizes());
-  TORCH_CHECK(!has_gates || (gates_in.dim() == 3 && gates_in.size(0) == T && gates_in.size(2) == 4 * H),
+  const cpu::CompactRows rows = compact_in ? cpu::compact_rows(*lengths_in, T, B) : cpu::CompactRows{};
+  // a saved tensor's steps: T, or the compact layout's N rows
+  const auto saved_ok = [&](const Tensor& t, int64_t cols) {
+    return compact_in ? t.dim() == 2 && t.size(0) == rows.N && t.size(1) == cols
+                      : t.dim() == 3 && t.size(0) == T && t.size(1) == B && t.size(2) == cols;
+  };
+  TORCH_CHECK(!y_absent || (lstm && !proj), "fused_rnn: only an LSTM without projection may leave y out");
+  TORCH_CHECK(y_absent || saved_ok(y_in, Hout), "fused_rnn: y must have ", compact_in ? rows.N : T, " steps");
+  TORCH_CHECK(!has_gates || saved_ok(gates_in, 4 * H),
               "fused_rnn: the saved gates are missing (was the forward run with save=False?)");
-  TORCH_CHECK(!lstm || (cells_in.dim() == 3 && cells_in.size(0) == T && c0_in.has_value()),
-              "fused_rnn: the saved cell states or c0 are missing");
-  TORCH_CHECK(!proj || (proj_in_in.dim() == 3 && proj_in_in.size(0) == T), "fused_rnn: the saved proj_in is missing");
+  TORCH_CHECK(!lstm || (saved_ok(cells_in, H) && c0_in.has_value()), "fused_rnn: the saved cell states or c0 are missing");
+  TORCH_CHECK(!proj || saved_ok(proj_in_in, H), "fused_rnn: the saved proj_in is missing");
   check_options(o_in, cell, proj, T, B, H, y_in);
   const bool ln = o_in.layer_norm();
   TORCH_CHECK(!ln || (ln_hat_in.dim() == 3 && ln_hat_in.size(0) == T && ln_hat_in.size(1) == B &&
@@ -527,11 +542,18 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   const auto opts = y_in.options();
   const auto acc = acc_type(y_in.scalar_type());
 
+  const bool fused = cpu::use_cpu_fused(y_in, proj, o.any(), T, cpu::kFusedBackwardMinSteps);
+  // the fused loop reads the compact layout in place; the other paths read the padded one
+  const bool compact = compact_in && fused;
+  const auto saved = [&](const Tensor& t) {
+    return compact_in && !compact ? cpu::restore_rows(t, rows, T, B) : t.contiguous();
+  };
   const Tensor dy = dy_in.to(y_in.scalar_type()).contiguous();  // often an expanded zero
-  const Tensor y = y_in.contiguous();
-  const Tensor gates = gates_in.contiguous();
-  const Tensor cells = cells_in.contiguous();
-  const Tensor proj_in = proj_in_in.contiguous();
+  // a left-out y: remade here where the per-step kernels read it, else only for d w_hh at the end
+  const Tensor y = !y_absent ? saved(y_in) : compact ? Tensor() : saved(cpu::lstm_outputs(gates_in, cells_in, H, y_in.scalar_type()));
+  const Tensor gates = saved(gates_in);
+  const Tensor cells = saved(cells_in);
+  const Tensor proj_in = saved(proj_in_in);
   const Tensor h0 = h0_in.contiguous();
   const Tensor c0 = lstm ? c0_in->to(acc).contiguous() : Tensor();
   const optional<Tensor> lengths = lengths_in.has_value() ? optional<Tensor>(lengths_in->contiguous()) : c10::nullopt;
@@ -539,33 +561,35 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   Tensor dh = dh_n.to(acc).contiguous().clone();  // [B, Hout] grad of the state, carried in A
   Tensor dc = lstm ? (dc_n.has_value() ? dc_n->to(acc).contiguous().clone() : at::zeros({B, H}, opts.dtype(acc)))
                    : at::empty({0}, opts);
-  const bool fused = cpu::use_cpu_fused(y, proj, o.any(), T, cpu::kFusedBackwardMinSteps);
   // The GRU's grads of gx and of h @ w_hh.T + b_hh differ in the n gate's column only (d gh_n = d gx_n * r).
   // The fused loop keeps that column alone for all steps (dgh_n) and the whole dG_h for two steps: at
   // the end of the backward the op then holds 4 of [T, B, H] instead of 6 (with the saved gates and y,
   // the training call's peak memory: 9 instead of 11).
+  // Compact, d gx is compact too ([N, G*H], returned so) and dG_h lives in the two-step ring for every cell.
   const bool gru_n_only = fused && cell == Cell::GRU;
-  Tensor dgx = empty_large({T, B, GH}, opts);
-  Tensor dgh = cell != Cell::GRU ? dgx : gru_n_only ? at::empty({2, B, GH}, opts) : empty_large({T, B, GH}, opts);
-  Tensor dgh_n = gru_n_only ? empty_large({T, B, H}, opts) : Tensor();
+  Tensor dgx = compact ? empty_large({rows.N, GH}, opts) : empty_large({T, B, GH}, opts);
+  Tensor dgh = compact || gru_n_only ? at::empty({2, B, GH}, opts)
+               : cell != Cell::GRU   ? dgx
+                                     : empty_large({T, B, GH}, opts);
+  Tensor dgh_n = !gru_n_only ? Tensor() : compact ? empty_large({rows.N, H}, opts) : empty_large({T, B, H}, opts);
   Tensor dh_all = proj ? empty_large({T, B, Hout}, opts) : Tensor();  // grads of the projected h
   Tensor dr = proj ? at::empty({B, H}, opts) : Tensor();              // dh_all[t] @ w_hr
   Tensor dmm = ln ? empty_large({T, B, GH}, opts) : dgh;  // grads of h @ w_hh.T (through the layer norm)
   Tensor dcout = ln && lstm ? empty_large({T, B, H}, opts) : Tensor();  // grads of LN(c~) gain_c + bias_c
   PersistentV2Plan plan;
-  const bool persistent = !o.any() && why_not_persistent(cell, proj, y, H, B, &plan) == nullptr;
+  const bool persistent = !o.any() && why_not_persistent(cell, proj, y_in, H, B, &plan) == nullptr;
 #ifdef WITH_CUDA
   if (persistent) {
     const Tensor w_hh_c = w_hh.contiguous();
-    const Tensor dh_n_s = dh_n.to(y.scalar_type()).contiguous();
-    const Tensor dc_n_s = lstm ? (dc_n.has_value() ? dc_n->to(y.scalar_type()).contiguous() : at::zeros({B, H}, opts))
+    const Tensor dh_n_s = dh_n.to(y_in.scalar_type()).contiguous();
+    const Tensor dc_n_s = lstm ? (dc_n.has_value() ? dc_n->to(y_in.scalar_type()).contiguous() : at::zeros({B, H}, opts))
                                : Tensor();
-    const Tensor c0_s = lstm ? c0_in->to(y.scalar_type()).contiguous() : Tensor();
+    const Tensor c0_s = lstm ? c0_in->to(y_in.scalar_type()).contiguous() : Tensor();
     // the CTAs' partial dh and their flags: from the caching allocator, on the current stream
     const Tensor workspace = at::empty({int64_t(v2_workspace_offsets(plan, true).total)}, opts.dtype(at::kByte));
     dh = at::empty({B, H}, opts);
     dc = lstm ? at::empty({B, H}, opts) : dc;
-    PersistentBackwardParams q{cell, to_dtype(y.scalar_type()), T, B, H, reverse, lengths_ptr(lengths), w_hh_c.data_ptr(),
+    PersistentBackwardParams q{cell, to_dtype(y_in.scalar_type()), T, B, H, reverse, lengths_ptr(lengths), w_hh_c.data_ptr(),
                                dy.data_ptr(), dh_n_s.data_ptr(), lstm ? dc_n_s.data_ptr() : nullptr,
                                has_gates ? gates.data_ptr() : nullptr, lstm ? cells.data_ptr() : nullptr,
                                y.data_ptr(), h0.data_ptr(), lstm ? c0_s.data_ptr() : nullptr, dgx.data_ptr(),
@@ -576,7 +600,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
 
   BackwardStepParams p{};
   p.cell = cell;
-  p.dtype = to_dtype(y.scalar_type());
+  p.dtype = to_dtype(y_in.scalar_type());
   p.B = B;
   p.H = H;
   p.Hout = Hout;
@@ -591,8 +615,9 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   if (fused) {
     const Tensor w_hh_c = w_hh.contiguous();
     FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,
-                          lstm ? cells.data_ptr() : nullptr, y.data_ptr(), dgx.data_ptr(), dgh.data_ptr(),
-                          gru_n_only ? dgh_n.data_ptr() : nullptr, need_d_h0};
+                          lstm ? cells.data_ptr() : nullptr, y.defined() ? y.data_ptr() : nullptr, dgx.data_ptr(), dgh.data_ptr(),
+                          gru_n_only ? dgh_n.data_ptr() : nullptr, need_d_h0,
+                          compact ? rows.rows.data_ptr<int64_t>() : nullptr};
     cpu::fused_backward(q);
   }
   c10::optional<AccGemm> gemm_hh;
@@ -650,7 +675,12 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   };
   Tensor d_w_hh = at::empty({GH, Hout}, opts);
   Tensor d_b_hh;
-  if (gru_n_only) {  // r, z rows from dgx, n rows from dgh_n
+  if (compact) {  // over the N valid rows (no layer norm on this path: dmm is dgh)
+    const Tensor h_prev = cpu::previous_h_rows(y.defined() ? y : cpu::lstm_outputs(gates, cells, H, y_in.scalar_type()),
+                                               h0, rows, T, B, reverse);
+    d_b_hh = gru_n_only ? cpu::w_hh_grads({dgx.narrow(1, 0, 2 * H), dgh_n}, h_prev, d_w_hh)
+                        : cpu::w_hh_grads({dgx}, h_prev, d_w_hh);
+  } else if (gru_n_only) {  // r, z rows from dgx, n rows from dgh_n
     w_hh_grad(dgx.narrow(2, 0, 2 * H), d_w_hh.narrow(0, 0, 2 * H));
     w_hh_grad(dgh_n, d_w_hh.narrow(0, 2 * H, H));
     d_b_hh = at::cat({dgx.narrow(2, 0, 2 * H).sum(at::IntArrayRef{0, 1}), dgh_n.sum(at::IntArrayRef{0, 1})});
@@ -659,18 +689,18 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
     d_b_hh = dgh.sum(at::IntArrayRef{0, 1});
   }
   Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), proj_in.view({T * B, H})) : at::empty({0}, opts);
-  Tensor d_c0 = lstm ? dc.to(y.scalar_type()) : at::empty({0}, opts);
+  Tensor d_c0 = lstm ? dc.to(y_in.scalar_type()) : at::empty({0}, opts);
   // The layer norm's gains and biases: sums over steps and rows (frozen rows hold zero grads).
   Tensor d_gain_hh = at::empty({0}, opts), d_gain_c = at::empty({0}, opts), d_bias_c = at::empty({0}, opts);
   if (ln) {
     const std::array<int64_t, 2> sum_tb{0, 1};
-    d_gain_hh = (dgh.to(acc) * ln_hat.narrow(2, 0, GH)).sum(sum_tb).to(y.scalar_type());
+    d_gain_hh = (dgh.to(acc) * ln_hat.narrow(2, 0, GH)).sum(sum_tb).to(y_in.scalar_type());
     if (lstm) {
-      d_gain_c = (dcout.to(acc) * ln_hat.narrow(2, GH, H)).sum(sum_tb).to(y.scalar_type());
+      d_gain_c = (dcout.to(acc) * ln_hat.narrow(2, GH, H)).sum(sum_tb).to(y_in.scalar_type());
       d_bias_c = dcout.sum(sum_tb);
     }
   }
-  Tensor d_h0 = need_d_h0 ? dh.to(y.scalar_type()) : at::empty({0}, opts);
+  Tensor d_h0 = need_d_h0 ? dh.to(y_in.scalar_type()) : at::empty({0}, opts);
   return {dgx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_gain_hh, d_gain_c, d_bias_c};
 }
 

@@ -98,6 +98,12 @@ struct BackwardStepParams {
   StepOptions opt;         // as the forward's; with zoneout dh's direct part is keep_h * (dy + dh)
   void* dmm;               // S [B, G*H]   layer norm: grad of h_prev @ w_hh.T (what the GEMM takes)
   void* dcout;             // S [B, H]     LSTM layer norm: grad of LN(c~) * gain_c + bias_c
+  // Compact saved tensors (a packed batch, csrc/cpu/compact_rows.h): gates, cells, y, cells_prev and
+  // y_prev point at the start of [N, ...] tensors holding only the valid (t, b) rows, and row b of
+  // step t is at saved_rows[b] (of prev(t) at saved_rows_prev[b]); nullptr: row b of the per-step
+  // pointers (the padded [T, B, ...] layout).
+  const int64_t* saved_rows;       // [B] at t, -1 where invalid
+  const int64_t* saved_rows_prev;  // [B] at prev(t), or nullptr
 };
 
 // With proj, before the cell backward: valid rows: dh_all[t] = dy[t] + dh, dh = 0;
@@ -149,6 +155,10 @@ struct FusedBackwardParams {
   void* dgh_n;        // GRU or nullptr: S [T, B, H], the n gate's column of dG_h at every step (its r and
                       // z columns equal dgx's), so that the op holds one [T, B, H] instead of [T, B, G*H]
   bool need_dh0;      // false: the last step's dh_prev GEMM is skipped and dh is left partial
+  // A packed batch's compact layout (csrc/cpu/compact_rows.h), or nullptr (padded): gates, cells, y
+  // are [N, ...] with row (t, b) at saved_rows[t * B + b]; dgx (and dgh_n) are written there too,
+  // [N, G*H] ([N, H]), and dG lives in a two-step ring for the GEMM (dgh: S [2, B, G*H] for every cell).
+  const int64_t* saved_rows;  // [T * B], -1 for rows past their length
 };
 
 namespace cpu {

@@ -273,12 +273,15 @@ FR_HD void backward_row(const BackwardStepParams& p, int64_t b, int64_t j0, int6
   const bool first = p.reverse ? (t == (p.lengths ? p.lengths[b] : p.T) - 1) : (t == 0);
   const S* __restrict__ dy = static_cast<const S*>(p.dy) + b * Hout;
   A* __restrict__ dh = static_cast<A*>(p.dh) + b * Hout;
+  // the row of the saved tensors at t and at prev(t): b, or the compact layout's (a packed batch)
+  const int64_t sb = p.saved_rows ? p.saved_rows[b] : b;
+  const int64_t sp = first ? b : p.saved_rows_prev ? p.saved_rows_prev[b] : b;
 
   if constexpr (C == Cell::LSTM) {
-    const S* __restrict__ gates = static_cast<const S*>(p.gates) + b * 4 * H;
-    const A* __restrict__ cells = static_cast<const A*>(p.cells) + b * H;
+    const S* __restrict__ gates = static_cast<const S*>(p.gates) + sb * 4 * H;
+    const A* __restrict__ cells = static_cast<const A*>(p.cells) + sb * H;
     const A* __restrict__ c_prev =
-        (first ? static_cast<const A*>(p.c0) : static_cast<const A*>(p.cells_prev)) + b * H;
+        (first ? static_cast<const A*>(p.c0) : static_cast<const A*>(p.cells_prev)) + sp * H;
     A* __restrict__ dc = static_cast<A*>(p.dc) + b * H;
     if (p.dr)  // with a projection dh arrives as dr = (dy + dh) @ w_hr, prepared before
       lstm_backward_loop<true, S>(nullptr, static_cast<const S*>(p.dr) + b * H, static_cast<A*>(nullptr), gates, c_prev, cells, dc,
@@ -286,11 +289,11 @@ FR_HD void backward_row(const BackwardStepParams& p, int64_t b, int64_t j0, int6
     else
       lstm_backward_loop<false, S>(dy, nullptr, dh, gates, c_prev, cells, dc, dgx, H, j0, j1);
   } else if constexpr (C == Cell::GRU) {
-    const S* __restrict__ gates = static_cast<const S*>(p.gates) + b * 4 * H;
-    const S* h_prev = (first ? static_cast<const S*>(p.h0) : static_cast<const S*>(p.y_prev)) + b * Hout;
+    const S* __restrict__ gates = static_cast<const S*>(p.gates) + sb * 4 * H;
+    const S* h_prev = (first ? static_cast<const S*>(p.h0) : static_cast<const S*>(p.y_prev)) + sp * Hout;
     gru_backward_loop<S>(dy, dh, gates, h_prev, dgx, dgh, H, j0, j1);
   } else {
-    const S* __restrict__ y = static_cast<const S*>(p.y) + b * Hout;
+    const S* __restrict__ y = static_cast<const S*>(p.y) + sb * Hout;
     for (int64_t j = j0; j < j1; ++j) {
       const A dh_v = CV::load(dy[j]) + dh[j];
       dgx[j] = CV::store(rnn_step_backward<C == Cell::RNN_RELU, A>(CV::load(y[j]), dh_v));

@@ -19,7 +19,8 @@
 //
 // h is double-buffered ([2, B, H]), so one barrier per step suffices: step k reads buffer k%2 and
 // writes buffer (k+1)%2, which nobody reads before the barrier. d w_hh / d b_hh are single large
-// GEMMs after the loop (csrc/recurrence.cpp). Included once per instruction set (FR_ISA_NS) with
+// GEMMs after the loop (csrc/recurrence.cpp). A packed batch's backward reads the saved tensors in
+// their compact layout and writes d gx so (compact_rows.h; FusedBackwardParams::saved_rows). Included once per instruction set (FR_ISA_NS) with
 // FR_VEC_BYTES, the vector width of that set; GCC vector extensions give the FMAs at that width.
 #pragma once
 
@@ -554,6 +555,8 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
   // one as [block][r][W].
   constexpr int NB = 4;
   Buffer<A> panel(split.blocks * GH * W);
+  const bool compact = q.saved_rows != nullptr, ring = compact || q.dgh_n != nullptr;
+  Buffer<S> dgx_step(compact && C == Cell::GRU ? B * GH : 0);  // each part writes and reads its own units
   StepBarrier barrier;
   at::parallel_for(0, split.parts, 1, [&](int64_t p0, int64_t p1) {
     const int64_t blk0 = split.block_begin(p0), blk1 = split.block_begin(p1);
@@ -571,35 +574,65 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
     }
     std::unique_ptr<A[]> dg_acc(std::is_same<S, A>::value ? nullptr : new A[B * GH]);
     BackwardStepParams p = q.step;
+    // The saved rows of step t: [B, ...] blocks at t (padded), or those of the compact layout, each
+    // step's valid rows contiguous from its first one (compact: the first valid row and their count).
+    const auto step_span = [&](int64_t t) -> std::pair<int64_t, int64_t> {
+      if (!compact) return {t * B, B};
+      int64_t first = 0, n = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = q.saved_rows[t * B + b];
+        if (r >= 0 && n++ == 0) first = r;
+      }
+      return {first, n};
+    };
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = q.step.reverse ? T - 1 - k : k;
       const int64_t prev = q.step.reverse ? t + 1 : t - 1;
       const bool has_prev = prev >= 0 && prev < T;
+      const int64_t at = compact ? 0 : t, at_prev = compact ? 0 : prev;  // compact: saved_rows say where
       p.t = t;
       p.dy = static_cast<const S*>(q.dy) + t * B * H;
-      p.gates = at_step(static_cast<const S*>(q.gates), t, B * 4 * H);
-      p.cells = at_step(static_cast<const A*>(q.cells), t, B * H);
-      p.cells_prev = has_prev ? at_step(static_cast<const A*>(q.cells), prev, B * H) : nullptr;
-      p.y = static_cast<const S*>(q.y) + t * B * H;
-      p.y_prev = has_prev ? static_cast<const S*>(q.y) + prev * B * H : nullptr;
-      p.dgx = static_cast<S*>(q.dgx) + t * B * GH;
-      // With dgh_n the full dG_h lives for two steps only: this step's GEMM reads buffer k % 2 after
-      // the barrier, and step k - 2 writes it again only after the barrier of step k - 1, which no
-      // part passes before its GEMM of step k has returned.
-      p.dgh = static_cast<S*>(q.dgh) + (q.dgh_n != nullptr ? k % 2 : t) * B * GH;
+      p.gates = at_step(static_cast<const S*>(q.gates), at, B * 4 * H);
+      p.cells = at_step(static_cast<const A*>(q.cells), at, B * H);
+      p.cells_prev = has_prev ? at_step(static_cast<const A*>(q.cells), at_prev, B * H) : nullptr;
+      p.y = static_cast<const S*>(q.y) + at * B * H;
+      p.y_prev = has_prev ? static_cast<const S*>(q.y) + at_prev * B * H : nullptr;
+      p.saved_rows = compact ? q.saved_rows + t * B : nullptr;
+      p.saved_rows_prev = compact && has_prev ? q.saved_rows + prev * B : nullptr;
+      // With dgh_n or compact the full dG_h lives for two steps only: this step's GEMM reads buffer
+      // k % 2 after the barrier, and step k - 2 writes it again only after the barrier of step k - 1,
+      // which no part passes before its GEMM of step k has returned.
+      p.dgh = static_cast<S*>(q.dgh) + (ring ? k % 2 : t) * B * GH;
+      // compact: dG_x at t in a [B, G*H] block first (the GRU's own; dG_h's for the others), copied
+      // below to the valid rows' places
+      p.dgx = !compact ? static_cast<S*>(q.dgx) + t * B * GH : C == Cell::GRU ? dgx_step.get() : p.dgh;
       for (int64_t b = 0; b < B; ++b) backward_row<C, S>(p, b, u0, u1);
-      if (q.dgh_n != nullptr)  // the n column of the own units, kept for d w_hh and d b_hh
-        for (int64_t b = 0; b < B; ++b)
-          std::memcpy(static_cast<S*>(q.dgh_n) + (t * B + b) * H + u0, static_cast<S*>(p.dgh) + b * GH + 2 * H + u0,
+      for (int64_t b = 0; compact && b < B; ++b) {
+        const int64_t r = q.saved_rows[t * B + b];
+        if (r < 0) continue;
+        for (int g = 0; g < G; ++g)
+          std::memcpy(static_cast<S*>(q.dgx) + r * GH + g * H + u0, static_cast<const S*>(p.dgx) + b * GH + g * H + u0,
                       sizeof(S) * (u1 - u0));
+      }
+      if (q.dgh_n != nullptr)  // the n column of the own units, kept for d w_hh and d b_hh
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t r = compact ? q.saved_rows[t * B + b] : t * B + b;
+          if (r >= 0)
+            std::memcpy(static_cast<S*>(q.dgh_n) + r * H + u0, static_cast<S*>(p.dgh) + b * GH + 2 * H + u0,
+                        sizeof(S) * (u1 - u0));
+        }
       if (k == 0 && !q.need_dh0) break;  // the last GEMM gives only d h0 (each part's own rows: no barrier)
       barrier.arrive_and_wait(p1 - p0, split.parts * (T - k));
       SpreadPrefetch pf;  // what the next step's cell math reads, arriving during this step's GEMM
       if (has_prev) {
         const int64_t prev2 = q.step.reverse ? prev + 1 : prev - 1;  // the next step's c_prev (else c0, small)
-        pf.add(at_step(static_cast<const S*>(q.gates), prev, B * 4 * H), B, 4, H, u0, u1);
+        const auto [g0, gn] = step_span(prev);
+        if (gn > 0) pf.add(at_step(static_cast<const S*>(q.gates), g0, 4 * H), gn, 4, H, u0, u1);
         pf.add(static_cast<const S*>(q.dy) + prev * B * H, B, 1, H, u0, u1);
-        if (prev2 >= 0 && prev2 < T) pf.add(at_step(static_cast<const A*>(q.cells), prev2, B * H), B, 1, H, u0, u1);
+        if (prev2 >= 0 && prev2 < T) {
+          const auto [c_first, cn] = step_span(prev2);
+          if (cn > 0) pf.add(at_step(static_cast<const A*>(q.cells), c_first, H), cn, 1, H, u0, u1);
+        }
         pf.plan((grouped_end - blk0) / NB * gemm_calls<NB, A>(B, GH) + (blk1 - grouped_end) * gemm_calls<1, A>(B, GH));
       }
       const A* x = as_acc<S, A>(static_cast<const S*>(p.dgh), B * GH, dg_acc.get());

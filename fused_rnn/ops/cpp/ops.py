@@ -24,11 +24,16 @@ gain_hh?, gain_c?, bias_c? and add ln_hat, ln_rstd (the saved normalised values 
 forward's outputs and d_gain_hh, d_gain_c, d_bias_c to the backward's.
 
 With lengths (a packed batch), the [T,B,...] tensors the forward saves keep only the rows of valid
-steps between forward and backward (`_compact_saved`); the backward puts them back in place, zeros
-elsewhere, which is what the forward wrote there or a value the backward never reads.
+steps between forward and backward (`_compact_saved`, the layout of csrc/cpu/compact_rows.h).
+recurrence_backward takes them so ([N, ...] with lengths on the CPU): the fused CPU backward reads
+them in place and returns d_gx compact too ([N, G*H]), the other paths put them back in place first,
+zeros elsewhere (what the forward wrote there or a value the backward never reads). An LSTM without
+projection saves no y then ([0]): the backward remakes it as o tanh(c) from the gates and cells. The
+`_options` twin's backward gets its tensors back in place from here.
 """
 import functools
 import hashlib
+import weakref
 from pathlib import Path
 
 import torch
@@ -122,7 +127,7 @@ def _fake_forward_projected(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengt
 
 def _fake_backward(cell, dy, dh_n, dc_n, y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, reverse,
                    need_d_h0=True):
-    T, B = y.shape[0], y.shape[1]
+    T, B = dy.shape[0], dy.shape[1]  # (y is [T, B, Hout]: compact saved tensors are never traced)
     GH, H = w_hh.shape[0], w_hh.shape[0] // GATES[cell]
     d_h0 = y.new_empty(h0.shape) if need_d_h0 else y.new_empty(0)
     d_c0 = y.new_empty(B, H) if cell == "lstm" else y.new_empty(0)
@@ -176,8 +181,11 @@ def _compacts(lengths, T, B):
 
 def _compact_saved(tensors, rows):
     """Each [T,B,...] tensor of `tensors` (non-empty, on the CPU) as its valid rows [n, ...]."""
-    return [t.flatten(0, 1).index_select(0, rows) if t is not None and t.dim() >= 2 and t.numel() else t
-            for t in tensors]
+    return [_compact(t, rows) for t in tensors]
+
+
+def _compact(t, rows):
+    return t.flatten(0, 1).index_select(0, rows) if t is not None and t.dim() >= 2 and t.numel() else t
 
 
 def _restore_saved(tensors, rows, T, B):
@@ -192,20 +200,61 @@ def _restore_saved(tensors, rows, T, B):
     return [restore(t) for t in tensors]
 
 
+_last_compact_input = (None,) * 5  # weak references to x, lengths and x's valid rows; x's and lengths' versions
+
+
+def _compact_input(x, lengths, valid):
+    """x's valid rows [N, I], made once for both directions of a layer: the second direction's call
+    (the same x and lengths, unchanged since) takes the first's while its node still holds them.
+    Made with autograd on, so that a second-order backward differentiates through them to x
+    (_second_order_backward; the index's node holds the index alone, int64 [N])."""
+    global _last_compact_input
+    x_ref, lengths_ref, rows_ref, x_version, lengths_version = _last_compact_input
+    if x_ref is not None and x_ref() is x and lengths_ref() is lengths and (x._version, lengths._version) == (
+            x_version, lengths_version):
+        rows = rows_ref()
+        if rows is not None:
+            return rows
+    with torch.enable_grad():  # (reshape copies a strided x, batch_first's, and views a contiguous one)
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, valid)
+    _last_compact_input = (weakref.ref(x), weakref.ref(lengths), weakref.ref(rows), x._version, lengths._version)
+    return rows
+
+
+def _restore_input(x_rows, lengths, T, B):
+    """_compact_input's inverse, differentiable: zeros in the padded rows (nothing depends on them)."""
+    valid = _valid_rows(lengths, T, B)[0]
+    return x_rows.new_zeros(T * B, x_rows.shape[-1]).index_copy(0, valid, x_rows).view(T, B, -1)
+
+
+# the op's outputs that the backward reads: y, gates, cells, proj_in (and the options' ln_hat, ln_rstd)
+_SAVED_OUTPUTS = (0, 3, 4, 5, 6, 7)
+
+
 def _setup_context(ctx, inputs, output, projection=(), kept=()):
     """projection: (x, w_ih) of the projected op (_setup_context_projected), saved for d_x and d_w_ih;
-    kept: more tensors saved after the rest, for _second_order_backward."""
+    kept: more tensors saved after the rest, for _second_order_backward. `output` as a list (the
+    eager call, _EagerAutograd): what is compacted is replaced there by an empty tensor at once, so
+    that its padded copy is freed before the next one is compacted (a training call's peak memory)."""
     cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save = inputs[:10]
-    y, _h_n, _c_n, gates, cells, proj_in = output[:6]
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
     ctx.has_bias, ctx.has_c0, ctx.has_proj = b_hh is not None, c0 is not None, w_hr is not None
     ctx.options, ctx.projected = len(inputs) > 10, bool(projection)
-    # the op's own saved outputs (x and the zoneout masks are the caller's, alive anyway)
-    ctx.T, ctx.B = y.shape[0], y.shape[1]
+    ctx.T, ctx.B = output[0].shape[0], output[0].shape[1]
     ctx.compact = save and _compacts(lengths, ctx.T, ctx.B)
-    own = [y, gates, cells, proj_in, *output[6:]]
+    at = _SAVED_OUTPUTS[:len(output) - 2]
+    own = [output[i] for i in at]  # the op's own saved outputs (the zoneout masks are the caller's)
     if ctx.compact:
-        own = _compact_saved(own, _valid_rows(lengths, ctx.T, ctx.B)[0])
+        valid = _valid_rows(lengths, ctx.T, ctx.B)[0]
+        for k, i in enumerate(at):
+            own[k] = _compact(own[k], valid)
+            if i and type(output) is list and output[i].numel():  # y is the caller's output: kept
+                output[i] = output[i].new_empty(0)
+        if cell == "lstm" and w_hr is None and not ctx.options:  # y = o tanh(c): the backward remakes it
+            own[0] = own[0].new_empty(0)
+        if projection:  # x too: the backward reads its valid rows only; the padded x need not outlive the forward
+            x, w_ih = projection
+            projection = (_compact_input(x, lengths, valid), w_ih)
     saved = [*projection, *own[:4], h0, c0, w_hh, w_hr, lengths]
     if ctx.options:
         keep_h, keep_c, ctx.keep_p, gain_hh, gain_c, bias_c = inputs[10:]
@@ -233,6 +282,8 @@ def _second_order_backward(ctx, dy, dh_n, dc_n):
     the other ops, without a second node in every call's graph."""
     # as _setup_context_projected saved them (the projected op has no options)
     x, w_ih, _y, _gates, _cells, _proj_in, h0, c0, w_hh, w_hr, lengths, b_ih, b_hh = ctx.saved_tensors
+    if ctx.compact:
+        x = _restore_input(x, lengths, ctx.T, ctx.B)
     # the op's inputs: cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, save
     d = second_order_projected(ctx.cell, ctx.reverse, (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr),
                                ctx.needs_input_grad[1:9], dy, dh_n, dc_n, lengths)
@@ -259,6 +310,28 @@ def _projection_grads(ctx, d_gx, x, w_ih):
     return d_x, d_w_ih, d_b_ih
 
 
+# A packed batch's d_x in up to this many GEMMs of at least this many rows each: the product d_gx W_ih
+# then exists 1/8 at a time beside d_x (whole, at B=8 H=256 it set the training call's peak memory)
+_D_X_CHUNKS, _D_X_CHUNK_MIN_ROWS = 8, 64
+
+
+def _projection_grads_compact(ctx, d_gx, rows, x, w_ih):
+    """_projection_grads from the compact d_gx [N, G*H] and x [N, I] of a packed batch (rows =
+    _valid_rows's pair): d_x is zero in the padded rows, which contribute nothing to d_w_ih and d_b_ih."""
+    need_x, need_w_ih, need_b_ih = ctx.needs_input_grad[1:4]
+    d_w_ih = d_gx.t() @ x if need_w_ih else None
+    d_x = None
+    if need_x:
+        d_x = x.new_zeros(ctx.T * ctx.B, x.shape[-1])
+        n = d_gx.shape[0]
+        chunk = max(_D_X_CHUNK_MIN_ROWS, -(-n // _D_X_CHUNKS))
+        for r in range(0, n, chunk):
+            d_x.index_copy_(0, rows[0][r:r + chunk], d_gx[r:r + chunk] @ w_ih)
+        d_x = d_x.view(ctx.T, ctx.B, -1)
+    d_b_ih = d_gx.sum(0) if need_b_ih and ctx.has_b_ih else None
+    return d_x, d_w_ih, d_b_ih
+
+
 def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved):
     n_inputs = 16 if ctx.options else 12 if ctx.projected else 10
     if no_gradient_arrived(dy, dh_n, dc_n):
@@ -274,15 +347,14 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
     saved = ctx.saved_tensors[:len(ctx.saved_tensors) - ctx.n_kept]
     projection, saved = (saved[:2], saved[2:]) if ctx.projected else ((), saved)  # (x, w_ih) first
     y, gates, cells, proj_in, h0, c0, w_hh, w_hr, lengths, *options = saved
-    if ctx.compact:
-        rows = _valid_rows(lengths, ctx.T, ctx.B)
+    rows = _valid_rows(lengths, ctx.T, ctx.B) if ctx.compact else None
+    if ctx.compact and ctx.options:  # the plain op's backward takes the compact tensors as they are
         y, gates, cells, proj_in = _restore_saved((y, gates, cells, proj_in), rows, ctx.T, ctx.B)
-        if ctx.options:
-            options[5:] = _restore_saved(options[5:], rows, ctx.T, ctx.B)  # ln_hat, ln_rstd
-    dy = torch.zeros_like(y) if dy is None else dy          # outputs no loss reached
+        options[5:] = _restore_saved(options[5:], rows, ctx.T, ctx.B)  # ln_hat, ln_rstd
+    dy = h0.new_zeros(ctx.T, ctx.B, h0.shape[-1]) if dy is None else dy  # outputs no loss reached
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     if ctx.cell == "lstm" and dc_n is None:
-        dc_n = torch.zeros_like(c0) if c0 is not None else y.new_zeros(y.shape[1], cells.shape[2])
+        dc_n = torch.zeros_like(c0) if c0 is not None else y.new_zeros(ctx.B, cells.shape[-1])
     args = (ctx.cell, dy, dh_n, dc_n if ctx.cell == "lstm" else None, y, gates, cells, proj_in,
             h0, c0, w_hh, w_hr, lengths, ctx.reverse)
     need_d_h0 = ctx.needs_input_grad[4 if ctx.projected else 2]  # h0 among the op's inputs
@@ -298,7 +370,14 @@ def _backward(ctx, dy, dh_n, dc_n, _d_gates, _d_cells, _d_proj_in, *_d_ln_saved)
                 d_ln[2] if lstm_ln else None)
     d_recurrence = (d_h0 if need_d_h0 else None, d_c0 if ctx.has_c0 else None, d_w_hh,
                     d_b_hh if ctx.has_bias else None, d_w_hr if ctx.has_proj else None, None, None, None)
-    d_input = _projection_grads(ctx, d_gx, *projection) if ctx.projected else (d_gx,)
+    if d_gx.dim() == 2:  # the fused CPU backward's compact d_gx ([N, G*H], the valid rows only)
+        d_input = (_projection_grads_compact(ctx, d_gx, rows, *projection) if ctx.projected
+                   else _restore_saved((d_gx,), rows, ctx.T, ctx.B))
+    elif ctx.projected:
+        x, w_ih = projection
+        d_input = _projection_grads(ctx, d_gx, _restore_input(x, lengths, ctx.T, ctx.B) if ctx.compact else x, w_ih)
+    else:
+        d_input = (d_gx,)
     return (None, *d_input, *d_recurrence, *d_ln)
 
 
@@ -313,9 +392,9 @@ class _EagerAutograd(torch.autograd.Function):
     def forward(ctx, *args):  # forward with ctx: no per-call inspect.signature (setup_context style binds one)
         *inputs, op = args
         with torch._C._AutoDispatchBelowAutograd():
-            output = op(*inputs)
-        _EAGER_SETUP[op](ctx, tuple(inputs), output)
-        return output
+            output = list(op(*inputs))
+        _EAGER_SETUP[op](ctx, tuple(inputs), output)  # may replace compacted outputs by empty tensors
+        return tuple(output)
 
     @staticmethod
     def backward(ctx, *grads):
