@@ -524,7 +524,8 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   TORCH_CHECK(y_absent || saved_ok(y_in, Hout), "fused_rnn: y must have ", compact_in ? rows.N : T, " steps");
   TORCH_CHECK(!has_gates || saved_ok(gates_in, 4 * H),
               "fused_rnn: the saved gates are missing (was the forward run with save=False?)");
-  TORCH_CHECK(!lstm || (saved_ok(cells_in, H) && c0_in.has_value()), "fused_rnn: the saved cell states or c0 are missing");
+  TORCH_CHECK(!lstm || (saved_ok(cells_in, H) && c0_in.has_value()),
+              "fused_rnn: the saved cell states or c0 are missing");
   TORCH_CHECK(!proj || saved_ok(proj_in_in, H), "fused_rnn: the saved proj_in is missing");
   check_options(o_in, cell, proj, T, B, H, y_in);
   const bool ln = o_in.layer_norm();
@@ -550,7 +551,9 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   };
   const Tensor dy = dy_in.to(y_in.scalar_type()).contiguous();  // often an expanded zero
   // a left-out y: remade here where the per-step kernels read it, else only for d w_hh at the end
-  const Tensor y = !y_absent ? saved(y_in) : compact ? Tensor() : saved(cpu::lstm_outputs(gates_in, cells_in, H, y_in.scalar_type()));
+  const Tensor y = !y_absent ? saved(y_in)
+                   : compact  ? Tensor()
+                              : saved(cpu::lstm_outputs(gates_in, cells_in, H, y_in.scalar_type()));
   const Tensor gates = saved(gates_in);
   const Tensor cells = saved(cells_in);
   const Tensor proj_in = saved(proj_in_in);
@@ -582,15 +585,15 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   if (persistent) {
     const Tensor w_hh_c = w_hh.contiguous();
     const Tensor dh_n_s = dh_n.to(y_in.scalar_type()).contiguous();
-    const Tensor dc_n_s = lstm ? (dc_n.has_value() ? dc_n->to(y_in.scalar_type()).contiguous() : at::zeros({B, H}, opts))
-                               : Tensor();
+    const Tensor dc_n_s =
+        lstm ? (dc_n.has_value() ? dc_n->to(y_in.scalar_type()).contiguous() : at::zeros({B, H}, opts)) : Tensor();
     const Tensor c0_s = lstm ? c0_in->to(y_in.scalar_type()).contiguous() : Tensor();
     // the CTAs' partial dh and their flags: from the caching allocator, on the current stream
     const Tensor workspace = at::empty({int64_t(v2_workspace_offsets(plan, true).total)}, opts.dtype(at::kByte));
     dh = at::empty({B, H}, opts);
     dc = lstm ? at::empty({B, H}, opts) : dc;
-    PersistentBackwardParams q{cell, to_dtype(y_in.scalar_type()), T, B, H, reverse, lengths_ptr(lengths), w_hh_c.data_ptr(),
-                               dy.data_ptr(), dh_n_s.data_ptr(), lstm ? dc_n_s.data_ptr() : nullptr,
+    PersistentBackwardParams q{cell, to_dtype(y_in.scalar_type()), T, B, H, reverse, lengths_ptr(lengths),
+                               w_hh_c.data_ptr(), dy.data_ptr(), dh_n_s.data_ptr(), lstm ? dc_n_s.data_ptr() : nullptr,
                                has_gates ? gates.data_ptr() : nullptr, lstm ? cells.data_ptr() : nullptr,
                                y.data_ptr(), h0.data_ptr(), lstm ? c0_s.data_ptr() : nullptr, dgx.data_ptr(),
                                dgh.data_ptr(), dh.data_ptr(), lstm ? dc.data_ptr() : nullptr};
@@ -615,8 +618,8 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   if (fused) {
     const Tensor w_hh_c = w_hh.contiguous();
     FusedBackwardParams q{p, w_hh_c.data_ptr(), dy.data_ptr(), has_gates ? gates.data_ptr() : nullptr,
-                          lstm ? cells.data_ptr() : nullptr, y.defined() ? y.data_ptr() : nullptr, dgx.data_ptr(), dgh.data_ptr(),
-                          gru_n_only ? dgh_n.data_ptr() : nullptr, need_d_h0,
+                          lstm ? cells.data_ptr() : nullptr, y.defined() ? y.data_ptr() : nullptr, dgx.data_ptr(),
+                          dgh.data_ptr(), gru_n_only ? dgh_n.data_ptr() : nullptr, need_d_h0,
                           compact ? rows.rows.data_ptr<int64_t>() : nullptr};
     cpu::fused_backward(q);
   }

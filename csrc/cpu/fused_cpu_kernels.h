@@ -20,8 +20,9 @@
 // h is double-buffered ([2, B, H]), so one barrier per step suffices: step k reads buffer k%2 and
 // writes buffer (k+1)%2, which nobody reads before the barrier. d w_hh / d b_hh are single large
 // GEMMs after the loop (csrc/recurrence.cpp). A packed batch's backward reads the saved tensors in
-// their compact layout and writes d gx so (compact_rows.h; FusedBackwardParams::saved_rows). Included once per instruction set (FR_ISA_NS) with
-// FR_VEC_BYTES, the vector width of that set; GCC vector extensions give the FMAs at that width.
+// their compact layout and writes d gx so (compact_rows.h; FusedBackwardParams::saved_rows).
+// Included once per instruction set (FR_ISA_NS) with FR_VEC_BYTES, the vector width of that set; GCC
+// vector extensions give the FMAs at that width.
 #pragma once
 
 #include <algorithm>
