@@ -138,8 +138,18 @@ def remade_y_grads(cell, opts, n_weights):
     return {first + k + 1 for k in range(0, n_weights, 4)}  # w_ih, w_hh, b_ih, b_hh per layer and direction
 
 
+KERNELS = ["default", "fused"]  # the default route (T=7: the per-step backward), or the fused one forced
+
+
+def use_kernel(kernel, monkeypatch):
+    if kernel == "fused":
+        monkeypatch.setenv("FUSED_RNN_CPU_KERNEL", "fused")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", [c for c in CASES if "zoneout" not in c[1]], ids=case_id)
-def test_against_reference_float64(case, compaction):
+def test_against_reference_float64(case, kernel, compaction, monkeypatch):
+    use_kernel(kernel, monkeypatch)
     cell, opts = case
     layer_opts, run_opts = split_options(opts)
     inputs = layer_inputs(cell, torch.float64, **layer_opts)
@@ -192,9 +202,11 @@ def test_saved_bytes_shrink_by_the_padding(compaction):
     assert full - compact == (T * B * (6 * H + I) - N_VALID * (5 * H + I)) * 4 - N_VALID * 8
 
 
-def test_packed_module_matches_torch_nn_and_saves_less():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_module_matches_torch_nn_and_saves_less(kernel, monkeypatch):
     """A packed batch through fused_rnn.LSTM (default threshold): torch.nn's outputs and gradients,
     and the saved tensors compacted."""
+    use_kernel(kernel, monkeypatch)
     torch.manual_seed(3)
     nn = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=torch.float64)
     ours = fused_rnn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=torch.float64, backend="cpu")
@@ -259,7 +271,7 @@ def op_backward(cell, T_, lengths, reverse, H_=H, dtype=torch.float64, compact=T
         cell, gx, h0, c0, w_hh, b_hh, None, lengths, reverse, True)
     saved = [y, gates, cells, proj_in]
     if compact:
-        saved = ops._compact_saved(saved, ops._valid_rows(lengths, T_, B_)[0])
+        saved = [ops._compact(t, ops._valid_rows(lengths, T_, B_)[0]) for t in saved]
     dy, dh_n = r(T_, B_, H_), r(B_, H_)
     dc_n = r(B_, H_) if cell == "lstm" else None
     return torch.ops.fused_rnn.recurrence_backward(cell, dy, dh_n, dc_n, *saved, h0, c0, w_hh, None, lengths,
@@ -381,7 +393,7 @@ def test_op_backward_refuses_lengths_out_of_range_on_compact_tensors(bad):
     gx, h0, w_hh = r(T, B, 3 * H), r(B, H), r(3 * H, H)
     y, _, _, gates, cells, proj_in = torch.ops.fused_rnn.recurrence_forward(
         "gru", gx, h0, None, w_hh, None, None, LENGTHS, False, True)
-    saved = ops._compact_saved([y, gates, cells, proj_in], ops._valid_rows(LENGTHS, T, B)[0])
+    saved = [ops._compact(t, ops._valid_rows(LENGTHS, T, B)[0]) for t in (y, gates, cells, proj_in)]
     lengths = LENGTHS.clone()
     lengths[2] = bad
     with pytest.raises(RuntimeError, match="lengths must"):

@@ -1,7 +1,7 @@
 // A packed batch's compact layout: of the [T, B, ...] tensors the forward saves, only the rows of
 // valid steps (t < lengths[b]), in t-major order (row t*B + b before t*B + b' > it, and before every
 // row of t + 1). fused_rnn/ops/cpp/ops.py keeps the saved y, gates and cells so between forward and
-// backward (_compact_saved); the fused CPU backward reads them in place and writes d gx the same way,
+// backward (_compact); the fused CPU backward reads them in place and writes d gx the same way,
 // so that a training call never holds the padded copies (its peak memory, benchmarks/NOTES.md).
 // Used by csrc/recurrence.cpp; the kernels take `rows` (csrc/recurrence_params.h, saved_rows).
 #pragma once

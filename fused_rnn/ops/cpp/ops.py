@@ -24,7 +24,7 @@ gain_hh?, gain_c?, bias_c? and add ln_hat, ln_rstd (the saved normalised values 
 forward's outputs and d_gain_hh, d_gain_c, d_bias_c to the backward's.
 
 With lengths (a packed batch), the [T,B,...] tensors the forward saves keep only the rows of valid
-steps between forward and backward (`_compact_saved`, the layout of csrc/cpu/compact_rows.h).
+steps between forward and backward (`_compact`, the layout of csrc/cpu/compact_rows.h).
 recurrence_backward takes them so ([N, ...] with lengths on the CPU): the fused CPU backward reads
 them in place and returns d_gx compact too ([N, G*H]), the other paths put them back in place first,
 zeros elsewhere (what the forward wrote there or a value the backward never reads). An LSTM without
@@ -179,17 +179,13 @@ def _compacts(lengths, T, B):
     return T * B - int(lengths.clamp(max=T).sum()) >= COMPACT_MIN_PADDING * T * B
 
 
-def _compact_saved(tensors, rows):
-    """Each [T,B,...] tensor of `tensors` (non-empty, on the CPU) as its valid rows [n, ...]."""
-    return [_compact(t, rows) for t in tensors]
-
-
 def _compact(t, rows):
+    """A [T,B,...] tensor (non-empty, on the CPU) as its valid rows [n, ...]; others as they are."""
     return t.flatten(0, 1).index_select(0, rows) if t is not None and t.dim() >= 2 and t.numel() else t
 
 
 def _restore_saved(tensors, rows, T, B):
-    """_compact_saved's inverse: zeros in the padded rows (rows = _valid_rows's pair)."""
+    """_compact's inverse: zeros in the padded rows (rows = _valid_rows's pair)."""
     valid, padded = rows
 
     def restore(t):
