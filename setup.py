@@ -64,6 +64,7 @@ def _extensions():
     sources = [f"{CSRC}/recurrence.cpp", f"{CSRC}/layer_entry.cpp", f"{CSRC}/projected_autograd.cpp",
                f"{CSRC}/python_module.cpp"]
     sources += [f"{CSRC}/cpu/pointwise_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
+    sources += [f"{CSRC}/cpu/fused_cpu_avx512bf16.cpp"]
     sources += [f"{CSRC}/cell_step.cpp"] + [f"{CSRC}/cpu/cell_step_cpu{isa}.cpp" for isa in ("", "_avx2", "_avx512")]
     # -fno-trapping-math lets GCC vectorise the clamps in cell_math.h; -g0: no debug info (build time).
     # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into

@@ -1,9 +1,11 @@
 // fused_rnn._C, the Python module whose import loads this library: the ops register themselves
 // through the static initialisers of csrc/recurrence.cpp and csrc/cell_step.cpp; the module itself
 // carries the build's ABI version and source hash (fused_rnn/ops/cpp/ops.py refuses a stale build),
-// _C.cell_step and _C.layer_forward (the modules' eager calls) and the CPU caches' report/clear functions.
+// _C.cell_step and _C.layer_forward (the modules' eager calls), the CPU caches' report/clear functions and
+// _C.cpu_isa().
 #include <Python.h>
 
+#include "cpu/cpu_isa.h"
 #include "cpu/packed_weight_cache.h"
 #include "cpu/recycling_allocator.h"
 
@@ -23,6 +25,12 @@ int add_cell_step_entry(PyObject* module);  // csrc/cell_step.cpp: _C.cell_step,
 int add_layer_entry(PyObject* module);      // csrc/layer_entry.cpp: _C.layer_forward, the layers' no-grad call
 
 namespace {
+// _C.cpu_isa() -> the instruction set the CPU kernels run (csrc/cpu/cpu_isa.h): "default", "avx2",
+// "avx512", "avx512_bf16" or "amx_bf16" (the last two: the bf16 fused recurrence's; the rest as avx512).
+PyObject* cpu_isa_py(PyObject*, PyObject*) {
+  static const char* const names[] = {"default", "avx2", "avx512", "avx512_bf16", "amx_bf16"};
+  return PyUnicode_FromString(names[static_cast<int>(cpu::best_isa())]);
+}
 // _C.cpu_weight_cache_stats() -> (hits, misses, entries, bytes) and _C.cpu_weight_cache_clear():
 // the fused CPU forward's packed-weight cache (csrc/cpu/packed_weight_cache.h), for tests and benchmarks.
 PyObject* cpu_weight_cache_stats_py(PyObject*, PyObject*) {
@@ -45,6 +53,7 @@ PyObject* cpu_recycle_release_py(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 PyMethodDef cache_methods[] = {
+    {"cpu_isa", cpu_isa_py, METH_NOARGS, "cpu_isa() -> the instruction set the CPU kernels run (FUSED_RNN_CPU_ISA caps it)"},
     {"cpu_recycle_pool", cpu_recycle_pool_py, METH_NOARGS,
      "cpu_recycle_pool() -> (blocks, bytes) of freed op memory the CPU ops keep for reuse"},
     {"cpu_recycle_release", cpu_recycle_release_py, METH_NOARGS,

@@ -49,6 +49,10 @@ def main(argv=None):
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)} | CUDA {torch.version.cuda} | "
               f"cuDNN {torch.backends.cudnn.version()}")
+    from fused_rnn.ops.cpp import ops  # noqa: PLC0415
+    if ops.load_error() is None:
+        from fused_rnn import _C  # noqa: PLC0415
+        print(f"CPU kernels built for: {_C.cpu_isa()} (the widest this CPU runs; FUSED_RNN_CPU_ISA caps it)")
 
     print("\nBackends on", device.type)
     status = fused_rnn.available_backends(device)

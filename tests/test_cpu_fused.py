@@ -16,7 +16,7 @@ import fused_rnn
 from fused_rnn import reference
 from fused_rnn.ops.cpp import cpu_backend, ops
 
-from helpers import assert_close, grads_of
+from helpers import assert_close, grads_of, reference_like_kernel
 
 pytestmark = pytest.mark.skipif(ops.load_error() is not None, reason=str(ops.load_error()))
 
@@ -152,6 +152,71 @@ def test_fused_low_precision_against_reference(cell, dtype, threads):
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == dtype
         assert_close(a, b, dtype, f"output/grad {i}")
+
+
+# (H, B): a zero-padded tile operand in both dimensions (and an odd G*H for the GRU's backward), several
+# unit blocks with a partial one, and whole 16 x 32 tiles that the kernels read in place.
+BF16_SIZES = [(37, 3), (133, 13), (64, 32)]
+
+
+@pytest.mark.parametrize("H, B", BF16_SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_bfloat16_against_reference(cell, H, B, threads):
+    """bf16 on this CPU's best path (AMX tiles, AVX512_BF16 pairs, or fp32 FMAs on converted operands)
+    against the float64 reference on the same rounded inputs (h rounded per step as the kernels carry
+    it, helpers.reference_like_kernel): every output and gradient, lengths and reverse."""
+    for reverse, lengths in ((False, True), (True, False)):
+        args = make_inputs(cell, T=6, B=B, H=H, dtype=torch.bfloat16, lengths=lengths, seed=H + B)
+        args64 = [a.detach().double().requires_grad_() if a is not None and a.is_floating_point() else a
+                  for a in args]
+        outs = cpu_backend.recurrence(cell, *args, reverse)
+        want = reference_like_kernel(cell, [*args64, reverse], torch.bfloat16, outs)
+        got = [o for o in outs if o is not None] + list(grads_of(outs, [a for a in args[:-1] if a is not None]))
+        want = [w for w in want if w is not None] + list(grads_of(want, [a for a in args64[:-1] if a is not None]))
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == torch.bfloat16
+            assert_close(a, b, torch.bfloat16, f"{cell} H={H} B={B} rev={reverse} len={lengths}: output/grad {i}")
+
+
+_BF16_ISA_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from helpers import assert_close, grads_of, reference_like_kernel
+from fused_rnn.ops.cpp import cpu_backend
+torch.set_num_threads(3)
+G = {{"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}}
+for cell in G:
+    for H, B in {sizes!r}:
+        g = torch.Generator().manual_seed(H * B)
+        r = lambda *s, k=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * k).to(torch.bfloat16)
+        lens = torch.randint(1, 7, (B,), generator=g)
+        lens[0] = 6
+        ins = [r(6, B, G[cell] * H), r(B, H), r(B, H) if cell == "lstm" else None, r(G[cell] * H, H, k=H ** -0.5),
+               r(G[cell] * H)]
+        for rows, reverse in ((lens, False), (None, True)):
+            xs, xs64 = ([a.to(dt).requires_grad_() if a is not None else None for a in ins]
+                        for dt in (torch.bfloat16, torch.float64))
+            outs = cpu_backend.recurrence(cell, *xs, None, rows, reverse)
+            want = reference_like_kernel(cell, [*xs64, None, rows, reverse], torch.bfloat16, outs)
+            results = [[o for o in os if o is not None] + list(grads_of(os, [x for x in inputs if x is not None]))
+                       for os, inputs in ((outs, xs), (want, xs64))]
+            for i, (a, b) in enumerate(zip(*results)):
+                assert_close(a, b, torch.bfloat16, f"{{cell}} H={{H}} B={{B}} reverse={{reverse}}: output/grad {{i}}")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx512_bf16", "amx_bf16"])
+def test_fused_bfloat16_on_every_instruction_set(isa, monkeypatch):
+    """bf16's fused recurrence as each instruction set this CPU has runs it (FUSED_RNN_CPU_ISA caps the
+    choice, once per process): fp32 FMAs on converted operands (avx512), bf16 pairs (avx512_bf16), AMX
+    tiles (amx_bf16), against the float64 reference on every output and gradient, 3 threads."""
+    import os
+    from helpers import run_with_cpu_isa
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run_with_cpu_isa(isa, _BF16_ISA_SCRIPT.format(tests=tests, sizes=BF16_SIZES))
 
 
 @pytest.mark.parametrize("cell", CELLS)

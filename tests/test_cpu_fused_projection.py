@@ -175,17 +175,23 @@ def aten_ops_called(fn):
     return {e.name for e in prof.events() if e.name.startswith("aten::")}
 
 
-@pytest.mark.parametrize("T, B, H, inside", [(33, 64, 1024, True), (9, 13, 37, False)])
-def test_default_projects_inside_only_for_a_large_gx(T, B, H, inside, monkeypatch):
+@pytest.mark.parametrize("T, B, H, dtype, inside", [(33, 64, 1024, torch.float32, True),
+                                                    (9, 13, 37, torch.float32, False),
+                                                    (65, 64, 1024, torch.bfloat16, "unless AMX")])
+def test_default_projects_inside_only_for_a_large_gx(T, B, H, dtype, inside, monkeypatch):
     """Without FUSED_RNN_CPU_PROJECTION the op projects inside the loop where gx would take
-    >= 32 MB (csrc/recurrence.cpp project_inside; T=33 B=64 H=1024 fp32 LSTM: 34.6 MB) and runs
-    one GEMM first below (input_projection: addmm, or mm without b_ih); either way the outputs are
-    those of the op on F.linear's gx."""
+    >= 32 MB (csrc/cpu/cpu_routes.h project_inside; T=33 B=64 H=1024 fp32 LSTM: 34.6 MB), except bf16
+    on AMX tiles (there one GEMM first is faster at any size), and runs one GEMM first below
+    (input_projection: addmm, or mm without b_ih); either way the outputs are those of the op on
+    F.linear's gx."""
+    from fused_rnn import _C
+    if inside == "unless AMX":
+        inside = _C.cpu_isa() != "amx_bf16"
     monkeypatch.delenv("FUSED_RNN_CPU_PROJECTION")
-    args = make_inputs("lstm", T=T, B=B, H=H, I=100, dtype=torch.float32, lengths=True, b_ih=True)
+    args = make_inputs("lstm", T=T, B=B, H=H, I=100, dtype=dtype, lengths=True, b_ih=True)
     called = aten_ops_called(lambda: projected("lstm", args, False, False))
     assert bool({"aten::addmm", "aten::mm"} & called) != inside, sorted(called)
     got = projected("lstm", args, False, False)
     for i, (a, b) in enumerate(zip(got, on_linear_gx("lstm", args, False, False))):
         if a.numel():
-            assert_close(a, b, torch.float32, f"output {i}")
+            assert_close(a, b, dtype, f"output {i}")

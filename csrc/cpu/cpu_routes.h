@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cpu_isa.h"
 #include "packed_weight_cache.h"
 
 namespace fused_rnn {
@@ -47,11 +48,20 @@ inline at::Tensor per_step_weight(const at::Tensor& w_hh, int64_t T) {
 // faster than the loop's microkernel on the projection (LSTM fp32 T=100, 2 threads, CPU time:
 // inside / linear 1.12x at B=64 H=512, 0.89-0.96x at B <= 32 or H = 256). FUSED_RNN_CPU_PROJECTION=
 // inside|outside overrides it (tests take the inside path at small sizes).
-inline bool project_inside(int64_t gx_bytes) {
+// bf16 on AMX tiles (`tiles`) projects outside at any size: there oneDNN's bf16 GEMM into gx beats
+// the loop's tile GEMM and its rounding pass (LSTM bf16 T=100 2 threads, module no-grad, interleaved
+// medians, inside / outside: B=32 H=256 9.9 / 7.3 ms, B=64 H=256 12.7 / 9.0, B=64 H=1024 149 / 107).
+inline bool project_inside(int64_t gx_bytes, bool tiles) {
   const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
   if (mode != nullptr && std::string(mode) == "inside") return true;
   if (mode != nullptr && std::string(mode) == "outside") return false;
-  return gx_bytes >= (int64_t(32) << 20);
+  return !tiles && gx_bytes >= (int64_t(32) << 20);
+}
+
+// Whether the fused CPU kernels run this dtype on AMX tiles (fused_gemm.h amx_gemm_block): bf16 on a
+// CPU with AMX (cpu_isa.h).
+inline bool on_amx_tiles(const at::Tensor& like) {
+  return like.is_cpu() && like.scalar_type() == at::kBFloat16 && best_isa() == Isa::AmxBf16;
 }
 
 // Whether the fused CPU forward keeps its packed weight panels between calls

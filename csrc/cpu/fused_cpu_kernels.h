@@ -6,7 +6,8 @@
 // reads, so the slice stays in that core's L2 for all T steps. The forward packs once per call, or
 // not at all when an earlier call packed the same weight bytes (packed_weight_cache.h). Per step:
 //
-//   forward   1. gh[:, own gate columns] = h_prev @ w_hh[own rows].T   (register-blocked FMA)
+//   forward   1. gh[:, own gate columns] = h_prev @ w_hh[own rows].T   (register-blocked FMA, or
+//                AMX tiles for bf16 where the CPU has them)
 //             2. the cell math of recurrence_step.h (forward_row) on the own units: gates never
 //                leave the thread except what the backward saves
 //             3. one barrier: everyone's h is written before anyone's next GEMM reads it
@@ -14,15 +15,20 @@
 //             2. one barrier: every dG at t is written
 //             3. dh_prev[:, own units] += dG_h[t] @ w_hh[:, own units]   (the same microkernel)
 //
-// During each GEMM the lines that the cell math after it reads and writes are prefetched a few at
-// a time (SpreadPrefetch): gx and y forward, the next step's saved gates, dy, cells backward.
+// During each FMA GEMM the lines that the cell math after it reads and writes are prefetched a few
+// at a time (SpreadPrefetch): gx and y forward, the next step's saved gates, dy, cells backward.
+//
+// bf16 (S) keeps h, dG_h and the panels in bf16 where the build multiplies bf16 (Bf16PairDot, AMX);
+// elsewhere they are converted to fp32 (the accumulation type A) for the FMAs. The sums, gh, dh and
+// the LSTM's cell state are fp32 throughout.
 //
 // h is double-buffered ([2, B, H]), so one barrier per step suffices: step k reads buffer k%2 and
 // writes buffer (k+1)%2, which nobody reads before the barrier. d w_hh / d b_hh are single large
 // GEMMs after the loop (csrc/recurrence.cpp). A packed batch's backward reads the saved tensors in
 // their compact layout and writes d gx so (compact_rows.h; FusedBackwardParams::saved_rows).
-// Included once per instruction set (FR_ISA_NS) with FR_VEC_BYTES, the vector width of that set; GCC
-// vector extensions give the FMAs at that width.
+// The GEMMs are fused_gemm.h's: FMA microkernels, and for bf16 on a CPU with AMX, tiles. Included
+// once per instruction set (FR_ISA_NS) with FR_VEC_BYTES, the vector width of that set (and
+// FR_BF16_DOT, FR_AMX in the bf16 build, fused_cpu_avx512bf16.cpp).
 #pragma once
 
 #include <algorithm>
@@ -35,181 +41,13 @@
 #include <utility>
 #include <vector>
 
+#include "fused_gemm.h"
 #include "packed_weight_cache.h"
-
-#ifndef FR_VEC_BYTES
-#define FR_VEC_BYTES 16
-#endif
 
 namespace fused_rnn {
 namespace cpu {
 inline namespace FR_ISA_NS {
 namespace fused {
-
-constexpr int kVecBytes = FR_VEC_BYTES;
-constexpr int kRegs = FR_VEC_BYTES == 64 ? 32 : 16;  // vector registers of the instruction set
-
-typedef float VecF __attribute__((vector_size(kVecBytes)));
-typedef double VecD __attribute__((vector_size(kVecBytes)));
-template <typename A> struct VecOf;
-template <> struct VecOf<float> { using type = VecF; };
-template <> struct VecOf<double> { using type = VecD; };
-template <typename A> constexpr int lanes() { return kVecBytes / static_cast<int>(sizeof(A)); }
-
-// Rows of the batch per microkernel call: NG accumulators per row plus NG weight vectors must fit
-// in the registers (3/4 of them for accumulators), at most 8.
-template <int NG> constexpr int rows_per_block() {
-  const int r = (kRegs * 3 / 4) / NG;
-  return r > 8 ? 8 : r;
-}
-
-// Independent accumulator chains the k loop needs to keep both FMA pipes busy: FMA latency (4
-// cycles) x 2 issued per cycle = 8. Fewer than 8 of BB x NG (B=1, the RNN, the rest rows of a
-// block) and the loop waits on each FMA's result: the k loop is then split into KS interleaved
-// partial sums (k = s mod KS), added at the end. BB x NG x KS accumulators plus KS broadcasts must
-// fit in the registers; the weights come as memory operands of the FMAs.
-template <int NG, int BB> constexpr int k_splits() {
-  constexpr int chains = NG * BB;
-  int ks = chains >= 8 ? 1 : (8 + chains - 1) / chains;
-  while (ks > 1 && chains * ks + ks > kRegs - 1) --ks;
-  return ks > 4 ? 4 : ks;
-}
-
-// out[b, g*gstride + lane] (+)= sum_k x[b, k] * panel[k][g][lane] for b < BB, g < NG, lane < nvalid
-// (+= when `accum`). `panel` is one block of W = lanes<A>() output columns per gate, packed
-// [K][NG][W] (zero-padded). BB x NG (x KS, k_splits) accumulators stay in registers for the whole
-// k loop.
-template <int NG, int BB, typename A>
-inline void microkernel(const A* __restrict__ x, int64_t ldx, const A* __restrict__ panel, int64_t K,
-                        A* __restrict__ out, int64_t ldo, int64_t gstride, int nvalid, bool accum) {
-  using V = typename VecOf<A>::type;
-  constexpr int W = lanes<A>();
-  constexpr int KS = k_splits<NG, BB>();
-  V acc[KS][BB][NG];
-  for (int s = 0; s < KS; ++s)
-    for (int b = 0; b < BB; ++b)
-      for (int g = 0; g < NG; ++g) acc[s][b][g] = V{};
-  for (int b = 0; b < BB; ++b)
-    for (int g = 0; g < NG; ++g) {
-      const A* o = out + b * ldo + g * gstride;
-      if (accum && nvalid == W)
-        std::memcpy(&acc[0][b][g], o, sizeof(V));
-      else if (accum)
-        for (int l = 0; l < nvalid; ++l) acc[0][b][g][l] = o[l];
-    }
-  // acc_s += x[:, k] * panel[k] (one k, all BB rows and NG gates)
-  const auto fma_k = [&](int64_t k, V (&acc_s)[BB][NG]) __attribute__((always_inline)) {
-    V w[NG];
-    for (int g = 0; g < NG; ++g) w[g] = *reinterpret_cast<const V*>(panel + (k * NG + g) * W);
-    for (int b = 0; b < BB; ++b) {
-      const A xv = x[b * ldx + k];
-      for (int g = 0; g < NG; ++g) acc_s[b][g] += w[g] * xv;
-    }
-  };
-  int64_t k = 0;
-  for (; k + KS <= K; k += KS)
-    for (int s = 0; s < KS; ++s) fma_k(k + s, acc[s]);
-  for (; k < K; ++k) fma_k(k, acc[0]);
-  for (int s = 1; s < KS; ++s)
-    for (int b = 0; b < BB; ++b)
-      for (int g = 0; g < NG; ++g) acc[0][b][g] += acc[s][b][g];
-  for (int b = 0; b < BB; ++b)
-    for (int g = 0; g < NG; ++g) {
-      A* o = out + b * ldo + g * gstride;
-      if (nvalid == W)
-        std::memcpy(o, &acc[0][b][g], sizeof(V));
-      else
-        for (int l = 0; l < nvalid; ++l) o[l] = acc[0][b][g][l];
-    }
-}
-
-// The lines of [T, ...] arrays that the cell math after a GEMM reads or writes (a part's own
-// units' columns of each row), prefetched a few at a time during the GEMM: `issue` before each
-// microkernel call. In one burst (or in the cell math itself) they stalled on the memory: the
-// cell math is bound by it (backward, B=64 H=256: ~3 ns per unit from memory, ~1 ns from cache).
-struct SpreadPrefetch {
-  struct Region { const char* base; int64_t rows, nseg, seg_bytes, row_bytes, lines; bool write; };  // [rows, nseg*H]
-  Region r[4];
-  int n = 0;
-  int64_t per_call = 0, region = 0, row = 0, line = 0;  // the next line: region, row*nseg+seg, line in it
-
-  // The own columns [u0, u1) of each of nseg segments (H apart) of each row of block [B, nseg*H]
-  // (`write`: lines the cell math writes, fetched for ownership).
-  template <typename T>
-  void add(const T* block, int64_t B, int64_t nseg, int64_t H, int64_t u0, int64_t u1, bool write = false) {
-    if (block == nullptr || u1 <= u0) return;
-    const int64_t lines = ((u1 - u0) * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-    r[n++] = {reinterpret_cast<const char*>(block + u0), B, nseg, H * static_cast<int64_t>(sizeof(T)),
-              nseg * H * static_cast<int64_t>(sizeof(T)), lines, write};
-  }
-  // Spread all lines over `calls` calls of issue().
-  void plan(int64_t calls) {
-    int64_t total = 0;
-    for (int i = 0; i < n; ++i) total += r[i].rows * r[i].nseg * r[i].lines;
-    per_call = (total + calls - 1) / std::max<int64_t>(calls, 1);
-  }
-  void issue() {
-    for (int64_t i = 0; i < per_call && region < n; ++i) {
-      const Region& g = r[region];
-      const char* a = g.base + (row / g.nseg) * g.row_bytes + (row % g.nseg) * g.seg_bytes + line * 64;
-      if (g.write)
-        __builtin_prefetch(a, 1, 2);
-      else
-        __builtin_prefetch(a, 0, 2);
-      if (++line < g.lines) continue;
-      line = 0;
-      if (++row < g.rows * g.nseg) continue;
-      row = 0;
-      ++region;
-    }
-  }
-};
-
-// K chunk of gemm_block: the panel's slice, KC x NG x W values, ~32 KB, stays in L1 (48 KB here)
-// while every block of rows_per_block rows passes over it. Measured at B=64 (1 thread, AVX-512,
-// LSTM): 128 x 4 x 16 fp32 runs the GEMM ~8 % faster than 64 (each chunk re-reads and re-writes
-// the accumulators) and than no cut (each row block streams the whole panel from L2 at H=512).
-template <int NG, typename A> int64_t k_chunk(int64_t B, int64_t K) {
-  const int64_t slice = 32768 / (NG * lanes<A>() * static_cast<int64_t>(sizeof(A)));
-  return B <= rows_per_block<NG>() ? K : std::max<int64_t>(16, slice);
-}
-// Microkernel calls of one gemm_block (for SpreadPrefetch::plan).
-template <int NG, typename A> int64_t gemm_calls(int64_t B, int64_t K) {
-  const int64_t KC = k_chunk<NG, A>(B, K);
-  return (K + KC - 1) / KC * ((B + rows_per_block<NG>() - 1) / rows_per_block<NG>());
-}
-
-// All B rows against one panel block, K cut into chunks (k_chunk). `pf`: prefetches to issue
-// along the way (or nullptr).
-template <int NG, bool ACCUM, typename A>
-void gemm_block(const A* x, int64_t ldx, int64_t B, const A* panel, int64_t K, A* out, int64_t ldo,
-                int64_t gstride, int nvalid, SpreadPrefetch* pf = nullptr) {
-  constexpr int BB = rows_per_block<NG>();
-  constexpr int W = lanes<A>();
-  const int64_t KC = k_chunk<NG, A>(B, K);
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kc = std::min(KC, K - k0);
-    const bool accum = ACCUM || k0 > 0;
-    const A* xk = x + k0;
-    const A* pk = panel + k0 * NG * W;
-    int64_t b = 0;
-    for (; b + BB <= B; b += BB) {
-      if (pf != nullptr) pf->issue();
-      microkernel<NG, BB, A>(xk + b * ldx, ldx, pk, kc, out + b * ldo, ldo, gstride, nvalid, accum);
-    }
-    const int rest = static_cast<int>(B - b);
-    if (rest > 0 && pf != nullptr) pf->issue();
-    const A* xr = xk + b * ldx;
-    A* outr = out + b * ldo;
-#define FR_REST(n) \
-  case n: if constexpr (n < BB) microkernel<NG, n, A>(xr, ldx, pk, kc, outr, ldo, gstride, nvalid, accum); break;
-    switch (rest) {
-      FR_REST(1) FR_REST(2) FR_REST(3) FR_REST(4) FR_REST(5) FR_REST(6) FR_REST(7)
-      default: break;
-    }
-#undef FR_REST
-  }
-}
 
 // Scratch blocks kept by each thread between calls (at most kKeep, the largest). Freed and
 // allocated again per call, the multi-MB panels went back to the OS (glibc trims the top of the
@@ -289,46 +127,96 @@ struct Split {
   int nvalid(int64_t blk) const { return static_cast<int>(std::min(W, H - blk * W)); }
 };
 
-// x (S, [rows, cols] row-major) as the GEMM's A operand: itself when S is A, else converted into
-// `scratch` (bf16/fp16 -> fp32).
-template <typename S, typename A> const A* as_acc(const S* x, int64_t n, A* scratch) {
-  if constexpr (std::is_same<S, A>::value) {
+// x (S, [rows, cols] row-major) as the GEMM's x operand (X, Dot::X): itself when S is X, else
+// converted into `scratch` (bf16/fp16 -> fp32).
+template <typename S, typename X> const X* as_operand(const S* x, int64_t n, X* scratch) {
+  if constexpr (std::is_same<S, X>::value) {
     return x;
   } else {
     for (int64_t i = 0; i < n; ++i) scratch[i] = Conv<S>::load(x[i]);
     return scratch;
   }
 }
-
-// One vector of floats from / to unaligned memory (q[at...]).
-FR_HD VecF load(const float* q) {
-  VecF v;
-  std::memcpy(&v, q, sizeof v);
-  return v;
+// One value of a weight (S) as the panel holds it (P): as it is, or converted.
+template <typename P, typename S> P panel_value(S v) {
+  if constexpr (std::is_same<S, P>::value)
+    return v;
+  else
+    return static_cast<P>(Conv<S>::load(v));
 }
-FR_HD void store(void* q, int64_t at, const VecF& v) { std::memcpy(static_cast<float*>(q) + at, &v, sizeof v); }
 
-// The LSTM cell math on one vector of W hidden units [u, u + W) of a valid batch row b, fp32,
-// right after the GEMM wrote their gh (still in L1): the vector twin of lstm_forward_loop
-// (recurrence_step.h), with the lanes of lstm_step_forward (cell_math.h) as one vector. When
-// `save` is false nothing but the state and y is written.
-inline void lstm_forward_vec(const ForwardStepParams& p, int64_t b, int64_t u, bool save) {
+// W values of storage type S from / to unaligned memory as one fp32 vector (kOn: this S has it):
+// float as it is; bf16 widened (it is the top half of an fp32) and rounded to nearest even, NaN to
+// 0x7FC0 — c10::BFloat16's rounding, bitwise the scalar Conv's.
+template <typename S> struct VecIo { static constexpr bool kOn = false; };
+template <> struct VecIo<float> {
+  static constexpr bool kOn = true;
+  FR_HD static VecF load(const float* q) {
+    VecF v;
+    std::memcpy(&v, q, sizeof v);
+    return v;
+  }
+  FR_HD static void store(float* q, const VecF& v) { std::memcpy(q, &v, sizeof v); }
+};
+template <> struct VecIo<c10::BFloat16> {
+  static constexpr bool kOn = true;
+  typedef uint16_t V16 __attribute__((vector_size(kVecBytes / 2)));
+  typedef uint32_t VU __attribute__((vector_size(kVecBytes)));
+  FR_HD static VecF load(const c10::BFloat16* q) {
+    V16 half;
+    std::memcpy(&half, q, sizeof half);
+    const VU bits = __builtin_convertvector(half, VU) << 16;
+    VecF v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  }
+  FR_HD static void store(c10::BFloat16* q, const VecF& v) {
+    VU bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const VU nan = reinterpret_cast<VU>(v != v);
+    const VU rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const V16 half = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), V16);
+    std::memcpy(q, &half, sizeof half);
+  }
+};
+
+// dst[u] = S(src[u] + bias[u]) for u in [u0, u1) (no bias: nullptr), whole vectors where VecIo has them.
+template <typename S, typename A>
+inline void add_bias_rounded(const A* src, const S* bias, S* dst, int64_t u0, int64_t u1) {
+  int64_t u = u0;
+  if constexpr (VecIo<S>::kOn && std::is_same<A, float>::value) {
+    constexpr int64_t W = lanes<float>();
+    for (; u + W <= u1; u += W) {
+      const VecF v = VecIo<float>::load(src + u) + (bias != nullptr ? VecIo<S>::load(bias + u) : VecF{});
+      VecIo<S>::store(dst + u, v);
+    }
+  }
+  for (; u < u1; ++u) dst[u] = Conv<S>::store(src[u] + (bias != nullptr ? Conv<S>::load(bias[u]) : A(0)));
+}
+
+// The LSTM cell math on one vector of W hidden units [u, u + W) of a valid batch row b, fp32 math
+// on fp32 or bf16 storage, right after the GEMM wrote their gh (still in L1): the vector twin of
+// lstm_forward_loop (recurrence_step.h), with the lanes of lstm_step_forward (cell_math.h) as one
+// vector. When `save` is false nothing but the state and y is written.
+template <typename S> inline void lstm_forward_vec(const ForwardStepParams& p, int64_t b, int64_t u, bool save) {
+  using IO = VecIo<S>;
   const int64_t H = p.H, GH = 4 * H;
-  const float* gx = static_cast<const float*>(p.gx) + b * GH + u;
+  const S* gx = static_cast<const S*>(p.gx) + b * GH + u;
   const float* gh = static_cast<const float*>(p.gh) + b * GH + u;
-  const float* bias = static_cast<const float*>(p.b_hh) + u;
+  const S* bias = static_cast<const S*>(p.b_hh) + u;
   VecF pre[4];
-  for (int g = 0; g < 4; ++g) pre[g] = load(gx + g * H) + load(gh + g * H) + load(bias + g * H);
+  for (int g = 0; g < 4; ++g)
+    pre[g] = IO::load(gx + g * H) + VecIo<float>::load(gh + g * H) + IO::load(bias + g * H);
   float* c = static_cast<float*>(p.c) + b * H + u;
   VecF i, f, g, o, cn, hn;
-  lstm_step_forward<VecF>(pre[0], pre[1], pre[2], pre[3], load(c), i, f, g, o, cn, hn);
-  std::memcpy(c, &cn, sizeof cn);
-  store(p.y, b * p.Hout + u, hn);
-  store(p.h, b * p.Hout + u, hn);
+  lstm_step_forward<VecF>(pre[0], pre[1], pre[2], pre[3], VecIo<float>::load(c), i, f, g, o, cn, hn);
+  VecIo<float>::store(c, cn);
+  IO::store(static_cast<S*>(p.y) + b * p.Hout + u, hn);
+  IO::store(static_cast<S*>(p.h) + b * p.Hout + u, hn);
   if (save) {
-    store(p.cells, b * H + u, cn);
+    VecIo<float>::store(static_cast<float*>(p.cells) + b * H + u, cn);
     const VecF saved[4] = {i, f, g, o};
-    for (int k = 0; k < 4; ++k) store(p.gates, b * GH + k * H + u, saved[k]);
+    for (int k = 0; k < 4; ++k) IO::store(static_cast<S*>(p.gates) + b * GH + k * H + u, saved[k]);
   }
 }
 
@@ -336,24 +224,27 @@ inline void lstm_forward_vec(const ForwardStepParams& p, int64_t b, int64_t u, b
 template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return base == nullptr ? nullptr : base + t * stride; }
 
 // Packs the gate rows of the own unit blocks [blk0, blk1) of w (S [G*H, K] row-major) into
-// panel[blk][k][g][l] = w[g*H + blk*W + l, k] (zero past the last unit): the layout the
-// microkernel reads, for w_hh (K = H) and w_ih (K = I) alike. Gate by gate: k by k over the W
-// rows of one gate (W streams the hardware prefetcher follows) took ~0.9 ns per value at H=256;
-// over all G*W rows at once ~1.3 ns, and row by row (writes G*W apart) ~2.5 ns. At H=512 it is
-// bound by the memory (the matrix read, the panel written): a W x W register transpose gained
-// nothing there and <10 % at H=256.
-template <int G, typename S, typename A>
-void pack_gate_rows(const S* w, int64_t K, const Split& split, int64_t blk0, int64_t blk1, A* panel) {
-  const int64_t H = split.H, W = split.W;
+// panel[blk][k / KK][g][l][k % KK] = w[g*H + blk*W + l, k] (KK = Dot::kK; zero past the last unit
+// and at the k that rounds K up to a whole group): the layout the microkernel reads, for w_hh
+// (K = H) and w_ih (K = I) alike. Gate by gate: k by k over the W rows of one gate (W streams the
+// hardware prefetcher follows) took ~0.9 ns per value at H=256; over all G*W rows at once ~1.3 ns,
+// and row by row (writes G*W apart) ~2.5 ns. At H=512 it is bound by the memory (the matrix read,
+// the panel written): a W x W register transpose gained nothing there and <10 % at H=256.
+template <int G, typename Dot, typename S>
+void pack_gate_rows(const S* w, int64_t K, const Split& split, int64_t blk0, int64_t blk1, typename Dot::P* panel) {
+  using P = typename Dot::P;
+  constexpr int KK = Dot::kK;
+  const int64_t H = split.H, W = split.W, Kp = panel_k<Dot>(K);
   for (int64_t blk = blk0; blk < blk1; ++blk) {
-    A* pb = panel + blk * K * G * W;
+    P* pb = panel + blk * Kp * G * W;
     const int nv = split.nvalid(blk);
     for (int g = 0; g < G; ++g) {
       const S* rows = w + (g * H + blk * W) * K;  // rows[l * K + k], l < nv
-      for (int64_t k = 0; k < K; ++k) {
-        A* dst = pb + (k * G + g) * W;
-        for (int l = 0; l < nv; ++l) dst[l] = Conv<S>::load(rows[l * K + k]);
-        for (int64_t l = nv; l < W; ++l) dst[l] = A(0);
+      for (int64_t k = 0; k < Kp; ++k) {
+        P* dst = pb + ((k / KK) * G + g) * W * KK + k % KK;
+        const int n = k < K ? nv : 0;
+        for (int l = 0; l < n; ++l) dst[l * KK] = panel_value<P>(rows[l * K + k]);
+        for (int64_t l = n; l < W; ++l) dst[l * KK] = P(0);
       }
     }
   }
@@ -363,35 +254,37 @@ void pack_gate_rows(const S* w, int64_t K, const Split& split, int64_t blk0, int
 // (packed_weight_cache.h): an entry an earlier call packed from the same bytes (nothing to pack), a
 // fresh entry this call packs and publishes after its parallel region, or, with the cache off or a
 // weight too large to keep, scratch of this call. `w` nullptr: no weight (an empty panel).
-template <int G, typename S, typename A> class WeightPanel {
+template <int G, typename S, typename Dot> class WeightPanel {
+  using P = typename Dot::P;
+
  public:
   WeightPanel(const S* w, const Split& split, int64_t K, DType dtype, bool use_cache, int64_t version)
       : w_(w), K_(K) {
-    const int64_t elems = w == nullptr ? 0 : split.blocks * K * G * split.W;
+    const int64_t elems = w == nullptr ? 0 : split.blocks * panel_k<Dot>(K) * G * split.W;
     if (w != nullptr && use_cache) {
       const PanelKey key{w, G * split.H, K, static_cast<int32_t>(dtype), G, static_cast<int32_t>(split.W),
-                         static_cast<int32_t>(sizeof(A)), kVecBytes};
+                         static_cast<int32_t>(sizeof(P)), kVecBytes};
       const size_t weight_bytes = static_cast<size_t>(G * split.H * K) * sizeof(S);
       PackedWeightCache& cache = packed_weight_cache();
       hit_ = cache.find(key, version, weight_bytes);
       if (hit_) {
-        panel_ = static_cast<A*>(hit_->panel);
+        panel_ = static_cast<P*>(hit_->panel);
         return;
       }
-      fresh_ = cache.make(key, version, weight_bytes, static_cast<size_t>(elems) * sizeof(A));
+      fresh_ = cache.make(key, version, weight_bytes, static_cast<size_t>(elems) * sizeof(P));
       if (fresh_) {
-        panel_ = static_cast<A*>(fresh_->panel);
+        panel_ = static_cast<P*>(fresh_->panel);
         return;
       }
     }
-    scratch_ = std::make_unique<Buffer<A>>(elems);
+    scratch_ = std::make_unique<Buffer<P>>(elems);
     panel_ = scratch_->get();
   }
   // Packs the gate rows of the own unit blocks [blk0, blk1) (pack_gate_rows) and, into a fresh
   // entry, copies their raw rows; nothing on a hit.
   void pack_own(const Split& split, int64_t blk0, int64_t blk1) {
     if (hit_ || w_ == nullptr) return;
-    pack_gate_rows<G>(w_, K_, split, blk0, blk1, panel_);
+    pack_gate_rows<G, Dot>(w_, K_, split, blk0, blk1, panel_);
     if (!fresh_) return;
     const int64_t u0 = blk0 * split.W, u1 = std::min(split.H, blk1 * split.W);
     for (int g = 0; g < G && u1 > u0; ++g) {
@@ -403,15 +296,15 @@ template <int G, typename S, typename A> class WeightPanel {
   void publish() {
     if (fresh_) packed_weight_cache().publish(std::move(fresh_));
   }
-  const A* get() const { return panel_; }
+  const P* get() const { return panel_; }
 
  private:
   const S* w_;
   int64_t K_;
   std::shared_ptr<const PackedWeight> hit_;
   std::shared_ptr<PackedWeight> fresh_;
-  std::unique_ptr<Buffer<A>> scratch_;
-  A* panel_ = nullptr;
+  std::unique_ptr<Buffer<P>> scratch_;
+  P* panel_ = nullptr;
 };
 
 // Steps per chunk of the input projection (FusedForwardParams::x): the chunk's gx, [Tc, B, G*H] in
@@ -432,12 +325,14 @@ inline int64_t projection_chunk(int64_t T, int64_t B, int64_t GH, int64_t elem_b
 
 template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   using A = typename AccOf<S>::type;
+  using Dot = typename DotOf<S>::type;
+  using X = typename Dot::X;
   constexpr int G = static_cast<int>(gates_of<C>());
   constexpr int W = lanes<A>();
   const int64_t T = q.T, B = q.step.B, H = q.step.H, GH = G * H;
-  // fp32 LSTM: the cell math runs per block of W units right after that block's GEMM, on whole
-  // vectors (lstm_forward_vec); otherwise per row over the own units after all GEMMs.
-  constexpr bool kVecLstm = C == Cell::LSTM && std::is_same<S, float>::value && W > 1;
+  // fp32 and bf16 LSTM: the cell math runs per block of W units right after that block's GEMM, on
+  // whole vectors (lstm_forward_vec); otherwise per row over the own units after all GEMMs.
+  constexpr bool kVecLstm = C == Cell::LSTM && VecIo<S>::kOn && std::is_same<A, float>::value && W > 1;
   const Split split(H, W);
   const S* w_hh = static_cast<const S*>(q.w_hh);
   S* y = static_cast<S*>(q.y);
@@ -446,13 +341,22 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   // projection needs no barrier. Step t's gx is at `gx + (t - chunk's first t) * B * GH`.
   const bool project = q.x != nullptr;
   const int64_t I = q.I, Tc = project ? projection_chunk(T, B, GH, sizeof(S)) : T;
+  const int64_t Hp = panel_k<Dot>(H), Ip = panel_k<Dot>(I);  // the panels' k rows
+  // bf16 with AMX: the recurrent GEMM on tiles (amx_gemm_block), 16 rows of h at a time: gh has Bp
+  // rows, and each part copies h per step into its zero-padded [Bp, Hp] tile operand unless h is one.
+  constexpr bool kTileType = kTileOperand<X>;
+  const bool amx = on_tiles<X>(B);
+  const int64_t Bp = amx ? tile_rows(B) : B;
+  const bool pad_h = amx && (Bp != B || Hp != H);
   const S* x_in = static_cast<const S*>(q.x);
   const S* b_ih = static_cast<const S*>(q.b_ih);
   Buffer<S> gx_chunk(project ? Tc * B * GH : 0);
-  Buffer<A> gx_chunk_acc(project && !std::is_same<S, A>::value ? Tc * B * GH : 0);  // the GEMM's A result
-  // [block][k][g][W] of w_hh (k < H) and of w_ih (k < I, with x), each part packs its own blocks
-  WeightPanel<G, S, A> panel(w_hh, split, H, q.step.dtype, q.cache_weights, q.w_hh_version);
-  WeightPanel<G, S, A> panel_ih(project ? static_cast<const S*>(q.w_ih) : nullptr, split, I, q.step.dtype,
+  const int64_t chunk_rows = amx ? tile_rows(Tc * B) : Tc * B;  // whole tiles of rows with AMX
+  Buffer<A> gx_chunk_acc(project && !std::is_same<S, A>::value ? chunk_rows * GH : 0);  // the GEMM's A result
+  // [block][k][g][W] (pairs: [block][k / 2][g][W][2]) of w_hh (k < Hp) and of w_ih (k < Ip, with x),
+  // each part packs its own blocks
+  WeightPanel<G, S, Dot> panel(w_hh, split, H, q.step.dtype, q.cache_weights, q.w_hh_version);
+  WeightPanel<G, S, Dot> panel_ih(project ? static_cast<const S*>(q.w_ih) : nullptr, split, I, q.step.dtype,
                                 q.cache_weights, q.w_ih_version);
   const S* gx = project ? gx_chunk.get() : static_cast<const S*>(q.gx);
   // Without save, one step of gates/cells is scratch (only each part's own columns are touched).
@@ -462,7 +366,7 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   A* cells = q.save ? static_cast<A*>(q.cells) : cells_scratch.get();
 
   Buffer<S> hbuf(2 * B * H);                   // the state, double-buffered
-  Buffer<A> gh(B * GH);                        // h_prev @ w_hh.T, each part its own columns
+  Buffer<A> gh(Bp * GH);                       // h_prev @ w_hh.T, each part its own columns
   std::memcpy(hbuf.get(), q.h0, sizeof(S) * B * H);
   StepBarrier barrier;
 
@@ -471,8 +375,15 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
     const int64_t u0 = blk0 * W, u1 = std::min(H, blk1 * W);
     panel.pack_own(split, blk0, blk1);
     panel_ih.pack_own(split, blk0, blk1);
-    std::unique_ptr<A[]> h_acc(std::is_same<S, A>::value ? nullptr : new A[B * H]);
-    std::unique_ptr<A[]> x_acc(project && !std::is_same<S, A>::value ? new A[Tc * B * I] : nullptr);
+#ifdef FR_AMX
+    const AmxTiles tiles(amx);
+#endif
+    std::unique_ptr<X[]> h_acc(std::is_same<S, X>::value ? nullptr : new X[B * H]);
+    std::unique_ptr<X[]> h_tiles(pad_h ? new X[Bp * Hp]() : nullptr);
+    std::unique_ptr<X[]> x_acc(project && !std::is_same<S, X>::value ? new X[Tc * B * I] : nullptr);
+    // AMX: the chunk's rows of x as a tile operand, zero-padded to [chunk_rows, Ip], where they are not one
+    const bool pad_x = project && amx && (Ip != I || (Tc * B) % 16 != 0 || (T % Tc) * B % 16 != 0);
+    std::unique_ptr<X[]> x_tiles(pad_x ? new X[chunk_rows * Ip]() : nullptr);
     ForwardStepParams p = q.step;
     p.gh = gh.get();
     int64_t chunk_t0 = 0;  // the smallest t of the current chunk (its rows of x are contiguous)
@@ -481,23 +392,42 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
       if (project && k % Tc == 0) {  // gx of the next tc steps, own gate columns, + b_ih, rounded to S
         const int64_t tc = std::min(Tc, T - k), rows = tc * B;
         chunk_t0 = q.reverse ? t - tc + 1 : t;
-        const A* xa = as_acc<S, A>(x_in + chunk_t0 * B * I, rows * I, x_acc.get());
+        const X* xa = as_operand<S, X>(x_in + chunk_t0 * B * I, rows * I, x_acc.get());
         A* out = std::is_same<S, A>::value ? reinterpret_cast<A*>(gx_chunk.get()) : gx_chunk_acc.get();
-        for (int64_t blk = blk0; blk < blk1; ++blk)
-          gemm_block<G, false, A>(xa, I, rows, panel_ih.get() + blk * I * G * W, I, out + blk * W, GH, H,
-                                  split.nvalid(blk));
-        for (int64_t r = 0; r < rows; ++r)
-          for (int g = 0; g < G; ++g)
-            for (int64_t u = u0; u < u1; ++u) {
-              const int64_t j = g * H + u;
-              const A v = out[r * GH + j] + (b_ih != nullptr ? Conv<S>::load(b_ih[j]) : A(0));
-              gx_chunk.get()[r * GH + j] = Conv<S>::store(v);
+        if constexpr (kTileType) {
+#ifdef FR_AMX
+          if (amx) {
+            int64_t ldx = I;
+            if (pad_x) {
+              for (int64_t r = 0; r < rows; ++r) std::memcpy(x_tiles.get() + r * Ip, xa + r * I, sizeof(X) * I);
+              xa = x_tiles.get();
+              ldx = Ip;
             }
+            for (int64_t blk = blk0; blk < blk1; ++blk)
+              amx_gemm_block<G, false>(xa, ldx, rows, tile_rows(rows), panel_ih.get() + blk * Ip * G * W, Ip,
+                                       out + blk * W, GH, H, split.nvalid(blk));
+          }
+#endif
+        }
+        for (int64_t blk = blk0; !amx && blk < blk1; ++blk)
+          gemm_block<G, false, Dot>(xa, I, rows, panel_ih.get() + blk * Ip * G * W, I, out + blk * W, GH, H,
+                                    split.nvalid(blk));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int g = 0; g < G; ++g) {
+            const int64_t j0 = r * GH + g * H;
+            add_bias_rounded<S>(out + j0, b_ih != nullptr ? b_ih + g * H : nullptr, gx_chunk.get() + j0, u0, u1);
+          }
       }
       const S* gx_t = project ? gx + (t - chunk_t0) * B * GH : gx + t * B * GH;
       const S* h_prev = hbuf.get() + (k & 1) * B * H;
       S* h_next = hbuf.get() + ((k + 1) & 1) * B * H;
-      const A* x = as_acc<S, A>(h_prev, B * H, h_acc.get());
+      const X* x = as_operand<S, X>(h_prev, B * H, h_acc.get());
+      int64_t ldx = H;
+      if (pad_h) {  // the tile operand: h's rows, zero columns to Hp (set once), rows past B unused
+        for (int64_t b = 0; b < B; ++b) std::memcpy(h_tiles.get() + b * Hp, x + b * H, sizeof(X) * H);
+        x = h_tiles.get();
+        ldx = Hp;
+      }
       p.t = t;
       p.gx = gx_t;
       p.y = y + t * B * H;
@@ -507,19 +437,28 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int nv = split.nvalid(blk);
         const int64_t u = blk * W;
-        SpreadPrefetch pf;  // what the cell math of these units reads and writes, during their GEMM
-        pf.add(gx_t, B, G, H, u, u + nv);
-        pf.add(y + t * B * H, B, 1, H, u, u + nv, true);
-        if (q.save) {
-          pf.add(at_step(gates, t, B * 4 * H), B, 4, H, u, u + nv, true);
-          pf.add(at_step(cells, t, B * H), B, 1, H, u, u + nv, true);
+        const auto* w_blk = panel.get() + blk * Hp * G * W;
+        if constexpr (kTileType) {
+#ifdef FR_AMX
+          // (without SpreadPrefetch: its bursts cost more than they save next to a GEMM this short)
+          if (amx) amx_gemm_block<G, false>(x, ldx, B, Bp, w_blk, Hp, gh.get() + blk * W, GH, H, nv);
+#endif
         }
-        pf.plan(gemm_calls<G, A>(B, H));
-        gemm_block<G, false, A>(x, H, B, panel.get() + blk * H * G * W, H, gh.get() + blk * W, GH, H, nv, &pf);
+        if (!amx) {
+          SpreadPrefetch pf;  // what the cell math of these units reads and writes, during their GEMM
+          pf.add(gx_t, B, G, H, u, u + nv);
+          pf.add(y + t * B * H, B, 1, H, u, u + nv, true);
+          if (q.save) {
+            pf.add(at_step(gates, t, B * 4 * H), B, 4, H, u, u + nv, true);
+            pf.add(at_step(cells, t, B * H), B, 1, H, u, u + nv, true);
+          }
+          pf.plan(gemm_calls<G, Dot>(B, H));
+          gemm_block<G, false, Dot>(x, ldx, B, w_blk, H, gh.get() + blk * W, GH, H, nv, &pf);
+        }
         if constexpr (kVecLstm) {  // the cell math of this block while its gh is in L1
           for (int64_t b = 0; b < B; ++b) {
             if (nv == W && row_valid(p.lengths, b, t)) {
-              lstm_forward_vec(p, b, u, q.save);
+              lstm_forward_vec<S>(p, b, u, q.save);
             } else {
               std::memcpy(h_next + b * H + u, h_prev + b * H + u, sizeof(S) * nv);  // frozen rows keep it
               forward_row<C, S>(p, b, u, u + nv);
@@ -543,19 +482,29 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
 
 template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
   using A = typename AccOf<S>::type;
+  using Dot = typename DotOf<S>::type;
+  using X = typename Dot::X;
+  using P = typename Dot::P;
   constexpr int G = static_cast<int>(gates_of<C>());
   constexpr int W = lanes<A>();
-  const int64_t T = q.step.T, B = q.step.B, H = q.step.H, GH = G * H;
+  constexpr int KK = Dot::kK;
+  const int64_t T = q.step.T, B = q.step.B, H = q.step.H, GH = G * H, GHp = panel_k<Dot>(GH);
   const Split split(H, W);
   const S* w_hh = static_cast<const S*>(q.w_hh);
   A* dh = static_cast<A*>(q.step.dh);
+  // bf16 with AMX: dh_prev's GEMM on tiles (amx_gemm_block, adding), dG_h copied per step into a
+  // zero-padded [Bp, GHp] tile operand unless it is one.
+  constexpr bool kTileType = kTileOperand<X>;
+  const bool amx = on_tiles<X>(B);
+  const int64_t Bp = amx ? tile_rows(B) : B;
+  const bool pad_dg = amx && (Bp != B || GHp != GH);
 
-  // dh_prev's GEMM reads NB unit blocks per panel, [group][r][NB][W] = w_hh[r, (group*NB + j)*W + l]
-  // (NB weight vectors per broadcast of dG instead of 1: the load ports, not the FMAs, bounded the
-  // one-block kernel); a part's blocks past its last whole group, and a partial block, go one by
-  // one as [block][r][W].
+  // dh_prev's GEMM reads NB unit blocks per panel, [group][r / KK][NB][W][r % KK] = w_hh[r, (group*NB
+  // + j)*W + l] (NB weight vectors per broadcast of dG instead of 1: the load ports, not the FMAs,
+  // bounded the one-block kernel); a part's blocks past its last whole group, and a partial block,
+  // go one by one as [block][r / KK][W][r % KK]. r runs to GHp, zero past G*H.
   constexpr int NB = 4;
-  Buffer<A> panel(split.blocks * GH * W);
+  Buffer<P> panel(split.blocks * GHp * W);
   const bool compact = q.saved_rows != nullptr, ring = compact || q.dgh_n != nullptr;
   Buffer<S> dgx_step(compact && C == Cell::GRU ? B * GH : 0);  // each part writes and reads its own units
   StepBarrier barrier;
@@ -567,13 +516,18 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const bool grouped = blk < grouped_end;
       const int64_t first = grouped ? blk0 + (blk - blk0) / NB * NB : blk, j = blk - first, nb = grouped ? NB : 1;
-      A* pb = panel.get() + first * GH * W;
+      P* pb = panel.get() + first * GHp * W;
       const int nv = split.nvalid(blk);
-      for (int64_t r = 0; r < GH; ++r)
+      for (int64_t r = 0; r < GHp; ++r)
         for (int l = 0; l < W; ++l)
-          pb[(r * nb + j) * W + l] = l < nv ? Conv<S>::load(w_hh[r * H + blk * W + l]) : A(0);
+          pb[((r / KK * nb + j) * W + l) * KK + r % KK] =
+              l < nv && r < GH ? panel_value<P>(w_hh[r * H + blk * W + l]) : P(0);
     }
-    std::unique_ptr<A[]> dg_acc(std::is_same<S, A>::value ? nullptr : new A[B * GH]);
+#ifdef FR_AMX
+    const AmxTiles tiles(amx);
+#endif
+    std::unique_ptr<X[]> dg_acc(std::is_same<S, X>::value ? nullptr : new X[B * GH]);
+    std::unique_ptr<X[]> dg_tiles(pad_dg ? new X[Bp * GHp]() : nullptr);
     BackwardStepParams p = q.step;
     // The saved rows of step t: [B, ...] blocks at t (padded), or those of the compact layout, each
     // step's valid rows contiguous from its first one (compact: the first valid row and their count).
@@ -624,6 +578,25 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
         }
       if (k == 0 && !q.need_dh0) break;  // the last GEMM gives only d h0 (each part's own rows: no barrier)
       barrier.arrive_and_wait(p1 - p0, split.parts * (T - k));
+      const X* x = as_operand<S, X>(static_cast<const S*>(p.dgh), B * GH, dg_acc.get());
+      if constexpr (kTileType) {
+#ifdef FR_AMX
+        if (amx) {
+          int64_t ldx = GH;
+          if (pad_dg) {  // the tile operand: dG_h's rows, zero columns to GHp (set once)
+            for (int64_t b = 0; b < B; ++b) std::memcpy(dg_tiles.get() + b * GHp, x + b * GH, sizeof(X) * GH);
+            x = dg_tiles.get();
+            ldx = GHp;
+          }
+          for (int64_t blk = blk0; blk < grouped_end; blk += NB)
+            amx_gemm_block<NB, true>(x, ldx, B, Bp, panel.get() + blk * GHp * W, GHp, dh + blk * W, H, W, W);
+          for (int64_t blk = grouped_end; blk < blk1; ++blk)
+            amx_gemm_block<1, true>(x, ldx, B, Bp, panel.get() + blk * GHp * W, GHp, dh + blk * W, H, 0,
+                                    split.nvalid(blk));
+          continue;
+        }
+#endif
+      }
       SpreadPrefetch pf;  // what the next step's cell math reads, arriving during this step's GEMM
       if (has_prev) {
         const int64_t prev2 = q.step.reverse ? prev + 1 : prev - 1;  // the next step's c_prev (else c0, small)
@@ -634,13 +607,14 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
           const auto [c_first, cn] = step_span(prev2);
           if (cn > 0) pf.add(at_step(static_cast<const A*>(q.cells), c_first, H), cn, 1, H, u0, u1);
         }
-        pf.plan((grouped_end - blk0) / NB * gemm_calls<NB, A>(B, GH) + (blk1 - grouped_end) * gemm_calls<1, A>(B, GH));
+        pf.plan((grouped_end - blk0) / NB * gemm_calls<NB, Dot>(B, GH) +
+                (blk1 - grouped_end) * gemm_calls<1, Dot>(B, GH));
       }
-      const A* x = as_acc<S, A>(static_cast<const S*>(p.dgh), B * GH, dg_acc.get());
       for (int64_t blk = blk0; blk < grouped_end; blk += NB)
-        gemm_block<NB, true, A>(x, GH, B, panel.get() + blk * GH * W, GH, dh + blk * W, H, W, W, &pf);
+        gemm_block<NB, true, Dot>(x, GH, B, panel.get() + blk * GHp * W, GH, dh + blk * W, H, W, W, &pf);
       for (int64_t blk = grouped_end; blk < blk1; ++blk)
-        gemm_block<1, true, A>(x, GH, B, panel.get() + blk * GH * W, GH, dh + blk * W, H, 0, split.nvalid(blk), &pf);
+        gemm_block<1, true, Dot>(x, GH, B, panel.get() + blk * GHp * W, GH, dh + blk * W, H, 0, split.nvalid(blk),
+                                 &pf);
     }
   });
 }

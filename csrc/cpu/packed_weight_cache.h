@@ -43,14 +43,15 @@ namespace cpu {
 constexpr int64_t kUnknownVersion = -1;
 
 // Which panel: the weight [rows = G*H, cols = K] at `data` in storage dtype `dtype` (DType), packed
-// for `gates` gates in blocks of `lanes` values of `acc_bytes` each, by the build of `vec_bytes`.
+// for `gates` gates in blocks of `lanes` values of `value_bytes` each (4: fp32; 2: bf16 pairs,
+// fused_cpu_kernels.h Bf16PairDot), by the build of `vec_bytes`.
 struct PanelKey {
   const void* data;
   int64_t rows, cols;
-  int32_t dtype, gates, lanes, acc_bytes, vec_bytes;
+  int32_t dtype, gates, lanes, value_bytes, vec_bytes;
   bool operator==(const PanelKey& o) const {
     return data == o.data && rows == o.rows && cols == o.cols && dtype == o.dtype && gates == o.gates &&
-           lanes == o.lanes && acc_bytes == o.acc_bytes && vec_bytes == o.vec_bytes;
+           lanes == o.lanes && value_bytes == o.value_bytes && vec_bytes == o.vec_bytes;
   }
 };
 

@@ -37,13 +37,33 @@ void proj_backward_prep(const ProjBackwardPrepParams& p);
 void fused_forward(const FusedForwardParams& p);
 void fused_backward(const FusedBackwardParams& p);
 }  // namespace isa_avx512
+namespace isa_avx512bf16 {
+void fused_forward(const FusedForwardParams& p);
+void fused_backward(const FusedBackwardParams& p);
+}  // namespace isa_avx512bf16
 
 FR_DEFINE_ISA_DISPATCH(forward_step, ForwardStepParams)
 FR_DEFINE_ISA_DISPATCH(proj_commit, ProjCommitParams)
 FR_DEFINE_ISA_DISPATCH(backward_step, BackwardStepParams)
 FR_DEFINE_ISA_DISPATCH(proj_backward_prep, ProjBackwardPrepParams)
-FR_DEFINE_ISA_DISPATCH(fused_forward, FusedForwardParams)
-FR_DEFINE_ISA_DISPATCH(fused_backward, FusedBackwardParams)
+
+// bf16 layers on a CPU with AVX512_BF16: the build whose GEMMs multiply bf16 pairs, or tiles with
+// AMX (fused_cpu_avx512bf16.cpp); everything else as above.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FR_DEFINE_FUSED_DISPATCH(fn, P)                                           \
+  namespace by_isa {                                                              \
+  FR_DEFINE_ISA_DISPATCH(fn, P)                                                   \
+  }                                                                               \
+  void fn(const P& p) {                                                           \
+    if (best_isa() >= Isa::Avx512Bf16 && p.step.dtype == DType::BFloat16)         \
+      return isa_avx512bf16::fn(p);                                               \
+    by_isa::fn(p);                                                                \
+  }
+#else
+#define FR_DEFINE_FUSED_DISPATCH(fn, P) FR_DEFINE_ISA_DISPATCH(fn, P)
+#endif
+FR_DEFINE_FUSED_DISPATCH(fused_forward, FusedForwardParams)
+FR_DEFINE_FUSED_DISPATCH(fused_backward, FusedBackwardParams)
 
 }  // namespace cpu
 }  // namespace fused_rnn
