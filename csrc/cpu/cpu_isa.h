@@ -12,6 +12,13 @@
 #include <unistd.h>
 #endif
 
+// The bf16 build (fused_cpu_avx512bf16.cpp) needs GCC's AVX512_BF16 and AMX intrinsics and target
+// pragmas: GCC 11 or later (not clang, which lacks `#pragma GCC target`). Without it bf16 layers take
+// the AVX-512 build, as on a CPU without AVX512_BF16.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FR_HAVE_BF16_BUILD 1
+#endif
+
 namespace fused_rnn {
 namespace cpu {
 
@@ -39,6 +46,8 @@ inline Isa best_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) have = Isa::Avx2;
     if (__builtin_cpu_supports("avx512f")) have = Isa::Avx512;
+#endif
+#ifdef FR_HAVE_BF16_BUILD
     if (have == Isa::Avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))  // (every such CPU has them)
       have = Isa::Avx512Bf16;

@@ -24,7 +24,7 @@
 #include "cpu_isa.h"
 #include "packed_weight_cache.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef FR_HAVE_BF16_BUILD  // (cpu_isa.h: GCC >= 11 on x86-64)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")
 #define FR_ISA_NS isa_avx512bf16
 #define FR_VEC_BYTES 64

@@ -220,6 +220,13 @@ template <typename S> inline void lstm_forward_vec(const ForwardStepParams& p, i
   }
 }
 
+// rows x cols of x (row-major) into the first rows of `padded` (row stride ld >= cols, zero past cols:
+// set once when it was allocated), which it returns: a tile operand (amx_gemm_block) where x is not one.
+template <typename X> const X* padded_rows(const X* x, int64_t rows, int64_t cols, X* padded, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(padded + r * ld, x + r * cols, sizeof(X) * cols);
+  return padded;
+}
+
 // Step k of T visits t = k (or T-1-k when reverse); pointers to x[t] of a [T, ...] array.
 template <typename T> T* at_step(T* base, int64_t t, int64_t stride) { return base == nullptr ? nullptr : base + t * stride; }
 
@@ -399,8 +406,7 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
           if (amx) {
             int64_t ldx = I;
             if (pad_x) {
-              for (int64_t r = 0; r < rows; ++r) std::memcpy(x_tiles.get() + r * Ip, xa + r * I, sizeof(X) * I);
-              xa = x_tiles.get();
+              xa = padded_rows(xa, rows, I, x_tiles.get(), Ip);
               ldx = Ip;
             }
             for (int64_t blk = blk0; blk < blk1; ++blk)
@@ -424,8 +430,7 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
       const X* x = as_operand<S, X>(h_prev, B * H, h_acc.get());
       int64_t ldx = H;
       if (pad_h) {  // the tile operand: h's rows, zero columns to Hp (set once), rows past B unused
-        for (int64_t b = 0; b < B; ++b) std::memcpy(h_tiles.get() + b * Hp, x + b * H, sizeof(X) * H);
-        x = h_tiles.get();
+        x = padded_rows(x, B, H, h_tiles.get(), Hp);
         ldx = Hp;
       }
       p.t = t;
@@ -584,8 +589,7 @@ template <Cell C, typename S> void backward_impl(const FusedBackwardParams& q) {
         if (amx) {
           int64_t ldx = GH;
           if (pad_dg) {  // the tile operand: dG_h's rows, zero columns to GHp (set once)
-            for (int64_t b = 0; b < B; ++b) std::memcpy(dg_tiles.get() + b * GHp, x + b * GH, sizeof(X) * GH);
-            x = dg_tiles.get();
+            x = padded_rows(x, B, GH, dg_tiles.get(), GHp);
             ldx = GHp;
           }
           for (int64_t blk = blk0; blk < grouped_end; blk += NB)

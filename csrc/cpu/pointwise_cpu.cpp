@@ -49,7 +49,7 @@ FR_DEFINE_ISA_DISPATCH(proj_backward_prep, ProjBackwardPrepParams)
 
 // bf16 layers on a CPU with AVX512_BF16: the build whose GEMMs multiply bf16 pairs, or tiles with
 // AMX (fused_cpu_avx512bf16.cpp); everything else as above.
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef FR_HAVE_BF16_BUILD
 #define FR_DEFINE_FUSED_DISPATCH(fn, P)                                           \
   namespace by_isa {                                                              \
   FR_DEFINE_ISA_DISPATCH(fn, P)                                                   \
