@@ -2,7 +2,7 @@
 // through the static initialisers of csrc/recurrence.cpp and csrc/cell_step.cpp; the module itself
 // carries the build's ABI version and source hash (fused_rnn/ops/cpp/ops.py refuses a stale build),
 // _C.cell_step and _C.layer_forward (the modules' eager calls), the CPU caches' report/clear functions and
-// _C.cpu_isa().
+// _C.cpu_isa(), _C.cpu_is_amd().
 #include <Python.h>
 
 #include "cpu/cpu_isa.h"
@@ -31,6 +31,9 @@ PyObject* cpu_isa_py(PyObject*, PyObject*) {
   static const char* const names[] = {"default", "avx2", "avx512", "avx512_bf16", "amx_bf16"};
   return PyUnicode_FromString(names[static_cast<int>(cpu::best_isa())]);
 }
+// _C.cpu_is_amd() -> whether the CPU is an AMD one (cpu_isa.h; fp32 then projects inside the fused
+// loop, cpu_routes.h project_inside).
+PyObject* cpu_is_amd_py(PyObject*, PyObject*) { return PyBool_FromLong(cpu::cpu_is_amd()); }
 // _C.cpu_weight_cache_stats() -> (hits, misses, entries, bytes) and _C.cpu_weight_cache_clear():
 // the fused CPU forward's packed-weight cache (csrc/cpu/packed_weight_cache.h), for tests and benchmarks.
 PyObject* cpu_weight_cache_stats_py(PyObject*, PyObject*) {
@@ -54,6 +57,7 @@ PyObject* cpu_recycle_release_py(PyObject*, PyObject*) {
 }
 PyMethodDef cache_methods[] = {
     {"cpu_isa", cpu_isa_py, METH_NOARGS, "cpu_isa() -> the instruction set the CPU kernels run (FUSED_RNN_CPU_ISA caps it)"},
+    {"cpu_is_amd", cpu_is_amd_py, METH_NOARGS, "cpu_is_amd() -> whether the CPU is an AMD one"},
     {"cpu_recycle_pool", cpu_recycle_pool_py, METH_NOARGS,
      "cpu_recycle_pool() -> (blocks, bytes) of freed op memory the CPU ops keep for reuse"},
     {"cpu_recycle_release", cpu_recycle_release_py, METH_NOARGS,

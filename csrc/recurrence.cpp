@@ -320,7 +320,9 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   const auto opts = like.options();
   const auto acc_opts = opts.dtype(acc_type(like.scalar_type()));
   const bool fused = cpu::use_cpu_fused(like, s.proj, o.any(), T, cpu::kFusedForwardMinSteps);
-  const bool inside = ip != nullptr && fused && cpu::project_inside(T * B * GH * like.element_size(), cpu::on_amx_tiles(like));
+  const bool inside = ip != nullptr && fused &&
+                      cpu::project_inside(T * B * GH * like.element_size(), cpu::on_amx_tiles(like),
+                                          cpu::fp32_on_amd_avx512(like));
 
   // gx, except on the fused path with the projection inside (undefined there).
   const Tensor gx = ip == nullptr ? gx_in.contiguous()

@@ -60,6 +60,17 @@ inline Isa best_isa() {
   return isa;
 }
 
+// Whether this is an AMD CPU: torch's fp32 GEMMs (MKL) run slower there than the fused loop's own
+// microkernel (cpu_routes.h project_inside).
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
 // Defines `void fn(const P& p)` calling isa_avx512::fn, isa_avx2::fn or isa_default::fn (each
 // declared by the includer) by best_isa(); AVX512_BF16 and AMX take the AVX-512 build.
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -51,11 +51,22 @@ inline at::Tensor per_step_weight(const at::Tensor& w_hh, int64_t T) {
 // bf16 on AMX tiles (`tiles`) projects outside at any size: there oneDNN's bf16 GEMM into gx beats
 // the loop's tile GEMM and its rounding pass (LSTM bf16 T=100 2 threads, module no-grad, interleaved
 // medians, inside / outside: B=32 H=256 9.9 / 7.3 ms, B=64 H=256 12.7 / 9.0, B=64 H=1024 149 / 107).
-inline bool project_inside(int64_t gx_bytes, bool tiles) {
+// fp32 on an AMD CPU with AVX-512 (`fp32_on_amd`) projects inside at any size: there MKL's fp32 GEMM
+// runs at ~70 GFLOP/s a core against the loop's microkernel's ~90 (Zen 4, 1 thread, B=64 H=256-512),
+// and the module's no-grad LSTM forward was faster inside at each of 9 shapes (H 128-512, B 8-64,
+// 2 threads, interleaved medians: 5-10 %, e.g. B=64 H=128 20.4 -> 18.5 ms, B=32 H=512 85.7 -> 77.7).
+// bf16 there (pairs, not tiles) stays outside: oneDNN's bf16 GEMM beats the loop's (B=64 H=256 23.8 /
+// 31.3 ms outside / inside).
+inline bool project_inside(int64_t gx_bytes, bool tiles, bool fp32_on_amd) {
   const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
   if (mode != nullptr && std::string(mode) == "inside") return true;
   if (mode != nullptr && std::string(mode) == "outside") return false;
-  return !tiles && gx_bytes >= (int64_t(32) << 20);
+  return fp32_on_amd || (!tiles && gx_bytes >= (int64_t(32) << 20));
+}
+
+// Whether `like` is fp32 on an AMD CPU with AVX-512 (project_inside).
+inline bool fp32_on_amd_avx512(const at::Tensor& like) {
+  return like.is_cpu() && like.scalar_type() == at::kFloat && best_isa() >= Isa::Avx512 && cpu_is_amd();
 }
 
 // Whether the fused CPU kernels run this dtype on AMX tiles (fused_gemm.h amx_gemm_block): bf16 on a
