@@ -9,7 +9,8 @@
 //   forward   1. gh[:, own gate columns] = h_prev @ w_hh[own rows].T   (register-blocked FMA, or
 //                AMX tiles for bf16 where the CPU has them)
 //             2. the cell math of recurrence_step.h (forward_row) on the own units: gates never
-//                leave the thread except what the backward saves
+//                leave the thread except what the backward saves (LSTM and GRU in fp32 / bf16: on
+//                whole vectors, lstm_forward_vec / gru_forward_vec, right after each block's GEMM)
 //             3. one barrier: everyone's h is written before anyone's next GEMM reads it
 //   backward  1. backward_row on the own units: dG at t (all gates), the direct part of dh_prev
 //             2. one barrier: every dG at t is written
@@ -220,6 +221,29 @@ template <typename S> inline void lstm_forward_vec(const ForwardStepParams& p, i
   }
 }
 
+// The GRU cell math on one vector of W hidden units [u, u + W) of a valid batch row b, as
+// lstm_forward_vec: the vector twin of gru_forward_loop (recurrence_step.h), h_prev read from the
+// step's input state (the row loop reads it from h, copied there first).
+template <typename S>
+inline void gru_forward_vec(const ForwardStepParams& p, int64_t b, int64_t u, const S* h_prev, bool save) {
+  using IO = VecIo<S>;
+  const int64_t H = p.H, GH = 3 * H;
+  const S* gx = static_cast<const S*>(p.gx) + b * GH + u;
+  const float* gh = static_cast<const float*>(p.gh) + b * GH + u;
+  const S* bias = static_cast<const S*>(p.b_hh) + u;
+  VecF gh_b[3];
+  for (int g = 0; g < 3; ++g) gh_b[g] = VecIo<float>::load(gh + g * H) + IO::load(bias + g * H);
+  VecF r, z, n, hn;
+  gru_step_forward<VecF>(IO::load(gx), IO::load(gx + H), IO::load(gx + 2 * H), gh_b[0], gh_b[1], gh_b[2],
+                         IO::load(h_prev + b * p.Hout + u), r, z, n, hn);
+  IO::store(static_cast<S*>(p.y) + b * p.Hout + u, hn);
+  IO::store(static_cast<S*>(p.h) + b * p.Hout + u, hn);
+  if (save) {
+    const VecF saved[4] = {r, z, n, gh_b[2]};
+    for (int k = 0; k < 4; ++k) IO::store(static_cast<S*>(p.gates) + b * 4 * H + k * H + u, saved[k]);
+  }
+}
+
 // rows x cols of x (row-major) into the first rows of `padded` (row stride ld >= cols, zero past cols:
 // set once when it was allocated), which it returns: a tile operand (amx_gemm_block) where x is not one.
 template <typename X> const X* padded_rows(const X* x, int64_t rows, int64_t cols, X* padded, int64_t ld) {
@@ -337,9 +361,11 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   constexpr int G = static_cast<int>(gates_of<C>());
   constexpr int W = lanes<A>();
   const int64_t T = q.T, B = q.step.B, H = q.step.H, GH = G * H;
-  // fp32 and bf16 LSTM: the cell math runs per block of W units right after that block's GEMM, on
-  // whole vectors (lstm_forward_vec); otherwise per row over the own units after all GEMMs.
-  constexpr bool kVecLstm = C == Cell::LSTM && VecIo<S>::kOn && std::is_same<A, float>::value && W > 1;
+  // fp32 and bf16 LSTM and GRU: the cell math runs per block of W units right after that block's
+  // GEMM, on whole vectors (lstm_forward_vec, gru_forward_vec); otherwise per row over the own units
+  // after all GEMMs.
+  constexpr bool kVecCell =
+      (C == Cell::LSTM || C == Cell::GRU) && VecIo<S>::kOn && std::is_same<A, float>::value && W > 1;
   const Split split(H, W);
   const S* w_hh = static_cast<const S*>(q.w_hh);
   S* y = static_cast<S*>(q.y);
@@ -460,10 +486,13 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
           pf.plan(gemm_calls<G, Dot>(B, H));
           gemm_block<G, false, Dot>(x, ldx, B, w_blk, H, gh.get() + blk * W, GH, H, nv, &pf);
         }
-        if constexpr (kVecLstm) {  // the cell math of this block while its gh is in L1
+        if constexpr (kVecCell) {  // the cell math of this block while its gh is in L1
           for (int64_t b = 0; b < B; ++b) {
             if (nv == W && row_valid(p.lengths, b, t)) {
-              lstm_forward_vec<S>(p, b, u, q.save);
+              if constexpr (C == Cell::LSTM)
+                lstm_forward_vec<S>(p, b, u, q.save);
+              else
+                gru_forward_vec<S>(p, b, u, h_prev, q.save);
             } else {
               std::memcpy(h_next + b * H + u, h_prev + b * H + u, sizeof(S) * nv);  // frozen rows keep it
               forward_row<C, S>(p, b, u, u + nv);
@@ -471,7 +500,7 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
           }
         }
       }
-      if constexpr (!kVecLstm) {
+      if constexpr (!kVecCell) {
         for (int64_t b = 0; b < B; ++b) {
           std::memcpy(h_next + b * H + u0, h_prev + b * H + u0, sizeof(S) * (u1 - u0));  // frozen rows keep it
           forward_row<C, S>(p, b, u0, u1);
