@@ -61,11 +61,14 @@ inline Isa best_isa() {
 }
 
 // Whether this is an AMD CPU: torch's fp32 GEMMs (MKL) run slower there than the fused loop's own
-// microkernel (cpu_routes.h project_inside).
+// microkernel (cpu_routes.h project_inside). Asked once per process, as best_isa().
 inline bool cpu_is_amd() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  return __builtin_cpu_is("amd");
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
 #else
   return false;
 #endif
