@@ -386,6 +386,18 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   Buffer<S> gx_chunk(project ? Tc * B * GH : 0);
   const int64_t chunk_rows = amx ? tile_rows(Tc * B) : Tc * B;  // whole tiles of rows with AMX
   Buffer<A> gx_chunk_acc(project && !std::is_same<S, A>::value ? chunk_rows * GH : 0);  // the GEMM's A result
+  // b_ih in A: the projection GEMM's sums start from it (no pass over gx to add it; bf16 still
+  // passes over it once to round). AMX tiles start from zero: there the pass adds b_ih.
+  Buffer<A> b_ih_acc(project && b_ih != nullptr && !std::is_same<S, A>::value ? GH : 0);
+  const A* b_ih_sums = nullptr;
+  if (project && b_ih != nullptr && !amx) {
+    if constexpr (std::is_same<S, A>::value) {
+      b_ih_sums = b_ih;
+    } else {
+      for (int64_t j = 0; j < GH; ++j) b_ih_acc.get()[j] = Conv<S>::load(b_ih[j]);
+      b_ih_sums = b_ih_acc.get();
+    }
+  }
   // [block][k][g][W] (pairs: [block][k / 2][g][W][2]) of w_hh (k < Hp) and of w_ih (k < Ip, with x),
   // each part packs its own blocks
   WeightPanel<G, S, Dot> panel(w_hh, split, H, q.step.dtype, q.cache_weights, q.w_hh_version);
@@ -443,12 +455,14 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
         }
         for (int64_t blk = blk0; !amx && blk < blk1; ++blk)
           gemm_block<G, false, Dot>(xa, I, rows, panel_ih.get() + blk * Ip * G * W, I, out + blk * W, GH, H,
-                                    split.nvalid(blk));
-        for (int64_t r = 0; r < rows; ++r)
-          for (int g = 0; g < G; ++g) {
-            const int64_t j0 = r * GH + g * H;
-            add_bias_rounded<S>(out + j0, b_ih != nullptr ? b_ih + g * H : nullptr, gx_chunk.get() + j0, u0, u1);
-          }
+                                    split.nvalid(blk), nullptr, b_ih_sums != nullptr ? b_ih_sums + blk * W : nullptr);
+        if (amx || !std::is_same<S, A>::value)  // + b_ih where the GEMM did not start from it, rounded to S
+          for (int64_t r = 0; r < rows; ++r)
+            for (int g = 0; g < G; ++g) {
+              const int64_t j0 = r * GH + g * H;
+              const S* bias = b_ih != nullptr && b_ih_sums == nullptr ? b_ih + g * H : nullptr;
+              add_bias_rounded<S>(out + j0, bias, gx_chunk.get() + j0, u0, u1);
+            }
       }
       const S* gx_t = project ? gx + (t - chunk_t0) * B * GH : gx + t * B * GH;
       const S* h_prev = hbuf.get() + (k & 1) * B * H;

@@ -109,7 +109,7 @@ template <> struct DotOf<c10::BFloat16> { using type = Bf16PairDot; };
 template <typename Dot> int64_t panel_k(int64_t K) { return (K + Dot::kPad - 1) / Dot::kPad * Dot::kPad; }
 
 // out[b, g*gstride + lane] (+)= sum_k x[b, k] * panel[k][g][lane] for b < BB, g < NG, lane < nvalid
-// (+= when `accum`). `panel` is one block of W = lanes<A>() output columns per gate, packed as
+// (+= when `accum`; otherwise, given `bias`, = bias[g*gstride + lane] + sum: a bias for every row). `panel` is one block of W = lanes<A>() output columns per gate, packed as
 // Dot says (zero-padded). BB x NG (x KS, k_splits) accumulators stay in registers for the whole
 // k loop. Never inlined: inlined into forward_impl's input projection, GCC kept the bf16 pair
 // kernel's accumulators on the stack (a store after every vdpbf16ps; LSTM bf16 B=64 H=256, 2
@@ -117,7 +117,8 @@ template <typename Dot> int64_t panel_k(int64_t K) { return (K + Dot::kPad - 1) 
 template <int NG, int BB, typename Dot, typename A = typename Dot::A>
 __attribute__((noinline)) void microkernel(const typename Dot::X* __restrict__ x, int64_t ldx,
                                            const typename Dot::P* __restrict__ panel, int64_t K, A* __restrict__ out,
-                                           int64_t ldo, int64_t gstride, int nvalid, bool accum) {
+                                           int64_t ldo, int64_t gstride, int nvalid, bool accum,
+                                           const A* __restrict__ bias) {
   using V = typename Dot::V;
   constexpr int W = lanes<A>();
   constexpr int KS = k_splits<NG, BB>();
@@ -126,14 +127,15 @@ __attribute__((noinline)) void microkernel(const typename Dot::X* __restrict__ x
   for (int s = 0; s < KS; ++s)
     for (int b = 0; b < BB; ++b)
       for (int g = 0; g < NG; ++g) acc[s][b][g] = V{};
-  for (int b = 0; b < BB; ++b)
-    for (int g = 0; g < NG; ++g) {
-      const A* o = out + b * ldo + g * gstride;
-      if (accum && nvalid == W)
-        std::memcpy(&acc[0][b][g], o, sizeof(V));
-      else if (accum)
-        for (int l = 0; l < nvalid; ++l) acc[0][b][g][l] = o[l];
-    }
+  if (accum || bias != nullptr)
+    for (int b = 0; b < BB; ++b)
+      for (int g = 0; g < NG; ++g) {
+        const A* o = accum ? out + b * ldo + g * gstride : bias + g * gstride;
+        if (nvalid == W)
+          std::memcpy(&acc[0][b][g], o, sizeof(V));
+        else
+          for (int l = 0; l < nvalid; ++l) acc[0][b][g][l] = o[l];
+      }
   // acc_s += x[:, k..k+KK) * panel[k..k+KK) (the group kk = k / KK, all BB rows and NG gates);
   // `half`: only x[:, k] is there (the last k of an odd K)
   const auto fma_k = [&](int64_t kk, V (&acc_s)[BB][NG], bool half) __attribute__((always_inline)) {
@@ -221,29 +223,31 @@ template <int NG, typename Dot> int64_t gemm_calls(int64_t B, int64_t K) {
 }
 
 // All B rows against one panel block, K cut into chunks (k_chunk). `pf`: prefetches to issue
-// along the way (or nullptr).
+// along the way (or nullptr). `bias` (not with ACCUM): the sums of every row start from it, as
+// microkernel's.
 template <int NG, bool ACCUM, typename Dot, typename A = typename Dot::A>
 void gemm_block(const typename Dot::X* x, int64_t ldx, int64_t B, const typename Dot::P* panel, int64_t K, A* out,
-                int64_t ldo, int64_t gstride, int nvalid, SpreadPrefetch* pf = nullptr) {
+                int64_t ldo, int64_t gstride, int nvalid, SpreadPrefetch* pf = nullptr, const A* bias = nullptr) {
   constexpr int BB = rows_per_block<NG>();
   constexpr int W = lanes<A>();
   const int64_t KC = k_chunk<NG, Dot>(B, K);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     const bool accum = ACCUM || k0 > 0;
+    const A* init = ACCUM || k0 > 0 ? nullptr : bias;
     const auto* xk = x + k0;
     const auto* pk = panel + k0 * NG * W;  // k0 is a whole number of k groups of NG * W * kK values
     int64_t b = 0;
     for (; b + BB <= B; b += BB) {
       if (pf != nullptr) pf->issue();
-      microkernel<NG, BB, Dot>(xk + b * ldx, ldx, pk, kc, out + b * ldo, ldo, gstride, nvalid, accum);
+      microkernel<NG, BB, Dot>(xk + b * ldx, ldx, pk, kc, out + b * ldo, ldo, gstride, nvalid, accum, init);
     }
     const int rest = static_cast<int>(B - b);
     if (rest > 0 && pf != nullptr) pf->issue();
     const auto* xr = xk + b * ldx;
     A* outr = out + b * ldo;
 #define FR_REST(n) \
-  case n: if constexpr (n < BB) microkernel<NG, n, Dot>(xr, ldx, pk, kc, outr, ldo, gstride, nvalid, accum); break;
+  case n: if constexpr (n < BB) microkernel<NG, n, Dot>(xr, ldx, pk, kc, outr, ldo, gstride, nvalid, accum, init); break;
     switch (rest) {
       FR_REST(1) FR_REST(2) FR_REST(3) FR_REST(4) FR_REST(5) FR_REST(6) FR_REST(7)
       default: break;
