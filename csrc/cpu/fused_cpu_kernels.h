@@ -388,16 +388,9 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
   Buffer<A> gx_chunk_acc(project && !std::is_same<S, A>::value ? chunk_rows * GH : 0);  // the GEMM's A result
   // b_ih in A: the projection GEMM's sums start from it (no pass over gx to add it; bf16 still
   // passes over it once to round). AMX tiles start from zero: there the pass adds b_ih.
-  Buffer<A> b_ih_acc(project && b_ih != nullptr && !std::is_same<S, A>::value ? GH : 0);
-  const A* b_ih_sums = nullptr;
-  if (project && b_ih != nullptr && !amx) {
-    if constexpr (std::is_same<S, A>::value) {
-      b_ih_sums = b_ih;
-    } else {
-      for (int64_t j = 0; j < GH; ++j) b_ih_acc.get()[j] = Conv<S>::load(b_ih[j]);
-      b_ih_sums = b_ih_acc.get();
-    }
-  }
+  const bool bias_in_gemm = project && b_ih != nullptr && !amx;
+  Buffer<A> b_ih_acc(bias_in_gemm && !std::is_same<S, A>::value ? GH : 0);
+  const A* b_ih_sums = bias_in_gemm ? as_operand<S, A>(b_ih, GH, b_ih_acc.get()) : nullptr;
   // [block][k][g][W] (pairs: [block][k / 2][g][W][2]) of w_hh (k < Hp) and of w_ih (k < Ip, with x),
   // each part packs its own blocks
   WeightPanel<G, S, Dot> panel(w_hh, split, H, q.step.dtype, q.cache_weights, q.w_hh_version);
@@ -460,7 +453,7 @@ template <Cell C, typename S> void forward_impl(const FusedForwardParams& q) {
           for (int64_t r = 0; r < rows; ++r)
             for (int g = 0; g < G; ++g) {
               const int64_t j0 = r * GH + g * H;
-              const S* bias = b_ih != nullptr && b_ih_sums == nullptr ? b_ih + g * H : nullptr;
+              const S* bias = amx && b_ih != nullptr ? b_ih + g * H : nullptr;
               add_bias_rounded<S>(out + j0, bias, gx_chunk.get() + j0, u0, u1);
             }
       }

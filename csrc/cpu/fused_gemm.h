@@ -109,8 +109,9 @@ template <> struct DotOf<c10::BFloat16> { using type = Bf16PairDot; };
 template <typename Dot> int64_t panel_k(int64_t K) { return (K + Dot::kPad - 1) / Dot::kPad * Dot::kPad; }
 
 // out[b, g*gstride + lane] (+)= sum_k x[b, k] * panel[k][g][lane] for b < BB, g < NG, lane < nvalid
-// (+= when `accum`; otherwise, given `bias`, = bias[g*gstride + lane] + sum: a bias for every row). `panel` is one block of W = lanes<A>() output columns per gate, packed as
-// Dot says (zero-padded). BB x NG (x KS, k_splits) accumulators stay in registers for the whole
+// (+= when `accum`; otherwise, given `bias`, = bias[g*gstride + lane] + sum: one bias for every
+// row). `panel` is one block of W = lanes<A>() output columns per gate, packed as Dot says
+// (zero-padded). BB x NG (x KS, k_splits) accumulators stay in registers for the whole
 // k loop. Never inlined: inlined into forward_impl's input projection, GCC kept the bf16 pair
 // kernel's accumulators on the stack (a store after every vdpbf16ps; LSTM bf16 B=64 H=256, 2
 // threads, projection inside: 42.5 -> 31.3 ms once out of line).
@@ -234,7 +235,7 @@ void gemm_block(const typename Dot::X* x, int64_t ldx, int64_t B, const typename
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     const bool accum = ACCUM || k0 > 0;
-    const A* init = ACCUM || k0 > 0 ? nullptr : bias;
+    const A* init = accum ? nullptr : bias;
     const auto* xk = x + k0;
     const auto* pk = panel + k0 * NG * W;  // k0 is a whole number of k groups of NG * W * kK values
     int64_t b = 0;
