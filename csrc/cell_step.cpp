@@ -30,6 +30,7 @@
 
 #include "cell_step_params.h"
 #include "cpu/cell_step_bias.h"
+#include "cpu/half_gemm.h"
 #include "op_args.h"
 #include "python_entry.h"
 
@@ -99,7 +100,7 @@ void gemm_into(Tensor& pre, const Tensor& a, const Tensor& w, const optional<Ten
       at::mm_out(pre, a, w.t());
     }
   } else {  // bf16/fp16: the GEMM rounds to its dtype (as torch.nn's linear does), the sum is fp32
-    const Tensor prod = at::mm(a, w.t());
+    const Tensor prod = cpu::mm(a, w.t());
     accumulate ? pre.add_(prod) : pre.copy_(prod);
   }
   if (bias.has_value()) pre.add_(*bias);
@@ -232,13 +233,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   p.dc_prev = lstm ? dc_prev.data_ptr() : nullptr;
   if (B > 0 && H > 0) cpu::cell_backward(p);
 
-  Tensor dx = at::mm(dg_x, w_ih);
+  Tensor dx = cpu::mm(dg_x, w_ih);
   if (gru)
-    dh_prev.addmm_(dg_h, w_hh);
+    cpu::addmm_(dh_prev, dg_h, w_hh);
   else
-    at::mm_out(dh_prev, dg_x, w_hh);
-  Tensor dw_ih = at::mm(dg_x.t(), x);
-  Tensor dw_hh = at::mm(dg_h.t(), h);
+    cpu::mm_out(dh_prev, dg_x, w_hh);
+  Tensor dw_ih = cpu::mm(dg_x.t(), x);
+  Tensor dw_hh = cpu::mm(dg_h.t(), h);
   Tensor db_ih = dg_x.sum(0);
   Tensor db_hh = gru ? dg_h.sum(0) : db_ih.clone();  // outputs never alias each other
   return {dx, dh_prev, dc_prev, dw_ih, dw_hh, db_ih, db_hh};

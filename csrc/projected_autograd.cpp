@@ -10,6 +10,8 @@
 #include <array>
 #include <string>
 
+#include "cpu/half_gemm.h"
+
 namespace fused_rnn {
 namespace {
 
@@ -93,8 +95,8 @@ struct ProjectedRecurrence : torch::autograd::Function<ProjectedRecurrence> {
     auto [d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr] =
         backward_op().call(cell, dy, dh_n, opt(dc_n), y, gates, cells, proj_in, h0, opt(c0), w_hh,
                            opt(w_hr), {}, reverse, need_d_h0);
-    if (need[kX]) result[kX] = at::matmul(d_gx, w_ih);
-    if (need[kWIh]) result[kWIh] = at::matmul(d_gx.flatten(0, 1).t(), x.flatten(0, 1));
+    if (need[kX]) result[kX] = cpu::mm(d_gx.flatten(0, 1), w_ih).view({d_gx.size(0), d_gx.size(1), w_ih.size(1)});
+    if (need[kWIh]) result[kWIh] = cpu::mm(d_gx.flatten(0, 1).t(), x.flatten(0, 1));
     if (need[kBIh] && b_ih.defined()) result[kBIh] = d_gx.sum(at::IntArrayRef{0, 1});
     if (need_d_h0) result[kH0] = d_h0;
     if (c0.defined()) result[kC0] = d_c0;

@@ -2,10 +2,11 @@
 // through the static initialisers of csrc/recurrence.cpp and csrc/cell_step.cpp; the module itself
 // carries the build's ABI version and source hash (fused_rnn/ops/cpp/ops.py refuses a stale build),
 // _C.cell_step and _C.layer_forward (the modules' eager calls), the CPU caches' report/clear functions and
-// _C.cpu_isa(), _C.cpu_is_amd().
+// _C.cpu_isa(), _C.cpu_is_amd(), _C.cpu_gemm_via_fp32().
 #include <Python.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/half_gemm.h"
 #include "cpu/packed_weight_cache.h"
 #include "cpu/recycling_allocator.h"
 
@@ -34,6 +35,15 @@ PyObject* cpu_isa_py(PyObject*, PyObject*) {
 // _C.cpu_is_amd() -> whether the CPU is an AMD one (cpu_isa.h; fp32 then projects inside the fused
 // loop, cpu_routes.h project_inside).
 PyObject* cpu_is_amd_py(PyObject*, PyObject*) { return PyBool_FromLong(cpu::cpu_is_amd()); }
+// _C.cpu_gemm_via_fp32(dtype_name) -> whether GEMMs on CPU tensors of that dtype ("bfloat16",
+// "float16") go through fp32 copies (cpu/half_gemm.h; the Python side's projection grads follow it).
+PyObject* cpu_gemm_via_fp32_py(PyObject*, PyObject* name) {
+  const char* s = PyUnicode_AsUTF8(name);
+  if (s == nullptr) return nullptr;
+  const std::string n(s);
+  const bool via = n == "bfloat16" ? cpu::gemm_via_fp32(at::kBFloat16) : n == "float16" && cpu::gemm_via_fp32(at::kHalf);
+  return PyBool_FromLong(via);
+}
 // _C.cpu_weight_cache_stats() -> (hits, misses, entries, bytes) and _C.cpu_weight_cache_clear():
 // the fused CPU forward's packed-weight cache (csrc/cpu/packed_weight_cache.h), for tests and benchmarks.
 PyObject* cpu_weight_cache_stats_py(PyObject*, PyObject*) {
@@ -58,6 +68,8 @@ PyObject* cpu_recycle_release_py(PyObject*, PyObject*) {
 PyMethodDef cache_methods[] = {
     {"cpu_isa", cpu_isa_py, METH_NOARGS, "cpu_isa() -> the instruction set the CPU kernels run (FUSED_RNN_CPU_ISA caps it)"},
     {"cpu_is_amd", cpu_is_amd_py, METH_NOARGS, "cpu_is_amd() -> whether the CPU is an AMD one"},
+    {"cpu_gemm_via_fp32", cpu_gemm_via_fp32_py, METH_O,
+     "cpu_gemm_via_fp32(dtype_name) -> whether CPU GEMMs of that 16-bit dtype run on fp32 copies"},
     {"cpu_recycle_pool", cpu_recycle_pool_py, METH_NOARGS,
      "cpu_recycle_pool() -> (blocks, bytes) of freed op memory the CPU ops keep for reuse"},
     {"cpu_recycle_release", cpu_recycle_release_py, METH_NOARGS,

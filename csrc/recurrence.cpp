@@ -22,6 +22,7 @@
 
 #include "cpu/compact_rows.h"
 #include "cpu/cpu_routes.h"
+#include "cpu/half_gemm.h"
 #include "cpu/packed_weight_cache.h"
 #include "cpu/recycling_allocator.h"
 #include "op_args.h"
@@ -279,9 +280,9 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const optional<Tens
   Tensor gx = empty_large({T, B, GH}, x.options());
   Tensor out = gx.view({T * B, GH});
   if (b_ih.has_value())
-    at::addmm_out(out, *b_ih, x.reshape({T * B, I}), w_ih.t());
+    cpu::addmm_out(out, *b_ih, x.reshape({T * B, I}), w_ih.t());
   else
-    at::mm_out(out, x.reshape({T * B, I}), w_ih.t());
+    cpu::mm_out(out, x.reshape({T * B, I}), w_ih.t());
   return gx;
 }
 
@@ -322,7 +323,9 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   const bool fused = cpu::use_cpu_fused(like, s.proj, o.any(), T, cpu::kFusedForwardMinSteps);
   const bool inside = ip != nullptr && fused &&
                       cpu::project_inside(T * B * GH * like.element_size(), cpu::on_amx_tiles(like),
-                                          cpu::fp32_on_amd_avx512(like));
+                                          cpu::amd_fp32_projects_inside(
+                                              like, (ip->w_ih.numel() + w_hh_in.numel()) * like.element_size()) ||
+                                              cpu::gemm_via_fp32(like));
 
   // gx, except on the fused path with the projection inside (undefined there).
   const Tensor gx = ip == nullptr ? gx_in.contiguous()
@@ -430,7 +433,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     p.opt = step_options(oc, ln_hat, ln_rstd, t, ts);
     pw.forward_step(p);
     if (s.proj) {
-      at::mm_out(tmp, proj_in.select(0, ts), w_hr_t);
+      cpu::mm_out(tmp, proj_in.select(0, ts), w_hr_t);
       ProjCommitParams q{p.dtype, B, Hout, t, p.lengths, tmp.data_ptr(), h.data_ptr(), p.y};
       pw.proj_commit(q);
     }
@@ -635,7 +638,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
     if (proj) {
       ProjBackwardPrepParams q{p.dtype, B, Hout, t, p.lengths, step_ptr(dy, t), dh.data_ptr(), step_ptr(dh_all, t)};
       pw.proj_backward_prep(q);
-      at::mm_out(dr, dh_all.select(0, t), *w_hr);
+      cpu::mm_out(dr, dh_all.select(0, t), *w_hr);
     }
     p.t = t;
     p.dy = step_ptr(dy, t);
@@ -671,11 +674,11 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
       const Tensor rows = (*lengths - 1).clamp_min(0) * B + at::arange(B, lengths->options());
       d0 = dg.reshape({T * B, n}).index_select(0, rows);
     }
-    at::mm_out(out, d0.t(), h0);
+    cpu::mm_out(out, d0.t(), h0);
     if (T > 1) {
       const Tensor dg_rest = reverse ? dg.narrow(0, 0, T - 1) : dg.narrow(0, 1, T - 1);
       const Tensor y_rest = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-      out.addmm_(dg_rest.reshape({(T - 1) * B, n}).t(), y_rest.reshape({(T - 1) * B, Hout}));
+      cpu::addmm_(out, dg_rest.reshape({(T - 1) * B, n}).t(), y_rest.reshape({(T - 1) * B, Hout}));
     }
   };
   Tensor d_w_hh = at::empty({GH, Hout}, opts);
@@ -693,7 +696,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
     w_hh_grad(dmm, d_w_hh);
     d_b_hh = dgh.sum(at::IntArrayRef{0, 1});
   }
-  Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), proj_in.view({T * B, H})) : at::empty({0}, opts);
+  Tensor d_w_hr = proj ? cpu::mm(dh_all.view({T * B, Hout}).t(), proj_in.view({T * B, H})) : at::empty({0}, opts);
   Tensor d_c0 = lstm ? dc.to(y_in.scalar_type()) : at::empty({0}, opts);
   // The layer norm's gains and biases: sums over steps and rows (frozen rows hold zero grads).
   Tensor d_gain_hh = at::empty({0}, opts), d_gain_c = at::empty({0}, opts), d_bias_c = at::empty({0}, opts);

@@ -13,6 +13,8 @@
 #include <initializer_list>
 #include <vector>
 
+#include "half_gemm.h"
+
 namespace fused_rnn {
 namespace cpu {
 
@@ -88,7 +90,7 @@ inline at::Tensor w_hh_grads(std::initializer_list<at::Tensor> dg_blocks, const 
   int64_t row = 0;
   for (const at::Tensor& dg : dg_blocks) {
     at::Tensor out = d_w_hh.narrow(0, row, dg.size(1));
-    at::mm_out(out, dg.t(), h_prev);
+    cpu::mm_out(out, dg.t(), h_prev);
     d_b.push_back(dg.sum(0));
     row += dg.size(1);
   }

@@ -51,22 +51,29 @@ inline at::Tensor per_step_weight(const at::Tensor& w_hh, int64_t T) {
 // bf16 on AMX tiles (`tiles`) projects outside at any size: there oneDNN's bf16 GEMM into gx beats
 // the loop's tile GEMM and its rounding pass (LSTM bf16 T=100 2 threads, module no-grad, interleaved
 // medians, inside / outside: B=32 H=256 9.9 / 7.3 ms, B=64 H=256 12.7 / 9.0, B=64 H=1024 149 / 107).
-// fp32 on an AMD CPU with AVX-512 (`fp32_on_amd`) projects inside at any size: there MKL's fp32 GEMM
-// runs at ~70 GFLOP/s a core against the loop's microkernel's ~90 (Zen 4, 1 thread, B=64 H=256-512),
-// and the module's no-grad LSTM forward was faster inside at each of 9 shapes (H 128-512, B 8-64,
-// 2 threads, interleaved medians: 5-10 %, e.g. B=64 H=128 20.4 -> 18.5 ms, B=32 H=512 85.7 -> 77.7).
-// bf16 there (pairs, not tiles) stays outside: oneDNN's bf16 GEMM beats the loop's (B=64 H=256 23.8 /
-// 31.3 ms outside / inside).
-inline bool project_inside(int64_t gx_bytes, bool tiles, bool fp32_on_amd) {
+// fp32 on an AMD CPU (`amd_fp32`, amd_fp32_projects_inside) projects inside: there MKL's fp32 GEMM
+// runs its slower non-Intel path. With AVX-512 (Zen 4) at any size: MKL ~70 GFLOP/s a core against
+// the loop's microkernel's ~90 (1 thread, B=64 H=256-512), and the module's no-grad LSTM forward
+// was faster inside at each of 9 shapes (H 128-512, B 8-64, 2 threads, interleaved medians: 5-10 %,
+// e.g. B=64 H=128 20.4 -> 18.5 ms, B=32 H=512 85.7 -> 77.7). bf16 there (pairs, not tiles) stays
+// outside: oneDNN's bf16 GEMM beats the loop's (B=64 H=256 23.8 / 31.3 ms outside / inside).
+inline bool project_inside(int64_t gx_bytes, bool tiles, bool amd_fp32) {
   const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
   if (mode != nullptr && std::string(mode) == "inside") return true;
   if (mode != nullptr && std::string(mode) == "outside") return false;
-  return fp32_on_amd || (!tiles && gx_bytes >= (int64_t(32) << 20));
+  return amd_fp32 || (!tiles && gx_bytes >= (int64_t(32) << 20));
 }
 
-// Whether `like` is fp32 on an AMD CPU with AVX-512 (project_inside).
-inline bool fp32_on_amd_avx512(const at::Tensor& like) {
-  return like.is_cpu() && like.scalar_type() == at::kFloat && best_isa() >= Isa::Avx512 && cpu_is_amd();
+// Whether `like` is fp32 on an AMD CPU where the loop's projection beats MKL's (project_inside):
+// with AVX-512 always; with AVX2 only (Zen 3: 512 KB L2, where the loop's w_ih panel competes with
+// w_hh's for it) while w_ih and w_hh together take at most 4 MB. Module fp32 T=100, 2 threads,
+// interleaved medians, outside -> inside: LSTM no-grad H=128-256 (1-2 MB) 1.10-1.21x faster at B 8-64
+// (B=64 H=256 72.6 -> 63.4 ms), H=512 (8 MB) 0.90-0.95x (B=32 132 -> 144 ms); GRU H=256 (1.5 MB)
+// 1.05-1.16x, H=512 (6 MB) 1.01x; training 0.99-1.08x.
+constexpr int64_t kAvx2InsideWeightBytes = int64_t(4) << 20;
+inline bool amd_fp32_projects_inside(const at::Tensor& like, int64_t weight_bytes) {
+  if (!like.is_cpu() || like.scalar_type() != at::kFloat || !cpu_is_amd()) return false;
+  return best_isa() >= Isa::Avx512 || (best_isa() == Isa::Avx2 && weight_bytes <= kAvx2InsideWeightBytes);
 }
 
 // Whether the fused CPU kernels run this dtype on AMX tiles (fused_gemm.h amx_gemm_block): bf16 on a

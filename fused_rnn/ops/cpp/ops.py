@@ -297,11 +297,20 @@ def second_order_projected(cell, reverse, inputs, needs, dy, dh_n, dc_n, lengths
     return d[0], d[1], d[2], d[4], d[5], d[6], d[7], d[8]
 
 
+def _mm(a, b):
+    """a @ b in a's dtype; for bf16/fp16 on a CPU where torch's own GEMM of that dtype runs a scalar
+    loop, on fp32 copies, rounded once (csrc/cpu/half_gemm.h, which the C++ GEMMs follow)."""
+    if a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float16) and \
+            _C.cpu_gemm_via_fp32(str(a.dtype).removeprefix("torch.")):
+        return (a.float() @ b.float()).to(a.dtype)
+    return a @ b
+
+
 def _projection_grads(ctx, d_gx, x, w_ih):
     """d_x, d_w_ih, d_b_ih of gx = x w_ih^T + b_ih, each only when its input needs it."""
     need_x, need_w_ih, need_b_ih = ctx.needs_input_grad[1:4]
-    d_x = d_gx @ w_ih if need_x else None
-    d_w_ih = d_gx.flatten(0, 1).t() @ x.flatten(0, 1) if need_w_ih else None
+    d_x = _mm(d_gx, w_ih) if need_x else None
+    d_w_ih = _mm(d_gx.flatten(0, 1).t(), x.flatten(0, 1)) if need_w_ih else None
     d_b_ih = d_gx.sum((0, 1)) if need_b_ih and ctx.has_b_ih else None
     return d_x, d_w_ih, d_b_ih
 
@@ -315,14 +324,14 @@ def _projection_grads_compact(ctx, d_gx, rows, x, w_ih):
     """_projection_grads from the compact d_gx [N, G*H] and x [N, I] of a packed batch (rows =
     _valid_rows's pair): d_x is zero in the padded rows, which contribute nothing to d_w_ih and d_b_ih."""
     need_x, need_w_ih, need_b_ih = ctx.needs_input_grad[1:4]
-    d_w_ih = d_gx.t() @ x if need_w_ih else None
+    d_w_ih = _mm(d_gx.t(), x) if need_w_ih else None
     d_x = None
     if need_x:
         d_x = x.new_zeros(ctx.T * ctx.B, x.shape[-1])
         n = d_gx.shape[0]
         chunk = max(_D_X_CHUNK_MIN_ROWS, -(-n // _D_X_CHUNKS))
         for r in range(0, n, chunk):
-            d_x.index_copy_(0, rows[0][r:r + chunk], d_gx[r:r + chunk] @ w_ih)
+            d_x.index_copy_(0, rows[0][r:r + chunk], _mm(d_gx[r:r + chunk], w_ih))
         d_x = d_x.view(ctx.T, ctx.B, -1)
     d_b_ih = d_gx.sum(0) if need_b_ih and ctx.has_b_ih else None
     return d_x, d_w_ih, d_b_ih
