@@ -48,16 +48,16 @@ def rounded_pair(module, dtype):
     return low, copy.deepcopy(low).double()
 
 
-def check_layer(make, dtype, T, packed=False):
+def check_layer(make, dtype, T, packed=False, B=3):
     torch.manual_seed(3)
     low, ref = rounded_pair(make(), dtype)
-    B, I = 3, low.input_size
+    I = low.input_size
     x = torch.randn(T, B, I).to(dtype)
     xs = [x.clone().requires_grad_(), x.double().requires_grad_()]
     outs = []
     for m, xi in zip((low, ref), xs):
         if packed:
-            lengths = torch.tensor([T, T - 2, 1])
+            lengths = torch.tensor([T] + [T - 1] * (B - 2) + [1])
             y, h = m(pack_padded_sequence(xi, lengths))
             y = pad_packed_sequence(y)[0]
         else:
@@ -73,12 +73,17 @@ def check_layer(make, dtype, T, packed=False):
         assert_close(g, w, dtype, f"grad {i}")
 
 
+# (module, T, packed, B). "sliced": 40000 rows of d gx (LSTM [T*B, 4H=32], through C++) or 49553
+# valid ones (the packed GRU's compact [N, 3H=24], through ops.py), more than one fp32 slice (2^18
+# elements) in d x and in the weight gradients' contraction (half_gemm.h gemm_fp32_slices, ops._mm).
 LAYERS = {
-    "lstm_fused": (lambda: fused_rnn.LSTM(7, 11), 20, False),
-    "lstm_per_step": (lambda: fused_rnn.LSTM(7, 11), 3, False),
-    "lstm_proj": (lambda: fused_rnn.LSTM(7, 11, proj_size=5), 6, False),
-    "gru_packed": (lambda: fused_rnn.GRU(7, 11), 20, True),
-    "lstm_bidir_2layer": (lambda: fused_rnn.LSTM(7, 11, num_layers=2, bidirectional=True), 17, False),
+    "lstm_fused": (lambda: fused_rnn.LSTM(7, 11), 20, False, 3),
+    "lstm_per_step": (lambda: fused_rnn.LSTM(7, 11), 3, False, 3),
+    "lstm_proj": (lambda: fused_rnn.LSTM(7, 11, proj_size=5), 6, False, 3),
+    "gru_packed": (lambda: fused_rnn.GRU(7, 11), 20, True, 3),
+    "lstm_bidir_2layer": (lambda: fused_rnn.LSTM(7, 11, num_layers=2, bidirectional=True), 17, False, 3),
+    "lstm_sliced": (lambda: fused_rnn.LSTM(5, 8), 200, False, 200),
+    "gru_packed_sliced": (lambda: fused_rnn.GRU(5, 8), 200, True, 250),
 }
 
 
@@ -87,8 +92,8 @@ LAYERS = {
 @pytest.mark.parametrize("mode", ["fp32", "torch"])
 def test_layers_both_ways(mode, dtype, case, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_CPU_GEMM16", mode)
-    make, T, packed = LAYERS[case]
-    check_layer(make, dtype, T, packed)
+    make, T, packed, B = LAYERS[case]
+    check_layer(make, dtype, T, packed, B)
 
 
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])

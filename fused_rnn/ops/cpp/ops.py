@@ -297,13 +297,32 @@ def second_order_projected(cell, reverse, inputs, needs, dy, dh_n, dc_n, lengths
     return d[0], d[1], d[2], d[4], d[5], d[6], d[7], d[8]
 
 
+# Elements of an operand converted to fp32 at a time in _mm (csrc/cpu/half_gemm.h kFp32SliceElems).
+_FP32_SLICE_ELEMS = 1 << 18
+
+
 def _mm(a, b):
-    """a @ b in a's dtype; for bf16/fp16 on a CPU where torch's own GEMM of that dtype runs a scalar
-    loop, on fp32 copies, rounded once (csrc/cpu/half_gemm.h, which the C++ GEMMs follow)."""
-    if a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float16) and \
-            _C.cpu_gemm_via_fp32(str(a.dtype).removeprefix("torch.")):
-        return (a.float() @ b.float()).to(a.dtype)
-    return a @ b
+    """a @ b (a [..., K], b [K, N]) in a's dtype; for bf16/fp16 on a CPU where torch's own GEMM of that
+    dtype runs a scalar loop, on fp32 copies of slices of the operands, rounded once: as
+    csrc/cpu/half_gemm.h gemm_fp32_slices, which the C++ GEMMs take (a long contraction sums its K
+    slices in fp32; otherwise a's rows a slice at a time)."""
+    if not (a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float16)
+            and _C.cpu_gemm_via_fp32(str(a.dtype).removeprefix("torch."))):
+        return a @ b
+    a2 = a.reshape(-1, a.shape[-1])
+    M, K = a2.shape
+    if K > M:
+        kc = max(1, _FP32_SLICE_ELEMS // max(M, 1))
+        acc = a2.new_zeros(M, b.shape[1], dtype=torch.float32)
+        for k0 in range(0, K, kc):
+            acc = acc + a2[:, k0:k0 + kc].float() @ b[k0:k0 + kc].float()
+        return acc.to(a.dtype).reshape(*a.shape[:-1], b.shape[1])
+    mc = max(1, _FP32_SLICE_ELEMS // max(K, 1))
+    b32 = b.float()
+    out = a2.new_empty(M, b.shape[1])
+    for m0 in range(0, M, mc):
+        out[m0:m0 + mc] = a2[m0:m0 + mc].float() @ b32
+    return out.reshape(*a.shape[:-1], b.shape[1])
 
 
 def _projection_grads(ctx, d_gx, x, w_ih):
