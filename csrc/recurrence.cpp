@@ -28,44 +28,13 @@
 #include "op_args.h"
 #include "persistent_params.h"
 #include "recurrence_params.h"
+#include "step_gemm.h"
 
 namespace fused_rnn {
 namespace {
 
 using at::Tensor;
 using c10::optional;
-
-// The per-step GEMM with its product in the accumulation dtype: `out (A) = a (S) @ w (S)`, or
-// `acc (A) += a @ w`, so that gh and the carried dh never round to fp16/bf16 between steps.
-// fp16/bf16 on CUDA: cuBLAS's fp32-output GEMM (aten::mm.dtype_out, torch >= 2.8); on the CPU, where
-// that overload has no kernel, an fp32 copy of w made once per call and `a` converted per step.
-struct AccGemm {
-  Tensor w;                  // [K, N] operand
-  bool mixed_cuda = false;   // 16-bit operands, fp32 result through mm.dtype_out
-  Tensor scratch;            // [M, N] A: the product before it is added (mixed_cuda)
-
-  AccGemm(const Tensor& w_in, int64_t M) {
-    const bool half = w_in.scalar_type() == at::kHalf || w_in.scalar_type() == at::kBFloat16;
-    mixed_cuda = half && w_in.is_cuda();
-    w = half && !mixed_cuda ? w_in.to(at::kFloat) : w_in;
-    if (mixed_cuda) scratch = at::empty({M, w.size(1)}, w_in.options().dtype(at::kFloat));
-  }
-  Tensor operand(const Tensor& a) const { return a.scalar_type() == w.scalar_type() ? a : a.to(w.scalar_type()); }
-  void mm(Tensor& out, const Tensor& a) const {
-    if (mixed_cuda)
-      at::mm_out(out, a, w, at::kFloat);
-    else
-      at::mm_out(out, operand(a), w);
-  }
-  void add_mm(Tensor& acc, const Tensor& a) {
-    if (mixed_cuda) {
-      at::mm_out(scratch, a, w, at::kFloat);
-      acc.add_(scratch);
-    } else {
-      acc.addmm_(operand(a), w);
-    }
-  }
-};
 
 // Address of x[t] for a contiguous x of shape [T, ...]; 64-bit byte offsets.
 void* step_ptr(const Tensor& x, int64_t t) {
@@ -402,7 +371,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     return {y, h_n, c_n, gates, cells, at::empty({0}, opts), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
 
-  AccGemm gemm_hh(cpu::per_step_weight(w_hh_in, T), B);  // fp32 on the CPU for fp16/bf16 (AccGemm)
+  AccGemm gemm_hh(cpu::per_step_weight(w_hh_in, T));  // fp32 on the CPU for fp16/bf16 (AccGemm)
   Tensor h = h0_in.contiguous().clone();                                       // [B, Hout] state
   Tensor gh = at::empty({B, GH}, acc_opts);                                     // h @ w_hh.T in A
   // Saved per step when save, else one step of scratch reused.
@@ -411,7 +380,8 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   Tensor cells = lstm ? empty_large({TS, B, H}, acc_opts) : at::empty({0}, acc_opts);
   Tensor proj_in = s.proj ? empty_large({TS, B, H}, opts) : at::empty({0}, opts);
   Tensor tmp = s.proj ? at::empty({B, Hout}, opts) : Tensor();
-  const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
+  c10::optional<AccGemm> gemm_hr;  // h_r = proj_in @ w_hr.T
+  if (s.proj) gemm_hr.emplace(w_hr_in->t());
   const bool ln = o.layer_norm();
   Tensor ln_hat = ln ? empty_large({TS, B, (s.G + lstm) * H}, acc_opts) : at::empty({0}, acc_opts);
   Tensor ln_rstd = ln ? at::empty({TS, B, 1 + lstm}, acc_opts) : at::empty({0}, acc_opts);
@@ -433,7 +403,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
     p.opt = step_options(oc, ln_hat, ln_rstd, t, ts);
     pw.forward_step(p);
     if (s.proj) {
-      cpu::mm_out(tmp, proj_in.select(0, ts), w_hr_t);
+      gemm_hr->mm_rounded(tmp, proj_in.select(0, ts));
       ProjCommitParams q{p.dtype, B, Hout, t, p.lengths, tmp.data_ptr(), h.data_ptr(), p.y};
       pw.proj_commit(q);
     }
@@ -630,7 +600,9 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
   }
   c10::optional<AccGemm> gemm_hh;
   // (not when its only GEMM, the last step's, is skipped: a 16-bit w_hh would be widened for nothing)
-  if (!persistent && !fused && (T > 1 || need_d_h0)) gemm_hh.emplace(w_hh.contiguous(), B);
+  if (!persistent && !fused && (T > 1 || need_d_h0)) gemm_hh.emplace(w_hh.contiguous());
+  c10::optional<AccGemm> gemm_hr;  // dr = dh @ w_hr
+  if (proj) gemm_hr.emplace(*w_hr);
   for (int64_t k = persistent || fused ? -1 : T - 1; k >= 0; --k) {  // the per-step kernels, unless one ran
     const int64_t t = reverse ? T - 1 - k : k;
     const int64_t prev = reverse ? t + 1 : t - 1;
@@ -638,7 +610,7 @@ BackwardOut backward_impl(c10::string_view cell_name, const Tensor& dy_in, const
     if (proj) {
       ProjBackwardPrepParams q{p.dtype, B, Hout, t, p.lengths, step_ptr(dy, t), dh.data_ptr(), step_ptr(dh_all, t)};
       pw.proj_backward_prep(q);
-      cpu::mm_out(dr, dh_all.select(0, t), *w_hr);
+      gemm_hr->mm_rounded(dr, dh_all.select(0, t));
     }
     p.t = t;
     p.dy = step_ptr(dy, t);
