@@ -15,6 +15,17 @@ torch's CPU allocator and the recycling allocator of fused_rnn's CPU ops report 
 `fused_held_MB`: what fused_rnn's CPU ops keep between calls besides (the packed-weight cache,
 csrc/cpu/packed_weight_cache.h); freed blocks waiting in the recycling pool are reused, not held
 for a tensor, and are not counted (as the CUDA caching allocator's reserved memory is not).
+The GEMM floor (`gflop`, `gemm_GFs`, `floor_ms`, `nn_of_floor`, `fused_of_floor`): a layer's call is
+GEMMs and a little pointwise work, so no implementation on this machine is faster than its GEMM
+FLOPs at the machine's GEMM rate. `gflop`: per layer and direction, x W_ih^T and h W_hh^T over the
+valid (t, b) steps, 2 * steps * G*H * (I + H) (G gate rows per unit: LSTM 4, GRU 3, RNN 1); a
+training call does three times that (the backward's d h, d x, d w_ih and d w_hh). `gemm_GFs`: torch's
+own GEMM in the row's dtype (a [2048, 1024] x [1024, 1024] product, median of 7, measured once per
+thread count) — for a 16-bit dtype that torch multiplies in a scalar loop on this CPU
+(`fused_rnn._C.cpu_gemm_via_fp32`), the fp32 rate, at which fused_rnn multiplies it.
+`floor_ms` = gflop / gemm_GFs; `*_of_floor` = floor_ms / that side's wall ms: 1.0 runs at the GEMM
+rate, and a ratio against torch.nn above 1 / nn_of_floor cannot be reached.
+
 On a loaded machine the wall-time ratio is the fair one only when both sides see the same load —
 hence the interleaving; with 1 thread the CPU-time ratio is nearly load-independent.
 
@@ -44,7 +55,30 @@ from fused_rnn.ops.cpp import ops
 
 FIELDS = ["date", "load1", "threads", "layer", "pass", "dtype", "T", "B", "H", "nn_ms", "fused_ms", "ratio_wall",
           "nn_cpu_ms", "fused_cpu_ms", "ratio_cpu", "nn_saved_MB", "fused_saved_MB", "nn_peak_MB", "fused_peak_MB",
-          "fused_held_MB"]
+          "fused_held_MB", "gflop", "gemm_GFs", "floor_ms", "nn_of_floor", "fused_of_floor"]
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_GEMM_RATE = {}
+
+
+def gemm_rate(dtype):
+    """GFLOP/s of torch's GEMM on this machine at the current thread count (see the module's docstring)."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _GEMM_RATE:
+        name = str(dtype).removeprefix("torch.")
+        if dtype in (torch.bfloat16, torch.float16) and ops.load_error() is None and fused_rnn._C.cpu_gemm_via_fp32(name):
+            dtype = torch.float32
+        a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        (wall,), _ = run_interleaved([lambda: torch.mm(a, b)], 7)
+        _GEMM_RATE[key] = 2 * 2048 * 1024 * 1024 / wall / 1e6
+    return _GEMM_RATE[key]
+
+
+def gemm_gflop(layer, what, steps, H, num_layers=1, bidirectional=False):
+    """The GEMM GFLOP of one call over `steps` valid (t, b) rows, I = H (see the module's docstring)."""
+    dirs = 2 if bidirectional else 1
+    per_step = sum(dirs * 2 * GATES[layer] * H * ((H if i == 0 else dirs * H) + H) for i in range(num_layers))
+    return per_step * steps * (3 if what == "forward+backward" else 1) / 1e9
+
 
 
 def saved_bytes(fn, params=()):
@@ -124,7 +158,8 @@ def run_pair(f_nn, f_ours, repeats):
 
 def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=False, packed=False):
     """Medians (wall and CPU ms of torch.nn and ours), saved bytes and peak bytes (0 for forward)
-    of one shape, and the bytes of fused_rnn's packed-weight cache after it. packed: the
+    of one shape, the bytes of fused_rnn's packed-weight cache after it, and the valid (t, b) steps
+    (T*B, or the sum of the lengths). packed: the
     input as a PackedSequence of lengths drawn in [T/2, T] (one of them T), packed inside the timed
     call on both sides, as a training loop does."""
     torch.manual_seed(0)
@@ -174,7 +209,7 @@ def measure(layer, what, B, H, dtype, T, repeats, num_layers=1, bidirectional=Fa
         peak = (training_peak(nn), training_peak(ours))
     t = run_pair(call(nn), call(ours), repeats)
     held = fused_rnn._C.cpu_weight_cache_stats()[3] if ops.load_error() is None else 0
-    return t, saved, peak, held
+    return t, saved, peak, held, int(lengths.sum()) if packed else T * B
 
 
 def breakdown(layer, B, H, dtype, T, repeats):
@@ -282,9 +317,12 @@ def main(argv=None):
             for what in args.passes.split(","):
                 for H in map(int, args.H.split(",")):
                     for B in map(int, args.B.split(",")):
-                        (nw, fw, nc, fc), (ns, fs), (n_peak, f_peak), held = measure(
+                        (nw, fw, nc, fc), (ns, fs), (n_peak, f_peak), held, steps = measure(
                             layer, what, B, H, dtype, args.T, args.repeats, args.num_layers, args.bidirectional,
                             args.packed)
+                        gflop = gemm_gflop(layer, what, steps, H, args.num_layers, args.bidirectional)
+                        rate = gemm_rate(dtype)
+                        floor = gflop / rate * 1e3
                         row = dict(date=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                                    load1=f"{os.getloadavg()[0]:.1f}", threads=threads, layer=layer + config,
                                    dtype=args.dtype,
@@ -293,6 +331,8 @@ def main(argv=None):
                                    ratio_cpu=f"{nc / fc:.2f}", nn_saved_MB=f"{ns / 2**20:.1f}",
                                    fused_saved_MB=f"{fs / 2**20:.1f}", nn_peak_MB=f"{n_peak / 2**20:.1f}",
                                    fused_peak_MB=f"{f_peak / 2**20:.1f}", fused_held_MB=f"{held / 2**20:.1f}",
+                                   gflop=f"{gflop:.3f}", gemm_GFs=f"{rate:.0f}", floor_ms=f"{floor:.2f}",
+                                   nn_of_floor=f"{floor / nw:.2f}", fused_of_floor=f"{floor / fw:.2f}",
                                    **{"pass": what})
                         print(" ".join(f"{str(row[f]):>9s}" for f in FIELDS[1:]), flush=True)
                         if writer:
