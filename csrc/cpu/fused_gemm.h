@@ -174,7 +174,8 @@ struct SpreadPrefetch {
   struct Region { const char* base; int64_t rows, nseg, seg_bytes, row_bytes, lines; bool write; };  // [rows, nseg*H]
   Region r[4];
   int n = 0;
-  int64_t per_call = 0, region = 0, row = 0, line = 0;  // the next line: region, row*nseg+seg, line in it
+  int64_t per_call = 0, region = 0, row = 0, seg = 0, line = 0;  // the next line: region, row, segment, line in it
+  const char* at = nullptr;  // the next line's address
 
   // The own columns [u0, u1) of each of nseg segments (H apart) of each row of block [B, nseg*H]
   // (`write`: lines the cell math writes, fetched for ownership).
@@ -184,6 +185,7 @@ struct SpreadPrefetch {
     const int64_t lines = ((u1 - u0) * static_cast<int64_t>(sizeof(T)) + 63) / 64;
     r[n++] = {reinterpret_cast<const char*>(block + u0), B, nseg, H * static_cast<int64_t>(sizeof(T)),
               nseg * H * static_cast<int64_t>(sizeof(T)), lines, write};
+    if (n == 1) at = r[0].base;
   }
   // Spread all lines over `calls` calls of issue().
   void plan(int64_t calls) {
@@ -191,19 +193,27 @@ struct SpreadPrefetch {
     for (int i = 0; i < n; ++i) total += r[i].rows * r[i].nseg * r[i].lines;
     per_call = (total + calls - 1) / std::max<int64_t>(calls, 1);
   }
+  // The next per_call lines; the address steps along, line by line, segment by segment, row by row.
   void issue() {
     for (int64_t i = 0; i < per_call && region < n; ++i) {
       const Region& g = r[region];
-      const char* a = g.base + (row / g.nseg) * g.row_bytes + (row % g.nseg) * g.seg_bytes + line * 64;
       if (g.write)
-        __builtin_prefetch(a, 1, 2);
+        __builtin_prefetch(at + line * 64, 1, 2);
       else
-        __builtin_prefetch(a, 0, 2);
+        __builtin_prefetch(at + line * 64, 0, 2);
       if (++line < g.lines) continue;
       line = 0;
-      if (++row < g.rows * g.nseg) continue;
+      if (++seg < g.nseg) {
+        at += g.seg_bytes;
+        continue;
+      }
+      seg = 0;
+      if (++row < g.rows) {
+        at += g.row_bytes - (g.nseg - 1) * g.seg_bytes;  // from the last segment to the next row's first
+        continue;
+      }
       row = 0;
-      ++region;
+      if (++region < n) at = r[region].base;
     }
   }
 };
