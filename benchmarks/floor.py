@@ -20,8 +20,9 @@ import torch
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def gemm_rate(m, k, n, device="cpu", dtype=torch.float32, repeats=20):
-    """FLOP/s of a [m, k] @ [k, n] matmul (median time of `repeats` after warm-up, rotating inputs)."""
+def gemm_rate(m, k, n, device="cpu", dtype=torch.float32, repeats=20, stat=statistics.median):
+    """FLOP/s of a [m, k] @ [k, n] matmul (`stat` of the times of `repeats` after warm-up, rotating
+    inputs: the median, or min for the best the machine did)."""
     pairs = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
              for _ in range(3)]
     out = torch.empty(m, n, device=device, dtype=dtype)
@@ -37,7 +38,7 @@ def gemm_rate(m, k, n, device="cpu", dtype=torch.float32, repeats=20):
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(times)
+    return 2 * m * k * n / stat(times)
 
 
 def floor(mode, T, B, H, I, device="cpu", dtype=torch.float32):
