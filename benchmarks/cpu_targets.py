@@ -20,8 +20,9 @@ GEMMs and a little pointwise work, so no implementation on this machine is faste
 FLOPs at the machine's GEMM rate. `gflop`: per layer and direction, x W_ih^T and h W_hh^T over the
 valid (t, b) steps, 2 * steps * G*H * (I + H) (G gate rows per unit: LSTM 4, GRU 3, RNN 1); a
 training call does three times that (the backward's d h, d x, d w_ih and d w_hh). `gemm_GFs`: torch's
-own GEMM in the row's dtype (benchmarks/floor.py: a [2048, 1024] x [1024, 1024] product, the
-fastest of 15, once per thread count: a bound takes the best the machine did, not its median) — for
+own GEMM in the row's dtype (benchmarks/floor.py: a [2048, 1024] x [1024, 1024] product; the
+fastest run so far at that thread count, 15 runs before the first row and 3 more before each: a
+bound takes the best the machine did, and on a shared machine a single measurement can be slow) — for
 a 16-bit dtype that torch multiplies in a scalar loop on this CPU (`fused_rnn._C.cpu_gemm_via_fp32`),
 the fp32 rate, at which fused_rnn multiplies it. Where torch's GEMM is below the machine's FMA peak
 (MKL on an AMD CPU), fused_rnn's microkernel can beat it: `fused_of_floor` above 1.
@@ -66,11 +67,11 @@ _GEMM_RATE = {}
 def gemm_rate(dtype):
     """GFLOP/s of torch's GEMM on this machine at the current thread count (see the module's docstring)."""
     key = (dtype, torch.get_num_threads())
-    if key not in _GEMM_RATE:
-        name = str(dtype).removeprefix("torch.")
-        if dtype in (torch.bfloat16, torch.float16) and ops.load_error() is None and fused_rnn._C.cpu_gemm_via_fp32(name):
-            dtype = torch.float32
-        _GEMM_RATE[key] = floor.gemm_rate(2048, 1024, 1024, dtype=dtype, repeats=15, stat=min) / 1e9
+    name = str(dtype).removeprefix("torch.")
+    if dtype in (torch.bfloat16, torch.float16) and ops.load_error() is None and fused_rnn._C.cpu_gemm_via_fp32(name):
+        dtype = torch.float32
+    rate = floor.gemm_rate(2048, 1024, 1024, dtype=dtype, repeats=3 if key in _GEMM_RATE else 15, stat=min) / 1e9
+    _GEMM_RATE[key] = max(rate, _GEMM_RATE.get(key, 0.0))
     return _GEMM_RATE[key]
 
 
