@@ -82,7 +82,6 @@ def gemm_gflop(layer, what, steps, H, num_layers=1, bidirectional=False):
     return per_step * steps * (3 if what == "forward+backward" else 1) / 1e9
 
 
-
 def saved_bytes(fn, params=()):
     """Bytes of the distinct storages autograd saves while `fn` runs its forward, without those of
     `params` (the module's parameters, held whether or not a backward follows)."""
