@@ -21,8 +21,9 @@ FLOPs at the machine's GEMM rate. `gflop`: per layer and direction, x W_ih^T and
 valid (t, b) steps, 2 * steps * G*H * (I + H) (G gate rows per unit: LSTM 4, GRU 3, RNN 1); a
 training call does three times that (the backward's d h, d x, d w_ih and d w_hh). `gemm_GFs`: torch's
 own GEMM in the row's dtype (benchmarks/floor.py: a [2048, 1024] x [1024, 1024] product; the
-fastest run so far at that thread count, 15 runs before the first row and 3 more before each: a
-bound takes the best the machine did, and on a shared machine a single measurement can be slow) — for
+fastest run at that thread count over the whole grid, 15 runs before the first row and 3 more before
+each: a bound takes the best the machine did, and on a shared machine a single measurement can be
+slow; rows print with the best so far and are written to `--out` with the run's best at the end) — for
 a 16-bit dtype that torch multiplies in a scalar loop on this CPU (`fused_rnn._C.cpu_gemm_via_fp32`),
 the fp32 rate, at which fused_rnn multiplies it. Where torch's GEMM is below the machine's FMA peak
 (MKL on an AMD CPU), fused_rnn's microkernel can beat it: `fused_of_floor` above 1.
@@ -73,6 +74,14 @@ def gemm_rate(dtype):
     rate = floor.gemm_rate(2048, 1024, 1024, dtype=dtype, repeats=3 if key in _GEMM_RATE else 15, stat=min) / 1e9
     _GEMM_RATE[key] = max(rate, _GEMM_RATE.get(key, 0.0))
     return _GEMM_RATE[key]
+
+
+def with_floor(row, rate):
+    """`row` with its floor columns (gemm_GFs, floor_ms, *_of_floor) at GEMM rate `rate` (GFLOP/s)."""
+    floor_ms = float(row["gflop"]) / rate * 1e3
+    return dict(row, gemm_GFs=f"{rate:.0f}", floor_ms=f"{floor_ms:.2f}",
+                nn_of_floor=f"{floor_ms / float(row['nn_ms']):.2f}",
+                fused_of_floor=f"{floor_ms / float(row['fused_ms']):.2f}")
 
 
 def gemm_gflop(layer, what, steps, H, num_layers=1, bidirectional=False):
@@ -296,18 +305,27 @@ def main(argv=None):
                             rate = f" ({gflop / c * 1e3:.0f})" if k in one_gemm else ""
                             print(f"  {k:>14s} {w:8.2f} {c:8.2f}{rate}", flush=True)
         return
-    writer = None
-    if args.out:
-        new = not os.path.exists(args.out)
-        if not new:
-            with open(args.out, newline="") as old:
-                header = next(csv.reader(old), None)
-            if header != FIELDS:  # appended rows would land under other columns
-                p.error(f"{args.out} has other columns ({','.join(header or [])}); write to a new file")
-        fh = open(args.out, "a", newline="")  # noqa: SIM115 - kept open for the whole run
-        writer = csv.DictWriter(fh, FIELDS)
-        if new:
+    earlier = []  # the rows --out held before this run
+    if args.out and os.path.exists(args.out):
+        with open(args.out, newline="") as old:
+            reader = csv.DictReader(old)
+            if reader.fieldnames != FIELDS:  # appended rows would land under other columns
+                p.error(f"{args.out} has other columns ({','.join(reader.fieldnames or [])}); write to a new file")
+            earlier = list(reader)
+    rows = []
+
+    def write_out():
+        """--out: the earlier rows, then this run's with the floor at the run's best GEMM rate per
+        thread count (the rate climbs while the grid runs: the first rows' floors, taken at the best
+        so far, would be too low). Written after every row, so that a stopped run keeps its rows."""
+        if not args.out:
+            return
+        best = {threads: _GEMM_RATE[(dtype, threads)] for threads in {r["threads"] for r in rows}}
+        with open(args.out + ".tmp", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, FIELDS)
             writer.writeheader()
+            writer.writerows(earlier + [with_floor(r, best[r["threads"]]) for r in rows])
+        os.replace(args.out + ".tmp", args.out)
     # the stack in the layer column (e.g. LSTM-2L-bidir-packed), so that one CSV holds every kind of row
     config = ((f"-{args.num_layers}L" if args.num_layers > 1 else "") + ("-bidir" if args.bidirectional else "")
               + ("-packed" if args.packed else ""))
@@ -323,7 +341,6 @@ def main(argv=None):
                             args.packed)
                         gflop = gemm_gflop(layer, what, steps, H, args.num_layers, args.bidirectional)
                         rate = gemm_rate(dtype)
-                        floor_ms = gflop / rate * 1e3
                         row = dict(date=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                                    load1=f"{os.getloadavg()[0]:.1f}", threads=threads, layer=layer + config,
                                    dtype=args.dtype,
@@ -332,13 +349,14 @@ def main(argv=None):
                                    ratio_cpu=f"{nc / fc:.2f}", nn_saved_MB=f"{ns / 2**20:.1f}",
                                    fused_saved_MB=f"{fs / 2**20:.1f}", nn_peak_MB=f"{n_peak / 2**20:.1f}",
                                    fused_peak_MB=f"{f_peak / 2**20:.1f}", fused_held_MB=f"{held / 2**20:.1f}",
-                                   gflop=f"{gflop:.3f}", gemm_GFs=f"{rate:.0f}", floor_ms=f"{floor_ms:.2f}",
-                                   nn_of_floor=f"{floor_ms / nw:.2f}", fused_of_floor=f"{floor_ms / fw:.2f}",
-                                   **{"pass": what})
+                                   gflop=f"{gflop:.3f}", **{"pass": what})
+                        row = with_floor(row, rate)
                         print(" ".join(f"{str(row[f]):>9s}" for f in FIELDS[1:]), flush=True)
-                        if writer:
-                            writer.writerow(row)
-                            fh.flush()
+                        rows.append(row)
+                        write_out()
+    if args.out:
+        rates = ", ".join(f"{t} thread(s) {_GEMM_RATE[(dtype, t)]:.0f}" for t in sorted({r['threads'] for r in rows}))
+        print(f"{args.out}: floors at the run's best GEMM rate, GFLOP/s: {rates}")
 
 
 if __name__ == "__main__":
