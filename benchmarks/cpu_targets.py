@@ -76,12 +76,13 @@ def gemm_rate(dtype):
     return _GEMM_RATE[key]
 
 
-def with_floor(row, rate):
-    """`row` with its floor columns (gemm_GFs, floor_ms, *_of_floor) at GEMM rate `rate` (GFLOP/s)."""
-    floor_ms = float(row["gflop"]) / rate * 1e3
-    return dict(row, gemm_GFs=f"{rate:.0f}", floor_ms=f"{floor_ms:.2f}",
-                nn_of_floor=f"{floor_ms / float(row['nn_ms']):.2f}",
-                fused_of_floor=f"{floor_ms / float(row['fused_ms']):.2f}")
+def with_floor(row, rate, exact=None):
+    """`row` with its floor columns (gemm_GFs, floor_ms, *_of_floor) at GEMM rate `rate` (GFLOP/s),
+    from `exact` (gflop, nn ms, fused ms unrounded) or else from the row's own rounded columns."""
+    gflop, nn_ms, fused_ms = exact or (float(row["gflop"]), float(row["nn_ms"]), float(row["fused_ms"]))
+    floor_ms = gflop / rate * 1e3
+    return dict(row, gemm_GFs=f"{rate:.0f}", floor_ms=f"{floor_ms:.2f}", nn_of_floor=f"{floor_ms / nn_ms:.2f}",
+                fused_of_floor=f"{floor_ms / fused_ms:.2f}")
 
 
 def gemm_gflop(layer, what, steps, H, num_layers=1, bidirectional=False):
@@ -312,7 +313,7 @@ def main(argv=None):
             if reader.fieldnames != FIELDS:  # appended rows would land under other columns
                 p.error(f"{args.out} has other columns ({','.join(reader.fieldnames or [])}); write to a new file")
             earlier = list(reader)
-    rows = []
+    rows = []  # (row, (gflop, nn ms, fused ms)) of this run
 
     def write_out():
         """--out: the earlier rows, then this run's with the floor at the run's best GEMM rate per
@@ -320,11 +321,11 @@ def main(argv=None):
         so far, would be too low). Written after every row, so that a stopped run keeps its rows."""
         if not args.out:
             return
-        best = {threads: _GEMM_RATE[(dtype, threads)] for threads in {r["threads"] for r in rows}}
+        best = {threads: _GEMM_RATE[(dtype, threads)] for threads in {r["threads"] for r, _ in rows}}
         with open(args.out + ".tmp", "w", newline="") as fh:
             writer = csv.DictWriter(fh, FIELDS)
             writer.writeheader()
-            writer.writerows(earlier + [with_floor(r, best[r["threads"]]) for r in rows])
+            writer.writerows(earlier + [with_floor(r, best[r["threads"]], exact) for r, exact in rows])
         os.replace(args.out + ".tmp", args.out)
     # the stack in the layer column (e.g. LSTM-2L-bidir-packed), so that one CSV holds every kind of row
     config = ((f"-{args.num_layers}L" if args.num_layers > 1 else "") + ("-bidir" if args.bidirectional else "")
@@ -350,12 +351,13 @@ def main(argv=None):
                                    fused_saved_MB=f"{fs / 2**20:.1f}", nn_peak_MB=f"{n_peak / 2**20:.1f}",
                                    fused_peak_MB=f"{f_peak / 2**20:.1f}", fused_held_MB=f"{held / 2**20:.1f}",
                                    gflop=f"{gflop:.3f}", **{"pass": what})
-                        row = with_floor(row, rate)
+                        row = with_floor(row, rate, (gflop, nw, fw))
                         print(" ".join(f"{str(row[f]):>9s}" for f in FIELDS[1:]), flush=True)
-                        rows.append(row)
+                        rows.append((row, (gflop, nw, fw)))
                         write_out()
     if args.out:
-        rates = ", ".join(f"{t} thread(s) {_GEMM_RATE[(dtype, t)]:.0f}" for t in sorted({r['threads'] for r in rows}))
+        used = sorted({r["threads"] for r, _ in rows})
+        rates = ", ".join(f"{t} thread(s) {_GEMM_RATE[(dtype, t)]:.0f}" for t in used)
         print(f"{args.out}: floors at the run's best GEMM rate, GFLOP/s: {rates}")
 
 
