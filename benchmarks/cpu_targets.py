@@ -76,10 +76,9 @@ def gemm_rate(dtype):
     return _GEMM_RATE[key]
 
 
-def with_floor(row, rate, exact=None):
+def with_floor(row, rate, gflop, nn_ms, fused_ms):
     """`row` with its floor columns (gemm_GFs, floor_ms, *_of_floor) at GEMM rate `rate` (GFLOP/s),
-    from `exact` (gflop, nn ms, fused ms unrounded) or else from the row's own rounded columns."""
-    gflop, nn_ms, fused_ms = exact or (float(row["gflop"]), float(row["nn_ms"]), float(row["fused_ms"]))
+    from the unrounded GFLOP and medians (ms) of its call."""
     floor_ms = gflop / rate * 1e3
     return dict(row, gemm_GFs=f"{rate:.0f}", floor_ms=f"{floor_ms:.2f}", nn_of_floor=f"{floor_ms / nn_ms:.2f}",
                 fused_of_floor=f"{floor_ms / fused_ms:.2f}")
@@ -325,7 +324,7 @@ def main(argv=None):
         with open(args.out + ".tmp", "w", newline="") as fh:
             writer = csv.DictWriter(fh, FIELDS)
             writer.writeheader()
-            writer.writerows(earlier + [with_floor(r, best[r["threads"]], exact) for r, exact in rows])
+            writer.writerows(earlier + [with_floor(r, best[r["threads"]], *exact) for r, exact in rows])
         os.replace(args.out + ".tmp", args.out)
     # the stack in the layer column (e.g. LSTM-2L-bidir-packed), so that one CSV holds every kind of row
     config = ((f"-{args.num_layers}L" if args.num_layers > 1 else "") + ("-bidir" if args.bidirectional else "")
@@ -351,9 +350,10 @@ def main(argv=None):
                                    fused_saved_MB=f"{fs / 2**20:.1f}", nn_peak_MB=f"{n_peak / 2**20:.1f}",
                                    fused_peak_MB=f"{f_peak / 2**20:.1f}", fused_held_MB=f"{held / 2**20:.1f}",
                                    gflop=f"{gflop:.3f}", **{"pass": what})
-                        row = with_floor(row, rate, (gflop, nw, fw))
+                        exact = (gflop, nw, fw)
+                        row = with_floor(row, rate, *exact)
                         print(" ".join(f"{str(row[f]):>9s}" for f in FIELDS[1:]), flush=True)
-                        rows.append((row, (gflop, nw, fw)))
+                        rows.append((row, exact))
                         write_out()
     if args.out:
         used = sorted({r["threads"] for r, _ in rows})
