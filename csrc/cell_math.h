@@ -144,12 +144,13 @@ FR_HD void lstm_step_forward(A pre_i, A pre_f, A pre_g, A pre_o, A c_prev,
 template <typename A>
 FR_HD void lstm_step_backward(A i, A f, A g, A o, A c_prev, A c, A dh, A dc,
                               A& d_i, A& d_f, A& d_g, A& d_o, A& dc_prev) {
+  const A one = A{} + 1.0f;  // A may be a GCC vector of floats (the CPU kernels' vector of units)
   const A tc = tanh_act(c);
-  const A dct = dc + dh * o * (A(1) - tc * tc);
-  d_i = dct * g * i * (A(1) - i);
-  d_f = dct * c_prev * f * (A(1) - f);
-  d_g = dct * i * (A(1) - g * g);
-  d_o = dh * tc * o * (A(1) - o);
+  const A dct = dc + dh * o * (one - tc * tc);
+  d_i = dct * g * i * (one - i);
+  d_f = dct * c_prev * f * (one - f);
+  d_g = dct * i * (one - g * g);
+  d_o = dh * tc * o * (one - o);
   dc_prev = dct * f;
 }
 

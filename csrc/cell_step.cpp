@@ -11,7 +11,9 @@
 // Forward: at small batch the CPU kernel computes x @ w_ih.T + h @ w_hh.T itself, reading each
 // weight row once, and applies the cell math in the same pass (csrc/cpu/cell_step_cpu_kernels.h);
 // at larger batch, GEMMs (MKL) into an fp32 buffer, then the fused epilogue. Backward: the
-// pointwise derivative (cell_math.h) and then the six GEMM-shaped gradients.
+// pointwise derivative (cell_math.h) and then the six GEMM-shaped gradients: at small batch in one
+// pass that reads each weight matrix and writes each weight gradient once (cell_backward_products),
+// at larger batch as GEMMs.
 // fake kernels: fused_rnn/ops/cpp/cell_ops.py. The schemas join the TORCH_LIBRARY block of
 // csrc/recurrence.cpp as a fragment.
 #include <Python.h>
@@ -31,6 +33,7 @@
 #include "cell_step_params.h"
 #include "cpu/cell_step_bias.h"
 #include "cpu/half_gemm.h"
+#include "cpu/recycling_allocator.h"
 #include "op_args.h"
 #include "python_entry.h"
 
@@ -233,13 +236,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   p.dc_prev = lstm ? dc_prev.data_ptr() : nullptr;
   if (B > 0 && H > 0) cpu::cell_backward(p);
 
+  if (cpu::cell_products_pay(p.dtype, B, s.I, H, s.G) && B > 0 && H > 0) {  // one pass over each weight
+    const Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
+    Tensor dx = at::empty({B, s.I}, opts), dw_ih = empty_large({GH, s.I}, opts), dw_hh = empty_large({GH, H}, opts);
+    Tensor db_ih = at::empty({GH}, opts), db_hh = at::empty({GH}, opts);
+    p.I = s.I;
+    p.x = x.data_ptr();
+    p.w_ih = w_ih_c.data_ptr();
+    p.w_hh = w_hh_c.data_ptr();
+    p.dx = dx.data_ptr();
+    p.dh_prev = dh_prev.data_ptr();
+    p.dw_ih = dw_ih.data_ptr();
+    p.dw_hh = dw_hh.data_ptr();
+    p.db_ih = db_ih.data_ptr();
+    p.db_hh = db_hh.data_ptr();
+    cpu::cell_backward_products(p);
+    return {dx, dh_prev, dc_prev, dw_ih, dw_hh, db_ih, db_hh};
+  }
   Tensor dx = cpu::mm(dg_x, w_ih);
   if (gru)
     cpu::addmm_(dh_prev, dg_h, w_hh);
   else
     cpu::mm_out(dh_prev, dg_x, w_hh);
-  Tensor dw_ih = cpu::mm(dg_x.t(), x);
-  Tensor dw_hh = cpu::mm(dg_h.t(), h);
+  // the weight gradients (1 MB and more from H=256) recycled: from glibc they are page-faulted in every step
+  Tensor dw_ih = empty_large({GH, s.I}, opts), dw_hh = empty_large({GH, H}, opts);
+  cpu::mm_out(dw_ih, dg_x.t(), x);
+  cpu::mm_out(dw_hh, dg_h.t(), h);
   Tensor db_ih = dg_x.sum(0);
   Tensor db_hh = gru ? dg_h.sum(0) : db_ih.clone();  // outputs never alias each other
   return {dx, dh_prev, dc_prev, dw_ih, dw_hh, db_ih, db_hh};

@@ -36,24 +36,37 @@ struct CellForwardParams {
   void* gates;       // S [B, 4H]   saved for the backward (LSTM i,f,g,o; GRU r,z,n,h_n) or nullptr
 };
 
-// Backward of one step, pointwise part: the gradients of the pre-activations. The caller then runs
-// the GEMMs: dx = dg_x @ w_ih, dh_prev = dh_direct + dg_h @ w_hh, dw_ih = dg_xᵀ x,
-// dw_hh = dg_hᵀ h_prev, db_ih = Σ_b dg_x, db_hh = Σ_b dg_h.
+// Backward of one step. cell_backward, the pointwise part: the gradients of the pre-activations.
+// Then the products dx = dg_x @ w_ih, dh_prev = dh_direct + dg_h @ w_hh, dw_ih = dg_xᵀ x,
+// dw_hh = dg_hᵀ h_prev, db_ih = Σ_b dg_x, db_hh = Σ_b dg_h: at small batch (cell_products_pay)
+// cell_backward_products, which reads each weight matrix and writes each weight gradient once for
+// all four; otherwise the caller's GEMMs.
 struct CellBackwardParams {
   Cell cell;
   DType dtype;
   int64_t B, H;
+  int64_t I;           // cell_backward_products only
   const void* dh;      // S [B, H]    grad of h_out
   const void* dc;      // S [B, H]    grad of c_out (LSTM)
   const void* gates;   // S [B, 4H]   saved by the forward (LSTM, GRU)
   const void* c_prev;  // S [B, H]    LSTM
   const void* c_new;   // S [B, H]    LSTM: c_out
-  const void* h_prev;  // S [B, H]    GRU
+  const void* h_prev;  // S [B, H]    GRU; every cell in cell_backward_products
   const void* h_new;   // S [B, H]    RNN: h_out
   void* dg_x;          // S [B, GH]   grad of x @ w_ih.T + b_ih
   void* dg_h;          // S [B, GH]   GRU: grad of h @ w_hh.T + b_hh (== dg_x for LSTM/RNN: unused)
   void* dh_direct;     // S [B, H]    GRU: dh*z, the part of dh_prev that bypasses w_hh
   void* dc_prev;       // S [B, H]    LSTM
+  // cell_backward_products only (float32 / float64; every array contiguous):
+  const void* x;       // S [B, I]
+  const void* w_ih;    // S [GH, I]
+  const void* w_hh;    // S [GH, H]
+  void* dx;            // S [B, I]
+  void* dh_prev;       // S [B, H]    GRU: holds dh_direct on entry (the product adds to it)
+  void* dw_ih;         // S [GH, I]
+  void* dw_hh;         // S [GH, H]
+  void* db_ih;         // S [GH]
+  void* db_hh;         // S [GH]
 };
 
 namespace cpu {
@@ -62,6 +75,9 @@ namespace cpu {
 bool cell_dots_pay(DType dtype, int64_t B, int64_t I, int64_t H, int64_t G);
 void cell_forward(const CellForwardParams& p);
 void cell_backward(const CellBackwardParams& p);
+// Whether cell_backward_products runs this shape's backward products (else the GEMM library).
+bool cell_products_pay(DType dtype, int64_t B, int64_t I, int64_t H, int64_t G);
+void cell_backward_products(const CellBackwardParams& p);
 }  // namespace cpu
 
 }  // namespace fused_rnn

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.skipif(_err is not None, reason=str(_err))
 CELLS = {"lstm": (nn.LSTMCell, fused_rnn.LSTMCell, {}), "gru": (nn.GRUCell, fused_rnn.GRUCell, {}),
          "rnn_tanh": (nn.RNNCell, fused_rnn.RNNCell, {"nonlinearity": "tanh"}),
          "rnn_relu": (nn.RNNCell, fused_rnn.RNNCell, {"nonlinearity": "relu"})}
-# B=1, 3 run the dot kernels, B=11 the GEMM path (csrc/cpu/cell_step_cpu.cpp, cell_dots_pay)
-BATCHES = (1, 3, 11)
+# B=1, 3, 8 run the dot kernels forward and the one-pass products backward, B=11 the GEMM path
+# (csrc/cpu/cell_step_cpu.cpp, cell_dots_pay and cell_products_pay)
+BATCHES = (1, 3, 8, 11)
 
 
 def pair(cell, I, H, bias=True, dtype=torch.float64):
@@ -109,11 +110,10 @@ def test_bfloat16_against_the_float64_reference(cell, B):
         assert_close(a, b, torch.bfloat16, f"output/grad {i}")
 
 
-@pytest.mark.parametrize("B", [2, 10])
+@pytest.mark.parametrize("B, I, H", [(2, 4, 3), (5, 19, 9), (10, 4, 3)])  # 19, 9: whole vectors and tails
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_gradcheck_float64(cell, bias, B):
-    I, H = 4, 3
+def test_gradcheck_float64(cell, bias, B, I, H):
     x, h, c = random_inputs(cell, B, I, H, torch.float64)
     G = fused_rnn.functional.GATES[cell]
     w_ih, w_hh = (torch.randn(G * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H))
@@ -255,19 +255,22 @@ torch.manual_seed(0)
 G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 for cell in G:
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for B in (1, 3, 5, 11):
+        for B in (1, 3, 5, 8, 11):  # 5, 8: two batch blocks of the AVX2 products, one of AVX-512's
             I, H = 21, 37  # not multiples of any vector width: the tails run too
             r = lambda *s: (torch.randn(*s, dtype=torch.float64)).to(dtype)
             args = [r(B, I), r(B, H), r(B, H) if cell == "lstm" else None, r(G[cell] * H, I) * 0.3,
                     r(G[cell] * H, H) * 0.3, r(G[cell] * H), r(G[cell] * H)]
-            with torch.no_grad():
-                got = functional.cell_step(cell, *args)
-                want = functional.cell_step(cell, *[a if a is None else a.double() for a in args], backend="reference")
+            args64 = [a if a is None else a.double().requires_grad_() for a in args]
+            args = [a if a is None else a.requires_grad_() for a in args]
+            got = [o for o in functional.cell_step(cell, *args) if o is not None]
+            want = [o for o in functional.cell_step(cell, *args64, backend="reference") if o is not None]
+            dys = [r(*o.shape) for o in got]  # the same upstream gradients for both
+            got += torch.autograd.grad(got, [a for a in args if a is not None], [d.to(dtype) for d in dys])
+            want += torch.autograd.grad(want, [a for a in args64 if a is not None], [d.double() for d in dys])
             tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
-            for a, b in zip(got, want):
-                if b is not None:
-                    err = (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
-                    assert err <= tol, (cell, dtype, B, err)
+            for i, (a, b) in enumerate(zip(got, want)):
+                err = (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
+                assert err <= tol, (cell, dtype, B, i, err)
 print("ok")
 """
 
@@ -275,8 +278,34 @@ print("ok")
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_every_cpu_instruction_set(isa):
     """The cell kernels are built for baseline x86-64, AVX2 and AVX-512 and chosen at run time
-    (FUSED_RNN_CPU_ISA caps the choice): run each variant this machine has against the reference."""
+    (FUSED_RNN_CPU_ISA caps the choice): run each variant this machine has against the reference,
+    outputs and every gradient."""
     run_with_cpu_isa(isa, _ISA_SCRIPT)
+
+
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_small_batch_backward_same_bits_on_1_2_3_threads(cell, B):
+    """At small batch the backward op's products split the weights' columns over threads, and every
+    element is summed in the same order whatever the split: the same bits on any thread count."""
+    I, H = 45, 133
+    args = op_args(cell, B, I, H, requires_grad=False)
+    args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+    h_new, c_new, gates = torch.ops.fused_rnn.cell_step_forward(*args, True)
+    dh, dc = torch.randn(B, H), (torch.randn(B, H) if cell == "lstm" else None)
+    x, h, c, w_ih, w_hh = args[1:6]
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.fused_rnn.cell_step_backward(
+                cell, dh, dc, x, h, c, w_ih, w_hh, h_new, c_new if cell == "lstm" else h, gates))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for i, (a, b) in enumerate(zip(results[0], other)):
+            assert torch.equal(a, b), f"gradient {i}"
 
 
 def test_cell_benchmark_runs(tmp_path):

@@ -6,6 +6,8 @@
 // then applies the cell math of cell_math.h to its units right away, so the pre-activations never
 // leave the thread. At B=1 the step is bound by reading the weights; split over the cores' L2.
 // At larger batch the caller runs the GEMMs and only the epilogue (bias + cell math) runs here.
+// Backward: the pointwise derivative per batch row, then at small batch the four products in one
+// pass over each weight matrix (backward_products_impl); at larger batch the caller's GEMMs.
 //
 // Included once per instruction set by cell_step_cpu.cpp (baseline + runtime dispatch),
 // cell_step_cpu_avx2.cpp and cell_step_cpu_avx512.cpp, each under its own FR_ISA_NS and with
@@ -16,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "../cell_math.h"
@@ -307,27 +310,40 @@ void forward_row(const CellForwardParams& p, int64_t b, int64_t j0, int64_t j1) 
     rows(std::false_type{});
 }
 
+// Unit j of an LSTM row's backward (F: one unit, or a vector of units as lstm_forward_unit's): its
+// tanh(c') keeps the scalar loop from vectorising, so float runs whole vectors explicitly.
+template <typename F, typename S>
+FR_HD void lstm_backward_unit(const S* __restrict__ gates, const S* __restrict__ c_prev, const S* __restrict__ c_new,
+                              const S* __restrict__ dh, const S* __restrict__ dc, S* __restrict__ dg,
+                              S* __restrict__ dc_prev, int64_t H, int64_t j) {
+  using L = Lanes<F, S>;
+  F d_i, d_f, d_g, d_o, dcp;
+  lstm_step_backward<F>(L::load_s(gates + j), L::load_s(gates + H + j), L::load_s(gates + 2 * H + j),
+                        L::load_s(gates + 3 * H + j), L::load_s(c_prev + j), L::load_s(c_new + j), L::load_s(dh + j),
+                        L::load_s(dc + j), d_i, d_f, d_g, d_o, dcp);
+  L::store(dg + j, d_i);
+  L::store(dg + H + j, d_f);
+  L::store(dg + 2 * H + j, d_g);
+  L::store(dg + 3 * H + j, d_o);
+  L::store(dc_prev + j, dcp);
+}
+
 template <Cell C, typename S, typename A = typename AccT<S>::type>
 void backward_row(const CellBackwardParams& p, int64_t b) {
   const int64_t H = p.H, GH = gates_of_cell(C) * H, o = b * H;
   const S* __restrict__ dh = static_cast<const S*>(p.dh) + o;
   S* __restrict__ dg = static_cast<S*>(p.dg_x) + b * GH;
   if constexpr (C == Cell::LSTM) {
-    const S* __restrict__ gates = static_cast<const S*>(p.gates) + b * 4 * H;
-    const S* __restrict__ dc = static_cast<const S*>(p.dc) + o;
-    const S* __restrict__ c_prev = static_cast<const S*>(p.c_prev) + o;
-    const S* __restrict__ c_new = static_cast<const S*>(p.c_new) + o;
-    S* __restrict__ dc_prev = static_cast<S*>(p.dc_prev) + o;
-    for (int64_t j = 0; j < H; ++j) {
-      A d_i, d_f, d_g, d_o, dcp;
-      lstm_step_backward<A>(load1(gates[j]), load1(gates[H + j]), load1(gates[2 * H + j]), load1(gates[3 * H + j]),
-                            load1(c_prev[j]), load1(c_new[j]), load1(dh[j]), load1(dc[j]), d_i, d_f, d_g, d_o, dcp);
-      dg[j] = store1<S>(d_i);
-      dg[H + j] = store1<S>(d_f);
-      dg[2 * H + j] = store1<S>(d_g);
-      dg[3 * H + j] = store1<S>(d_o);
-      dc_prev[j] = store1<S>(dcp);
-    }
+    const S* gates = static_cast<const S*>(p.gates) + b * 4 * H;
+    const S* dc = static_cast<const S*>(p.dc) + o;
+    const S* c_prev = static_cast<const S*>(p.c_prev) + o;
+    const S* c_new = static_cast<const S*>(p.c_new) + o;
+    S* dc_prev = static_cast<S*>(p.dc_prev) + o;
+    int64_t j = 0;
+    if constexpr (kVecUnits<S>)
+      for (; j + kVecLanes <= H; j += kVecLanes)
+        lstm_backward_unit<vfloat, S>(gates, c_prev, c_new, dh, dc, dg, dc_prev, H, j);
+    for (; j < H; ++j) lstm_backward_unit<A, S>(gates, c_prev, c_new, dh, dc, dg, dc_prev, H, j);
   } else if constexpr (C == Cell::GRU) {
     const S* __restrict__ gates = static_cast<const S*>(p.gates) + b * 4 * H;
     const S* __restrict__ h_prev = static_cast<const S*>(p.h_prev) + o;
@@ -352,6 +368,121 @@ void backward_row(const CellBackwardParams& p, int64_t b) {
   }
 }
 
+// Work per task so that waking a second thread pays (multiply-adds).
+constexpr int64_t kTaskWork = 1 << 15;
+
+// ---------------------------------------------------------------- backward products at small batch
+// For one weight matrix w [rows, K] of the step, the input a [B, K] it multiplied (x or h_prev) and
+// the gradient dg [B, rows] (row stride ldg) of that product, over columns [k0, k1) of w:
+//   d_a[b, k] (+)= Σ_r dg[b, r] w[r, k]     (dx, or dh_prev, which may hold dh_direct already)
+//   d_w[r, k]   = Σ_b dg[b, r] a[b, k]     (d w_ih, d w_hh)
+// At small batch both products are bound by streaming w and d_w; done together, w is read and d_w
+// written once, in order, rows outside: for kPRows weight rows at a time, each vector of columns
+// keeps BB batch rows of a and d_a in registers. A batch of more than BB rows passes over w again,
+// adding into d_w. Every element is summed in the same order whatever the column split, so the
+// result does not depend on the thread count.
+constexpr int kPRows = 4;
+constexpr int kPBatch = FR_CELL_VEC_BYTES >= 64 ? 8 : 4;  // 2*BB + 2 vectors fit in the registers
+
+template <typename V, typename S> FR_HD V load_as(const S* p) {
+  if constexpr (std::is_same<V, S>::value)
+    return *p;
+  else
+    return load_vec(p);
+}
+template <typename V, typename S> FR_HD void store_as(S* p, V v) { std::memcpy(p, &v, sizeof v); }
+
+// Columns [k, k + lanes of V) of rows [r, r + NR) for batch rows [0, BB) (pointers offset to them).
+template <typename S, int BB, int NR, typename V>
+FR_HD void products_tile(const S* __restrict__ dg, int64_t ldg, const S* __restrict__ w, const S* __restrict__ a,
+                         S* __restrict__ d_a, S* __restrict__ d_w, int64_t K, int64_t r, int64_t k, bool add_w) {
+  V av[BB], dav[BB];
+#pragma GCC unroll 8
+  for (int b = 0; b < BB; ++b) {
+    av[b] = load_as<V>(a + b * K + k);
+    dav[b] = load_as<V>(d_a + b * K + k);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < NR; ++i) {
+    const V wv = load_as<V>(w + (r + i) * K + k);
+    V dw = add_w ? load_as<V>(d_w + (r + i) * K + k) : V{};
+#pragma GCC unroll 8
+    for (int b = 0; b < BB; ++b) {
+      const S g = dg[b * ldg + r + i];
+      dav[b] += g * wv;
+      dw += g * av[b];
+    }
+    store_as(d_w + (r + i) * K + k, dw);
+  }
+#pragma GCC unroll 8
+  for (int b = 0; b < BB; ++b) store_as(d_a + b * K + k, dav[b]);
+}
+
+template <typename S, int BB, int NR>
+FR_HD void products_rows(const S* dg, int64_t ldg, const S* w, const S* a, S* d_a, S* d_w, int64_t K, int64_t r,
+                         int64_t k0, int64_t k1, bool add_w) {
+  using V = typename VecOf<S>::type;
+  constexpr int L = sizeof(V) / sizeof(S);
+  int64_t k = k0;
+  for (; k + L <= k1; k += L) products_tile<S, BB, NR, V>(dg, ldg, w, a, d_a, d_w, K, r, k, add_w);
+  for (; k < k1; ++k) products_tile<S, BB, NR, S>(dg, ldg, w, a, d_a, d_w, K, r, k, add_w);
+}
+
+template <typename S, int BB>
+void products_batch(const S* dg, int64_t ldg, const S* w, const S* a, S* d_a, S* d_w, int64_t rows, int64_t K,
+                    int64_t k0, int64_t k1, bool add_w) {
+  int64_t r = 0;
+  for (; r + kPRows <= rows; r += kPRows) products_rows<S, BB, kPRows>(dg, ldg, w, a, d_a, d_w, K, r, k0, k1, add_w);
+  for (; r < rows; ++r) products_rows<S, BB, 1>(dg, ldg, w, a, d_a, d_w, K, r, k0, k1, add_w);
+}
+
+template <typename S, int BB = kPBatch>
+void products_any_batch(const S* dg, int64_t ldg, const S* w, const S* a, S* d_a, S* d_w, int64_t rows, int64_t K,
+                        int64_t k0, int64_t k1, int64_t nb, bool add_w) {
+  if constexpr (BB > 1)
+    if (nb < BB) return products_any_batch<S, BB - 1>(dg, ldg, w, a, d_a, d_w, rows, K, k0, k1, nb, add_w);
+  products_batch<S, BB>(dg, ldg, w, a, d_a, d_w, rows, K, k0, k1, add_w);
+}
+
+// Both products of one weight matrix over columns [k0, k1), every batch row; d_a is zeroed there
+// first unless it accumulates (GRU's dh_prev).
+template <typename S>
+void products_columns(const S* dg, int64_t ldg, const S* w, const S* a, S* d_a, S* d_w, int64_t B, int64_t rows,
+                      int64_t K, int64_t k0, int64_t k1, bool accumulate) {
+  if (k0 >= k1) return;
+  if (!accumulate)
+    for (int64_t b = 0; b < B; ++b) std::fill(d_a + b * K + k0, d_a + b * K + k1, S(0));
+  for (int64_t b = 0; b < B; b += kPBatch)
+    products_any_batch<S>(dg + b * ldg, ldg, w, a + b * K, d_a + b * K, d_w, rows, K, k0, k1,
+                          std::min<int64_t>(kPBatch, B - b), b > 0);
+}
+
+template <Cell C, typename S>
+void backward_products_impl(const CellBackwardParams& p) {
+  const int64_t B = p.B, I = p.I, H = p.H, GH = gates_of_cell(C) * H;
+  const S* dg_x = static_cast<const S*>(p.dg_x);
+  const S* dg_h = static_cast<const S*>(p.dg_h);
+  S* db_ih = static_cast<S*>(p.db_ih);
+  S* db_hh = static_cast<S*>(p.db_hh);
+  for (int64_t r = 0; r < GH; ++r) db_ih[r] = db_hh[r] = S(0);
+  for (int64_t b = 0; b < B; ++b)  // rows of dg in order: the sums as the GEMM path's sum(0) takes them
+    for (int64_t r = 0; r < GH; ++r) {
+      db_ih[r] += dg_x[b * GH + r];
+      db_hh[r] += dg_h[b * GH + r];
+    }
+  // Threads split the columns of both matrices (blocks of one vector): x's columns, then h's.
+  constexpr int64_t L = sizeof(typename VecOf<S>::type) / sizeof(S);
+  const int64_t nI = (I + L - 1) / L, nH = (H + L - 1) / L;
+  at::parallel_for(0, nI + nH, std::max<int64_t>(1, kTaskWork / (2 * B * GH * L)), [&](int64_t c0, int64_t c1) {
+    products_columns<S>(dg_x, GH, static_cast<const S*>(p.w_ih), static_cast<const S*>(p.x), static_cast<S*>(p.dx),
+                        static_cast<S*>(p.dw_ih), B, GH, I, std::min(c0 * L, I), std::min(c1 * L, I), false);
+    products_columns<S>(dg_h, GH, static_cast<const S*>(p.w_hh), static_cast<const S*>(p.h_prev),
+                        static_cast<S*>(p.dh_prev), static_cast<S*>(p.dw_hh), B, GH, H,
+                        std::min(std::max<int64_t>(c0 - nI, 0) * L, H), std::min(std::max<int64_t>(c1 - nI, 0) * L, H),
+                        C == Cell::GRU);
+  });
+}
+
 // ---------------------------------------------------------------- dispatch
 template <typename F> void dispatch_cell_dtype(Cell cell, DType d, F&& f) {
   const auto with_cell = [&](auto s) {
@@ -370,9 +501,6 @@ template <typename F> void dispatch_cell_dtype(Cell cell, DType d, F&& f) {
   }
   TORCH_CHECK(false, "fused_rnn: unsupported dtype in the cell step");
 }
-
-// Work per task so that waking a second thread pays (multiply-adds).
-constexpr int64_t kTaskWork = 1 << 15;
 
 template <Cell C, bool SAVE, typename S>
 void forward_impl(const CellForwardParams& p) {
@@ -413,6 +541,17 @@ void cell_backward(const CellBackwardParams& p) {
     at::parallel_for(0, p.B, std::max<int64_t>(1, kTaskWork / (gates_of_cell(C) * p.H)), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) backward_row<C, S>(p, b);
     });
+  });
+}
+
+void cell_backward_products(const CellBackwardParams& p) {
+  dispatch_cell_dtype(p.cell, p.dtype, [&](auto c, auto s) {
+    constexpr Cell C = decltype(c)::value;
+    using S = decltype(s);
+    if constexpr (std::is_same<S, float>::value || std::is_same<S, double>::value)
+      backward_products_impl<C, S>(p);
+    else
+      TORCH_CHECK(false, "fused_rnn: the cell-step backward products take float32 and float64 only");
   });
 }
 
