@@ -292,7 +292,7 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   const bool fused = cpu::use_cpu_fused(like, s.proj, o.any(), T, cpu::kFusedForwardMinSteps);
   const bool inside = ip != nullptr && fused &&
                       cpu::project_inside(T * B * GH * like.element_size(), cpu::on_amx_tiles(like),
-                                          cpu::amd_fp32_projects_inside(
+                                          cpu::fp32_projects_inside(
                                               like, (ip->w_ih.numel() + w_hh_in.numel()) * like.element_size()) ||
                                               cpu::gemm_via_fp32(like));
 

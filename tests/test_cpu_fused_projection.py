@@ -176,7 +176,7 @@ def aten_ops_called(fn):
 
 
 @pytest.mark.parametrize("T, B, H, dtype, inside", [(33, 64, 1024, torch.float32, True),
-                                                    (9, 13, 37, torch.float32, "on AMD"),
+                                                    (9, 13, 37, torch.float32, "on AMD, or AVX-512 and small weights"),
                                                     (9, 3, 600, torch.float32, "on AMD with AVX-512"),
                                                     (9, 13, 37, torch.bfloat16, "via fp32"),
                                                     (65, 64, 1024, torch.bfloat16, "unless AMX")])
@@ -185,15 +185,17 @@ def test_default_projects_inside_only_for_a_large_gx(T, B, H, dtype, inside, mon
     >= 32 MB (csrc/cpu/cpu_routes.h project_inside; T=33 B=64 H=1024 fp32 LSTM: 34.6 MB), except bf16
     on AMX tiles (there one GEMM first is faster at any size), and fp32 on an AMD CPU with AVX-512 at
     any size, with AVX2 while w_ih and w_hh take <= 4 MB (MKL's fp32 GEMM is slower there; H=600
-    I=100: 6.7 MB), and 16-bit dtypes where torch's GEMM of that dtype is a scalar loop (csrc/cpu/
+    I=100: 6.7 MB), fp32 on another CPU with AVX-512 while they take <= 1 MB (H=37 I=100: 81 KB), and
+    16-bit dtypes where torch's GEMM of that dtype is a scalar loop (csrc/cpu/
     half_gemm.h), and runs one GEMM first otherwise
     (input_projection: addmm, or mm without b_ih); either way the outputs are those of the op on
     F.linear's gx."""
     from fused_rnn import _C
     if inside == "unless AMX":
         inside = _C.cpu_isa() != "amx_bf16"
-    if inside == "on AMD":
-        inside = _C.cpu_is_amd() and _C.cpu_isa() != "default"
+    if inside == "on AMD, or AVX-512 and small weights":
+        inside = (_C.cpu_is_amd() and _C.cpu_isa() != "default") or \
+            _C.cpu_isa() in ("avx512", "avx512_bf16", "amx_bf16")
     if inside == "via fp32":
         inside = _C.cpu_gemm_via_fp32(str(dtype).removeprefix("torch."))
     if inside == "on AMD with AVX-512":

@@ -51,29 +51,40 @@ inline at::Tensor per_step_weight(const at::Tensor& w_hh, int64_t T) {
 // bf16 on AMX tiles (`tiles`) projects outside at any size: there oneDNN's bf16 GEMM into gx beats
 // the loop's tile GEMM and its rounding pass (LSTM bf16 T=100 2 threads, module no-grad, interleaved
 // medians, inside / outside: B=32 H=256 9.9 / 7.3 ms, B=64 H=256 12.7 / 9.0, B=64 H=1024 149 / 107).
-// fp32 on an AMD CPU (`amd_fp32`, amd_fp32_projects_inside) projects inside: there MKL's fp32 GEMM
-// runs its slower non-Intel path. With AVX-512 (Zen 4) at any size: MKL ~70 GFLOP/s a core against
+// fp32 on an AMD CPU (`fp32_inside`, fp32_projects_inside) projects inside: there MKL's fp32 GEMM
+// runs its slower non-Intel path (and on other AVX-512 CPUs while the weights are small, see there).
+// With AVX-512 (Zen 4) at any size: MKL ~70 GFLOP/s a core against
 // the loop's microkernel's ~90 (1 thread, B=64 H=256-512), and the module's no-grad LSTM forward
 // was faster inside at each of 9 shapes (H 128-512, B 8-64, 2 threads, interleaved medians: 5-10 %,
 // e.g. B=64 H=128 20.4 -> 18.5 ms, B=32 H=512 85.7 -> 77.7). bf16 there (pairs, not tiles) stays
 // outside: oneDNN's bf16 GEMM beats the loop's (B=64 H=256 23.8 / 31.3 ms outside / inside).
-inline bool project_inside(int64_t gx_bytes, bool tiles, bool amd_fp32) {
+inline bool project_inside(int64_t gx_bytes, bool tiles, bool fp32_inside) {
   const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
   if (mode != nullptr && std::string(mode) == "inside") return true;
   if (mode != nullptr && std::string(mode) == "outside") return false;
-  return amd_fp32 || (!tiles && gx_bytes >= (int64_t(32) << 20));
+  return fp32_inside || (!tiles && gx_bytes >= (int64_t(32) << 20));
 }
 
-// Whether `like` is fp32 on an AMD CPU where the loop's projection beats MKL's (project_inside):
-// with AVX-512 always; with AVX2 only (Zen 3: 512 KB L2, where the loop's w_ih panel competes with
-// w_hh's for it) while w_ih and w_hh together take at most 4 MB. Module fp32 T=100, 2 threads,
+// Whether `like` is fp32 on a CPU where the loop's projection beats MKL's (project_inside).
+// AMD, with AVX-512 always; with AVX2 only (Zen 3: 512 KB L2, where the loop's w_ih panel competes
+// with w_hh's for it) while w_ih and w_hh together take at most 4 MB. Module fp32 T=100, 2 threads,
 // interleaved medians, outside -> inside: LSTM no-grad H=128-256 (1-2 MB) 1.10-1.21x faster at B 8-64
 // (B=64 H=256 72.6 -> 63.4 ms), H=512 (8 MB) 0.90-0.95x (B=32 132 -> 144 ms); GRU H=256 (1.5 MB)
 // 1.05-1.16x, H=512 (6 MB) 1.01x; training 0.99-1.08x.
+// Other CPUs with AVX-512 (an Intel Xeon, 2 MB L2, where MKL runs its AVX-512 code) while the weights
+// take at most 1 MB: there the loop reads x and its w_ih panel while w_hh's stays in L2, and MKL's
+// GEMM of a few hundred rows and K=I does not amortise its packing. Module fp32 T=100, 2 threads,
+// interleaved medians of 9, outside / inside ms (benchmarks/NOTES.md 2026-12-03 19:20): LSTM no-grad
+// H=128 (0.5 MB) B=8 1.20 / 1.13, B=32 4.97 / 4.83, B=64 9.05 / 7.60; training B=64 30.4 / 28.7;
+// GRU no-grad B=32 3.60 / 3.08, B=64 7.26 / 6.17; H=256 (1.5-2 MB) within ±3 % either way; H=512
+// (6-8 MB) inside 1-8 % slower (LSTM no-grad B=32 55.7 / 59.1).
 constexpr int64_t kAvx2InsideWeightBytes = int64_t(4) << 20;
-inline bool amd_fp32_projects_inside(const at::Tensor& like, int64_t weight_bytes) {
-  if (!like.is_cpu() || like.scalar_type() != at::kFloat || !cpu_is_amd()) return false;
-  return best_isa() >= Isa::Avx512 || (best_isa() == Isa::Avx2 && weight_bytes <= kAvx2InsideWeightBytes);
+constexpr int64_t kAvx512InsideWeightBytes = int64_t(1) << 20;
+inline bool fp32_projects_inside(const at::Tensor& like, int64_t weight_bytes) {
+  if (!like.is_cpu() || like.scalar_type() != at::kFloat) return false;
+  if (cpu_is_amd())
+    return best_isa() >= Isa::Avx512 || (best_isa() == Isa::Avx2 && weight_bytes <= kAvx2InsideWeightBytes);
+  return best_isa() >= Isa::Avx512 && weight_bytes <= kAvx512InsideWeightBytes;
 }
 
 // Whether the fused CPU kernels run this dtype on AMX tiles (fused_gemm.h amx_gemm_block): bf16 on a
