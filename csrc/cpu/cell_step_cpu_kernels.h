@@ -214,6 +214,11 @@ template <> struct Lanes<vfloat, float> {  // a vector of units
   static FR_HD vfloat load_s(const float* p) { return load_vec(p); }
   static FR_HD void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 };
+template <> struct Lanes<vdouble, double> {  // a vector of units (fp64: the backward products)
+  static FR_HD vdouble load(const double* p) { return load_vec(p); }
+  static FR_HD vdouble load_s(const double* p) { return load_vec(p); }
+  static FR_HD void store(double* p, vdouble v) { std::memcpy(p, &v, sizeof v); }
+};
 template <typename S> constexpr bool kVecUnits = std::is_same<S, float>::value && sizeof(vfloat) == 64;
 constexpr int kVecLanes = sizeof(vfloat) / sizeof(float);
 
@@ -384,38 +389,31 @@ constexpr int64_t kTaskWork = 1 << 15;
 constexpr int kPRows = 4;
 constexpr int kPBatch = FR_CELL_VEC_BYTES >= 64 ? 8 : 4;  // 2*BB + 2 vectors fit in the registers
 
-template <typename V, typename S> FR_HD V load_as(const S* p) {
-  if constexpr (std::is_same<V, S>::value)
-    return *p;
-  else
-    return load_vec(p);
-}
-template <typename V, typename S> FR_HD void store_as(S* p, V v) { std::memcpy(p, &v, sizeof v); }
-
 // Columns [k, k + lanes of V) of rows [r, r + NR) for batch rows [0, BB) (pointers offset to them).
 template <typename S, int BB, int NR, typename V>
 FR_HD void products_tile(const S* __restrict__ dg, int64_t ldg, const S* __restrict__ w, const S* __restrict__ a,
                          S* __restrict__ d_a, S* __restrict__ d_w, int64_t K, int64_t r, int64_t k, bool add_w) {
+  using L = Lanes<V, S>;  // V = S: one column
   V av[BB], dav[BB];
 #pragma GCC unroll 8
   for (int b = 0; b < BB; ++b) {
-    av[b] = load_as<V>(a + b * K + k);
-    dav[b] = load_as<V>(d_a + b * K + k);
+    av[b] = L::load_s(a + b * K + k);
+    dav[b] = L::load_s(d_a + b * K + k);
   }
 #pragma GCC unroll 4
   for (int i = 0; i < NR; ++i) {
-    const V wv = load_as<V>(w + (r + i) * K + k);
-    V dw = add_w ? load_as<V>(d_w + (r + i) * K + k) : V{};
+    const V wv = L::load_s(w + (r + i) * K + k);
+    V dw = add_w ? L::load_s(d_w + (r + i) * K + k) : V{};
 #pragma GCC unroll 8
     for (int b = 0; b < BB; ++b) {
       const S g = dg[b * ldg + r + i];
       dav[b] += g * wv;
       dw += g * av[b];
     }
-    store_as(d_w + (r + i) * K + k, dw);
+    L::store(d_w + (r + i) * K + k, dw);
   }
 #pragma GCC unroll 8
-  for (int b = 0; b < BB; ++b) store_as(d_a + b * K + k, dav[b]);
+  for (int b = 0; b < BB; ++b) L::store(d_a + b * K + k, dav[b]);
 }
 
 template <typename S, int BB, int NR>
