@@ -29,9 +29,10 @@ pytestmark = pytest.mark.skipif(_err is not None, reason=str(_err))
 CELLS = {"lstm": (nn.LSTMCell, fused_rnn.LSTMCell, {}), "gru": (nn.GRUCell, fused_rnn.GRUCell, {}),
          "rnn_tanh": (nn.RNNCell, fused_rnn.RNNCell, {"nonlinearity": "tanh"}),
          "rnn_relu": (nn.RNNCell, fused_rnn.RNNCell, {"nonlinearity": "relu"})}
-# B=1, 3, 8 run the dot kernels forward and the one-pass products backward, B=11 the GEMM path
-# (csrc/cpu/cell_step_cpu.cpp, cell_dots_pay and cell_products_pay)
-BATCHES = (1, 3, 8, 11)
+# B=1, 3, 8 run the dot kernels forward and the one-pass products backward, B=11 the GEMM backward
+# and the GEMM forward (the dot kernels in fp32 on an Intel AVX-512 CPU), B=40 the GEMMs both ways
+# at these sizes (csrc/cpu/cell_step_cpu.cpp, cell_dots_pay and cell_products_pay)
+BATCHES = (1, 3, 8, 11, 40)
 
 
 def pair(cell, I, H, bias=True, dtype=torch.float64):
@@ -89,6 +90,29 @@ def test_matches_reference_and_torch_nn(cell, B, H, bias, dtype):
     for i, (a, b, r) in enumerate(zip(got + g_got, want_nn + g_nn, want_ref + g_ref)):
         assert_close(a, b, dtype, f"output/grad {i} vs torch.nn")
         assert_close(a, r, dtype, f"output/grad {i} vs the reference")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_float32_at_the_batch_limits_of_the_forward_routes(cell, threads):
+    """In fp32 on an Intel AVX-512 CPU the dot kernels run the forward up to B=16 (1 thread) or 32,
+    twice that for weights of >= 1M values (cell_dots_pay): each side of each limit, small and large
+    weights, against torch.nn, whichever route this CPU takes."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for H in (37, 512):
+            theirs, ours = pair(cell, H, H, dtype=torch.float32)
+            for B in (16, 17, 32, 33, 64, 65):
+                x, h, c = random_inputs(cell, B, H, H, torch.float32)
+                got = module_step(ours, cell, x, h, c)
+                want = module_step(theirs, cell, x, h, c)
+                leaves = [t for t in (x, h, c) if t is not None]
+                for i, (a, b) in enumerate(zip(got + grads_of(got, leaves + list(ours.parameters())),
+                                               want + grads_of(want, leaves + list(theirs.parameters())))):
+                    assert_close(a, b, torch.float32, f"H={H} B={B} output/grad {i}")
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("B", BATCHES)

@@ -31,9 +31,27 @@ FR_DEFINE_ISA_DISPATCH(cell_backward_products, CellBackwardParams)
 // MKL's GEMMs up to B=8 (at B=8, H=512 by ~1.8x on one thread: MKL packs the weights for every
 // call); from B=32 MKL's packed GEMM runs near the FMA peak, where the dot kernels' horizontal sums
 // and unpacked loads cost more.
+// On an Intel Xeon with AVX-512 (2 MB L2 a core) in fp32 MKL's packing of the weights on every call
+// costs more for longer, and its threads split these small GEMMs less well than the dots' split of
+// the units: the dot kernels win up to B=16 on one thread and B=32 on two, and twice that where the
+// weights are large (G*H*(I+H) >= 1M values, 4 MB: LSTM/GRU at H=512). Cell step, I = H,
+// interleaved medians, MKL / dots µs, no-grad (benchmarks/NOTES.md 2026-12-03 21:15):
+//   2 threads  LSTMCell H=128  B=16 38 / 29, B=32 52 / 47, B=48 66 / 70, B=64 79 / 90
+//                       H=256  B=16 105 / 69, B=32 150 / 134, B=48 188 / 188, B=64 223 / 251
+//                       H=512  B=16 583 / 319, B=32 746 / 525, B=48 911 / 717, B=64 975 / 912
+//              GRUCell  H=128  B=32 43 / 43, B=64 62 / 82;  H=512  B=32 548 / 418, B=64 757 / 748
+//   1 thread   LSTMCell H=128  B=16 44 / 41, B=32 65 / 74;  H=512  B=32 1135 / 1000, B=64 1762 / 1790
+//              GRUCell  H=128  B=16 37 / 38, B=32 52 / 69;  H=512  B=32 866 / 808, B=64 1331 / 1432
+// With grad the same direction, smaller (the backward is the same). Not measured beyond 2 threads:
+// more threads keep the two-thread limits.
+constexpr int64_t kDotsMaxBatch = 8;
+constexpr int64_t kLargeWeights = int64_t(1) << 20;
 bool cell_dots_pay(DType dtype, int64_t B, int64_t I, int64_t H, int64_t G) {
-  (void)I, (void)H, (void)G;
-  return dtype != DType::Float16 && B <= 8;
+  if (dtype == DType::Float16) return false;
+  if (B <= kDotsMaxBatch) return true;
+  if (dtype != DType::Float32 || cpu_is_amd() || best_isa() < Isa::Avx512) return false;
+  const int64_t limit = (at::get_num_threads() >= 2 ? 32 : 16) * (G * H * (I + H) >= kLargeWeights ? 2 : 1);
+  return B <= limit;
 }
 
 // Measured on an Intel Xeon with AVX-512 (LSTMCell step with grad, 1 thread, H = I, median µs,
