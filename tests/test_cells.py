@@ -95,15 +95,15 @@ def test_matches_reference_and_torch_nn(cell, B, H, bias, dtype):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_float32_at_the_batch_limits_of_the_forward_routes(cell, threads):
-    """In fp32 on an Intel AVX-512 CPU the dot kernels run the forward up to B=16 (1 thread) or 32,
-    twice that for weights of >= 1M values (cell_dots_pay): each side of each limit, small and large
-    weights, against torch.nn, whichever route this CPU takes."""
+    """In fp32 on an Intel AVX-512 CPU the dot kernels run the forward up to B=16 (1 thread) or 32
+    (the GRU's 12 or 24), twice that for weights of >= 1M values (cell_dots_pay): each side of each
+    limit, small and large weights, against torch.nn, whichever route this CPU takes."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for H in (37, 512):
             theirs, ours = pair(cell, H, H, dtype=torch.float32)
-            for B in (16, 17, 32, 33, 64, 65):
+            for B in (12, 13, 16, 17, 24, 25, 32, 33, 64, 65):
                 x, h, c = random_inputs(cell, B, H, H, torch.float32)
                 got = module_step(ours, cell, x, h, c)
                 want = module_step(theirs, cell, x, h, c)

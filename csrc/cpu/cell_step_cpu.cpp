@@ -33,13 +33,14 @@ FR_DEFINE_ISA_DISPATCH(cell_backward_products, CellBackwardParams)
 // and unpacked loads cost more.
 // On an Intel Xeon with AVX-512 (2 MB L2 a core) in fp32 MKL's packing of the weights on every call
 // costs more for longer, and its threads split these small GEMMs less well than the dots' split of
-// the units: the dot kernels win up to B=16 on one thread and B=32 on two, and twice that where the
-// weights are large (G*H*(I+H) >= 1M values, 4 MB: LSTM/GRU at H=512). Cell step, I = H,
-// interleaved medians, MKL / dots µs, no-grad (benchmarks/NOTES.md 2026-12-03 21:15):
+// the units: the dot kernels win up to B=16 on one thread and B=32 on two (the GRU's to 3/4 of that),
+// and twice that where the weights are large (G*H*(I+H) >= 1M values, 4 MB: LSTM/GRU at H=512).
+// Cell step, I = H, interleaved medians, MKL / dots µs, no-grad (benchmarks/NOTES.md 2026-12-03 21:15):
 //   2 threads  LSTMCell H=128  B=16 38 / 29, B=32 52 / 47, B=48 66 / 70, B=64 79 / 90
 //                       H=256  B=16 105 / 69, B=32 150 / 134, B=48 188 / 188, B=64 223 / 251
 //                       H=512  B=16 583 / 319, B=32 746 / 525, B=48 911 / 717, B=64 975 / 912
-//              GRUCell  H=128  B=32 43 / 43, B=64 62 / 82;  H=512  B=32 548 / 418, B=64 757 / 748
+//              GRUCell  H=128  B=24 37 / 34, B=32 42 / 46, B=64 62 / 82;  H=256  B=32 114 / 113
+//                       H=512  B=32 548 / 418, B=64 757 / 748
 //   1 thread   LSTMCell H=128  B=16 44 / 41, B=32 65 / 74;  H=512  B=32 1135 / 1000, B=64 1762 / 1790
 //              GRUCell  H=128  B=16 37 / 38, B=32 52 / 69;  H=512  B=32 866 / 808, B=64 1331 / 1432
 // With grad the same direction, smaller (the backward is the same). Not measured beyond 2 threads:
@@ -50,7 +51,9 @@ bool cell_dots_pay(DType dtype, int64_t B, int64_t I, int64_t H, int64_t G) {
   if (dtype == DType::Float16) return false;
   if (B <= kDotsMaxBatch) return true;
   if (dtype != DType::Float32 || cpu_is_amd() || best_isa() < Isa::Avx512) return false;
-  const int64_t limit = (at::get_num_threads() >= 2 ? 32 : 16) * (G * H * (I + H) >= kLargeWeights ? 2 : 1);
+  const bool large = G * H * (I + H) >= kLargeWeights;
+  int64_t limit = (at::get_num_threads() >= 2 ? 32 : 16) * (large ? 2 : 1);
+  if (G == 3 && !large) limit = limit * 3 / 4;  // the GRU's dots sum x's and h's parts apart: twice the horizontal sums
   return B <= limit;
 }
 
