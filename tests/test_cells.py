@@ -29,9 +29,10 @@ pytestmark = pytest.mark.skipif(_err is not None, reason=str(_err))
 CELLS = {"lstm": (nn.LSTMCell, fused_rnn.LSTMCell, {}), "gru": (nn.GRUCell, fused_rnn.GRUCell, {}),
          "rnn_tanh": (nn.RNNCell, fused_rnn.RNNCell, {"nonlinearity": "tanh"}),
          "rnn_relu": (nn.RNNCell, fused_rnn.RNNCell, {"nonlinearity": "relu"})}
-# B=1, 3, 8 run the dot kernels forward and the one-pass products backward, B=11 the GEMM backward
-# and the GEMM forward (the dot kernels in fp32 on an Intel AVX-512 CPU), B=40 the GEMMs both ways
-# at these sizes (csrc/cpu/cell_step_cpu.cpp, cell_dots_pay and cell_products_pay)
+# B=1, 3, 8 run the dot kernels forward and the one-pass products backward, B=11 and 40 the GEMMs,
+# except in fp32 on an Intel AVX-512 CPU, where the dots run to B=32 and the products to B=64 while
+# the weights are small (there H=133 at B=40 runs the GEMMs both ways) (csrc/cpu/cell_step_cpu.cpp,
+# cell_dots_pay and cell_products_pay)
 BATCHES = (1, 3, 8, 11, 40)
 
 
@@ -94,14 +95,16 @@ def test_matches_reference_and_torch_nn(cell, B, H, bias, dtype):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_float32_at_the_batch_limits_of_the_forward_routes(cell, threads):
+def test_float32_at_the_batch_limits_of_the_cell_routes(cell, threads):
     """In fp32 on an Intel AVX-512 CPU the dot kernels run the forward up to B=16 (1 thread) or 32
-    (the GRU's 12 or 24), twice that for weights of >= 1M values (cell_dots_pay): each side of each
-    limit, small and large weights, against torch.nn, whichever route this CPU takes."""
+    (the GRU's 12 or 24), twice that for weights of >= 1M values (cell_dots_pay), and the one-pass
+    products the backward up to B=16 or 64 for small weights, 16 on two threads for mid-sized ones
+    (cell_products_pay): each side of each limit, small, mid-sized and large weights, outputs and
+    every gradient against torch.nn, whichever route this CPU takes."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for H in (37, 512):
+        for H in (37, 200, 512):
             theirs, ours = pair(cell, H, H, dtype=torch.float32)
             for B in (12, 13, 16, 17, 24, 25, 32, 33, 64, 65):
                 x, h, c = random_inputs(cell, B, H, H, torch.float32)

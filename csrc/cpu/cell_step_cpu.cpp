@@ -60,9 +60,25 @@ bool cell_dots_pay(DType dtype, int64_t B, int64_t I, int64_t H, int64_t G) {
 // Measured on an Intel Xeon with AVX-512 (LSTMCell step with grad, 1 thread, H = I, median µs,
 // GEMMs / one pass): B=1 H=128 172 / 129, B=8 H=128 266 / 202, B=8 H=256 637 / 523; at B=16 no
 // gain (H=512 2.5 / 2.9 ms): from there the GEMM library's blocking pays for the second pass.
+// In fp32 on two threads MKL splits these small GEMMs less well, and the one pass keeps winning
+// while the weights are small: to B=64 for G*H*(I+H) <= 128K values (H=128), to B=16 for <= 512K
+// (H=256). Step with grad, I = H, interleaved medians, GEMMs / one pass µs (benchmarks/NOTES.md
+// 2026-12-03 21:45):
+//   2 threads  LSTMCell H=128  B=16 135 / 124, B=32 194 / 170, B=48 254 / 240, B=64 303 / 296
+//                       H=256  B=16 374 / 348, B=32 544 / 577;  H=512  B=16 999 / 1102
+//              GRUCell  H=128  B=16 117 / 102, B=64 271 / 244;  H=256  B=16 314 / 285, B=64 653 / 730
+//              RNNCell  H=128  B=16 76 / 64, B=64 123 / 114;    H=256  B=32 165 / 160, B=64 258 / 268
+//   1 thread   LSTMCell H=128  B=16 174 / 165, B=32 259 / 268;  H=256  B=16 558 / 614
+//              RNNCell  H=128  B=16 76 / 70, B=32 98 / 96, B=64 134 / 141
+constexpr int64_t kProductsMaxBatch = 8;
+constexpr int64_t kSmallWeights = int64_t(1) << 17, kMidWeights = int64_t(1) << 19;
 bool cell_products_pay(DType dtype, int64_t B, int64_t I, int64_t H, int64_t G) {
-  (void)I, (void)H, (void)G;
-  return (dtype == DType::Float32 || dtype == DType::Float64) && B <= 8;
+  if (dtype != DType::Float32 && dtype != DType::Float64) return false;
+  if (B <= kProductsMaxBatch) return true;
+  if (dtype != DType::Float32 || cpu_is_amd() || best_isa() < Isa::Avx512) return false;
+  const bool two = at::get_num_threads() >= 2;
+  const int64_t weights = G * H * (I + H);
+  return (weights <= kSmallWeights && B <= (two ? 64 : 16)) || (weights <= kMidWeights && two && B <= 16);
 }
 
 }  // namespace cpu
