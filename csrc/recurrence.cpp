@@ -291,10 +291,9 @@ ForwardOut forward_impl(c10::string_view cell_name, const Tensor& gx_in, const T
   const auto acc_opts = opts.dtype(acc_type(like.scalar_type()));
   const bool fused = cpu::use_cpu_fused(like, s.proj, o.any(), T, cpu::kFusedForwardMinSteps);
   const bool inside = ip != nullptr && fused &&
-                      cpu::project_inside(T * B * GH * like.element_size(), cpu::on_amx_tiles(like),
-                                          cpu::fp32_projects_inside(
+                      cpu::project_inside(cpu::fp32_projects_inside(
                                               like, (ip->w_ih.numel() + w_hh_in.numel()) * like.element_size()) ||
-                                              cpu::gemm_via_fp32(like));
+                                          cpu::gemm_via_fp32(like));
 
   // gx, except on the fused path with the projection inside (undefined there).
   const Tensor gx = ip == nullptr ? gx_in.contiguous()

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(ops.load_error() is not None, reason=str(ops.loa
 
 @pytest.fixture(autouse=True)
 def project_inside(monkeypatch):
-    """By default the op projects inside the loop only for a gx of >= 32 MB (project_inside in
-    csrc/recurrence.cpp); these sizes are small, so the inside path is forced."""
+    """By default the op projects inside the loop only on some CPUs and sizes (project_inside in
+    csrc/cpu/cpu_routes.h); here the inside path is forced."""
     monkeypatch.setenv("FUSED_RNN_CPU_PROJECTION", "inside")
 
 # Against recurrence_forward on F.linear's gx: a few ulp of the dtype, grown by the recurrence.
@@ -175,24 +175,20 @@ def aten_ops_called(fn):
     return {e.name for e in prof.events() if e.name.startswith("aten::")}
 
 
-@pytest.mark.parametrize("T, B, H, dtype, inside", [(33, 64, 1024, torch.float32, True),
+@pytest.mark.parametrize("T, B, H, dtype, inside", [(33, 64, 1024, torch.float32, "on AMD with AVX-512"),
                                                     (9, 13, 37, torch.float32, "on AMD, or AVX-512 and small weights"),
                                                     (9, 3, 600, torch.float32, "on AMD with AVX-512"),
                                                     (9, 13, 37, torch.bfloat16, "via fp32"),
-                                                    (65, 64, 1024, torch.bfloat16, "unless AMX")])
-def test_default_projects_inside_only_for_a_large_gx(T, B, H, dtype, inside, monkeypatch):
-    """Without FUSED_RNN_CPU_PROJECTION the op projects inside the loop where gx would take
-    >= 32 MB (csrc/cpu/cpu_routes.h project_inside; T=33 B=64 H=1024 fp32 LSTM: 34.6 MB), except bf16
-    on AMX tiles (there one GEMM first is faster at any size), and fp32 on an AMD CPU with AVX-512 at
-    any size, with AVX2 while w_ih and w_hh take <= 4 MB (MKL's fp32 GEMM is slower there; H=600
-    I=100: 6.7 MB), fp32 on another CPU with AVX-512 while they take <= 1 MB (H=37 I=100: 81 KB), and
-    16-bit dtypes where torch's GEMM of that dtype is a scalar loop (csrc/cpu/
-    half_gemm.h), and runs one GEMM first otherwise
-    (input_projection: addmm, or mm without b_ih); either way the outputs are those of the op on
-    F.linear's gx."""
+                                                    (65, 64, 1024, torch.bfloat16, "via fp32")])
+def test_default_projects_inside_only_where_the_loop_is_faster(T, B, H, dtype, inside, monkeypatch):
+    """Without FUSED_RNN_CPU_PROJECTION the op projects inside the loop for fp32 on an AMD CPU with
+    AVX-512 at any size, with AVX2 while w_ih and w_hh take <= 4 MB (MKL's fp32 GEMM is slower there;
+    H=600 I=100: 6.7 MB), fp32 on another CPU with AVX-512 while they take <= 1 MB (H=37 I=100: 81 KB),
+    and 16-bit dtypes where torch's GEMM of that dtype is a scalar loop (csrc/cpu/half_gemm.h), and
+    runs one GEMM first otherwise, however large gx is (T=33 B=64 H=1024 fp32 LSTM: 34.6 MB, into
+    recycled memory) (csrc/cpu/cpu_routes.h project_inside; input_projection: addmm, or mm without
+    b_ih); either way the outputs are those of the op on F.linear's gx."""
     from fused_rnn import _C
-    if inside == "unless AMX":
-        inside = _C.cpu_isa() != "amx_bf16"
     if inside == "on AMD, or AVX-512 and small weights":
         inside = (_C.cpu_is_amd() and _C.cpu_isa() != "default") or \
             _C.cpu_isa() in ("avx512", "avx512_bf16", "amx_bf16")

@@ -41,32 +41,31 @@ inline at::Tensor per_step_weight(const at::Tensor& w_hh, int64_t T) {
 }
 
 // Whether recurrence_forward_projected's fused path projects inside the loop (projection_chunk in
-// csrc/cpu/fused_cpu_kernels.h) or takes gx from one at::linear first. Inside pays off only where a
-// fresh [T,B,G*H] gx is page-faulted in on every call: glibc maps allocations above 32 MB (the
-// ceiling of its dynamic mmap threshold) afresh each time, and first touch cost ~15 ms of a 60 ms
-// projection at T=100 B=64 H=512. Below that the heap reuses the memory and MKL's GEMM is ~5-10 %
-// faster than the loop's microkernel on the projection (LSTM fp32 T=100, 2 threads, CPU time:
-// inside / linear 1.12x at B=64 H=512, 0.89-0.96x at B <= 32 or H = 256). FUSED_RNN_CPU_PROJECTION=
-// inside|outside overrides it (tests take the inside path at small sizes).
-// bf16 on AMX tiles (`tiles`) projects outside at any size: there oneDNN's bf16 GEMM into gx beats
-// the loop's tile GEMM and its rounding pass (LSTM bf16 T=100 2 threads, module no-grad, interleaved
-// medians, inside / outside: B=32 H=256 9.9 / 7.3 ms, B=64 H=256 12.7 / 9.0, B=64 H=1024 149 / 107).
-// fp32 on an AMD CPU (`fp32_inside`, fp32_projects_inside) projects inside: there MKL's fp32 GEMM
-// runs its slower non-Intel path (and on other AVX-512 CPUs while the weights are small, see there).
-// With AVX-512 (Zen 4) at any size: MKL ~70 GFLOP/s a core against
-// the loop's microkernel's ~90 (1 thread, B=64 H=256-512), and the module's no-grad LSTM forward
-// was faster inside at each of 9 shapes (H 128-512, B 8-64, 2 threads, interleaved medians: 5-10 %,
-// e.g. B=64 H=128 20.4 -> 18.5 ms, B=32 H=512 85.7 -> 77.7). bf16 there (pairs, not tiles) stays
-// outside: oneDNN's bf16 GEMM beats the loop's (B=64 H=256 23.8 / 31.3 ms outside / inside).
-inline bool project_inside(int64_t gx_bytes, bool tiles, bool fp32_inside) {
+// csrc/cpu/fused_cpu_kernels.h) or takes gx from one GEMM first (`loop_pays`: fp32_projects_inside,
+// or a 16-bit dtype torch multiplies in a scalar loop, half_gemm.h). Elsewhere MKL's one GEMM into
+// gx is faster than the loop's microkernel, at any size: gx comes from the recycling allocator
+// (empty_large), so a large one is not page-faulted in afresh on every call as it was when the loop
+// took every gx of >= 32 MB (first touch then cost ~15 ms of a 60 ms projection at T=100 B=64
+// H=512). Since the allocator, outside / inside (LSTM fp32 T=100 no-grad, Intel Xeon AVX-512, 2
+// threads, interleaved medians, ms; benchmarks/NOTES.md 2026-12-03 21:35): B=64 H=512 76.0 / 81.8,
+// B=32 H=1024 158 / 184, B=128 H=256 40.9 / 40.4; GRU B=64 H=512 58.7 / 61.8; 1 thread B=64 H=512
+// 152 / 164; training B=64 H=512 247 / 249. bf16 on AMX tiles projects outside too (oneDNN's bf16
+// GEMM into gx beats the loop's tile GEMM and its rounding pass: LSTM bf16 T=100 2 threads, module
+// no-grad, inside / outside: B=32 H=256 9.9 / 7.3 ms, B=64 H=256 12.7 / 9.0, B=64 H=1024 149 / 107),
+// and so does bf16 on AVX512_BF16 pairs (Zen 4: B=64 H=256 31.3 / 23.8 ms).
+// FUSED_RNN_CPU_PROJECTION=inside|outside overrides it (tests take the inside path at small sizes).
+inline bool project_inside(bool loop_pays) {
   const char* mode = std::getenv("FUSED_RNN_CPU_PROJECTION");
   if (mode != nullptr && std::string(mode) == "inside") return true;
   if (mode != nullptr && std::string(mode) == "outside") return false;
-  return fp32_inside || (!tiles && gx_bytes >= (int64_t(32) << 20));
+  return loop_pays;
 }
 
 // Whether `like` is fp32 on a CPU where the loop's projection beats MKL's (project_inside).
-// AMD, with AVX-512 always; with AVX2 only (Zen 3: 512 KB L2, where the loop's w_ih panel competes
+// AMD, where MKL's fp32 GEMM runs its slower non-Intel path: with AVX-512 always (Zen 4: MKL ~70
+// GFLOP/s a core against the loop's microkernel's ~90, 1 thread, B=64 H=256-512; the module's no-grad
+// LSTM forward faster inside at each of 9 shapes, H 128-512, B 8-64, 2 threads, interleaved medians,
+// 5-10 %, e.g. B=64 H=128 20.4 -> 18.5 ms, B=32 H=512 85.7 -> 77.7); with AVX2 only (Zen 3: 512 KB L2, where the loop's w_ih panel competes
 // with w_hh's for it) while w_ih and w_hh together take at most 4 MB. Module fp32 T=100, 2 threads,
 // interleaved medians, outside -> inside: LSTM no-grad H=128-256 (1-2 MB) 1.10-1.21x faster at B 8-64
 // (B=64 H=256 72.6 -> 63.4 ms), H=512 (8 MB) 0.90-0.95x (B=32 132 -> 144 ms); GRU H=256 (1.5 MB)
